@@ -1,0 +1,46 @@
+"""Writing outputs safely: never half a file, never over an existing one unless asked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+from .errors import NulltextError
+
+
+def check_writable(path, force: bool = False) -> str:
+    """Fail early (before hours of work) if ``path`` exists and ``force`` is not set."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise NulltextError(f"output {path} is a directory; give a file name")
+    if os.path.exists(path) and not force:
+        raise NulltextError(f"output {path} already exists; use --force to overwrite it")
+    return path
+
+
+def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = check_writable(path, force)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        if os.path.exists(path) and not force:  # appeared while we worked
+            raise NulltextError(f"output {path} already exists; use --force to overwrite it")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_image(img, path, force: bool = False) -> str:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext)
+    if fmt is None:
+        raise NulltextError(f"output {path} must end in .png, .jpg or .webp")
+    return atomic_write(path, lambda tmp: img.save(tmp, format=fmt), force=force)

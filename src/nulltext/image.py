@@ -1,0 +1,162 @@
+"""Images in and out: loading (any common mode, converted to RGB), the release's crop/resize,
+PIL <-> tensor, and VAE encode/decode."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import NulltextError
+
+MIN_SIDE = 64  # pixels; smaller inputs carry too little detail for an 8x-downsampling VAE
+
+
+@dataclass
+class ImageSource:
+    image: Image.Image  # RGB
+    sha256: str  # of the file's bytes (or of the RGB pixels for an in-memory image)
+    name: str
+    original_mode: str
+
+    @classmethod
+    def from_pil(cls, img: Image.Image, name: str = "<memory>") -> "ImageSource":
+        rgb = to_rgb(img)
+        digest = hashlib.sha256(np.asarray(rgb).tobytes()).hexdigest()
+        return cls(rgb, digest, name, img.mode)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB. Alpha is dropped (as the release's ``[:, :, :3]``),
+    16-bit and float greyscale are rescaled rather than clipped."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif mode == "I":  # 32-bit integer greyscale; PNG 16-bit data lands here in some Pillow versions
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        img = img.convert("RGB")  # drops alpha, keeping the stored colour
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(path) -> ImageSource:
+    """Open an image file as RGB, with a clear error for anything that is not a usable image."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NulltextError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise NulltextError(f"expected an image file, got a directory: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise NulltextError(f"image file is empty: {path}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = ImageOps.exif_transpose(img)  # phone photos stored sideways come out upright
+        img.load()
+        mode = img.mode
+        rgb = to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise NulltextError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels; "
+                            f"nulltext needs at least {MIN_SIDE} pixels on each side")
+    return ImageSource(rgb, hashlib.sha256(data).hexdigest(), os.path.basename(path), mode)
+
+
+def as_source(image) -> ImageSource:
+    """Accept a path, a PIL image or an :class:`ImageSource`."""
+    if isinstance(image, ImageSource):
+        return image
+    if isinstance(image, Image.Image):
+        return ImageSource.from_pil(image)
+    return load_image(image)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
+    return parts[0], parts[1]
+
+
+def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8) -> Image.Image:
+    """Cut ``crop`` = (left, right, top, bottom) pixels, centre-crop to the aspect of ``size`` and
+    resize to ``size`` = (width, height) with bicubic filtering (Pillow's default for RGB, which the
+    release uses). For a square size this is exactly the release's ``load_512``."""
+    width, height = size
+    if width % multiple or height % multiple:
+        raise NulltextError(f"size {width}x{height} must be a multiple of {multiple} pixels for this model")
+    left, right, top, bottom = crop
+    w, h = img.size
+    if left + right >= w or top + bottom >= h:
+        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {w}x{h} image")
+    img = img.crop((left, top, w - right, h - bottom))
+    w, h = img.size
+    # centre crop to the target aspect; for a square target: offset = (long - short) // 2
+    if w * height > h * width:  # too wide
+        new_w = h * width // height
+        offset = (w - new_w) // 2
+        img = img.crop((offset, 0, offset + new_w, h))
+    elif w * height < h * width:  # too tall
+        new_h = w * height // width
+        offset = (h - new_h) // 2
+        img = img.crop((0, offset, w, offset + new_h))
+    if min(img.size) < 1:
+        raise NulltextError("the crop leaves an empty image")
+    return img.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def pil_to_tensor(img: Image.Image) -> Tensor:
+    """RGB uint8 -> (1, 3, H, W) float32 in [-1, 1] (x / 127.5 - 1, as the release)."""
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8)).float() / 127.5 - 1
+    return arr.permute(2, 0, 1).unsqueeze(0)
+
+
+def tensor_to_pil(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images; like the release: clamp, *255, truncate to uint8."""
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    arr = (x.cpu().permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def encode(pipe, img: Image.Image) -> Tensor:
+    """z0 = s * mean(E(x)): the VAE posterior mean (not a sample) times the VAE's scaling factor."""
+    x = pil_to_tensor(img).to(pipe.device, pipe.dtype)
+    mean = pipe.vae.encode(x).latent_dist.mean
+    return mean.float() * pipe.vae.config.scaling_factor  # (1, 4, H/8, W/8)
+
+
+@torch.no_grad()
+def decode(pipe, z: Tensor) -> list[Image.Image]:
+    x = pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample
+    return tensor_to_pil(x)
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB between two same-size 8-bit RGB images."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

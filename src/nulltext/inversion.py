@@ -1,0 +1,243 @@
+"""Null-text inversion (Mokady et al. 2023, ALGORITHM.md sections 1 and 2).
+
+:func:`optimize_null_text` is the pure algorithm over an ``eps`` callable; :func:`invert_image`
+runs the whole chain on a loaded pipeline and returns an :class:`Inversion`, the object users
+save to a file and edit many times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import ddim
+from .config import InversionConfig
+from .ddim import EpsFn, Schedule
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NullTextResult:
+    """Output of the optimisation: one null embedding per timestep plus diagnostics."""
+
+    null_embeddings: Tensor  # (T, L, d), N_t for t = t_1 (981) ... t_T (1)
+    iterations: list[int]  # Adam iterations used at each timestep
+    losses_first: list[float]  # loss at the first iteration (before any update at that timestep)
+    losses_last: list[float]  # loss of the last iteration (computed before its Adam step)
+    losses_after: list[float]  # loss of the guided step actually taken with the stored N_t
+    lrs: list[float]  # learning rate used at each timestep
+
+
+# callback(i, j, loss, lr) after each Adam iteration j of timestep i
+IterCallback = Callable[[int, int, float, float], None]
+
+
+def optimize_null_text(
+    eps_fn: EpsFn,
+    pivots: list[Tensor],
+    cond: Tensor,
+    null0: Tensor,
+    schedule: Schedule,
+    config: InversionConfig,
+    callback: IterCallback | None = None,
+    progress: bool = False,
+) -> NullTextResult:
+    """Per-timestep null-text optimisation around the pivot trajectory (ALGORITHM.md section 2).
+
+    pivots: [z*_0, ..., z*_T] from :func:`ddim.invert`, each (1, 4, h, w).
+    cond: C, (1, L, d); null0: N0 = text_encoder(""), (1, L, d).
+    """
+    T = schedule.num_steps
+    assert len(pivots) == T + 1, "pivots must hold z*_0 ... z*_T"
+    w = config.guidance_scale
+    z_bar = pivots[-1]  # zbar_T = z*_T
+    null = null0.detach()
+    result = NullTextResult(null_embeddings=torch.empty(0), iterations=[], losses_first=[],
+                            losses_last=[], losses_after=[], lrs=[])
+    stored: list[Tensor] = []
+    bar = tqdm(total=T * config.num_inner_steps, desc="null-text optimisation", unit="it",
+               disable=not progress, leave=False)
+    for i, t in enumerate(schedule.timesteps):
+        target = pivots[T - i - 1]  # z*_{T-i-1}
+        # 1. start from the previous timestep's optimised embedding (the first from N0)
+        null = null.detach().clone().requires_grad_(True)
+        # 2. Adam on N only; lr decays linearly with the timestep index
+        lr = config.lr * (1.0 - i / config.lr_decay_steps)
+        optimizer = torch.optim.Adam([null], lr=lr)
+        # 3. the conditional prediction once, without gradient (reused for the final step below)
+        with torch.no_grad():
+            eps_cond = eps_fn(z_bar, t, cond)
+        threshold = config.early_stop_epsilon + i * config.early_stop_slope
+        iterations, loss_first, loss_item = 0, float("nan"), float("nan")
+        # 4. up to num_inner_steps Adam iterations
+        for j in range(config.num_inner_steps):
+            eps_uncond = eps_fn(z_bar, t, null)
+            eps = eps_uncond + w * (eps_cond - eps_uncond)
+            z_prev = ddim.step(schedule, z_bar, eps, t)
+            loss = F.mse_loss(z_prev, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_item = loss.item()
+            iterations = j + 1
+            if j == 0:
+                loss_first = loss_item
+            if callback is not None:
+                callback(i, j, loss_item, lr)
+            bar.update()
+            # early stop on the loss computed before this Adam step (the step is still applied)
+            if loss_item < threshold:
+                break
+        bar.update(config.num_inner_steps - iterations)
+        # 5. store N_t and take the guided step with it, reusing eps_cond (the release runs a
+        #    second, batched forward here; the conditional half of it equals eps_cond)
+        null = null.detach()
+        stored.append(null[0].clone())
+        with torch.no_grad():
+            eps_uncond = eps_fn(z_bar, t, null)
+            z_bar = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
+            loss_after = F.mse_loss(z_bar, target).item()
+        result.iterations.append(iterations)
+        result.losses_first.append(loss_first)
+        result.losses_last.append(loss_item)
+        result.losses_after.append(loss_after)
+        result.lrs.append(lr)
+        bar.set_postfix(t=t, loss=f"{loss_after:.2e}")
+    bar.close()
+    result.null_embeddings = torch.stack(stored)  # (T, L, d)
+    return result
+
+
+@dataclass
+class Inversion:
+    """An inverted image: the noise latent z_T and one null-text embedding per timestep.
+
+    ``meta`` holds everything needed to check that the inversion fits the model, image and
+    settings it is used with (see :mod:`nulltext.storage`).
+    """
+
+    latent_T: Tensor  # (1, 4, h, w) float32
+    null_embeddings: Tensor  # (T, L, d) float32
+    prompt: str
+    config: InversionConfig
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return self.null_embeddings.shape[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the preprocessed image in pixels."""
+        w, h = self.meta["preprocessing"]["size"]
+        return int(w), int(h)
+
+    def save(self, path, force: bool = False) -> None:
+        from .storage import save_inversion
+
+        save_inversion(self, path, force=force)
+
+    @classmethod
+    def load(cls, path, pipe=None) -> "Inversion":
+        """Load and validate a file; with ``pipe``, also check it fits that model."""
+        from .storage import load_inversion
+
+        return load_inversion(path, pipe=pipe)
+
+
+def invert_image(
+    pipe,
+    image,
+    prompt: str,
+    config: InversionConfig | None = None,
+    progress: bool = True,
+) -> Inversion:
+    """Invert ``image`` (a path or PIL image) described by ``prompt`` with null-text inversion.
+
+    Returns an :class:`Inversion` whose reconstruction (:func:`reconstruct`) reproduces the
+    preprocessed image almost exactly.
+    """
+    from . import image as image_mod
+    from .text import encode_prompt
+
+    config = config or InversionConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    source = image_mod.as_source(image)
+    size = config.size or pipe.native_size
+    pixels = image_mod.preprocess(source.image, size=size, crop=config.crop,
+                                  multiple=pipe.size_multiple)
+    z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
+    cond = encode_prompt(pipe, prompt)  # (1, L, d)
+    null0 = encode_prompt(pipe, "")
+    schedule = pipe.schedule(config.num_steps)
+    eps_fn = pipe.eps
+    timings["encode_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pivots = []
+    for z in tqdm(ddim.invert_progressive(eps_fn, z0, cond, schedule), total=schedule.num_steps,
+                  desc="DDIM inversion", unit="step", disable=not progress, leave=False):
+        pivots.append(z)
+    pivots = [z0, *pivots]
+    timings["ddim_inversion_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = optimize_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
+    timings["optimisation_s"] = time.perf_counter() - t0
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "model": pipe.model_id,
+        "model_fingerprint": pipe.fingerprint,
+        "scheduler": dict(pipe.scheduler_config),
+        "num_steps": config.num_steps,
+        "guidance_scale": config.guidance_scale,
+        "prompt": prompt,
+        "image": {"sha256": source.sha256, "name": source.name, "original_size": list(source.image.size),
+                  "original_mode": source.original_mode},
+        "preprocessing": {"size": list(pixels.size), "crop": list(config.crop), "resample": "bicubic"},
+        "config": config.to_dict(),
+        "optimisation": {
+            "iterations": result.iterations,
+            "losses_first": result.losses_first,
+            "losses_last": result.losses_last,
+            "losses_after": result.losses_after,
+            "lrs": result.lrs,
+        },
+        "timings": timings,
+        "dtype": pipe.dtype_name,
+        "device": str(pipe.device),
+    }
+    return Inversion(latent_T=pivots[-1].detach().float().cpu(),
+                     null_embeddings=result.null_embeddings.detach().float().cpu(),
+                     prompt=prompt, config=config, meta=meta)
+
+
+def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
+    """Sample from z_T with C and the stored N_t at every step: z_0 of the reconstruction."""
+    from .text import encode_prompt
+
+    schedule = pipe.schedule(inversion.num_steps)
+    cond = encode_prompt(pipe, inversion.prompt)
+    nulls = inversion.null_embeddings.to(pipe.device)[:, None]  # (T, 1, L, d)
+    z = inversion.latent_T.to(pipe.device)
+    for z in tqdm(ddim.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule),
+                  total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress, leave=False):
+        pass
+    return z
+
+
+def reconstruct(pipe, inversion: Inversion, progress: bool = True):
+    """The reconstructed image (PIL) of an inversion."""
+    from .image import decode
+
+    return decode(pipe, reconstruct_latent(pipe, inversion, progress=progress))[0]

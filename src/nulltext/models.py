@@ -1,0 +1,234 @@
+"""Loading a Stable Diffusion checkpoint (hub id or local folder) as the components nulltext uses,
+with the release's DDIM scheduler, plus the ``eps`` callable the loops run on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import SchedulerConfig
+from .ddim import Schedule
+from .errors import NulltextError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
+
+
+@dataclass
+class CallCounter:
+    """UNet calls made through :meth:`Pipeline.eps` (benchmarks and call-count tests read it)."""
+
+    forward: int = 0  # UNet forward passes (a batch of rows counts once)
+    forward_rows: int = 0  # rows through the UNet
+    with_grad: int = 0  # forwards that build a graph (each is followed by one backward)
+
+    def reset(self) -> None:
+        self.forward = self.forward_rows = self.with_grad = 0
+
+
+@dataclass
+class Pipeline:
+    """The components of an SD-shaped checkpoint, frozen, on one device and dtype."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: dict = field(default_factory=dict)
+    calls: CallCounter = field(default_factory=CallCounter)
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in DTYPES.items() if v == self.dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(width, height) the model was trained at (512x512 for SD 1.x)."""
+        s = self.unet.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else s
+        return w * self.vae_scale_factor, h * self.vae_scale_factor
+
+    @property
+    def scheduler_config(self) -> dict:
+        return {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+
+    def schedule(self, num_steps: int) -> Schedule:
+        return Schedule.from_scheduler(self.scheduler, num_steps)
+
+    def eps(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
+        """eps(z, t, emb): UNet noise prediction, computed in the model dtype, returned as float32.
+
+        z: (B, 4, h, w); emb: (B, L, d)."""
+        self.calls.forward += 1
+        self.calls.forward_rows += z.shape[0]
+        if torch.is_grad_enabled() and emb.requires_grad:
+            self.calls.with_grad += 1
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+        return out.float()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise NulltextError(f"unknown device {device!r} ({e})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise NulltextError(f"device {device!r} requested but CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise NulltextError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def make_scheduler(config: SchedulerConfig | None = None):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**(config or SchedulerConfig()).to_dict())
+
+
+def _config_dict(module) -> dict:
+    cfg = module.config if hasattr(module, "config") else {}
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    # private keys (_name_or_path, _diffusers_version, ...) and dtype bookkeeping say where and
+    # how it was loaded, not what the model is
+    skip = {"torch_dtype", "dtype", "transformers_version", "architectures"}
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
+
+
+def model_fingerprint(unet, vae, text_encoder, tokenizer) -> dict:
+    """What identifies a model: configs, parameter names and shapes (hashed exactly), the
+    tokenizer's vocabulary, and the mean square of every weight tensor (compared with a tolerance,
+    so the same checkpoint in fp16/bf16 or on another device still matches)."""
+    h = hashlib.sha256()
+    weights = hashlib.sha256()
+    mean_squares: list[float] = []
+    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+        h.update(name.encode())
+        h.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())
+        for pname, p in module.state_dict().items():
+            h.update(f"{pname}:{tuple(p.shape)}".encode())
+            x = p.detach()
+            weights.update(x.flatten()[:: max(1, x.numel() // 64)].float().cpu().numpy().tobytes())
+            ms = x.double().pow(2).mean().item() if x.numel() else 0.0
+            mean_squares.append(float(f"{ms:.6g}"))
+    vocab = tokenizer.get_vocab()
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(str(tokenizer.model_max_length).encode())
+    return {"config_sha256": h.hexdigest(), "weights_sample_sha256": weights.hexdigest(),
+            "weights_mean_square": mean_squares}
+
+
+def fingerprints_match(a: dict, b: dict, rtol: float = 1e-2) -> tuple[bool, str]:
+    """(same model?, reason if not)."""
+    if a.get("config_sha256") != b.get("config_sha256"):
+        return False, "its architecture, configuration or tokenizer differ"
+    if a.get("weights_sample_sha256") == b.get("weights_sample_sha256"):
+        return True, ""
+    ma, mb = a.get("weights_mean_square", []), b.get("weights_mean_square", [])
+    if len(ma) != len(mb):
+        return False, "its weights differ"
+    for x, y in zip(ma, mb):
+        if not math.isclose(x, y, rel_tol=rtol, abs_tol=1e-12):
+            return False, "its weights differ"
+    return True, ""
+
+
+def _quiet_loading() -> None:
+    """Loading progress bars and notices of transformers/diffusers are noise for our users."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    for mod in (dlog, tlog):
+        if hasattr(mod, "disable_progress_bar"):
+            mod.disable_progress_bar()
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are 'org/name'; anything else with a path shape is meant as a local folder."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "fp32",
+    scheduler: SchedulerConfig | None = None,
+) -> Pipeline:
+    """Load a Stable Diffusion 1.x checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``), a
+    local diffusers folder, or ``tiny`` (a small *random-weight* SD-shaped model built offline,
+    for smoke runs and tests). Weights are frozen; the scheduler is the release's DDIM."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    model_id = model
+    source = model
+    if model == "tiny":
+        from .tiny import ensure_tiny_model
+
+        source = ensure_tiny_model()
+    else:
+        source = os.path.expanduser(model)
+        if _looks_like_path(model) and not os.path.isdir(source):
+            raise NulltextError(f"model folder not found: {model}")
+    try:
+        _quiet_loading()
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if os.path.isdir(source):
+            raise NulltextError(
+                f"could not load model '{model}' from its folder: it must be a diffusers-format "
+                f"Stable Diffusion checkpoint with tokenizer/, text_encoder/, vae/ and unet/ ({reason[:200]})"
+            ) from None
+        raise NulltextError(
+            f"could not load model '{model}' from the Hugging Face hub ({reason[:160]}); without network "
+            f"access, pass a local diffusers folder instead, e.g. --model /path/to/stable-diffusion-v1-4"
+        ) from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)  # never compute or store gradients for model weights
+        module.eval()
+        module.to(dev)
+        if torch_dtype != torch.float32:
+            module.to(torch_dtype)
+    fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer)
+    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                    scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
+                    dtype=torch_dtype, fingerprint=fingerprint)

@@ -1,0 +1,131 @@
+"""Inversion files: safetensors tensors plus JSON metadata in the safetensors header. Never pickle.
+
+Layout (format version 1):
+- tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32;
+- header metadata ``format`` = "nulltext-inversion", ``format_version``, ``nulltext`` (JSON: model,
+  model fingerprint, scheduler, T, guidance, prompt, image sha256, preprocessing, config,
+  optimisation diagnostics, timings) and ``tensors_sha256`` (JSON: sha256 of each tensor's bytes).
+Loading checks all of it, and with a pipeline also that the file fits that model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from torch import Tensor
+
+from .config import InversionConfig, SchedulerConfig
+from .errors import NulltextError
+from .files import atomic_write
+from .inversion import FORMAT_VERSION, Inversion
+
+FORMAT = "nulltext-inversion"
+REQUIRED_META = ("model", "model_fingerprint", "scheduler", "num_steps", "guidance_scale", "prompt",
+                 "image", "preprocessing", "config", "method")
+
+
+def _sha256(t: Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _tensors(inv: Inversion) -> dict[str, Tensor]:
+    return {"latent_T": inv.latent_T.detach().float().cpu().contiguous(),
+            "null_embeddings": inv.null_embeddings.detach().float().cpu().contiguous()}
+
+
+def save_inversion(inv: Inversion, path, force: bool = False) -> str:
+    from safetensors.torch import save_file
+
+    tensors = _tensors(inv)
+    meta = dict(inv.meta, prompt=inv.prompt, config=inv.config.to_dict(), format_version=FORMAT_VERSION)
+    header = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "nulltext": json.dumps(meta, sort_keys=True),
+        "tensors_sha256": json.dumps({k: _sha256(v) for k, v in tensors.items()}, sort_keys=True),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), force=force)
+
+
+def _config_from_dict(d: dict) -> InversionConfig:
+    d = dict(d)
+    d["scheduler"] = SchedulerConfig(**d["scheduler"])
+    d["crop"] = tuple(d["crop"])
+    d["size"] = tuple(d["size"]) if d.get("size") is not None else None
+    return InversionConfig(**d)
+
+
+def load_inversion(path, pipe=None) -> Inversion:
+    """Read and validate an inversion file. With ``pipe``, also check it fits that model."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NulltextError(f"inversion file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, not safetensors, unreadable
+        raise NulltextError(f"{path} is not a readable inversion file (damaged or not safetensors: "
+                            f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
+    if header.get("format") != FORMAT or "nulltext" not in header:
+        raise NulltextError(f"{path} has no nulltext metadata; it was not written by nulltext invert")
+    try:
+        version = int(header.get("format_version", "0"))
+        meta = json.loads(header["nulltext"])
+        sums = json.loads(header.get("tensors_sha256", "{}"))
+    except (ValueError, TypeError):
+        raise NulltextError(f"{path} has damaged nulltext metadata") from None
+    if version > FORMAT_VERSION:
+        raise NulltextError(f"{path} uses inversion format {version}; this nulltext reads up to "
+                            f"{FORMAT_VERSION}: upgrade nulltext")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise NulltextError(f"{path} lacks metadata {', '.join(missing)}; it cannot be checked or used")
+    for name in ("latent_T", "null_embeddings"):
+        if name not in tensors:
+            raise NulltextError(f"{path} lacks the tensor {name!r}")
+        if tensors[name].dtype != torch.float32:
+            raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected float32")
+        if sums.get(name) != _sha256(tensors[name]):
+            raise NulltextError(f"{path}: tensor {name} does not match its checksum; the file was altered or damaged")
+    latent, nulls = tensors["latent_T"], tensors["null_embeddings"]
+    T = int(meta["num_steps"])
+    if latent.ndim != 4 or latent.shape[0] != 1:
+        raise NulltextError(f"{path}: latent_T has shape {tuple(latent.shape)}, expected (1, C, h, w)")
+    if nulls.ndim != 3 or nulls.shape[0] != T:
+        raise NulltextError(f"{path}: null_embeddings has shape {tuple(nulls.shape)}, expected ({T}, L, d)")
+    try:
+        config = _config_from_dict(meta["config"])
+    except (TypeError, KeyError, NulltextError) as e:
+        raise NulltextError(f"{path} has an invalid inversion config ({e})") from None
+    inv = Inversion(latent_T=latent, null_embeddings=nulls, prompt=meta["prompt"], config=config, meta=meta)
+    if pipe is not None:
+        check_fits(inv, pipe, path)
+    return inv
+
+
+def check_fits(inv: Inversion, pipe, path="inversion") -> None:
+    """Refuse an inversion made with another model (or whose shapes this model cannot take)."""
+    from .models import fingerprints_match
+
+    same, why = fingerprints_match(inv.meta["model_fingerprint"], pipe.fingerprint)
+    if not same:
+        raise NulltextError(f"{path} was made with model '{inv.meta['model']}', which does not match "
+                            f"'{pipe.model_id}' ({why}); pass the model it was made with via --model")
+    _, c, h, w = inv.latent_T.shape
+    width, height = inv.image_size
+    f = pipe.vae_scale_factor
+    if c != pipe.unet.config.in_channels or (h * f, w * f) != (height, width):
+        raise NulltextError(f"{path}: latent_T shape {tuple(inv.latent_T.shape)} does not fit this model "
+                            f"at {width}x{height} pixels")
+    L, d = inv.null_embeddings.shape[1:]
+    if L != pipe.tokenizer.model_max_length or d != pipe.text_encoder.config.hidden_size:
+        raise NulltextError(f"{path}: null embeddings are {L}x{d}, this model's text embeddings are "
+                            f"{pipe.tokenizer.model_max_length}x{pipe.text_encoder.config.hidden_size}")
+    if dict(inv.meta["scheduler"]) != {k: v for k, v in pipe.scheduler_config.items() if k in inv.meta["scheduler"]}:
+        raise NulltextError(f"{path} was made with another scheduler configuration than this pipeline's")

@@ -1,0 +1,187 @@
+"""``--model tiny``: a small Stable-Diffusion-shaped pipeline with RANDOM weights, built offline and
+deterministically from a seed, for smoke runs and tests.
+
+It has every component an SD 1.x checkpoint has (CLIP tokenizer and text encoder, AutoencoderKL
+with an 8x downsampling, UNet2DConditionModel with cross-attention, DDIM) and is saved with
+``save_pretrained`` and loaded back through the same ``from_pretrained`` path as a real checkpoint.
+Its images are noise-like: it reconstructs, it does not draw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+TINY_VERSION = 3  # bump when the architecture or generation changes (new cache folder)
+
+# One BPE token per word: the vocabulary of typical captions and edit prompts.
+WORDS = """
+a an the of on in at with and or to from by for over under near next behind above below into
+is are its his her their this that these those it as up down out off
+cat cats dog dogs kitten puppy tiger lion bear horse cow sheep bird birds fish rabbit fox wolf panda
+monkey zebra giraffe elephant duck owl squirrel mouse deer frog turtle butterfly bee
+man woman boy girl child children person people baby face portrait hand hands eyes hair smile
+house houses building tower bridge road street city town village castle church window door wall
+roof room table chair bed sofa lamp book books cup mug glass bottle plate bowl vase flower flowers
+tree trees forest grass field garden park mountain mountains hill river lake sea ocean beach sand
+sky cloud clouds sun moon star stars snow rain fog water rock rocks stone ice fire smoke
+car cars bus truck bike bicycle boat ship train plane
+apple apples banana orange lemon cake bread pizza sandwich cookie basket box bag hat shirt dress
+shoe shoes ball toy teddy robot mirror picture painting photo photograph drawing sketch sculpture
+red green blue yellow purple pink brown black white gray grey golden silver dark bright light
+colorful orange
+big small large little tall short long round square circle triangle shape shapes background
+old new young happy sad cute fluffy furry wooden metal plastic glass stone paper
+sitting standing lying walking running flying swimming playing eating holding looking sleeping
+watercolor oil pencil cartoon anime style art digital realistic detailed sketch sunset sunrise
+night day morning evening winter summer autumn spring snowy rainy sunny cloudy
+one two three four five many some
+""".split()
+
+SPECIAL_BOS = "<|startoftext|>"
+SPECIAL_EOS = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map (the BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _chain_merges(pieces: list[str]) -> list[tuple[str, str]]:
+    """Merges that join ``pieces`` left to right into one token."""
+    merges, acc = [], pieces[0]
+    for p in pieces[1:]:
+        merges.append((acc, p))
+        acc = acc + p
+    return merges
+
+
+def write_tokenizer(folder: str, words=WORDS, model_max_length: int = 77) -> None:
+    """Write vocab.json, merges.txt and configs of a CLIP BPE tokenizer in which each of ``words``
+    is a single token, then re-save it with CLIPTokenizer.save_pretrained."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_bytes_to_unicode().values())
+    words = list(dict.fromkeys(w.lower() for w in words))
+    merges: list[tuple[str, str]] = []
+    for w in words:  # left-to-right merge chain per word, ending in the word-final token
+        merges += _chain_merges(list(w[:-1]) + [w[-1] + "</w>"]) if len(w) > 1 else []
+    raw = os.path.join(folder, "_raw")
+    for _ in range(10):  # greedy BPE may split a word by another word's merges: add joins until none is
+        merges = list(dict.fromkeys(merges))
+        tokens = alphabet + [a + "</w>" for a in alphabet] + [a + b for a, b in merges]
+        vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+        vocab[SPECIAL_BOS] = len(vocab)
+        vocab[SPECIAL_EOS] = len(vocab)
+        os.makedirs(raw, exist_ok=True)
+        with open(os.path.join(raw, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+        with open(os.path.join(raw, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
+            json.dump({"model_max_length": model_max_length, "bos_token": SPECIAL_BOS, "eos_token": SPECIAL_EOS,
+                       "unk_token": SPECIAL_EOS, "pad_token": SPECIAL_EOS, "do_lower_case": True,
+                       "tokenizer_class": "CLIPTokenizer"}, f)
+        tok = CLIPTokenizer.from_pretrained(raw)
+        split = [(w, tok.tokenize(w)) for w in words]
+        split = [(w, t) for w, t in split if len(t) != 1]
+        if not split:
+            break
+        for _w, pieces in split:
+            merges += _chain_merges(pieces)
+    else:
+        raise RuntimeError("could not build a one-token-per-word vocabulary")
+    tok.save_pretrained(folder)
+    shutil.rmtree(raw)
+
+
+def build_tiny_model(path: str, seed: int = 0) -> str:
+    """Build the tiny random pipeline into ``path`` (a diffusers-format folder) and return it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .models import make_scheduler
+
+    os.makedirs(path, exist_ok=True)
+    write_tokenizer(os.path.join(path, "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    vocab = tokenizer.get_vocab()
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=vocab[SPECIAL_BOS], eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS],
+        projection_dim=32))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(  # 4 blocks: 8x downsampling and 4 latent channels, like SD's VAE
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=128)
+    # SD picks its scaling factor so that latents have unit variance; do the same for this VAE on a
+    # fixed smooth test pattern (random weights give latents far from unit scale otherwise)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
+    pattern = torch.stack([xx, yy, (xx * yy)])[None]  # (1, 3, 128, 128) in [-1, 1]
+    with torch.no_grad():
+        std = vae.encode(pattern).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(  # SD's block pattern, shrunk: cross-attention at two resolutions
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    # A random UNet's noise predictions are large and erratic, so DDIM inversion's approximation
+    # error dwarfs everything a test wants to see; scaling the output layer down puts it in the
+    # regime of a trained model (reconstruction error small, null-text optimisation effective).
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
+    vae.save_pretrained(os.path.join(path, "vae"))
+    unet.save_pretrained(os.path.join(path, "unet"))
+    make_scheduler().save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "note": "nulltext tiny model: RANDOM weights",
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+                   "scheduler": ["diffusers", "DDIMScheduler"]}, f, indent=2)
+    return path
+
+
+def cache_dir() -> str:
+    root = os.environ.get("NULLTEXT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nulltext")
+    return root
+
+
+def ensure_tiny_model() -> str:
+    """Folder of the tiny model, built on first use (atomically: concurrent builders are safe)."""
+    target = os.path.join(cache_dir(), f"tiny-v{TINY_VERSION}")
+    if os.path.isfile(os.path.join(target, "model_index.json")):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir())
+    try:
+        build_tiny_model(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(target, "model_index.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
