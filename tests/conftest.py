@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny random SD-shaped model, built once per test session offline into a
+temporary cache (saved with save_pretrained, loaded back through from_pretrained)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nulltext_cache(tmp_path_factory):
+    """Every test (and every CLI subprocess, through the environment) uses a private cache."""
+    cache = tmp_path_factory.mktemp("nulltext-cache")
+    old = os.environ.get("NULLTEXT_CACHE")
+    os.environ["NULLTEXT_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield cache
+    if old is None:
+        os.environ.pop("NULLTEXT_CACHE", None)
+    else:
+        os.environ["NULLTEXT_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(nulltext_cache):
+    from nulltext import load_pipeline
+
+    return load_pipeline("tiny", device="cpu")
+
+
+def make_photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
+    """A smooth synthetic RGB picture with an object in it (deterministic)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.zeros((height, width, 3), np.float64)
+    img[..., 0] = 255 * xx / (width - 1)
+    img[..., 1] = 255 * yy / (height - 1)
+    img[..., 2] = 60 + 40 * np.sin(xx / 7.0)
+    cx, cy, r = width * 0.5, height * 0.5, min(width, height) * 0.25
+    disk = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+    img[disk] = rng.integers(0, 256, size=3)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def photo_path(tmp_path):
+    path = tmp_path / "photo.png"
+    make_photo().save(path)
+    return path
