@@ -8,6 +8,7 @@ save to a file and edit many times.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from . import ddim
 from .config import InversionConfig
 from .ddim import EpsFn, Schedule
+from .errors import NulltextWarning
 
 FORMAT_VERSION = 1
 
@@ -168,6 +170,10 @@ def invert_image(
     from .text import encode_prompt
 
     config = config or InversionConfig()
+    if config.guidance_scale == 1.0 and config.num_inner_steps > 0:
+        warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
+                      "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
+                      NulltextWarning, stacklevel=2)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = image_mod.as_source(image)
