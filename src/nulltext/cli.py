@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
                    help="pixels to cut from the left, right, top, bottom before the centre crop")
     p.add_argument("--check", action="store_true", help="also reconstruct and print the PSNR to the input")
+    p.add_argument("--reproducible", action="store_true",
+                   help="leave wall-clock timings out of the file, so identical runs give identical bytes")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -163,7 +165,7 @@ def cmd_invert(args) -> int:
     source = load_image(args.image)  # fail on a bad image before loading a model
     pipe = _load_pipe(args, args.model)
     inv = invert_image(pipe, source, args.prompt, config, progress=not args.quiet)
-    inv.save(args.output, force=args.force)
+    inv.save(args.output, force=args.force, reproducible=args.reproducible)
     opt = inv.meta["optimisation"]
     line = (f"inverted {args.image} in {sum(inv.meta['timings'].values()):.1f}s: "
             f"{sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "

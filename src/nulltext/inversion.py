@@ -141,10 +141,11 @@ class Inversion:
         w, h = self.meta["preprocessing"]["size"]
         return int(w), int(h)
 
-    def save(self, path, force: bool = False) -> None:
+    def save(self, path, force: bool = False, reproducible: bool = False) -> None:
+        """Write a .safetensors file (atomically; refuses to overwrite unless ``force``)."""
         from .storage import save_inversion
 
-        save_inversion(self, path, force=force)
+        save_inversion(self, path, force=force, reproducible=reproducible)
 
     @classmethod
     def load(cls, path, pipe=None) -> "Inversion":

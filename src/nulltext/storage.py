@@ -2,9 +2,9 @@
 
 Layout (format version 1):
 - tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32;
-- header metadata ``format`` = "nulltext-inversion", ``format_version``, ``nulltext`` (JSON: model,
-  model fingerprint, scheduler, T, guidance, prompt, image sha256, preprocessing, config,
-  optimisation diagnostics, timings) and ``tensors_sha256`` (JSON: sha256 of each tensor's bytes).
+- one header metadata key ``nulltext``: JSON ``{"format": "nulltext-inversion", "format_version",
+  "meta": {model, model fingerprint, scheduler, T, guidance, prompt, image sha256, preprocessing,
+  config, method, optimisation diagnostics, timings}, "tensors_sha256": {name: sha256 of bytes}}``.
 Loading checks all of it, and with a pipeline also that the file fits that model.
 """
 
@@ -36,17 +36,24 @@ def _tensors(inv: Inversion) -> dict[str, Tensor]:
             "null_embeddings": inv.null_embeddings.detach().float().cpu().contiguous()}
 
 
-def save_inversion(inv: Inversion, path, force: bool = False) -> str:
+# what differs between two runs on the same inputs: left out of reproducible files
+RUN_SPECIFIC = ("timings",)
+
+
+def save_inversion(inv: Inversion, path, force: bool = False, reproducible: bool = False) -> str:
+    """Write ``inv`` atomically. ``reproducible`` leaves out wall-clock timings, so the same inputs
+    on the same machine give a byte-identical file."""
     from safetensors.torch import save_file
 
     tensors = _tensors(inv)
     meta = dict(inv.meta, prompt=inv.prompt, config=inv.config.to_dict(), format_version=FORMAT_VERSION)
-    header = {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "nulltext": json.dumps(meta, sort_keys=True),
-        "tensors_sha256": json.dumps({k: _sha256(v) for k, v in tensors.items()}, sort_keys=True),
-    }
+    if reproducible:
+        for key in RUN_SPECIFIC:
+            meta.pop(key, None)
+    # One header key: safetensors does not keep the order of several, and files must be reproducible.
+    header = {"nulltext": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
+                                      "tensors_sha256": {k: _sha256(v) for k, v in tensors.items()}},
+                                     sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), force=force)
 
 
@@ -72,14 +79,15 @@ def load_inversion(path, pipe=None) -> Inversion:
     except Exception as e:  # truncated, not safetensors, unreadable
         raise NulltextError(f"{path} is not a readable inversion file (damaged or not safetensors: "
                             f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
-    if header.get("format") != FORMAT or "nulltext" not in header:
+    if "nulltext" not in header:
         raise NulltextError(f"{path} has no nulltext metadata; it was not written by nulltext invert")
     try:
-        version = int(header.get("format_version", "0"))
-        meta = json.loads(header["nulltext"])
-        sums = json.loads(header.get("tensors_sha256", "{}"))
-    except (ValueError, TypeError):
-        raise NulltextError(f"{path} has damaged nulltext metadata") from None
+        doc = json.loads(header["nulltext"])
+        version, meta, sums = int(doc["format_version"]), doc["meta"], doc["tensors_sha256"]
+        if doc["format"] != FORMAT or not isinstance(meta, dict) or not isinstance(sums, dict):
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        raise NulltextError(f"{path} has damaged or foreign nulltext metadata") from None
     if version > FORMAT_VERSION:
         raise NulltextError(f"{path} uses inversion format {version}; this nulltext reads up to "
                             f"{FORMAT_VERSION}: upgrade nulltext")
