@@ -112,8 +112,9 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .models import make_scheduler
+    from .models import _quiet_loading, make_scheduler
 
+    _quiet_loading()
     os.makedirs(path, exist_ok=True)
     write_tokenizer(os.path.join(path, "tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
