@@ -182,10 +182,11 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from .files import check_writable, save_image
+    from .files import check_writable, image_format, save_image
     from .inversion import Inversion, reconstruct
 
     check_writable(args.output, args.force)
+    image_format(args.output)
     inv = Inversion.load(args.inversion)
     pipe = _load_pipe(args, args.model or inv.meta["model"])
     from .storage import check_fits

@@ -16,6 +16,13 @@ def check_writable(path, force: bool = False) -> str:
         raise NulltextError(f"output {path} is a directory; give a file name")
     if os.path.exists(path) and not force:
         raise NulltextError(f"output {path} already exists; use --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NulltextError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise NulltextError(f"cannot write {path}: no permission to write in {parent}")
     return path
 
 
@@ -23,24 +30,33 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
     path = check_writable(path, force)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+        os.close(fd)
         write(tmp)
         if os.path.exists(path) and not force:  # appeared while we worked
             raise NulltextError(f"output {path} already exists; use --force to overwrite it")
         os.replace(tmp, path)
+    except OSError as e:  # permission denied, disk full, ...
+        raise NulltextError(f"cannot write {path} ({e.strerror or e})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
-def save_image(img, path, force: bool = False) -> str:
+def image_format(path) -> str:
+    """Pillow format for an output image path (checked before any work is done)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext)
     if fmt is None:
         raise NulltextError(f"output {path} must end in .png, .jpg or .webp")
+    return fmt
+
+
+def save_image(img, path, force: bool = False) -> str:
+    fmt = image_format(path)
     return atomic_write(path, lambda tmp: img.save(tmp, format=fmt), force=force)

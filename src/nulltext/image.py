@@ -70,6 +70,8 @@ def load_image(path) -> ImageSource:
         img.load()
         mode = img.mode
         rgb = to_rgb(img)
+    except Image.DecompressionBombError:
+        raise NulltextError(f"image {path} is too large to open safely (Pillow's decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
     if min(rgb.size) < MIN_SIDE:
@@ -113,6 +115,9 @@ def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multi
         raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {w}x{h} image")
     img = img.crop((left, top, w - right, h - bottom))
     w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves {w}x{h} pixels; "
+                            f"at least {MIN_SIDE} on each side are needed")
     # centre crop to the target aspect; for a square target: offset = (long - short) // 2
     if w * height > h * width:  # too wide
         new_w = h * width // height

@@ -1,0 +1,417 @@
+"""The command line end to end: ``python -m nulltext invert | reconstruct | info`` in subprocesses, on
+the tiny random model, with the failures users meet (bad images, bad options, existing outputs).
+
+Every refusal must be exit status 2 with exactly one ``nulltext: error:`` line on stderr (argparse's
+own errors: ``nulltext invert: error:``), no traceback, and no output file left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_photo
+
+# Small and fast: every inversion in this file runs with these settings.
+FAST = ["--model", "tiny", "--size", "64", "--steps", "4", "--inner-steps", "2", "-q"]
+STEPS = 4
+PROMPT = "a cat sitting next to a mirror"
+
+
+def _env() -> dict:
+    env = dict(os.environ)  # NULLTEXT_CACHE (conftest) reaches the subprocess, so all share the tiny model
+    # One thread per process: the tiny model gains nothing from more, and two CPU-bound processes
+    # with one OpenMP pool per core each slow down many times over on a small machine.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nulltext", *map(str, args)], env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def invert(image, output, *extra, prompt: str = PROMPT) -> subprocess.CompletedProcess:
+    return run_cli("invert", image, "--prompt", prompt, "-o", output, *FAST, *extra)
+
+
+def describe(r: subprocess.CompletedProcess) -> str:
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
+def assert_ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, describe(r)
+    assert "Traceback" not in r.stdout + r.stderr, describe(r)
+
+
+def assert_refused(r: subprocess.CompletedProcess, prefix: str = "nulltext: error:", match: str = "") -> str:
+    """Exit 2, exactly one stderr line starting with ``prefix`` (containing ``match``), no traceback."""
+    assert "Traceback" not in r.stdout + r.stderr, describe(r)
+    assert r.returncode == 2, describe(r)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and r.stderr.endswith("\n"), describe(r)
+    assert lines[0].startswith(prefix), describe(r)
+    assert match.lower() in lines[0].lower(), describe(r)
+    assert r.stdout == "", describe(r)
+    return lines[0]
+
+
+def warning_lines(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("nulltext: warning:")]
+
+
+def load(path):
+    from nulltext import Inversion
+
+    return Inversion.load(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. End to end: one inversion shared by the info / reconstruct tests
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """invert --check, then info, info --json and reconstruct (without --model) of its file."""
+    d = tmp_path_factory.mktemp("cli-e2e")
+    photo = d / "photo.png"
+    make_photo().save(photo)
+    inv = d / "photo.safetensors"
+    out = d / "reconstruction.png"
+    results = {"invert": invert(photo, inv, "--check")}
+    if inv.exists():
+        results["info"] = run_cli("info", inv)
+        results["json"] = run_cli("info", inv, "--json")
+        results["reconstruct"] = run_cli("reconstruct", inv, "-o", out, "-q")  # no --model
+    else:  # the dependent tests then fail showing why the inversion failed
+        results.update(info=results["invert"], json=results["invert"], reconstruct=results["invert"])
+    return {"dir": d, "photo": photo, "inv": inv, "out": out, **results}
+
+
+def test_invert_writes_the_inversion_file(e2e):
+    r = e2e["invert"]
+    assert_ok(r)
+    assert r.stderr == "", "a quiet, successful run prints nothing on stderr:\n" + describe(r)
+    assert e2e["inv"].is_file()
+    assert f"wrote {e2e['inv']}" in r.stdout
+    assert f"over {STEPS} steps" in r.stdout
+    # written atomically: no temporary file is left beside it
+    assert sorted(p.name for p in e2e["dir"].iterdir() if p.name.startswith(".")) == []
+    inv = load(e2e["inv"])
+    assert inv.prompt == PROMPT
+    assert inv.num_steps == STEPS
+    assert inv.image_size == (64, 64)
+    assert inv.meta["model"] == "tiny"
+
+
+def test_check_prints_a_psnr_that_matches_the_reconstruct_command(e2e):
+    from nulltext.image import preprocess, psnr
+
+    assert_ok(e2e["invert"])
+    m = re.search(r"PSNR\s+(-?[0-9.]+|inf)\s*dB", e2e["invert"].stdout)
+    assert m, describe(e2e["invert"])
+    printed = float(m.group(1))
+    assert_ok(e2e["reconstruct"])
+    # `reconstruct` samples the same image as `--check` did (deterministic on CPU, lossless PNG)
+    target = preprocess(Image.open(e2e["photo"]).convert("RGB"), (64, 64))
+    with Image.open(e2e["out"]) as img:
+        ours = psnr(img.convert("RGB"), target)
+    assert ours == pytest.approx(printed, abs=0.01)
+
+
+def test_info_shows_prompt_steps_and_one_table_row_per_step(e2e):
+    r = e2e["info"]
+    assert_ok(r)
+    assert r.stderr == ""
+    assert repr(PROMPT) in r.stdout
+    assert re.search(rf"^steps T\s+{STEPS}\b", r.stdout, re.M), r.stdout
+    assert re.search(r"^model\s+tiny\b", r.stdout, re.M), r.stdout
+    lines = r.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "loss after" in line)
+    rows = [line for line in lines[header + 1:] if line.strip()]
+    assert len(rows) == STEPS, r.stdout
+    for i, row in enumerate(rows):
+        fields = row.split()
+        assert len(fields) == 7 and fields[0] == str(i), row  # i t iters lr loss_first loss_last loss_after
+        assert 0 <= int(fields[2]) <= 2, row  # at most --inner-steps iterations
+        assert all(np.isfinite(float(x)) for x in fields[3:]), row
+    # timesteps run from high noise to low
+    ts = [int(row.split()[1]) for row in rows]
+    assert ts == sorted(ts, reverse=True) and ts[-1] == 1, ts
+
+
+def test_info_json(e2e):
+    r = e2e["json"]
+    assert_ok(r)
+    meta = json.loads(r.stdout)
+    assert {"model", "prompt", "num_steps", "optimisation"} <= meta.keys()
+    assert meta["model"] == "tiny"
+    assert meta["prompt"] == PROMPT
+    assert meta["num_steps"] == STEPS
+    its = meta["optimisation"]["iterations"]
+    assert isinstance(its, list) and len(its) == STEPS
+    assert all(isinstance(n, int) and 0 <= n <= 2 for n in its)
+    assert meta["image"]["original_size"] == [96, 80]
+
+
+def test_reconstruct_writes_a_64px_rgb_png_with_the_recorded_model(e2e):
+    # --model was left out: the file's own model ('tiny') is used; the default hub model would fail
+    # offline
+    r = e2e["reconstruct"]
+    assert_ok(r)
+    assert r.stderr == ""
+    assert f"wrote {e2e['out']}" in r.stdout
+    with Image.open(e2e["out"]) as img:
+        assert img.format == "PNG"
+        assert img.size == (64, 64)
+        assert img.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Help
+
+
+@pytest.mark.parametrize("args", [["--help"], ["invert", "--help"]], ids=["main", "invert"])
+def test_help_says_tiny_has_random_weights(args):
+    r = run_cli(*args)
+    assert_ok(r)
+    assert r.stderr == ""
+    text = " ".join(r.stdout.split()).lower()  # argparse wraps lines at the terminal width
+    assert text.startswith("usage: nulltext")
+    assert "'tiny'" in text and "random weights" in text, r.stdout
+    if args[0] == "invert":
+        for option in ("--prompt", "--output", "--steps", "--guidance", "--crop", "--force", "--check"):
+            assert option in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Existing outputs are kept unless --force
+
+
+def test_invert_refuses_to_overwrite_without_force(e2e, tmp_path):
+    target = tmp_path / "existing.safetensors"
+    shutil.copyfile(e2e["inv"], target)
+    before = target.read_bytes()
+    r = invert(e2e["photo"], target, prompt="a dog")
+    assert_refused(r, match="--force")
+    assert target.read_bytes() == before
+    r = invert(e2e["photo"], target, "--force", prompt="a dog")
+    assert_ok(r)
+    assert load(target).prompt == "a dog"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.safetensors"]  # no temporary left
+
+
+def test_reconstruct_refuses_to_overwrite_without_force(e2e, tmp_path):
+    target = tmp_path / "existing.png"
+    target.write_bytes(b"precious, not to be lost")
+    r = run_cli("reconstruct", e2e["inv"], "-o", target, "-q")
+    assert_refused(r, match="--force")
+    assert target.read_bytes() == b"precious, not to be lost"
+    r = run_cli("reconstruct", e2e["inv"], "-o", target, "-q", "--force")
+    assert_ok(r)
+    with Image.open(target) as img:
+        assert (img.format, img.size, img.mode) == ("PNG", (64, 64), "RGB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.png"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Bad inputs to invert
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    make_photo().save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb_png() -> bytes:
+    """A PNG header claiming 20000x20000 pixels (Pillow refuses it as a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _write(name: str, data: bytes):
+    def make(d):
+        (d / name).write_bytes(data)
+        return d / name
+    return make
+
+
+def _photo(width=96, height=80):
+    def make(d):
+        make_photo(width, height).save(d / "photo.png")
+        return d / "photo.png"
+    return make
+
+
+# id: (make the image in a folder -> its path, extra args, expected prefix, words the message must contain)
+ERR, ARG = "nulltext: error:", "nulltext invert: error:"
+BAD_INVERT = {
+    "missing-image": (lambda d: d / "nope.png", [], ERR, "not found"),
+    "text-file-named-png": (_write("x.png", b"this is not an image\n" * 10), [], ERR, "cannot read"),
+    "empty-file": (_write("empty.png", b""), [], ERR, "empty"),
+    "truncated-png": (_write("half.png", _png_bytes()[: len(_png_bytes()) // 2]), [], ERR, "cannot read"),
+    "too-small-40px": (_photo(40, 40), [], ERR, "64 pixels"),
+    "image-is-a-directory": (lambda d: (d / "folder.png").mkdir() or d / "folder.png", [], ERR, "directory"),
+    "steps-0": (_photo(), ["--steps", "0"], ARG, "--steps"),
+    "steps-negative": (_photo(), ["--steps", "-3"], ARG, "--steps"),
+    "steps-not-a-number": (_photo(), ["--steps", "many"], ARG, "--steps"),
+    "guidance-0": (_photo(), ["--guidance", "0"], ARG, "--guidance"),
+    "guidance-negative": (_photo(), ["--guidance", "-1"], ARG, "--guidance"),
+    "guidance-nan": (_photo(), ["--guidance", "nan"], ARG, "--guidance"),
+    "crop-three-numbers": (_photo(), ["--crop", "1,2,3"], ARG, "--crop"),
+    "size-not-a-multiple": (_photo(), ["--size", "60"], ERR, "multiple"),
+    "crop-leaves-nothing": (_photo(), ["--crop", "100,0,0,0"], ERR, "crop"),
+}
+
+
+@pytest.mark.parametrize("make_image,extra,prefix,match", BAD_INVERT.values(), ids=BAD_INVERT.keys())
+def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
+    image = make_image(tmp_path)
+    out = tmp_path / "out.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli("invert", image, "--prompt", PROMPT, "-o", out, *FAST, *extra)
+    assert_refused(r, prefix, match)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_invert_refuses_a_directory_as_output(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / "out.safetensors"
+    out.mkdir()
+    r = invert(tmp_path / "photo.png", out)
+    assert_refused(r, match="directory")
+    assert out.is_dir() and list(out.iterdir()) == []
+    r = invert(tmp_path / "photo.png", out, "--force")  # --force does not replace a folder either
+    assert_refused(r, match="directory")
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_invert_refuses_a_decompression_bomb(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+    out = tmp_path / "out.safetensors"
+    r = invert(tmp_path / "bomb.png", out)
+    assert_refused(r, match="bomb.png")
+    assert not out.exists()
+
+
+def test_invert_refuses_an_output_below_a_file(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+    out = tmp_path / "notes.txt" / "out.safetensors"
+    r = invert(tmp_path / "photo.png", out)
+    assert_refused(r, match="notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Image modes that are converted to RGB, not refused
+
+
+def _i16(path):
+    yy, xx = np.mgrid[0:80, 0:96]
+    Image.fromarray((xx * 600 + yy * 100).astype(np.uint16)).save(path)  # 0..65000: needs 16 bits
+
+
+MODES = {
+    "L": ("photo.png", lambda p: make_photo().convert("L").save(p), {"L"}),
+    "RGBA": ("photo.png", lambda p: make_photo().convert("RGBA").save(p), {"RGBA"}),
+    "I;16": ("photo.png", _i16, {"I;16", "I"}),  # Pillow versions differ in what 16-bit PNG opens as
+    "CMYK": ("photo.jpg", lambda p: make_photo().convert("CMYK").save(p, quality=95), {"CMYK"}),
+    "P": ("photo.png", lambda p: make_photo().convert("P", palette=Image.Palette.ADAPTIVE).save(p), {"P"}),
+}
+
+
+@pytest.mark.parametrize("name,save,modes", MODES.values(), ids=MODES.keys())
+def test_invert_converts_image_modes(tmp_path, name, save, modes):
+    image = tmp_path / name
+    save(image)
+    with Image.open(image) as img:
+        assert img.mode in modes  # the test file really has that mode
+    out = tmp_path / "out.safetensors"
+    r = invert(image, out)
+    assert_ok(r)
+    assert r.stderr == "", describe(r)
+    meta = load(out).meta
+    assert meta["image"]["original_mode"] in modes
+    assert meta["image"]["original_size"] == [96, 80]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Warnings: the run goes on, the user is told
+
+
+def test_long_prompt_warns_about_truncation(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / "out.safetensors"
+    prompt = "a cat " * 60
+    r = invert(tmp_path / "photo.png", out, prompt=prompt)
+    assert_ok(r)
+    assert out.is_file()
+    warns = warning_lines(r)
+    assert len(warns) == 1 and r.stderr.splitlines() == warns, describe(r)
+    assert "token" in warns[0] and re.search(r"dropped|truncat", warns[0]), warns[0]
+    assert load(out).prompt == prompt  # the file keeps what the user typed
+
+
+def test_guidance_1_warns_that_the_optimisation_has_no_effect(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / "out.safetensors"
+    r = invert(tmp_path / "photo.png", out, "--guidance", "1")
+    assert_ok(r)
+    assert out.is_file()
+    warns = warning_lines(r)
+    assert len(warns) == 1 and r.stderr.splitlines() == warns, describe(r)
+    assert "guidance" in warns[0] and "no effect" in warns[0], warns[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Files that are not inversions
+
+
+def _safetensors_without_metadata(d):
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros((2, 2), np.float32)}, d / "weights.safetensors")
+    return d / "weights.safetensors"
+
+
+NOT_INVERSIONS = {
+    "png": (_photo(), "not a readable inversion"),
+    "random-bytes": (_write("x.safetensors", np.random.default_rng(0).bytes(4096)), "not a readable inversion"),
+    "safetensors-without-nulltext-metadata": (_safetensors_without_metadata, "no nulltext metadata"),
+    "missing": (lambda d: d / "nope.safetensors", "not found"),
+}
+
+
+@pytest.mark.parametrize("make_file,match", NOT_INVERSIONS.values(), ids=NOT_INVERSIONS.keys())
+def test_reconstruct_refuses_a_file_that_is_not_an_inversion(tmp_path, make_file, match):
+    path = make_file(tmp_path)
+    out = tmp_path / "out.png"
+    r = run_cli("reconstruct", path, "-o", out, "-q")
+    assert_refused(r, match=match)
+    assert not out.exists()
+
+
+def test_info_refuses_missing_and_foreign_files(tmp_path):
+    r = run_cli("info", tmp_path / "nope.safetensors")
+    assert_refused(r, match="not found")
+    r = run_cli("info", _write("x.safetensors", b"\x00" * 100)(tmp_path), "--json")
+    assert_refused(r, match="x.safetensors")
