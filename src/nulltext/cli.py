@@ -155,7 +155,10 @@ def cmd_invert(args) -> int:
         from .inversion import reconstruct
 
         target = preprocess(source.image, inv.image_size, inv.config.crop, pipe.size_multiple)
-        line += f", reconstruction PSNR {psnr(reconstruct(pipe, inv, progress=not args.quiet), target):.2f} dB"
+        with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
+            warnings.simplefilter("ignore", NulltextWarning)
+            image = reconstruct(pipe, inv, progress=not args.quiet)
+        line += f", reconstruction PSNR {psnr(image, target):.2f} dB"
     print(line)
     print(f"wrote {args.output}")
     return 0
