@@ -213,22 +213,16 @@ def cmd_info(args) -> int:
         print(f"\n{'i':>4} {'t':>5} {'iters':>5} {'lr':>9} {'loss first':>11} {'loss last':>11} {'loss after':>11}")
         timesteps = _timesteps(inv)
         for i, it in enumerate(its):
-            t = timesteps[i] if i < len(timesteps) else "?"
-            print(f"{i:>4} {t:>5} {it:>5} {opt['lrs'][i]:>9.2e} {opt['losses_first'][i]:>11.3e} "
+            print(f"{i:>4} {timesteps[i]:>5} {it:>5} {opt['lrs'][i]:>9.2e} {opt['losses_first'][i]:>11.3e} "
                   f"{opt['losses_last'][i]:>11.3e} {opt['losses_after'][i]:>11.3e}")
     return 0
 
 
 def _timesteps(inv) -> list[int]:
+    from .ddim import Schedule
     from .models import make_scheduler
-    from .config import SchedulerConfig
 
-    try:
-        sched = make_scheduler(SchedulerConfig(**inv.config.scheduler.__dict__))
-        sched.set_timesteps(inv.num_steps)
-        return [int(t) for t in sched.timesteps]
-    except Exception:
-        return []
+    return list(Schedule.from_scheduler(make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
 
 
 COMMANDS = {"invert": cmd_invert, "reconstruct": cmd_reconstruct, "info": cmd_info}
