@@ -1,4 +1,4 @@
-"""The ``nulltext`` command line: invert | reconstruct | info."""
+"""The ``nulltext`` command line: invert | reconstruct | edit | attention | info."""
 
 from __future__ import annotations
 
@@ -72,6 +72,118 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> No
                    help="model weights' precision (default: fp32, as the release)")
 
 
+def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("--steps", type=_positive_int, default=d.num_steps, help=f"DDIM steps T (default {d.num_steps})")
+    p.add_argument("--guidance", type=_positive_float, default=d.guidance_scale,
+                   help=f"classifier-free guidance scale w (default {d.guidance_scale})")
+    p.add_argument("--inner-steps", type=_nonneg_int, default=d.num_inner_steps,
+                   help=f"Adam iterations per timestep at most (default {d.num_inner_steps})")
+    p.add_argument("--early-stop", type=_nonneg_float, default=d.early_stop_epsilon,
+                   help=f"epsilon: stop a timestep when loss < epsilon + i*{d.early_stop_slope:g} "
+                        f"(default {d.early_stop_epsilon:g})")
+    p.add_argument("--early-stop-slope", type=_nonneg_float, default=d.early_stop_slope,
+                   help=f"growth of the early-stop threshold per timestep (default {d.early_stop_slope:g})")
+    p.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/100) (default {d.lr:g})")
+    p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
+                   help="output size in pixels (default: the model's native size, 512 for SD 1.x)")
+    p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
+                   help="pixels to cut from the left, right, top, bottom before the centre crop")
+
+
+def _fraction_or_range(text: str):
+    """'0.8' -> 0.8 (the steps [0, 0.8)); '0.2,0.6' or '0.2:0.6' -> (0.2, 0.6)."""
+    parts = text.replace(":", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.8 or a range like 0.2,0.6, got {text!r}") from None
+    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected a fraction like 0.8 or a range like 0.2,0.6, got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _cross_spec(text: str):
+    """A fraction, a range, or per-word 'tiger=0.4,default=0.8' (ranges there as a:b)."""
+    if "=" not in text:
+        return _fraction_or_range(text)
+    spec = {}
+    for item in text.split(","):
+        word, sep, value = item.partition("=")
+        if not sep or not word.strip():
+            raise argparse.ArgumentTypeError(f"expected word=fraction pairs like 'tiger=0.4,default=0.8', got {text!r}")
+        spec[word.strip()] = _fraction_or_range(value.strip())
+    return spec
+
+
+def _reweight(text: str) -> list[tuple[str, float]]:
+    """'fluffy=2' or 'fluffy=2,smiling=5'."""
+    out = []
+    for item in text.split(","):
+        word, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not word.strip() or not math.isfinite(factor):
+            raise argparse.ArgumentTypeError(f"expected word=factor like 'fluffy=2', got {text!r}")
+        out.append((word.strip(), factor))
+    return out
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """'cat' or 'cat,mirror' (each item a word or phrase of the prompt)."""
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def _add_edit_args(p: argparse.ArgumentParser, e) -> None:
+    g = p.add_argument_group("Prompt-to-Prompt (defaults are the release's)")
+    g.add_argument("--mode", default=e.mode, help="replace (word swap: same token count), refine (add or remove "
+                   "words) or auto: replace when the token counts match, refine otherwise (default auto)")
+    g.add_argument("--cross-replace", type=_cross_spec, default=e.cross_replace, metavar="SPEC",
+                   help="fraction of steps with cross-attention injection: 0.8, a range 0.2,0.8, or per word "
+                        "'tiger=0.4,default=0.8' (default 0.8)")
+    g.add_argument("--self-replace", type=_fraction_or_range, default=e.self_replace, metavar="SPEC",
+                   help="fraction (0.4) or range (0.2,0.6) of steps with self-attention injection (default 0.4)")
+    g.add_argument("--blend", nargs=2, metavar=("WORDS_SRC", "WORDS_TGT"),
+                   help="local blend: only the region of these source/target words changes "
+                        "(comma-separate several, e.g. --blend cat tiger)")
+    g.add_argument("--blend-subtract", type=_words, default=(), metavar="WORDS",
+                   help="words whose region is removed from the blend mask")
+    g.add_argument("--blend-threshold", type=float, default=e.blend_threshold,
+                   help=f"blend mask threshold on the normalised attention (default {e.blend_threshold})")
+    g.add_argument("--reweight", type=_reweight, action="append", default=[], metavar="WORD=FACTOR",
+                   help="scale the attention to target words, e.g. 'fluffy=2' or 'fluffy=2,smiling=5' "
+                        "(negative values push away)")
+    g.add_argument("--self-max-keys", type=_nonneg_int, default=e.self_max_keys,
+                   help=f"self-attention injection only in layers with at most this many keys (default {e.self_max_keys})")
+    g.add_argument("--method", default=e.method, help="p2p (Prompt-to-Prompt, default) or sdedit")
+    g.add_argument("--strength", type=float, default=e.sdedit_strength,
+                   help=f"SDEdit: fraction of the steps re-denoised with the target (default {e.sdedit_strength})")
+
+
+def _edit_config(args):
+    from .config import EditConfig
+
+    blend = args.blend or (None, None)
+    return EditConfig(method=args.method, mode=args.mode, cross_replace=args.cross_replace,
+                      self_replace=args.self_replace, self_max_keys=args.self_max_keys,
+                      reweight=tuple(pair for group in args.reweight for pair in group),
+                      blend_source=_words(blend[0]) if blend[0] else (),
+                      blend_target=_words(blend[1]) if blend[1] else (),
+                      blend_subtract=args.blend_subtract, blend_threshold=args.blend_threshold,
+                      sdedit_strength=args.strength)
+
+
+def _add_input_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument("input", metavar="INV.safetensors|IMAGE",
+                   help="an inversion file, or a photo to invert first (then --prompt is required)")
+    p.add_argument("--prompt", help="IMAGE input: its caption, the source prompt of the edit")
+    p.add_argument("--save-inversion", metavar="INV.safetensors", help="IMAGE input: also keep the inversion")
+    g = p.add_argument_group("inversion (IMAGE input only)")
+    _add_inversion_args(g, d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import InversionConfig
     from .models import DEFAULT_MODEL
@@ -90,22 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="a caption of the image, e.g. 'a cat sitting next to a mirror'")
     p.add_argument("-o", "--output", required=True, metavar="INV.safetensors", help="inversion file to write")
     _add_model_args(p, DEFAULT_MODEL)
-    p.add_argument("--steps", type=_positive_int, default=d.num_steps, help=f"DDIM steps T (default {d.num_steps})")
-    p.add_argument("--guidance", type=_positive_float, default=d.guidance_scale,
-                   help=f"classifier-free guidance scale w (default {d.guidance_scale})")
-    p.add_argument("--inner-steps", type=_nonneg_int, default=d.num_inner_steps,
-                   help=f"Adam iterations per timestep at most (default {d.num_inner_steps})")
-    p.add_argument("--early-stop", type=_nonneg_float, default=d.early_stop_epsilon,
-                   help=f"epsilon: stop a timestep when loss < epsilon + i*{d.early_stop_slope:g} "
-                        f"(default {d.early_stop_epsilon:g})")
-    p.add_argument("--early-stop-slope", type=_nonneg_float, default=d.early_stop_slope,
-                   help=f"growth of the early-stop threshold per timestep (default {d.early_stop_slope:g})")
-    p.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/100) (default {d.lr:g})")
-    p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="output size in pixels (default: the model's native size, 512 for SD 1.x)")
-    p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
-                   help="pixels to cut from the left, right, top, bottom before the centre crop")
+    _add_inversion_args(p, d)
     p.add_argument("--check", action="store_true", help="also reconstruct and print the PSNR to the input")
     p.add_argument("--reproducible", action="store_true",
                    help="leave wall-clock timings out of the file, so identical runs give identical bytes")
@@ -116,6 +213,41 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_MODEL)
     p.add_argument("inversion", metavar="INV.safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image to write (.png/.jpg/.webp)")
+    _add_model_args(p, None)
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    from .config import EditConfig
+
+    e = EditConfig()
+    p = sub.add_parser("edit", help="edit an inverted image (or an image, inverting it first) with target prompts",
+                       description="Edit with Prompt-to-Prompt: each --target is a rewording of the source "
+                                   "prompt; what the changed words say changes, the rest is kept. Writes "
+                                   "OUTDIR/reconstruction.png, OUTDIR/edit-N.png per target and OUTDIR/grid.png.",
+                       epilog=EPILOG_MODEL)
+    _add_input_args(p, d)
+    p.add_argument("--target", action="append", default=[], metavar="TEXT",
+                   help="a target prompt (repeat for several; all run in one batch)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the images")
+    _add_edit_args(p, e)
+    p.add_argument("--attention", action="store_true",
+                   help="also write OUTDIR/attention.png: each token's cross-attention map, per prompt")
+    _add_model_args(p, None)
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("attention", help="draw the cross-attention map of each token over the image",
+                       description="Average each token's cross-attention map over the steps, heads and the "
+                                   "layers at 1/4 of the latent size (16x16 for 512 px, as the release "
+                                   "shows) and write them as a PNG grid, one row per prompt.",
+                       epilog=EPILOG_MODEL)
+    _add_input_args(p, d)
+    p.add_argument("--target", action="append", default=[], metavar="TEXT",
+                   help="also show the maps of this edit's target prompt (repeatable)")
+    p.add_argument("-o", "--output", required=True, metavar="MAPS.png", help="image to write")
+    p.add_argument("--overlay", type=float, default=0.5, help="heat-map opacity over the image, 0 = map only (default 0.5)")
+    p.add_argument("--cell", type=_positive_int, default=128, help="width of each cell in pixels (default 128)")
+    _add_edit_args(p, e)
     _add_model_args(p, None)
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -132,15 +264,21 @@ def _load_pipe(args, model: str):
     return load_pipeline(model, device=args.device, dtype=args.dtype)
 
 
+def _inversion_config(args):
+    from .config import InversionConfig
+
+    return InversionConfig(num_steps=args.steps, guidance_scale=args.guidance, num_inner_steps=args.inner_steps,
+                           early_stop_epsilon=args.early_stop, early_stop_slope=args.early_stop_slope,
+                           lr=args.lr, size=args.size, crop=args.crop)
+
+
 def cmd_invert(args) -> int:
     from .config import InversionConfig
     from .files import check_writable
     from .image import load_image
     from .inversion import invert_image
 
-    config = InversionConfig(num_steps=args.steps, guidance_scale=args.guidance, num_inner_steps=args.inner_steps,
-                             early_stop_epsilon=args.early_stop, early_stop_slope=args.early_stop_slope,
-                             lr=args.lr, size=args.size, crop=args.crop)
+    config = _inversion_config(args)
     check_writable(args.output, args.force)
     source = load_image(args.image)  # fail on a bad image before loading a model
     pipe = _load_pipe(args, args.model)
@@ -225,7 +363,124 @@ def _timesteps(inv) -> list[int]:
     return list(Schedule.from_scheduler(make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
 
 
-COMMANDS = {"invert": cmd_invert, "reconstruct": cmd_reconstruct, "info": cmd_info}
+def _is_inversion_path(path: str) -> bool:
+    return path.lower().endswith(".safetensors")
+
+
+def _source(args):
+    """(pipe, inversion) from the INPUT argument: an inversion file (checked against the model and
+    the options), or an image inverted now with --prompt."""
+    from .files import check_writable
+    from .models import DEFAULT_MODEL
+    from .storage import check_fits
+
+    if _is_inversion_path(args.input):
+        from .inversion import Inversion
+
+        if args.save_inversion:
+            raise NulltextError("--save-inversion only applies to an IMAGE input")
+        inv = Inversion.load(args.input)
+        if args.prompt is not None and args.prompt != inv.prompt:
+            raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
+                                f"is the inversion's (leave out --prompt)")
+        if args.size is not None and tuple(args.size) != inv.image_size:
+            raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
+                                f"not {args.size[0]}x{args.size[1]}; invert the image again at that size")
+        pipe = _load_pipe(args, args.model or inv.meta["model"])
+        check_fits(inv, pipe, args.input)
+        return pipe, inv
+    from .image import load_image
+    from .inversion import invert_image
+
+    if not args.prompt:
+        raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
+                            f"file made by nulltext invert)")
+    if args.save_inversion:
+        check_writable(args.save_inversion, args.force)
+    config = _inversion_config(args)
+    image = load_image(args.input)
+    pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
+    inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
+    if args.save_inversion:
+        inv.save(args.save_inversion, force=args.force)
+        print(f"wrote {args.save_inversion}")
+    return pipe, inv
+
+
+def _slug(text: str, n: int = 40) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "edit"
+
+
+def _validate_edit_prompts(args) -> None:
+    if not args.target:
+        raise NulltextError("no target prompt given: pass at least one --target TEXT")
+    for t in args.target:
+        if not t.strip():
+            raise NulltextError("--target must not be empty")
+
+
+def cmd_edit(args) -> int:
+    from .editing import build_controller, edit
+    from .files import check_writable, save_image
+    from .visual import side_by_side
+
+    _validate_edit_prompts(args)
+    config = _edit_config(args)
+    out = args.output
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NulltextError(f"output {out} is a file; -o takes a folder")
+    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(args.target, 1)] + ["grid.png"]
+    if args.attention:
+        names.append("attention.png")
+    paths = [os.path.join(out, n) for n in names]
+    for path in paths:
+        check_writable(path, args.force)
+    pipe, inv = _source(args)
+    if config.method == "p2p":  # every prompt error (token counts, words) before any sampling
+        build_controller(pipe, inv.prompt, list(args.target), config, inv.num_steps,
+                         tuple(inv.latent_T.shape[-2:]))
+    result = edit(pipe, inv, list(args.target), config, progress=not args.quiet)
+    os.makedirs(out, exist_ok=True)
+    for img, path in zip(result.images, paths):
+        save_image(img, path, force=args.force)
+    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, args.target)]
+    save_image(side_by_side(result.images, labels), paths[len(result.images)], force=args.force)
+    if args.attention:
+        from .editing import attention_maps
+        from .visual import attention_grid
+
+        am = attention_maps(pipe, inv, list(args.target), config, progress=not args.quiet)
+        save_image(attention_grid(am.maps, am.tokens, am.images), paths[-1], force=args.force)
+    for mode, t in zip(result.modes, args.target):
+        print(f"{mode:>8}: {t}")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from .editing import attention_maps
+    from .files import check_writable, image_format, save_image
+    from .visual import attention_grid
+
+    check_writable(args.output, args.force)
+    image_format(args.output)
+    if not 0.0 <= args.overlay <= 1.0:
+        raise NulltextError(f"--overlay must lie in [0, 1], got {args.overlay}")
+    config = _edit_config(args)
+    pipe, inv = _source(args)
+    am = attention_maps(pipe, inv, list(args.target), config, progress=not args.quiet)
+    grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
+    save_image(grid, args.output, force=args.force)
+    print(f"cross-attention at {am.size[0]}x{am.size[1]} averaged over {inv.num_steps} steps")
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
+            "info": cmd_info}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

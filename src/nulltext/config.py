@@ -80,3 +80,110 @@ class InversionConfig:
         d["size"] = list(self.size) if self.size is not None else None
         d["crop"] = list(self.crop)
         return d
+
+
+EDIT_MODES = ("auto", "replace", "refine")
+EDIT_METHODS = ("p2p", "sdedit")
+
+
+def _check_fraction_spec(spec, what: str) -> None:
+    """A fraction f in [0, 1] (= the range (0, f)) or a range (a, b) with 0 <= a <= b <= 1."""
+    if isinstance(spec, bool):
+        raise NulltextError(f"{what} must be a fraction or a range, got {spec!r}")
+    if isinstance(spec, (int, float)):
+        values = (0.0, float(spec))
+    else:
+        try:
+            values = tuple(float(v) for v in spec)
+        except (TypeError, ValueError):
+            raise NulltextError(f"{what} must be a fraction or a range (a, b), got {spec!r}") from None
+        if len(values) != 2:
+            raise NulltextError(f"{what} range must have two ends (a, b), got {spec!r}")
+    a, b = values
+    if not (0.0 <= a <= 1.0 and 0.0 <= b <= 1.0):
+        raise NulltextError(f"{what} must lie in [0, 1] (a fraction of the steps), got {spec!r}")
+    if a > b:
+        raise NulltextError(f"{what} range must have start <= end, got {spec!r}")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """How the target prompts edit an inversion (ALGORITHM.md sections 3 and 4).
+
+    Fractions are of the T denoising steps: a number f means the steps in [0, f), a pair (a, b)
+    the steps in [a, b). Cross-attention ranges map to steps [int(a*(T+1)), int(b*(T+1))),
+    self-attention ranges to [int(a*T), int(b*T)), exactly as the release computes them."""
+
+    method: str = "p2p"  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
+    mode: str = "auto"  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
+    #                     source and target have the same number of tokens, refine otherwise
+    cross_replace: object = 0.8  # release default; a fraction, a range, or {word: fraction|range,
+    #                              "default": fraction|range} (words missing -> default (0, 1))
+    self_replace: object = 0.4  # release default (its word-swap examples also use 0.6)
+    self_max_keys: int = 32 * 32  # self replacement only in layers with at most this many keys
+    reweight: tuple = ()  # ((word, factor), ...): equalizer on target words (release: 2, 5, -2, 0.5)
+    blend_source: tuple = ()  # local blend: words of the source prompt ...
+    blend_target: tuple = ()  # ... and of the target prompts whose region may change
+    blend_subtract: tuple = ()  # optional: words whose region is removed from the blend mask
+    blend_start: float = 0.2  # blend after each step once steps done > int(blend_start * T)
+    blend_threshold: float = 0.3  # of the mask normalised by its maximum (release th=(.3, .3))
+    blend_subtract_threshold: float = 0.3
+    # blend mask from the cross-attention layers at latent/blend_factor (release: 16x16 of a 64x64
+    # latent); when the UNet has none at that size, the nearest size it has
+    blend_factor: int = 4
+    sdedit_strength: float = 0.6  # ours: fraction of the steps SDEdit re-denoises with the target
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reweight, dict):
+            object.__setattr__(self, "reweight", tuple(self.reweight.items()))
+        for name in ("blend_source", "blend_target", "blend_subtract"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, tuple(value.split()))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.cross_replace, list):
+            object.__setattr__(self, "cross_replace", tuple(self.cross_replace))
+        if isinstance(self.self_replace, list):
+            object.__setattr__(self, "self_replace", tuple(self.self_replace))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in EDIT_METHODS:
+            raise NulltextError(f"unknown edit method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        if self.mode not in EDIT_MODES:
+            raise NulltextError(f"unknown mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
+        if isinstance(self.cross_replace, dict):
+            if not self.cross_replace:
+                raise NulltextError("cross-replace needs at least one word=fraction or default=fraction")
+            for word, spec in self.cross_replace.items():
+                _check_fraction_spec(spec, f"cross-replace for {word!r}")
+        else:
+            _check_fraction_spec(self.cross_replace, "cross-replace")
+        _check_fraction_spec(self.self_replace, "self-replace")
+        for word, factor in self.reweight:
+            if not isinstance(word, str) or not word.strip():
+                raise NulltextError(f"reweight needs word=factor pairs, got {word!r}")
+            if not isinstance(factor, (int, float)) or factor != factor or factor in (float("inf"), float("-inf")):
+                raise NulltextError(f"reweight factor for {word!r} must be a finite number, got {factor!r}")
+        if bool(self.blend_source) != bool(self.blend_target):
+            raise NulltextError("local blend needs words of the source and of the target prompt")
+        if self.blend_subtract and not self.blend_source:
+            raise NulltextError("blend-subtract needs a local blend (--blend WORDS_SRC WORDS_TGT)")
+        for name in ("blend_start", "blend_threshold", "blend_subtract_threshold", "sdedit_strength"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise NulltextError(f"{name.replace('_', '-')} must lie in [0, 1], got {v!r}")
+        if not isinstance(self.self_max_keys, int) or self.self_max_keys < 0:
+            raise NulltextError(f"self-max-keys must be a non-negative integer, got {self.self_max_keys!r}")
+        if not isinstance(self.blend_factor, int) or self.blend_factor < 1:
+            raise NulltextError(f"blend-factor must be a positive integer, got {self.blend_factor!r}")
+
+    @property
+    def blend(self) -> bool:
+        return bool(self.blend_source)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["reweight"] = {w: f for w, f in self.reweight}
+        return d

@@ -1,0 +1,150 @@
+"""The Prompt-to-Prompt attention processor and the context manager that installs it.
+
+diffusers' ``Attention.forward`` only delegates to ``self.processor``; we change behaviour by
+installing a processor per layer with ``unet.set_attn_processor`` (never by replacing ``forward``)
+and put the previous processors back in ``finally``. Layers no controller uses keep theirs (the
+fast scaled-dot-product ``AttnProcessor2_0`` by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from .controllers import SOURCE, Controller, Site
+
+_SUFFIX = ".processor"
+
+
+def _project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
+    """The first half of diffusers' ``AttnProcessor``: norms, projections, heads to batch.
+
+    Returns (query, key, value) as (B*heads, S, d), the prepared mask, and what the second half
+    needs to restore the input's layout."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    shape4 = None
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        shape4 = (batch_size, channel, height, width)
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
+                                      else encoder_hidden_states.shape)
+    attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    norm_q, norm_k = getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)
+    if norm_q is not None or norm_k is not None:  # QK-norm models: per head, as AttnProcessor2_0
+        b = query.shape[0]
+        q = query.view(b, -1, attn.heads, query.shape[-1] // attn.heads).transpose(1, 2)
+        k = key.view(b, -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
+        q = norm_q(q) if norm_q is not None else q
+        k = norm_k(k) if norm_k is not None else k
+        query = q.transpose(1, 2).reshape(b, -1, query.shape[-1])
+        key = k.transpose(1, 2).reshape(b, -1, key.shape[-1])
+    query = attn.head_to_batch_dim(query)  # (B*heads, Q, d)
+    key = attn.head_to_batch_dim(key)  # (B*heads, K, d)
+    value = attn.head_to_batch_dim(value)
+    return query, key, value, attention_mask, (residual, shape4)
+
+
+def _finish(attn, probs: Tensor, value: Tensor, restore) -> Tensor:
+    """The second half of ``AttnProcessor``: probabilities times values, output projection."""
+    residual, shape4 = restore
+    hidden_states = torch.bmm(probs, value)  # (B*heads, Q, d)
+    hidden_states = attn.batch_to_head_dim(hidden_states)  # (B, Q, heads*d)
+    hidden_states = attn.to_out[0](hidden_states)  # linear
+    hidden_states = attn.to_out[1](hidden_states)  # dropout
+    if shape4 is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*shape4)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _half(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x[x.shape[0] // 2:]
+
+
+class P2PAttnProcessor:
+    """diffusers' plain attention computation with one hook on the probabilities of the
+    conditional half of the batch (rows [B/2:], the classifier-free guidance layout).
+
+    In the controller's source phase the output is computed by the layer's previous processor
+    (so the source row is bit-identical to a plain reconstruction) and the conditional
+    probabilities are computed beside it for the controller to read. In the target phase the
+    probabilities the UNet uses are the ones the controller returns."""
+
+    def __init__(self, controller: Controller, site: Site, base) -> None:
+        self.controller, self.site, self.base = controller, site, base
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        c = self.controller
+        if not c.needs(self.site):
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if c.phase == SOURCE:
+            out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            with torch.no_grad():
+                q, k, _, mask, _ = _project(attn, _half(hidden_states), _half(encoder_hidden_states),
+                                            _half(attention_mask), _half(temb))
+                probs = attn.get_attention_scores(q, k, mask)  # (heads, Q, K): one source row
+            c.on_source(self.site, probs.reshape(-1, attn.heads, *probs.shape[1:]))
+            return out
+        q, k, v, mask, restore = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K), batch-major
+        half = probs.shape[0] // 2
+        cond = probs[half:].reshape(-1, attn.heads, *probs.shape[1:])  # (n, heads, Q, K)
+        edited = c.on_target(self.site, cond)
+        if edited is not cond:
+            probs = torch.cat([probs[:half], edited.reshape(-1, *probs.shape[1:]).to(probs.dtype)])
+        return _finish(attn, probs, v, restore)
+
+
+def attention_sites(unet, latent_size: tuple[int, int]) -> dict[str, Site]:
+    """Every attention layer of a UNet2DConditionModel-shaped UNet, with its place, kind and the
+    query grid it has for a latent of ``latent_size`` (h, w)."""
+    n_down = len(unet.config.down_block_types)
+    n_up = len(unet.config.up_block_types)
+    h, w = latent_size
+    sites = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name[: -len(_SUFFIX)])
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            place, level = "down", int(parts[1])
+        elif parts[0] == "up_blocks":
+            place, level = "up", n_up - 1 - int(parts[1])
+        else:
+            place, level = "mid", n_down - 1
+        f = 2 ** level
+        sites[name] = Site(name=name, place=place, is_cross=bool(getattr(module, "is_cross_attention", False)),
+                           size=(-(-h // f), -(-w // f)))
+    return sites
+
+
+@contextmanager
+def installed(unet, controller: Controller, latent_size: tuple[int, int]) -> Iterator[dict[str, Site]]:
+    """Install :class:`P2PAttnProcessor` on the layers ``controller`` uses, restoring the
+    previous processors on exit, error included. Yields the sites (layer descriptions)."""
+    previous = dict(unet.attn_processors)
+    sites = attention_sites(unet, latent_size)
+    new = {name: P2PAttnProcessor(controller, sites[name], proc) if controller.uses(sites[name]) else proc
+           for name, proc in previous.items()}
+    unet.set_attn_processor(new)  # diffusers pops from the dict it is given: pass a fresh one
+    try:
+        yield sites
+    finally:
+        unet.set_attn_processor(dict(previous))
