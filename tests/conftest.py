@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Before any test module imports diffusers/huggingface_hub, which read it once at import time:
+# nothing in the suite may reach the network (a hub lookup would hang on retries here).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def nulltext_cache(tmp_path_factory):

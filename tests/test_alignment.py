@@ -31,6 +31,10 @@ def test_word_positions(tok):
     assert alignment.word_positions(tok, "a Cat, sitting", "cat") == [2]
     assert alignment.word_positions(tok, "a Cat, sitting", "sitting") == [4]
     assert alignment.word_positions(tok, "a cat sitting", "cat sitting") == [2, 3]
+    # punctuation on both sides: only the word's own token
+    ids = alignment.prompt_tokens(tok, "a (cat) sitting")
+    pos = alignment.word_positions(tok, "a (cat) sitting", "cat")
+    assert len(pos) == 1 and tok.decode([ids[pos[0]]]) == "cat"
     assert alignment.word_positions(tok, "a cat", "dog") == []
     with pytest.raises(NulltextError, match="'dog' is not in the prompt 'a cat'"):
         alignment.require_positions(tok, "a cat", "dog", "blend")

@@ -192,3 +192,24 @@ def test_attention_maps_are_distributions_over_tokens(tiny_pipe, inv):
 def test_edit_refuses_bad_prompts(tiny_pipe, inv, targets, config, match):
     with pytest.raises(NulltextError, match=match):
         edit(tiny_pipe, inv, targets, config, progress=False)
+
+
+def test_auto_mode_picks_replace_only_for_one_for_one_swaps(tiny_pipe):
+    from nulltext.editing import resolve_modes
+
+    tok = tiny_pipe.tokenizer
+    # "a tigress" and "a cat sitting next to" both have 5 tokens, but not the same words
+    assert resolve_modes(tok, "a tigress", ["a cat sitting next to", "the tigress", "a big lion"], "auto") == [
+        "refine", "replace", "refine"]
+
+
+def test_non_square_edit_with_local_blend(tiny_pipe):
+    torch.manual_seed(0)
+    inv = invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=4, num_inner_steps=1,
+                                                                        size=(128, 96)), progress=False)
+    recon = reconstruct_latent(tiny_pipe, inv, progress=False)
+    config = EditConfig(blend_source=("cat",), blend_target=("dog",), blend_threshold=0.95)
+    steps = list(edit_progressive(tiny_pipe, inv, [SWAP], config))
+    assert steps[-1].targets.shape == (1, 4, 12, 16)
+    assert steps[-1].mask.shape == (1, 1, 12, 16)
+    assert torch.equal(steps[-1].source, recon)

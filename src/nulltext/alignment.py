@@ -66,10 +66,11 @@ def word_positions(tokenizer, prompt: str, word: str) -> list[int]:
     for i in range(len(ws) - len(parts) + 1):
         if [w.key for w in ws[i:i + len(parts)]] == parts:
             for w in ws[i:i + len(parts)]:
-                # the word's own tokens, not trailing punctuation such as the "," of "cat,"
-                core = _ids(tokenizer, w.key) if w.key else []
-                n = len(core) if list(w.ids[:len(core)]) == core else len(w.ids)
-                found.extend(w.positions[:n])
+                # the word's own tokens, not punctuation around it such as in "(cat)," or "cat,"
+                core = _ids(tokenizer, w.key)
+                start = next((k for k in range(len(w.ids) - len(core) + 1)
+                              if list(w.ids[k:k + len(core)]) == core), None)
+                found.extend(w.positions if start is None else w.positions[start:start + len(core)])
     return found
 
 

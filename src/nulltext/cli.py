@@ -62,11 +62,17 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_model: str | None) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, either: bool = False) -> None:
+    from .models import DEFAULT_MODEL
+
+    if either:
+        default_help = f" (default: the model recorded in the inversion file; for an IMAGE, {DEFAULT_MODEL})"
+    elif default_model:
+        default_help = f" (default: {default_model})"
+    else:
+        default_help = " (default: the model recorded in the inversion file)"
     p.add_argument("--model", default=default_model, metavar="MODEL",
-                   help="hub id, local diffusers folder, or 'tiny' (random weights)"
-                        + (f" (default: {default_model})" if default_model else
-                           " (default: the model recorded in the inversion file)"))
+                   help="hub id, local diffusers folder, or 'tiny' (random weights)" + default_help)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="model weights' precision (default: fp32, as the release)")
@@ -139,10 +145,11 @@ def _words(text: str) -> tuple[str, ...]:
 def _add_edit_args(p: argparse.ArgumentParser, e) -> None:
     g = p.add_argument_group("Prompt-to-Prompt (defaults are the release's)")
     g.add_argument("--mode", default=e.mode, help="replace (word swap: same token count), refine (add or remove "
-                   "words) or auto: replace when the token counts match, refine otherwise (default auto)")
+                   "words) or auto: replace when the token and word counts match, refine otherwise (default auto)")
     g.add_argument("--cross-replace", type=_cross_spec, default=e.cross_replace, metavar="SPEC",
                    help="fraction of steps with cross-attention injection: 0.8, a range 0.2,0.8, or per word "
-                        "'tiger=0.4,default=0.8' (default 0.8)")
+                        "'tiger=0.4,default=0.8' (word=a:b for a range; without default=, the other "
+                        "tokens are injected at every step, as in the release) (default 0.8)")
     g.add_argument("--self-replace", type=_fraction_or_range, default=e.self_replace, metavar="SPEC",
                    help="fraction (0.4) or range (0.2,0.6) of steps with self-attention injection (default 0.4)")
     g.add_argument("--blend", nargs=2, metavar=("WORDS_SRC", "WORDS_TGT"),
@@ -223,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an inverted image (or an image, inverting it first) with target prompts",
                        description="Edit with Prompt-to-Prompt: each --target is a rewording of the source "
                                    "prompt; what the changed words say changes, the rest is kept. Writes "
-                                   "OUTDIR/reconstruction.png, OUTDIR/edit-N.png per target and OUTDIR/grid.png.",
+                                   "OUTDIR/reconstruction.png, OUTDIR/edit-N-<target>.png per target and "
+                                   "OUTDIR/grid.png.",
                        epilog=EPILOG_MODEL)
     _add_input_args(p, d)
     p.add_argument("--target", action="append", default=[], metavar="TEXT",
@@ -232,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_args(p, e)
     p.add_argument("--attention", action="store_true",
                    help="also write OUTDIR/attention.png: each token's cross-attention map, per prompt")
-    _add_model_args(p, None)
+    _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -248,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", type=float, default=0.5, help="heat-map opacity over the image, 0 = map only (default 0.5)")
     p.add_argument("--cell", type=_positive_int, default=128, help="width of each cell in pixels (default 128)")
     _add_edit_args(p, e)
-    _add_model_args(p, None)
+    _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -367,9 +375,10 @@ def _is_inversion_path(path: str) -> bool:
     return path.lower().endswith(".safetensors")
 
 
-def _source(args):
+def _source(args, check=None):
     """(pipe, inversion) from the INPUT argument: an inversion file (checked against the model and
-    the options), or an image inverted now with --prompt."""
+    the options), or an image inverted now with --prompt. ``check(pipe, prompt, num_steps,
+    latent_hw)`` validates the edit's prompts before any inversion work."""
     from .files import check_writable
     from .models import DEFAULT_MODEL
     from .storage import check_fits
@@ -388,6 +397,8 @@ def _source(args):
                                 f"not {args.size[0]}x{args.size[1]}; invert the image again at that size")
         pipe = _load_pipe(args, args.model or inv.meta["model"])
         check_fits(inv, pipe, args.input)
+        if check is not None:
+            check(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]))
         return pipe, inv
     from .image import load_image
     from .inversion import invert_image
@@ -400,11 +411,30 @@ def _source(args):
     config = _inversion_config(args)
     image = load_image(args.input)
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
+    if check is not None:
+        w, h = config.size or pipe.native_size
+        check(pipe, args.prompt, config.num_steps, (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
     inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
     if args.save_inversion:
         inv.save(args.save_inversion, force=args.force)
         print(f"wrote {args.save_inversion}")
     return pipe, inv
+
+
+def _warn_ignored(args, config) -> None:
+    """Options the chosen method does not use are reported, not silently dropped."""
+    from .config import EditConfig
+
+    d = EditConfig()
+    if config.method == "sdedit":
+        unused = [name for name, used in (
+            ("--mode", config.mode != d.mode), ("--cross-replace", config.cross_replace != d.cross_replace),
+            ("--self-replace", config.self_replace != d.self_replace), ("--reweight", bool(config.reweight)),
+            ("--blend", config.blend), ("--self-max-keys", config.self_max_keys != d.self_max_keys)) if used]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} apply to --method p2p only; ignored with sdedit", NulltextWarning)
+    elif config.sdedit_strength != d.sdedit_strength:
+        warnings.warn("--strength applies to --method sdedit only; ignored", NulltextWarning)
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -422,12 +452,15 @@ def _validate_edit_prompts(args) -> None:
 
 
 def cmd_edit(args) -> int:
-    from .editing import build_controller, edit
+    from .editing import attention_store, edit, maps_from_store, validate
     from .files import check_writable, save_image
-    from .visual import side_by_side
+    from .visual import attention_grid, side_by_side
 
     _validate_edit_prompts(args)
     config = _edit_config(args)
+    if args.attention and config.method != "p2p":
+        raise NulltextError("--attention records the maps of P2P edits; leave it out with --method sdedit")
+    _warn_ignored(args, config)
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):
         raise NulltextError(f"output {out} is a file; -o takes a folder")
@@ -437,23 +470,26 @@ def cmd_edit(args) -> int:
     paths = [os.path.join(out, n) for n in names]
     for path in paths:
         check_writable(path, args.force)
-    pipe, inv = _source(args)
-    if config.method == "p2p":  # every prompt error (token counts, words) before any sampling
-        build_controller(pipe, inv.prompt, list(args.target), config, inv.num_steps,
-                         tuple(inv.latent_T.shape[-2:]))
-    result = edit(pipe, inv, list(args.target), config, progress=not args.quiet)
-    os.makedirs(out, exist_ok=True)
-    for img, path in zip(result.images, paths):
-        save_image(img, path, force=args.force)
-    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, args.target)]
-    save_image(side_by_side(result.images, labels), paths[len(result.images)], force=args.force)
-    if args.attention:
-        from .editing import attention_maps
-        from .visual import attention_grid
+    targets = list(args.target)
+    modes: list[str] = []
 
-        am = attention_maps(pipe, inv, list(args.target), config, progress=not args.quiet)
-        save_image(attention_grid(am.maps, am.tokens, am.images), paths[-1], force=args.force)
-    for mode, t in zip(result.modes, args.target):
+    def check(pipe, prompt, num_steps, latent_hw):
+        modes.extend(validate(pipe, prompt, targets, config, num_steps, latent_hw))
+
+    pipe, inv = _source(args, check)
+    stores, size = [], None
+    if args.attention:
+        store, size = attention_store(pipe, tuple(inv.latent_T.shape[-2:]), config)
+        stores = [store]
+    result = edit(pipe, inv, targets, config, stores=stores, progress=not args.quiet)
+    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, targets)]
+    pictures = [*result.images, side_by_side(result.images, labels)]
+    if args.attention:
+        am = maps_from_store(pipe, stores[0], size, result.prompts, result.images)
+        pictures.append(attention_grid(am.maps, am.tokens, am.images))
+    for img, path in zip(pictures, paths):  # everything computed: write it all, each atomically
+        save_image(img, path, force=args.force)
+    for mode, t in zip(result.modes, targets):
         print(f"{mode:>8}: {t}")
     for path in paths:
         print(f"wrote {path}")
@@ -461,7 +497,7 @@ def cmd_edit(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from .editing import attention_maps
+    from .editing import attention_maps, validate
     from .files import check_writable, image_format, save_image
     from .visual import attention_grid
 
@@ -470,8 +506,18 @@ def cmd_attention(args) -> int:
     if not 0.0 <= args.overlay <= 1.0:
         raise NulltextError(f"--overlay must lie in [0, 1], got {args.overlay}")
     config = _edit_config(args)
-    pipe, inv = _source(args)
-    am = attention_maps(pipe, inv, list(args.target), config, progress=not args.quiet)
+    if config.method != "p2p":
+        raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
+    if not args.target and config.blend:
+        warnings.warn("--blend acts on edits; without --target it is ignored", NulltextWarning)
+    targets = list(args.target)
+
+    def check(pipe, prompt, num_steps, latent_hw):
+        if targets:
+            validate(pipe, prompt, targets, config, num_steps, latent_hw)
+
+    pipe, inv = _source(args, check)
+    am = attention_maps(pipe, inv, targets, config, progress=not args.quiet)
     grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
     save_image(grid, args.output, force=args.force)
     print(f"cross-attention at {am.size[0]}x{am.size[1]} averaged over {inv.num_steps} steps")
@@ -500,9 +546,23 @@ def main(argv: list[str] | None = None) -> int:
     except NulltextError as e:
         print(f"nulltext: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("nulltext: error: out of memory; try fewer --target prompts, a smaller --size or --dtype fp16",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
+        if "out of memory" not in str(e).lower():
+            raise
+        print("nulltext: error: out of memory; try fewer --target prompts, a smaller --size or --dtype fp16",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError:  # e.g. `nulltext info x | head`
         sys.stderr.close()
         return 0
+    except OSError as e:  # disk full, permissions, ... outside the atomic writes' own handling
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"nulltext: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("nulltext: interrupted; nothing was written", file=sys.stderr)
         return 130

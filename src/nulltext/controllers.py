@@ -231,7 +231,7 @@ class LocalBlend:
         self.size, self.start_step = tuple(size), start_step
         self.threshold, self.subtract_threshold = threshold, subtract_threshold
         self.places = tuple(places)
-        # the cross-attention accumulated so far (before edits), of the layers at ``size``
+        # the cross-attention accumulated so far (after edits, as the release), of the layers at ``size``
         self.store = AttentionStore(cross=True, self_attn=False, max_queries=size[0] * size[1])
         self.last_mask: Tensor | None = None
 
@@ -341,8 +341,6 @@ class P2PController(Controller):
             obs.on_source(site, probs)
 
     def on_target(self, site: Site, probs: Tensor) -> Tensor:
-        if self.local_blend is not None and self.local_blend.uses(site):
-            self.local_blend.store.on_target(site, probs)  # the release blends on unedited maps
         if self._edits(site):
             src = self._source.get(site.name)
             if src is None:
@@ -350,9 +348,10 @@ class P2PController(Controller):
                                    "pass must run before the target pass")
             probs = self.edit(site, src, probs)
             self.edited.setdefault(self.step, set()).add(site.name)
-        for s in self.stores:
-            if s.uses(site):
-                s.on_target(site, probs)
+        # the maps the UNet uses, after edits: the release's store keeps a view of the maps that
+        # its edit then overwrites in place, so its local blend reads the edited maps too
+        for obs in self._observers(site):
+            obs.on_target(site, probs)
         return probs
 
     def edit(self, site: Site, src: Tensor, tgt: Tensor) -> Tensor:

@@ -75,9 +75,17 @@ def _check_prompts(tokenizer, source: str, targets: Sequence[str]) -> list[str]:
 
 
 def resolve_modes(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[str]:
-    """The mode of each target: ``auto`` picks replace for the same token count, else refine."""
-    if mode == "auto":
-        return ["replace" if alignment.same_token_count(tokenizer, source, t) else "refine" for t in targets]
+    """The mode of each target: ``auto`` picks replace for the same token count (and the same
+    number of words, so they can be swapped one for one), else refine."""
+    if mode == "auto":  # replace needs the same tokens and words, one for one
+        def swappable(t: str) -> bool:
+            try:
+                alignment.replacement_mapper(tokenizer, source, t)
+            except NulltextError:
+                return False
+            return True
+
+        return ["replace" if swappable(t) else "refine" for t in targets]
     return [mode] * len(targets)
 
 
@@ -206,6 +214,16 @@ def build_controller(pipe, source: str, targets: list[str], config: EditConfig, 
     return controller, modes
 
 
+def validate(pipe, source: str, targets: Sequence[str], config: EditConfig, num_steps: int,
+             latent_hw: tuple[int, int]) -> list[str]:
+    """Every prompt error of an edit (empty targets, token counts, words missing from their
+    prompt) before any sampling; returns the mode of each target."""
+    targets = _check_prompts(pipe.tokenizer, source, targets)
+    if config.method == "sdedit":
+        return ["sdedit"] * len(targets)
+    return build_controller(pipe, source, targets, config, num_steps, latent_hw)[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # The loops
 
@@ -221,9 +239,13 @@ def _setup(pipe, inversion, targets):
     return schedule, cond_src, cond_tgt, nulls, z_T
 
 
+@torch.no_grad()
 def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
                    progress: bool = False, desc: str = "editing") -> Iterator[EditStep]:
-    """The edit loop with any controller installed (targets may be empty: source only)."""
+    """The edit loop with any controller installed (targets may be empty: source only).
+
+    The processors stay installed while the generator is suspended: run it to the end, or close
+    it (``contextlib.closing``) before using the UNet for anything else."""
     schedule, cond_src, cond_tgt, nulls, z_src = _setup(pipe, inversion, targets)
     n, w = len(targets), inversion.config.guidance_scale
     z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
@@ -247,6 +269,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
             yield EditStep(i, t, z_src, z_tgt, mask)
 
 
+@torch.no_grad()
 def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
                        progress: bool = False) -> Iterator[EditStep]:
     """SDEdit from an inversion (paper 5.2): the targets branch off the inverted trajectory at
@@ -321,39 +344,49 @@ class AttentionMaps:
     images: list  # reconstruction (and edits)
 
 
-def attention_maps(pipe, inversion, targets: Sequence[str] = (), config: EditConfig | None = None,
-                   progress: bool = True, size: tuple[int, int] | None = None) -> AttentionMaps:
-    """The cross-attention map of each token, averaged over the steps, heads and the layers at
-    ``size`` (default: the blend size, 16x16 for a 512 image as the release shows), for the
-    source prompt over its reconstruction and, with ``targets``, for each edit."""
-    from .image import decode as decode_latents
-
+def attention_store(pipe, latent_hw: tuple[int, int], config: EditConfig | None = None,
+                    size: tuple[int, int] | None = None) -> tuple[AttentionStore, tuple[int, int]]:
+    """A store of the cross-attention layers at ``size`` (default: the blend size, 16x16 for a
+    512 image as the release shows) and that size."""
     config = config or EditConfig()
-    latent_hw = tuple(inversion.latent_T.shape[-2:])
     sites = attention_sites(pipe.unet, latent_hw)
     size = tuple(size) if size else blend_size(sites, latent_hw, config.blend_factor)
-    store = AttentionStore(cross=True, self_attn=False, max_queries=size[0] * size[1])
-    targets = list(targets)
-    if targets:
-        targets = _check_prompts(pipe.tokenizer, inversion.prompt, targets)
-        if config.method == "sdedit":
-            raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
-        controller, _ = build_controller(pipe, inversion.prompt, targets, config, inversion.num_steps,
-                                         latent_hw, [store])
-    else:
-        controller = store
-    last = None
-    for last in run_controlled(pipe, inversion, targets, controller, progress, desc="attention"):
-        pass
-    if not any(s.size == size and s.is_cross for s in store.sites.values()):
+    if not any(s.size == size and s.is_cross for s in sites.values()):
         have = sorted({s.size for s in sites.values() if s.is_cross})
         raise NulltextError(f"no cross-attention layer at {size[0]}x{size[1]}; this UNet has "
                             + ", ".join(f"{h}x{w}" for h, w in have))
+    return AttentionStore(cross=True, self_attn=False, max_queries=size[0] * size[1]), size
+
+
+def maps_from_store(pipe, store: AttentionStore, size: tuple[int, int], prompts: list[str],
+                    images: list) -> AttentionMaps:
+    """Average a filled :func:`attention_store` into per-token maps."""
     places = ("down", "up")  # as the release's aggregate_attention; mid only if nothing else has that size
     if not any(s.size == size and s.is_cross and s.place in places for s in store.sites.values()):
         places = ("mid",)
     maps = store.average(size, places=places)
-    prompts = [inversion.prompt, *targets]
     tokens = [[pipe.tokenizer.decode([i]) for i in alignment.prompt_tokens(pipe.tokenizer, p)] for p in prompts]
-    images = decode_latents(pipe, last.source) + (decode_latents(pipe, last.targets) if targets else [])
-    return AttentionMaps(prompts, tokens, maps, size, images)
+    return AttentionMaps(list(prompts), tokens, maps, size, images)
+
+
+def attention_maps(pipe, inversion, targets: Sequence[str] = (), config: EditConfig | None = None,
+                   progress: bool = True, size: tuple[int, int] | None = None) -> AttentionMaps:
+    """The cross-attention map of each token, averaged over the steps, heads and the layers at
+    ``size`` (default: the blend size, 16x16 for a 512 image as the release shows), for the
+    source prompt over its reconstruction and, with ``targets``, for each edit (the maps the
+    UNet used, after the edit's controllers)."""
+    config = config or EditConfig()
+    latent_hw = tuple(inversion.latent_T.shape[-2:])
+    store, size = attention_store(pipe, latent_hw, config, size)
+    targets = list(targets)
+    if targets:
+        if config.method == "sdedit":
+            raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
+        result = edit(pipe, inversion, targets, config, stores=[store], progress=progress)
+        return maps_from_store(pipe, store, size, result.prompts, result.images)
+    from .image import decode as decode_latents
+
+    last = None
+    for last in run_controlled(pipe, inversion, [], store, progress, desc="attention"):
+        pass
+    return maps_from_store(pipe, store, size, [inversion.prompt], decode_latents(pipe, last.source))

@@ -154,6 +154,7 @@ def encode(pipe, img: Image.Image) -> Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def decode(pipe, z: Tensor) -> list[Image.Image]:
     x = pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample
     return tensor_to_pil(x)
