@@ -116,3 +116,29 @@ def test_edit_refuses_an_inversion_made_with_another_model(files, other_model, t
 def test_edit_of_an_image_needs_its_prompt(files, tmp_path):
     assert_refused(run_cli("edit", files["photo"], "--target", SWAP, "-o", tmp_path / "o", *FAST),
                    match="--prompt")
+
+
+def test_edit_with_attention_writes_the_maps_too(files, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("edit", files["inv"], "--target", SWAP, "--attention", "-o", out, *QUIET)
+    assert_ok(r)
+    assert (out / "attention.png").exists() and f"wrote {out / 'attention.png'}" in r.stdout
+    assert Image.open(out / "attention.png").height > Image.open(out / "grid.png").height  # two rows of maps
+
+
+def test_edit_of_an_image_checks_the_prompts_before_inverting(files, tmp_path):
+    inv = tmp_path / "kept.safetensors"
+    # the full 50-step inversion would take far longer than the refusal: nothing is inverted or kept
+    r = run_cli("edit", files["photo"], "--prompt", PROMPT, "--target", "a dog", "--mode", "replace",
+                "--save-inversion", inv, "-o", tmp_path / "o", "--model", "tiny", "--size", "64", "-q")
+    assert_refused(r, match="same number of tokens")
+    assert not inv.exists() and not (tmp_path / "o").exists()
+
+
+def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path):
+    assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--attention",
+                           "-o", tmp_path / "o", *QUIET), match="--attention")
+    r = run_cli("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--blend", "cat", "dog",
+                "-o", tmp_path / "o2", *QUIET)
+    assert_ok(r)
+    assert "nulltext: warning: --blend apply to --method p2p only" in r.stderr
