@@ -189,6 +189,9 @@ def _add_input_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--save-inversion", metavar="INV.safetensors", help="IMAGE input: also keep the inversion")
     g = p.add_argument_group("inversion (IMAGE input only)")
     _add_inversion_args(g, d)
+    g.add_argument("--inversion-method", default=d.method, metavar="METHOD",
+                   help="nti (default), npi, direct, global-nti, random-pivot or ddim (see nulltext invert --help)")
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="INV.safetensors", help="inversion file to write")
     _add_model_args(p, DEFAULT_MODEL)
     _add_inversion_args(p, d)
+    p.add_argument("--method", default=d.method, metavar="METHOD",
+                   help="nti (null-text inversion, default), npi (negative-prompt inversion: N_t = C, no "
+                        "optimisation), direct (Direct Inversion: per-step corrections, no optimisation), "
+                        "global-nti (one null embedding for all steps), random-pivot (optimise from Gaussian "
+                        "noise instead of the DDIM-inverted z_T), ddim (DDIM inversion alone)")
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
     p.add_argument("--check", action="store_true", help="also reconstruct and print the PSNR to the input")
     p.add_argument("--reproducible", action="store_true",
                    help="leave wall-clock timings out of the file, so identical runs give identical bytes")
@@ -263,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    p.add_argument("--plot", metavar="LOSS.png",
+                   help="draw the per-timestep losses before/after optimisation, the early-stop threshold "
+                        "and the iterations used (needs matplotlib: pip install 'nulltext[plot]')")
+    p.add_argument("--force", action="store_true", help="overwrite the plot if it exists")
     return parser
 
 
@@ -272,12 +285,12 @@ def _load_pipe(args, model: str):
     return load_pipeline(model, device=args.device, dtype=args.dtype)
 
 
-def _inversion_config(args):
+def _inversion_config(args, method: str):
     from .config import InversionConfig
 
     return InversionConfig(num_steps=args.steps, guidance_scale=args.guidance, num_inner_steps=args.inner_steps,
                            early_stop_epsilon=args.early_stop, early_stop_slope=args.early_stop_slope,
-                           lr=args.lr, size=args.size, crop=args.crop)
+                           lr=args.lr, size=args.size, crop=args.crop, method=method, seed=args.seed)
 
 
 def cmd_invert(args) -> int:
@@ -286,16 +299,19 @@ def cmd_invert(args) -> int:
     from .image import load_image
     from .inversion import invert_image
 
-    config = _inversion_config(args)
+    config = _inversion_config(args, args.method)
     check_writable(args.output, args.force)
     source = load_image(args.image)  # fail on a bad image before loading a model
     pipe = _load_pipe(args, args.model)
     inv = invert_image(pipe, source, args.prompt, config, progress=not args.quiet)
     inv.save(args.output, force=args.force, reproducible=args.reproducible)
-    opt = inv.meta["optimisation"]
-    line = (f"inverted {args.image} in {sum(inv.meta['timings'].values()):.1f}s: "
-            f"{sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
-            f"final loss {opt['losses_after'][-1]:.3g}")
+    opt = inv.meta.get("optimisation")
+    line = f"inverted {args.image} ({inv.method}) in {sum(inv.meta['timings'].values()):.1f}s"
+    if opt:
+        line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
+                 f"final loss {opt['losses_after'][-1]:.3g}")
+    else:
+        line += f": {inv.num_steps} steps, no optimisation"
     if args.check:
         from .image import preprocess, psnr
         from .inversion import reconstruct
@@ -330,8 +346,17 @@ def cmd_reconstruct(args) -> int:
 def cmd_info(args) -> int:
     from .inversion import Inversion
 
+    if args.plot:
+        from .files import check_writable, image_format
+
+        check_writable(args.plot, args.force)
+        image_format(args.plot)
     inv = Inversion.load(args.inversion)
     m = inv.meta
+    if args.plot:
+        from .plots import plot_losses
+
+        plot_losses(inv, args.plot, force=args.force)
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
@@ -340,13 +365,14 @@ def cmd_info(args) -> int:
     w, h = inv.image_size
     print(f"file           {args.inversion}")
     print(f"format         nulltext-inversion v{m.get('format_version')}")
-    print(f"method         {m['method']}")
+    print(f"method         {m['method']}" + ("" if opt else "  (no optimisation)"))
     print(f"model          {m['model']}  (config {m['model_fingerprint'].get('config_sha256', '?')[:12]})")
     print(f"prompt         {inv.prompt!r}")
     print(f"image          {m['image'].get('name')}  sha256 {m['image'].get('sha256', '?')[:16]}  "
           f"original {'x'.join(map(str, m['image'].get('original_size', [])))} {m['image'].get('original_mode', '')}")
     print(f"preprocessing  {w}x{h}, crop L,R,T,B = {','.join(map(str, c.crop))}")
-    print(f"latent_T       {tuple(inv.latent_T.shape)}   null_embeddings {tuple(inv.null_embeddings.shape)}")
+    print(f"latent_T       {tuple(inv.latent_T.shape)}   null_embeddings {tuple(inv.null_embeddings.shape)}"
+          + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
     print(f"precision      {m.get('dtype')} on {m.get('device')}")
@@ -361,6 +387,8 @@ def cmd_info(args) -> int:
         for i, it in enumerate(its):
             print(f"{i:>4} {timesteps[i]:>5} {it:>5} {opt['lrs'][i]:>9.2e} {opt['losses_first'][i]:>11.3e} "
                   f"{opt['losses_last'][i]:>11.3e} {opt['losses_after'][i]:>11.3e}")
+    if args.plot:
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -408,7 +436,7 @@ def _source(args, check=None):
                             f"file made by nulltext invert)")
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
-    config = _inversion_config(args)
+    config = _inversion_config(args, args.inversion_method)
     image = load_image(args.input)
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
     if check is not None:

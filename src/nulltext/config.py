@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 
 from .errors import NulltextError
 
-METHODS = ("nti",)  # inversion methods this version implements
+# inversion methods: null-text inversion (the paper), its ablations (global null-text, random
+# pivot, plain DDIM inversion), Negative-Prompt Inversion (Miyake et al. 2023) and Direct
+# Inversion (Ju et al. 2024)
+METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim")
+OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-text optimisation
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class InversionConfig:
     # (unet.config.sample_size * VAE scale factor: 512 for SD 1.x, as the release hard-codes).
     size: tuple[int, int] | None = None
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from left, right, top, bottom first
-    method: str = "nti"
+    method: str = "nti"  # see METHODS
+    seed: int = 0  # random-pivot: seed of the Gaussian z_T it starts from
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

@@ -122,16 +122,20 @@ def sample_progressive(
     uncond: Sequence[Tensor] | Tensor,
     guidance_scale: float,
     schedule: Schedule,
+    corrections: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Guided DDIM sampling from z_T; yields the latent after each of the T steps.
 
     cond: (B, L, d). uncond: one (B, L, d) embedding per step (a sequence or a (T, B, L, d)
-    tensor), e.g. the optimised null-text embeddings N_t.
+    tensor), e.g. the optimised null-text embeddings N_t. corrections: optional (T, C, h, w)
+    latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
     """
     z = z_T
     for i, t in enumerate(schedule.timesteps):
         e = guided_eps(eps_fn, z, t, uncond[i], cond, guidance_scale)
         z = step(schedule, z, e, t)
+        if corrections is not None:
+            z = z + corrections[i]
         yield z
 
 

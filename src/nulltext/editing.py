@@ -234,9 +234,11 @@ def _setup(pipe, inversion, targets):
     schedule = pipe.schedule(inversion.num_steps)
     cond_src = encode_prompt(pipe, inversion.prompt)  # (1, L, d), as reconstruct_latent
     cond_tgt = torch.cat([encode_prompt(pipe, t) for t in targets]) if targets else None  # (n, L, d)
-    nulls = inversion.null_embeddings.to(pipe.device)[:, None]  # (T, 1, L, d), as reconstruct_latent
+    nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d), as reconstruct_latent
     z_T = inversion.latent_T.to(pipe.device)  # (1, C, h, w)
-    return schedule, cond_src, cond_tgt, nulls, z_T
+    # Direct Inversion's corrections act on the source branch only (Ju et al.), as in reconstruction
+    corr = inversion.step_corrections(pipe.device)  # (T, 1, C, h, w) or None
+    return schedule, cond_src, cond_tgt, nulls, z_T, corr
 
 
 @torch.no_grad()
@@ -246,7 +248,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
 
     The processors stay installed while the generator is suspended: run it to the end, or close
     it (``contextlib.closing``) before using the UNet for anything else."""
-    schedule, cond_src, cond_tgt, nulls, z_src = _setup(pipe, inversion, targets)
+    schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
     n, w = len(targets), inversion.config.guidance_scale
     z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
     with installed(pipe.unet, controller, tuple(z_src.shape[-2:])):
@@ -256,6 +258,8 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
             controller.phase = SOURCE
             e = ddim.guided_eps(pipe.eps, z_src, t, nulls[i], cond_src, w)
             z_src = ddim.step(schedule, z_src, e, t)
+            if corr is not None:
+                z_src = z_src + corr[i]
             mask = None
             if n:
                 # 2. all targets in one batch, attention edited from the source's maps
@@ -277,7 +281,7 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
     denoised with their prompt and the inversion's N_t. The branch point is the reconstruction's
     latent at that timestep, which null-text optimisation fits to the DDIM pivot z*_t (the file
     does not store the pivots); strength 0 returns the reconstruction, 1 starts from z_T."""
-    schedule, cond_src, cond_tgt, nulls, z_src = _setup(pipe, inversion, targets)
+    schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
     n, w, T = len(targets), inversion.config.guidance_scale, inversion.num_steps
     start = T - int(round(strength * T))
     z_tgt = None
@@ -286,6 +290,8 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
             z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
         e = ddim.guided_eps(pipe.eps, z_src, t, nulls[i], cond_src, w)
         z_src = ddim.step(schedule, z_src, e, t)
+        if corr is not None:
+            z_src = z_src + corr[i]
         if z_tgt is not None:
             e = ddim.guided_eps(pipe.eps, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
             z_tgt = ddim.step(schedule, z_tgt, e, t)

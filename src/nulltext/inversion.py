@@ -22,7 +22,7 @@ from .config import InversionConfig
 from .ddim import EpsFn, Schedule
 from .errors import NulltextWarning
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections
 
 
 @dataclass
@@ -117,6 +117,75 @@ def optimize_null_text(
     return result
 
 
+def optimize_global_null_text(
+    eps_fn: EpsFn,
+    pivots: list[Tensor],
+    cond: Tensor,
+    null0: Tensor,
+    schedule: Schedule,
+    config: InversionConfig,
+    progress: bool = False,
+) -> NullTextResult:
+    """The paper's "global null-text" ablation: one embedding N shared by all timesteps.
+
+    The release has no code for it; ours: ``num_inner_steps`` sweeps over the T timesteps, each
+    timestep one Adam step (learning rate ``config.lr``) on the guided step from zbar_t to its
+    pivot, zbar following the current N. Same iteration budget as null-text inversion (T x inner
+    steps). Diagnostics: per timestep, the loss of the first and of the last sweep."""
+    T = schedule.num_steps
+    w = config.guidance_scale
+    null = null0.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([null], lr=config.lr)
+    first: list[float] = []
+    last: list[float] = []
+    bar = tqdm(total=T * config.num_inner_steps, desc="global null-text optimisation", unit="it",
+               disable=not progress, leave=False)
+    for sweep in range(config.num_inner_steps):
+        z_bar = pivots[-1]
+        losses = []
+        for i, t in enumerate(schedule.timesteps):
+            with torch.no_grad():
+                eps_cond = eps_fn(z_bar, t, cond)
+            eps_uncond = eps_fn(z_bar, t, null)
+            z_prev = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
+            loss = F.mse_loss(z_prev, pivots[T - i - 1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            z_bar = z_prev.detach()
+            bar.update()
+        if sweep == 0:
+            first = losses
+        last = losses
+    bar.close()
+    null = null.detach()
+    # the loss of the steps actually taken with the final N
+    after = []
+    with torch.no_grad():
+        z_bar = pivots[-1]
+        for i, t in enumerate(schedule.timesteps):
+            z_bar = ddim.step(schedule, z_bar, ddim.guided_eps(eps_fn, z_bar, t, null, cond, w), t)
+            after.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
+    return NullTextResult(null_embeddings=null, iterations=[config.num_inner_steps] * T, losses_first=first,
+                          losses_last=last, losses_after=after, lrs=[config.lr] * T)
+
+
+def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tensor, null0: Tensor,
+                                 schedule: Schedule, guidance_scale: float) -> Tensor:
+    """Direct Inversion (Ju et al. 2024): for each step i, the guided step from the pivot z*_t
+    lands at zbar_{t-1}; the correction z*_{t-1} - zbar_{t-1}, added back to the source branch
+    after its step, keeps it on the pivot trajectory. Returns (T, C, h, w)."""
+    T = schedule.num_steps
+    out = []
+    with torch.no_grad():
+        for i, t in enumerate(schedule.timesteps):
+            z = pivots[T - i]
+            z_bar = ddim.step(schedule, z, ddim.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
+            out.append((pivots[T - i - 1] - z_bar)[0])
+    return torch.stack(out)
+
+
 @dataclass
 class Inversion:
     """An inverted image: the noise latent z_T and one null-text embedding per timestep.
@@ -126,14 +195,32 @@ class Inversion:
     """
 
     latent_T: Tensor  # (1, 4, h, w) float32
-    null_embeddings: Tensor  # (T, L, d) float32
+    null_embeddings: Tensor  # (T, L, d) float32 per step, or (1, L, d) shared by all steps
     prompt: str
     config: InversionConfig
     meta: dict = field(default_factory=dict)
+    corrections: Tensor | None = None  # (T, 4, h, w): Direct Inversion's source-branch corrections
 
     @property
     def num_steps(self) -> int:
-        return self.null_embeddings.shape[0]
+        return self.config.num_steps
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def step_nulls(self, device=None) -> Tensor:
+        """The unconditional embedding of every step, (T, 1, L, d) (a view when shared)."""
+        nulls = self.null_embeddings.to(device) if device is not None else self.null_embeddings
+        if nulls.shape[0] == 1:
+            nulls = nulls.expand(self.num_steps, -1, -1)
+        return nulls[:, None]
+
+    def step_corrections(self, device=None) -> Tensor | None:
+        """(T, 1, C, h, w) corrections of the source branch, or None."""
+        if self.corrections is None:
+            return None
+        return (self.corrections.to(device) if device is not None else self.corrections)[:, None]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -171,7 +258,9 @@ def invert_image(
     from .text import encode_prompt
 
     config = config or InversionConfig()
-    if config.guidance_scale == 1.0 and config.num_inner_steps > 0:
+    from .config import OPTIMISED
+
+    if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
@@ -197,7 +286,30 @@ def invert_image(
     timings["ddim_inversion_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = optimize_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
+    latent_T, corrections, result = pivots[-1], None, None
+    method = config.method
+    if method == "nti":
+        result = optimize_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
+        nulls = result.null_embeddings
+    elif method == "random-pivot":
+        # the ablation: the same optimisation towards the same pivots, from Gaussian noise
+        g = torch.Generator().manual_seed(config.seed)
+        latent_T = torch.randn(pivots[-1].shape, generator=g).to(pivots[-1])
+        result = optimize_null_text(eps_fn, [*pivots[:-1], latent_T], cond, null0, schedule, config,
+                                    progress=progress)
+        nulls = result.null_embeddings
+    elif method == "global-nti":
+        result = optimize_global_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
+        nulls = result.null_embeddings  # (1, L, d)
+    elif method == "npi":  # Negative-Prompt Inversion: N_t = C, no optimisation
+        nulls = cond
+    elif method == "ddim":  # DDIM inversion alone: the plain empty-prompt embedding
+        nulls = null0
+    elif method == "direct":  # Direct Inversion: N0 plus per-step corrections of the source branch
+        nulls = null0
+        corrections = direct_inversion_corrections(eps_fn, pivots, cond, null0, schedule, config.guidance_scale)
+    else:  # pragma: no cover - InversionConfig.validate refuses unknown methods
+        raise ValueError(method)
     timings["optimisation_s"] = time.perf_counter() - t0
 
     meta = {
@@ -213,20 +325,21 @@ def invert_image(
                   "original_mode": source.original_mode},
         "preprocessing": {"size": list(pixels.size), "crop": list(config.crop), "resample": "bicubic"},
         "config": config.to_dict(),
-        "optimisation": {
+        "timings": timings,
+        "dtype": pipe.dtype_name,
+        "device": str(pipe.device),
+    }
+    if result is not None:
+        meta["optimisation"] = {
             "iterations": result.iterations,
             "losses_first": result.losses_first,
             "losses_last": result.losses_last,
             "losses_after": result.losses_after,
             "lrs": result.lrs,
-        },
-        "timings": timings,
-        "dtype": pipe.dtype_name,
-        "device": str(pipe.device),
-    }
-    return Inversion(latent_T=pivots[-1].detach().float().cpu(),
-                     null_embeddings=result.null_embeddings.detach().float().cpu(),
-                     prompt=prompt, config=config, meta=meta)
+        }
+    return Inversion(latent_T=latent_T.detach().float().cpu(), null_embeddings=nulls.detach().float().cpu(),
+                     prompt=prompt, config=config, meta=meta,
+                     corrections=corrections.detach().float().cpu() if corrections is not None else None)
 
 
 def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
@@ -235,9 +348,10 @@ def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Ten
 
     schedule = pipe.schedule(inversion.num_steps)
     cond = encode_prompt(pipe, inversion.prompt)
-    nulls = inversion.null_embeddings.to(pipe.device)[:, None]  # (T, 1, L, d)
+    nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)
     z = inversion.latent_T.to(pipe.device)
-    for z in tqdm(ddim.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule),
+    for z in tqdm(ddim.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,
+                                          inversion.step_corrections(pipe.device)),
                   total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress, leave=False):
         pass
     return z

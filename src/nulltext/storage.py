@@ -1,7 +1,9 @@
 """Inversion files: safetensors tensors plus JSON metadata in the safetensors header. Never pickle.
 
-Layout (format version 1):
-- tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32;
+Layout (format version 2; version 1 files, null-text inversion only, still load):
+- tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32, or (1, L, d)
+  for the methods with one embedding for all steps (global-nti, npi, ddim, direct); ``corrections``
+  (T, 4, h, w) float32 for Direct Inversion only;
 - one header metadata key ``nulltext``: JSON ``{"format": "nulltext-inversion", "format_version",
   "meta": {model, model fingerprint, scheduler, T, guidance, prompt, image sha256, preprocessing,
   config, method, optimisation diagnostics, timings}, "tensors_sha256": {name: sha256 of bytes}}``.
@@ -32,8 +34,11 @@ def _sha256(t: Tensor) -> str:
 
 
 def _tensors(inv: Inversion) -> dict[str, Tensor]:
-    return {"latent_T": inv.latent_T.detach().float().cpu().contiguous(),
-            "null_embeddings": inv.null_embeddings.detach().float().cpu().contiguous()}
+    tensors = {"latent_T": inv.latent_T.detach().float().cpu().contiguous(),
+               "null_embeddings": inv.null_embeddings.detach().float().cpu().contiguous()}
+    if inv.corrections is not None:
+        tensors["corrections"] = inv.corrections.detach().float().cpu().contiguous()
+    return tensors
 
 
 # what differs between two runs on the same inputs: left out of reproducible files
@@ -94,8 +99,10 @@ def load_inversion(path, pipe=None) -> Inversion:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise NulltextError(f"{path} lacks metadata {', '.join(missing)}; it cannot be checked or used")
-    for name in ("latent_T", "null_embeddings"):
+    for name in ("latent_T", "null_embeddings", "corrections"):
         if name not in tensors:
+            if name == "corrections":
+                continue
             raise NulltextError(f"{path} lacks the tensor {name!r}")
         if tensors[name].dtype != torch.float32:
             raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected float32")
@@ -105,13 +112,24 @@ def load_inversion(path, pipe=None) -> Inversion:
     T = int(meta["num_steps"])
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise NulltextError(f"{path}: latent_T has shape {tuple(latent.shape)}, expected (1, C, h, w)")
-    if nulls.ndim != 3 or nulls.shape[0] != T:
-        raise NulltextError(f"{path}: null_embeddings has shape {tuple(nulls.shape)}, expected ({T}, L, d)")
+    if nulls.ndim != 3 or nulls.shape[0] not in (T, 1):
+        raise NulltextError(f"{path}: null_embeddings has shape {tuple(nulls.shape)}, expected ({T}, L, d) "
+                            f"or (1, L, d)")
+    corrections = tensors.get("corrections")
+    if (meta.get("method") == "direct") != (corrections is not None):
+        raise NulltextError(f"{path}: method {meta.get('method')!r} "
+                            f"{'needs' if meta.get('method') == 'direct' else 'has no'} correction tensors")
+    if corrections is not None and tuple(corrections.shape) != (T, *latent.shape[1:]):
+        raise NulltextError(f"{path}: corrections has shape {tuple(corrections.shape)}, expected "
+                            f"({T}, {', '.join(map(str, latent.shape[1:]))})")
     try:
         config = _config_from_dict(meta["config"])
     except (TypeError, KeyError, NulltextError) as e:
         raise NulltextError(f"{path} has an invalid inversion config ({e})") from None
-    inv = Inversion(latent_T=latent, null_embeddings=nulls, prompt=meta["prompt"], config=config, meta=meta)
+    if config.method != meta.get("method") or config.num_steps != T:
+        raise NulltextError(f"{path} has inconsistent metadata (method or steps)")
+    inv = Inversion(latent_T=latent, null_embeddings=nulls, prompt=meta["prompt"], config=config, meta=meta,
+                    corrections=corrections)
     if pipe is not None:
         check_fits(inv, pipe, path)
     return inv
