@@ -1,4 +1,4 @@
-"""The ``nulltext`` command line: invert | reconstruct | edit | attention | info."""
+"""The ``nulltext`` command line: invert | reconstruct | edit | attention | eval | info."""
 
 from __future__ import annotations
 
@@ -268,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("eval", help="invert (and edit) every sample of a manifest with several methods; "
+                       "tabulate the metrics",
+                       description="Evaluate inversion methods over a CSV/JSONL manifest (image, prompt, optional "
+                                   "target, blend, mask) or a PIE-Bench mapping_file.json. Writes "
+                                   "OUTDIR/results.jsonl (resumable: a rerun skips recorded samples), "
+                                   "OUTDIR/results.csv and OUTDIR/summary.md.", epilog=EPILOG_MODEL)
+    p.add_argument("manifest", metavar="MANIFEST", help=".csv, .jsonl or PIE-Bench mapping_file.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
+    p.add_argument("--methods", default="nti", help="comma-separated inversion methods, e.g. nti,npi,direct "
+                                                    "(default nti)")
+    p.add_argument("--images-root", metavar="DIR", help="folder the manifest's image paths are relative to")
+    p.add_argument("--limit", type=_positive_int, help="only the first N samples")
+    _add_inversion_args(p, d)
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
+    _add_edit_args(p, e)
+    _add_model_args(p, DEFAULT_MODEL)
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
@@ -553,8 +571,36 @@ def cmd_attention(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .config import METHODS
+    from .evaluation import NOT_COMPUTED_NOTICE, evaluate, read_manifest
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise NulltextError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    config = _inversion_config(args, methods[0])
+    edit_config = _edit_config(args)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NulltextError(f"output {args.output} is a file; -o takes a folder")
+    samples = read_manifest(args.manifest, args.images_root)
+    if args.limit:
+        samples = samples[: args.limit]
+    if not samples:
+        raise NulltextError(f"{args.manifest} has no samples")
+    pipe = _load_pipe(args, args.model)
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    evaluate(pipe, samples, methods, args.output, config, edit_config, log=log)
+    with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
+        print(f.read().split("\n\n")[0])
+    print(f"note: {NOT_COMPUTED_NOTICE}")
+    for name in ("results.jsonl", "results.csv", "summary.md"):
+        print(f"wrote {os.path.join(args.output, name)}")
+    return 0
+
+
 COMMANDS = {"invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
-            "info": cmd_info}
+            "eval": cmd_eval, "info": cmd_info}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

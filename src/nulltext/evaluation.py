@@ -1,0 +1,282 @@
+"""``nulltext eval``: invert (and edit) every sample of a manifest with one or more methods and
+tabulate reconstruction and background-preservation metrics.
+
+Manifests:
+- CSV or JSONL with ``image`` and ``prompt`` (``caption`` also accepted), optional ``id``,
+  ``target`` (several separated by ``|``), ``blend`` ("src_word tgt_word") and ``mask`` (PIE-Bench
+  run-length encoding as a JSON list);
+- PIE-Bench's ``mapping_file.json`` (Ju et al. 2024): ``{id: {image_path, original_prompt,
+  editing_prompt, blended_word, mask, ...}}``; the brackets PIE-Bench puts around edited words are
+  removed, images are looked up under ``annotation_images/`` beside the file (or ``--images-root``).
+
+Results are appended to ``OUTDIR/results.jsonl`` one line per (sample, method) as soon as they
+exist (flushed and synced), so a crash loses at most the sample in flight and a rerun skips every
+recorded pair. ``results.csv`` and ``summary.md`` are rewritten from it at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import EditConfig, InversionConfig
+from .errors import NulltextError
+from .files import atomic_write
+
+METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "bg_psnr", "bg_ssim", "bg_mse", "invert_s", "edit_s",
+           "peak_mb")
+NOT_COMPUTED_NOTICE = ("LPIPS, CLIP score and DINO structure distance are not computed by this version "
+                       "(they need model weights that cannot be downloaded here)")
+
+
+@dataclass
+class Sample:
+    id: str
+    image: str
+    prompt: str
+    targets: list[str] = field(default_factory=list)
+    blend: tuple[str, str] | None = None  # (source words, target words)
+    mask: object = None  # PIE-Bench RLE: [start, length, start, length, ...] over a 512x512 image
+    mask_shape: tuple[int, int] = (512, 512)
+
+
+def _strip_brackets(text: str) -> str:
+    return " ".join(text.replace("[", " ").replace("]", " ").split())
+
+
+def read_manifest(path: str, images_root: str | None = None) -> list[Sample]:
+    """Samples of a CSV / JSONL manifest or a PIE-Bench mapping_file.json."""
+    if not os.path.isfile(path):
+        raise NulltextError(f"manifest not found: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict):
+                raise ValueError("a PIE-Bench mapping file is a JSON object of samples")
+            root = images_root or (os.path.join(folder, "annotation_images")
+                                   if os.path.isdir(os.path.join(folder, "annotation_images")) else folder)
+            samples = []
+            for key, item in doc.items():
+                blend = item.get("blended_word") or ""
+                words = blend.split()
+                samples.append(Sample(
+                    id=str(key), image=os.path.join(root, item.get("image_path", "")),
+                    prompt=_strip_brackets(item.get("original_prompt", "")),
+                    targets=[_strip_brackets(item["editing_prompt"])] if item.get("editing_prompt") else [],
+                    blend=(words[0], words[1]) if len(words) == 2 else None, mask=item.get("mask")))
+            return samples
+        rows: list[dict]
+        if ext == ".csv":
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif ext in (".jsonl", ".ndjson"):
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            raise ValueError("use a .csv, .jsonl or PIE-Bench .json manifest")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NulltextError(f"cannot read manifest {path}: {e}") from None
+    root = images_root or folder
+    samples = []
+    for n, row in enumerate(rows, 1):
+        image, prompt = row.get("image"), row.get("prompt") or row.get("caption")
+        if not image or not prompt:
+            raise NulltextError(f"{path}: row {n} needs 'image' and 'prompt' columns")
+        targets = row.get("targets") or row.get("target") or []
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split("|") if t.strip()]
+        blend = row.get("blend") or None
+        if isinstance(blend, str):
+            blend = tuple(blend.split()) if len(blend.split()) == 2 else None
+        mask = row.get("mask") or None
+        if isinstance(mask, str):
+            try:
+                mask = json.loads(mask)
+            except ValueError:
+                pass  # reported as that sample's failure
+        samples.append(Sample(id=str(row.get("id") or n), image=os.path.join(root, image), prompt=prompt,
+                              targets=list(targets), blend=blend, mask=mask))
+    return samples
+
+
+def decode_rle(rle, shape: tuple[int, int] = (512, 512)) -> np.ndarray:
+    """PIE-Bench's run-length mask: pairs (start, length) over the flattened image; as its own
+    decoder, the one-pixel border is marked too. Raises ValueError on a malformed encoding."""
+    if not isinstance(rle, (list, tuple)) or len(rle) % 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rle):
+        raise ValueError("bad RLE mask: expected a flat list of non-negative integer (start, length) pairs")
+    n = shape[0] * shape[1]
+    flat = np.zeros(n, dtype=bool)
+    for start, length in zip(rle[0::2], rle[1::2]):
+        if start >= n:
+            raise ValueError(f"bad RLE mask: run starts at {start}, beyond {shape[0]}x{shape[1]}")
+        flat[start:min(n, start + length)] = True
+    mask = flat.reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
+    return mask
+
+
+def _to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def image_metrics(a, b, keep: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(PSNR dB, SSIM, MSE) of PIL images a vs b in [0, 1], with torchmetrics; with ``keep`` (h, w)
+    bool, both images are multiplied by it first (PIE-Bench's background metrics)."""
+    try:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    except ImportError:
+        raise NulltextError("nulltext eval needs torchmetrics: pip install 'nulltext[eval]'") from None
+    x, y = _to_tensor(a), _to_tensor(b)
+    if keep is not None:
+        k = torch.from_numpy(keep.astype(np.float32))[None, None]
+        x, y = x * k, y * k
+    mse = torch.mean((x - y) ** 2).item()
+    psnr = peak_signal_noise_ratio(x, y, data_range=1.0).item() if mse > 0 else math.inf
+    ssim = structural_similarity_index_measure(x, y, data_range=1.0).item()
+    return psnr, ssim, mse
+
+
+def _peak_mb(pipe) -> float:
+    if pipe.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(pipe.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig) -> dict:
+    """One (sample, method): a result row (status ok), or raises for the caller to record."""
+    from PIL import Image
+
+    from .editing import edit
+    from .image import load_image, preprocess
+    from .inversion import invert_image, reconstruct
+
+    source = load_image(sample.image)
+    keep = None
+    if sample.mask is not None:
+        edit_region = decode_rle(sample.mask, sample.mask_shape)
+        keep = ~edit_region
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    cfg = dataclasses.replace(config, method=method)
+    t0 = time.perf_counter()
+    inv = invert_image(pipe, source, sample.prompt, cfg, progress=False)
+    row = {"invert_s": time.perf_counter() - t0}
+    target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
+    recon = reconstruct(pipe, inv, progress=False)
+    row["recon_psnr"], row["recon_ssim"], row["recon_mse"] = image_metrics(recon, target)
+    if sample.targets:
+        ec = edit_config
+        if sample.blend:
+            ec = dataclasses.replace(ec, blend_source=(sample.blend[0],), blend_target=(sample.blend[1],))
+        t0 = time.perf_counter()
+        result = edit(pipe, inv, sample.targets[:1], ec, progress=False)
+        row["edit_s"] = time.perf_counter() - t0
+        if keep is not None:
+            keep_img = np.asarray(Image.fromarray(keep).resize(target.size, Image.Resampling.NEAREST))
+        else:
+            keep_img = None
+        row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep_img)
+    row["peak_mb"] = _peak_mb(pipe)
+    return row
+
+
+def load_done(results_path: str) -> dict[tuple[str, str], dict]:
+    """Recorded rows by (sample id, method); a torn last line (crash mid-write) is ignored."""
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    done[(row["id"], row["method"])] = row
+                except (ValueError, KeyError):
+                    continue
+    return done
+
+
+def _append(path: str, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, config: InversionConfig,
+             edit_config: EditConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every (sample, method) not yet recorded in ``out_dir/results.jsonl``; write the CSV and
+    the markdown summary; return all rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    results = os.path.join(out_dir, "results.jsonl")
+    done = load_done(results)
+    # a torn last line would glue onto the next append: start on a fresh line
+    if os.path.exists(results) and os.path.getsize(results):
+        with open(results, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                with open(results, "a", encoding="utf-8") as g:
+                    g.write("\n")
+    total = len(samples) * len(methods)
+    k = 0
+    for sample in samples:
+        for method in methods:
+            k += 1
+            if (sample.id, method) in done:
+                log(f"[{k}/{total}] {sample.id} {method}: recorded, skipped")
+                continue
+            row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
+                   "target": sample.targets[0] if sample.targets else ""}
+            try:
+                row.update(evaluate_sample(pipe, sample, method, config, edit_config), status="ok", reason="")
+                log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
+                    + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
+            except (NulltextError, ValueError) as e:
+                row.update(status="failed", reason=str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+                log(f"[{k}/{total}] {sample.id} {method}: FAILED: {row['reason']}")
+            _append(results, row)
+            done[(sample.id, method)] = row
+    rows = list(done.values())
+    write_tables(rows, methods, out_dir)
+    return rows
+
+
+def write_tables(rows: list[dict], methods: list[str], out_dir: str) -> None:
+    columns = ["id", "method", "status", "reason", "image", "prompt", "target", *METRICS]
+
+    def write_csv(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+
+    atomic_write(os.path.join(out_dir, "results.csv"), write_csv, force=True)
+    lines = ["| method | samples ok | failed | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for m in methods:
+        ok = [r for r in rows if r["method"] == m and r.get("status") == "ok"]
+        failed = sum(1 for r in rows if r["method"] == m and r.get("status") != "ok")
+        cells = []
+        for key in METRICS:
+            vals = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            cells.append(f"{sum(vals) / len(vals):.4g}" if vals else "-")
+        lines.append(f"| {m} | {len(ok)} | {failed} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + f"\n\nMeans over the samples that succeeded. {NOT_COMPUTED_NOTICE}.\n"
+    def write_md(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(os.path.join(out_dir, "summary.md"), write_md, force=True)

@@ -1,0 +1,116 @@
+"""``nulltext eval``: manifests (CSV, PIE-Bench JSON), the RLE masks, the tables, failures that do
+not stop the run, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_photo
+from nulltext.errors import NulltextError
+from nulltext.evaluation import decode_rle, load_done, read_manifest
+from test_cli import _env, assert_ok, describe, run_cli
+
+PROMPT = "a cat sitting next to a mirror"
+FAST = ["--model", "tiny", "--size", "64", "--steps", "4", "--inner-steps", "2"]
+
+
+def test_decode_rle_by_hand():
+    m = decode_rle([5, 3, 20, 2], shape=(6, 6))
+    expected = np.zeros(36, dtype=bool)
+    expected[5:8] = expected[20:22] = True
+    expected = expected.reshape(6, 6)
+    expected[0, :] = expected[-1, :] = expected[:, 0] = expected[:, -1] = True  # PIE-Bench's border
+    assert np.array_equal(m, expected)
+    assert decode_rle([30, 100], shape=(6, 6)).reshape(-1)[30:].all()  # runs are clipped at the end
+    for bad in ([1, 2, 3], [-1, 2], [1.5, 2], "0 5", [40, 1]):
+        with pytest.raises(ValueError, match="bad RLE"):
+            decode_rle(bad, shape=(6, 6))
+
+
+def test_pie_bench_manifest(tmp_path):
+    (tmp_path / "annotation_images").mkdir()
+    doc = {"000000000001": {"image_path": "0_random_140/000000000001.jpg",
+                            "original_prompt": "a [cat] sitting next to a mirror",
+                            "editing_prompt": "a [tiger] sitting next to a mirror", "blended_word": "cat tiger",
+                            "mask": [0, 10], "editing_type_id": "0"}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
+    (s,) = read_manifest(str(tmp_path / "mapping_file.json"))
+    assert s.prompt == PROMPT and s.targets == ["a tiger sitting next to a mirror"]
+    assert s.blend == ("cat", "tiger") and s.mask == [0, 10]
+    assert s.image == str(tmp_path / "annotation_images" / "0_random_140" / "000000000001.jpg")
+    with pytest.raises(NulltextError, match="not found"):
+        read_manifest(str(tmp_path / "nope.csv"))
+
+
+def _manifest(tmp_path, n=3) -> str:
+    lines = ["id,image,prompt,target,blend"]
+    for i in range(n):
+        make_photo(seed=i).save(tmp_path / f"img{i}.png")
+        lines.append(f"s{i},img{i}.png,{PROMPT},a dog sitting next to a mirror,cat dog")
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_eval_three_images_two_methods_writes_the_tables(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("eval", _manifest(tmp_path), "--methods", "npi,nti", "-o", out, *FAST)
+    assert_ok(r)
+    rows = list(load_done(str(out / "results.jsonl")).values())
+    assert len(rows) == 6 and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        assert row["recon_psnr"] > 0 and 0 < row["recon_mse"] < 1 and row["bg_psnr"] > 0 and row["edit_s"] > 0
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0].startswith("| method | samples ok | failed | recon_psnr")
+    assert table[2].startswith("| npi | 3 | 0 |") and table[3].startswith("| nti | 3 | 0 |")
+    assert (out / "results.csv").read_text().count("\n") == 7  # header + 6 rows
+    assert "| npi | 3 | 0 |" in r.stdout and "not computed" in r.stdout
+
+
+def test_eval_resumes_after_a_kill_without_redoing_recorded_samples(tmp_path):
+    manifest, out = _manifest(tmp_path), tmp_path / "out"
+    results = out / "results.jsonl"
+    slow = ["--model", "tiny", "--size", "64", "--steps", "10", "--inner-steps", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", "eval", manifest, "--methods", "nti,ddim", "-o", str(out),
+                             *slow], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (results.exists() and results.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = load_done(str(results))
+    assert 1 <= len(first) < 6, "the run should have been killed after its first sample"
+    r = run_cli("eval", manifest, "--methods", "nti,ddim", "-o", out, *slow)
+    assert_ok(r)
+    assert r.stdout.count("recorded, skipped") == len(first), describe(r)
+    final = load_done(str(results))
+    assert len(final) == 6
+    for key, row in first.items():
+        assert final[key] == row  # kept as it was, not recomputed
+    assert len([line for line in results.read_text().splitlines() if line.strip()]) == 6
+
+
+def test_eval_reports_a_missing_image_and_a_bad_mask_and_goes_on(tmp_path):
+    make_photo().save(tmp_path / "ok.png")
+    doc = {"a": {"image_path": "ok.png", "original_prompt": "a [cat] sitting next to a mirror",
+                 "editing_prompt": "a [dog] sitting next to a mirror", "blended_word": "cat dog", "mask": [0, 100]},
+           "b": {"image_path": "missing.png", "original_prompt": "a cat", "editing_prompt": "a dog",
+                 "blended_word": "cat dog", "mask": [0, 100]},
+           "c": {"image_path": "ok.png", "original_prompt": "a cat", "editing_prompt": "a dog",
+                 "blended_word": "cat dog", "mask": [0, 100, 7]}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST)
+    assert_ok(r)
+    rows = load_done(str(out / "results.jsonl"))
+    assert rows[("a", "ddim")]["status"] == "ok"
+    assert rows[("b", "ddim")]["status"] == "failed" and "not found" in rows[("b", "ddim")]["reason"]
+    assert rows[("c", "ddim")]["status"] == "failed" and "bad RLE" in rows[("c", "ddim")]["reason"]
+    assert "| ddim | 1 | 2 |" in (out / "summary.md").read_text()
