@@ -114,3 +114,57 @@ def test_eval_reports_a_missing_image_and_a_bad_mask_and_goes_on(tmp_path):
     assert rows[("b", "ddim")]["status"] == "failed" and "not found" in rows[("b", "ddim")]["reason"]
     assert rows[("c", "ddim")]["status"] == "failed" and "bad RLE" in rows[("c", "ddim")]["reason"]
     assert "| ddim | 1 | 2 |" in (out / "summary.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """Tiny random CLIP and ViT (DINO-shaped) models saved with save_pretrained: the loading path of
+    the real openai/clip-* and facebook/dino-* checkpoints, offline."""
+    import torch
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    from nulltext.tiny import write_tokenizer
+
+    root = tmp_path_factory.mktemp("metric-models")
+    torch.manual_seed(0)
+    clip_dir, dino_dir = str(root / "clip"), str(root / "dino")
+    write_tokenizer(clip_dir)
+    tok = CLIPTokenizer.from_pretrained(clip_dir)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(clip_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(clip_dir)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                       patch_size=8), add_pooling_layer=False).save_pretrained(dino_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    return clip_dir, dino_dir
+
+
+def test_model_metrics_clip_score_and_structure_distance(metric_models):
+    from nulltext.evaluation import ModelMetrics
+
+    m = ModelMetrics(*metric_models)
+    a, b = make_photo(seed=0), make_photo(seed=1).transpose(0)
+    assert m.structure_distance(a, a) == 0.0
+    assert m.structure_distance(a, b) > 0.0
+    score = m.clip_score(a, "a cat sitting next to a mirror")
+    assert 0.0 <= score <= 100.0
+    with pytest.raises(NulltextError, match="could not load the CLIP model"):
+        ModelMetrics(clip_model=str(metric_models[1]))  # a ViT folder is no CLIP model
+
+
+def test_eval_with_clip_and_dino_models(tmp_path, metric_models):
+    out = tmp_path / "out"
+    r = run_cli("eval", _manifest(tmp_path, n=1), "--methods", "ddim", "-o", out, "--clip-model", metric_models[0],
+                "--dino-model", metric_models[1], *FAST)
+    assert_ok(r)
+    (row,) = load_done(str(out / "results.jsonl")).values()
+    assert 0.0 <= row["clip_score"] <= 100.0 and row["structure_distance"] >= 0.0
+    assert "needs --clip-model" not in r.stdout

@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default nti)")
     p.add_argument("--images-root", metavar="DIR", help="folder the manifest's image paths are relative to")
     p.add_argument("--limit", type=_positive_int, help="only the first N samples")
+    p.add_argument("--clip-model", metavar="MODEL", help="CLIP score of edits with this transformers CLIPModel "
+                   "(hub id or local folder, e.g. openai/clip-vit-large-patch14); not computed without it")
+    p.add_argument("--dino-model", metavar="MODEL", help="DINO structure distance of edits with this transformers "
+                   "ViTModel (hub id or local folder, e.g. facebook/dino-vitb8); not computed without it")
     _add_inversion_args(p, d)
     p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
     _add_edit_args(p, e)
@@ -589,11 +593,21 @@ def cmd_eval(args) -> int:
     if not samples:
         raise NulltextError(f"{args.manifest} has no samples")
     pipe = _load_pipe(args, args.model)
+    models = None
+    if args.clip_model or args.dino_model:
+        from .evaluation import ModelMetrics
+
+        models = ModelMetrics(args.clip_model, args.dino_model, device=pipe.device)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    evaluate(pipe, samples, methods, args.output, config, edit_config, log=log)
+    evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
         print(f.read().split("\n\n")[0])
-    print(f"note: {NOT_COMPUTED_NOTICE}")
+    skipped = [NOT_COMPUTED_NOTICE]
+    if not args.clip_model:
+        skipped.append("CLIP score needs --clip-model")
+    if not args.dino_model:
+        skipped.append("the DINO structure distance needs --dino-model")
+    print(f"note: {'; '.join(skipped)}")
     for name in ("results.jsonl", "results.csv", "summary.md"):
         print(f"wrote {os.path.join(args.output, name)}")
     return 0

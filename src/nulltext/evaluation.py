@@ -33,10 +33,75 @@ from .config import EditConfig, InversionConfig
 from .errors import NulltextError
 from .files import atomic_write
 
-METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "bg_psnr", "bg_ssim", "bg_mse", "invert_s", "edit_s",
-           "peak_mb")
-NOT_COMPUTED_NOTICE = ("LPIPS, CLIP score and DINO structure distance are not computed by this version "
-                       "(they need model weights that cannot be downloaded here)")
+METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "bg_psnr", "bg_ssim", "bg_mse", "clip_score",
+           "structure_distance", "invert_s", "edit_s", "peak_mb")
+NOT_COMPUTED_NOTICE = "LPIPS is not computed by this version (it needs torchvision weights)"
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else e.__class__.__name__
+
+
+class ModelMetrics:
+    """Metrics that need model weights, loaded with ``from_pretrained`` from a hub id or a local
+    folder when the user names them (nothing is downloaded otherwise):
+
+    - CLIP score of an edit and its target prompt: 100 * max(cos(image, text), 0), as torchmetrics'
+      CLIPScore, with a transformers ``CLIPModel`` (e.g. openai/clip-vit-large-patch14);
+    - DINO structure distance of the edit to the source image (Tumanyan et al. 2022, as PIE-Bench
+      reports it): MSE between the cosine self-similarity matrices of the last layer's keys of a
+      transformers ``ViTModel`` (e.g. facebook/dino-vitb8)."""
+
+    def __init__(self, clip_model: str | None = None, dino_model: str | None = None, device="cpu") -> None:
+        self.device = torch.device(device)
+        self.clip = self.dino = None
+        if clip_model:
+            from transformers import CLIPModel, CLIPProcessor
+
+            try:
+                self.clip = CLIPModel.from_pretrained(clip_model).eval().to(self.device)
+                self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
+            except Exception as e:  # missing files, no network, not a CLIP folder
+                raise NulltextError(f"could not load the CLIP model {clip_model!r} ({_one_line(e)})") from None
+        if dino_model:
+            from transformers import AutoImageProcessor, ViTModel
+
+            try:
+                self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False).eval().to(self.device)
+                self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
+            except Exception as e:
+                raise NulltextError(f"could not load the DINO model {dino_model!r} ({_one_line(e)})") from None
+
+    @torch.no_grad()
+    def clip_score(self, image, text: str) -> float:
+        inputs = self.clip_processor(text=[text], images=[image.convert("RGB")], return_tensors="pt",
+                                     padding=True, truncation=True).to(self.device)
+        out = self.clip(**inputs)
+        cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+        return 100.0 * max(cos, 0.0)
+
+    @torch.no_grad()
+    def _key_self_similarity(self, image) -> torch.Tensor:
+        keys = []
+        # the last block's key projection: "encoder.layer.N.attention.attention.key" in transformers
+        # 4.x, "layers.N.attention.k_proj" in 5.x
+        names = [n for n, _ in self.dino.named_modules() if n.endswith((".key", ".k_proj"))]
+        if not names:
+            raise NulltextError("the DINO model has no attention key projection to read")
+        layer = self.dino.get_submodule(names[-1])
+        handle = layer.register_forward_hook(lambda _m, _i, out: keys.append(out))
+        try:
+            pixels = self.dino_processor(images=[image.convert("RGB")], return_tensors="pt").pixel_values
+            self.dino(pixel_values=pixels.to(self.device))
+        finally:
+            handle.remove()
+        k = torch.nn.functional.normalize(keys[0][0], dim=-1)  # (tokens, heads*dim)
+        return k @ k.T  # (tokens, tokens)
+
+    def structure_distance(self, a, b) -> float:
+        return torch.nn.functional.mse_loss(self._key_self_similarity(a), self._key_self_similarity(b)).item()
+
 
 
 @dataclass
@@ -156,7 +221,8 @@ def _peak_mb(pipe) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig) -> dict:
+def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig,
+                    models: ModelMetrics | None = None) -> dict:
     """One (sample, method): a result row (status ok), or raises for the caller to record."""
     from PIL import Image
 
@@ -190,6 +256,10 @@ def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, 
         else:
             keep_img = None
         row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep_img)
+        if models is not None and models.clip is not None:
+            row["clip_score"] = models.clip_score(result.edits[0], sample.targets[0])
+        if models is not None and models.dino is not None:
+            row["structure_distance"] = models.structure_distance(target, result.edits[0])
     row["peak_mb"] = _peak_mb(pipe)
     return row
 
@@ -216,7 +286,8 @@ def _append(path: str, row: dict) -> None:
 
 
 def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, config: InversionConfig,
-             edit_config: EditConfig, log: Callable[[str], None] = print) -> list[dict]:
+             edit_config: EditConfig, log: Callable[[str], None] = print,
+             models: ModelMetrics | None = None) -> list[dict]:
     """Run every (sample, method) not yet recorded in ``out_dir/results.jsonl``; write the CSV and
     the markdown summary; return all rows."""
     os.makedirs(out_dir, exist_ok=True)
@@ -240,7 +311,7 @@ def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, conf
             row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
                    "target": sample.targets[0] if sample.targets else ""}
             try:
-                row.update(evaluate_sample(pipe, sample, method, config, edit_config), status="ok", reason="")
+                row.update(evaluate_sample(pipe, sample, method, config, edit_config, models), status="ok", reason="")
                 log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
                     + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
             except (NulltextError, ValueError) as e:
