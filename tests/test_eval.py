@@ -168,3 +168,62 @@ def test_eval_with_clip_and_dino_models(tmp_path, metric_models):
     (row,) = load_done(str(out / "results.jsonl")).values()
     assert 0.0 <= row["clip_score"] <= 100.0 and row["structure_distance"] >= 0.0
     assert "needs --clip-model" not in r.stdout
+
+
+def test_eval_retries_failed_samples_and_recomputes_changed_settings(tmp_path):
+    doc = {"a": {"image_path": "later.png", "original_prompt": PROMPT, "editing_prompt": "a dog sitting next to a mirror",
+                 "blended_word": "cat dog", "mask": [0, 100]}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    assert_ok(run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST))
+    assert load_done(str(out / "results.jsonl"))[("a", "ddim")]["status"] == "failed"
+    make_photo().save(tmp_path / "later.png")  # the user fixes the sample
+    r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST)
+    assert_ok(r)
+    assert "recorded, skipped" not in r.stdout
+    assert load_done(str(out / "results.jsonl"))[("a", "ddim")]["status"] == "ok"
+    r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST)
+    assert r.stdout.count("recorded, skipped") == 1
+    other = [a if a != "4" else "5" for a in FAST]  # other settings: recomputed, not mixed in
+    r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *other)
+    assert_ok(r)
+    assert "recorded, skipped" not in r.stdout
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"image": 5, "prompt": "a cat"}\n', "text 'image' and 'prompt'"),
+    ('[1, 2]\n', "not an object"),
+    ('{"image": "a.png", "prompt": "a cat", "target": 3}\n', "'target' must be text"),
+])
+def test_malformed_manifest_rows_are_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "m.jsonl"
+    path.write_text(content)
+    with pytest.raises(NulltextError, match=match):
+        read_manifest(str(path))
+    path = tmp_path / "d.csv"
+    path.write_text("id,image,prompt\nx,a.png,a cat\nx,b.png,a dog\n")
+    with pytest.raises(NulltextError, match="more than once"):
+        read_manifest(str(path))
+
+
+def test_mask_follows_the_image_crop_and_resize(tiny_pipe, tmp_path):
+    """A mask over the right half of a 96x64 image, centre-cropped and resized to 64x64 like the image."""
+    from nulltext.config import EditConfig, InversionConfig
+    from nulltext.evaluation import Sample, evaluate_sample
+
+    make_photo(96, 64).save(tmp_path / "wide.png")
+    rle = []
+    for y in range(64):
+        rle += [y * 96 + 48, 48]  # right half of each row
+    sample = Sample(id="w", image=str(tmp_path / "wide.png"), prompt=PROMPT,
+                    targets=["a dog sitting next to a mirror"], mask=rle)
+    row = evaluate_sample(tiny_pipe, sample, "ddim", InversionConfig(num_steps=2, size=(64, 64)), EditConfig())
+    assert row["bg_mse"] > 0
+    from nulltext.evaluation import background_mask
+
+    keep = background_mask(rle, (96, 64), (64, 64))
+    # by hand: the centre crop keeps columns 16..79; the edit region starts at column 48 -> 32 after
+    # the crop; PIE-Bench's decoder also marks the border rows (the border columns are cropped away)
+    expected = np.zeros((64, 64), dtype=bool)
+    expected[1:63, :32] = True
+    assert np.array_equal(keep, expected)

@@ -131,3 +131,22 @@ def test_cli_invert_method_info_and_loss_plot(tmp_path):
                 *FAST)
     assert_ok(r)
     assert Inversion.load(tmp_path / "d.safetensors").method == "direct"
+
+
+def test_file_whose_embedding_shape_does_not_fit_its_method_is_refused(tiny_pipe, invs, tmp_path):
+    import dataclasses
+
+    from nulltext.errors import NulltextError
+
+    inv, _ = invs["npi"]
+    bad = dataclasses.replace(inv, null_embeddings=inv.null_embeddings.expand(T, -1, -1).clone())
+    path = tmp_path / "bad.safetensors"
+    bad.save(path)
+    with pytest.raises(NulltextError, match="one null embedding"):
+        Inversion.load(path)
+
+
+def test_global_nti_with_no_sweeps_keeps_one_loss_per_step(tiny_pipe):
+    inv, grads = run(tiny_pipe, "global-nti", inner=0)
+    opt = inv.meta["optimisation"]
+    assert grads == 0 and len(opt["losses_first"]) == len(opt["losses_last"]) == len(opt["losses_after"]) == T

@@ -142,7 +142,7 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split(",") if w.strip())
 
 
-def _add_edit_args(p: argparse.ArgumentParser, e) -> None:
+def _add_edit_args(p: argparse.ArgumentParser, e, method_flag: str = "--method") -> None:
     g = p.add_argument_group("Prompt-to-Prompt (defaults are the release's)")
     g.add_argument("--mode", default=e.mode, help="replace (word swap: same token count), refine (add or remove "
                    "words) or auto: replace when the token and word counts match, refine otherwise (default auto)")
@@ -164,7 +164,7 @@ def _add_edit_args(p: argparse.ArgumentParser, e) -> None:
                         "(negative values push away)")
     g.add_argument("--self-max-keys", type=_nonneg_int, default=e.self_max_keys,
                    help=f"self-attention injection only in layers with at most this many keys (default {e.self_max_keys})")
-    g.add_argument("--method", default=e.method, help="p2p (Prompt-to-Prompt, default) or sdedit")
+    g.add_argument(method_flag, dest="method", default=e.method, help="p2p (Prompt-to-Prompt, default) or sdedit")
     g.add_argument("--strength", type=float, default=e.sdedit_strength,
                    help=f"SDEdit: fraction of the steps re-denoised with the target (default {e.sdedit_strength})")
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ViTModel (hub id or local folder, e.g. facebook/dino-vitb8); not computed without it")
     _add_inversion_args(p, d)
     p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
-    _add_edit_args(p, e)
+    _add_edit_args(p, e, method_flag="--edit-method")
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
@@ -372,7 +372,8 @@ def cmd_info(args) -> int:
         from .files import check_writable, image_format
 
         check_writable(args.plot, args.force)
-        image_format(args.plot)
+        if image_format(args.plot) != "PNG":
+            raise NulltextError(f"--plot writes PNG: give a .png name, not {args.plot}")
     inv = Inversion.load(args.inversion)
     m = inv.meta
     if args.plot:
@@ -592,12 +593,13 @@ def cmd_eval(args) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise NulltextError(f"{args.manifest} has no samples")
-    pipe = _load_pipe(args, args.model)
     models = None
-    if args.clip_model or args.dino_model:
+    if args.clip_model or args.dino_model:  # their errors before the long model load
         from .evaluation import ModelMetrics
+        from .models import resolve_device
 
-        models = ModelMetrics(args.clip_model, args.dino_model, device=pipe.device)
+        models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device))
+    pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
@@ -652,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nulltext: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nulltext: interrupted; nothing was written", file=sys.stderr)
+        if args.command == "eval":
+            print("nulltext: interrupted; the samples recorded so far are kept, rerun to resume", file=sys.stderr)
+        else:
+            print("nulltext: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,8 +111,7 @@ class Sample:
     prompt: str
     targets: list[str] = field(default_factory=list)
     blend: tuple[str, str] | None = None  # (source words, target words)
-    mask: object = None  # PIE-Bench RLE: [start, length, start, length, ...] over a 512x512 image
-    mask_shape: tuple[int, int] = (512, 512)
+    mask: object = None  # PIE-Bench RLE: [start, length, start, length, ...] over the image's pixels
 
 
 def _strip_brackets(text: str) -> str:
@@ -135,6 +134,11 @@ def read_manifest(path: str, images_root: str | None = None) -> list[Sample]:
                                    if os.path.isdir(os.path.join(folder, "annotation_images")) else folder)
             samples = []
             for key, item in doc.items():
+                if not isinstance(item, dict) or not isinstance(item.get("image_path"), str) or not all(
+                        isinstance(item.get(k, ""), str) for k in ("original_prompt", "editing_prompt",
+                                                                   "blended_word")):
+                    raise ValueError(f"sample {key!r} needs text fields image_path, original_prompt, "
+                                     f"editing_prompt, blended_word")
                 blend = item.get("blended_word") or ""
                 words = blend.split()
                 samples.append(Sample(
@@ -155,14 +159,18 @@ def read_manifest(path: str, images_root: str | None = None) -> list[Sample]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NulltextError(f"cannot read manifest {path}: {e}") from None
     root = images_root or folder
-    samples = []
+    samples: list[Sample] = []
     for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise NulltextError(f"{path}: row {n} is not an object with 'image' and 'prompt'")
         image, prompt = row.get("image"), row.get("prompt") or row.get("caption")
-        if not image or not prompt:
-            raise NulltextError(f"{path}: row {n} needs 'image' and 'prompt' columns")
+        if not isinstance(image, str) or not isinstance(prompt, str) or not image or not prompt:
+            raise NulltextError(f"{path}: row {n} needs text 'image' and 'prompt' fields")
         targets = row.get("targets") or row.get("target") or []
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split("|") if t.strip()]
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise NulltextError(f"{path}: row {n}: 'target' must be text (several separated by |) or a list")
         blend = row.get("blend") or None
         if isinstance(blend, str):
             blend = tuple(blend.split()) if len(blend.split()) == 2 else None
@@ -174,6 +182,10 @@ def read_manifest(path: str, images_root: str | None = None) -> list[Sample]:
                 pass  # reported as that sample's failure
         samples.append(Sample(id=str(row.get("id") or n), image=os.path.join(root, image), prompt=prompt,
                               targets=list(targets), blend=blend, mask=mask))
+    ids = [x.id for x in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise NulltextError(f"{path}: sample id {dup!r} appears more than once")
     return samples
 
 
@@ -215,9 +227,28 @@ def image_metrics(a, b, keep: np.ndarray | None = None) -> tuple[float, float, f
     return psnr, ssim, mse
 
 
+def background_mask(rle, image_size: tuple[int, int], size: tuple[int, int], crop=(0, 0, 0, 0),
+                    multiple: int = 8) -> np.ndarray:
+    """Where the edit must keep the image: the complement of the RLE edit region decoded over the
+    original image (width, height) = ``image_size``, cropped and resized like the image
+    (nearest). (height, width) bool at ``size``."""
+    from PIL import Image
+
+    from .image import preprocess
+
+    w, h = image_size
+    region = Image.fromarray(decode_rle(rle, (h, w)).astype(np.uint8) * 255)
+    region = preprocess(region, size, crop, multiple, resample=Image.Resampling.NEAREST)
+    return np.asarray(region) < 128
+
+
 def _peak_mb(pipe) -> float:
+    """CUDA: peak allocated during this sample. CPU: the process's peak resident memory so far
+    (the kernel keeps one mark per process; it includes the model)."""
     if pipe.device.type == "cuda":
         return torch.cuda.max_memory_allocated(pipe.device) / 2**20
+    import resource  # POSIX only
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -226,40 +257,41 @@ def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, 
     """One (sample, method): a result row (status ok), or raises for the caller to record."""
     from PIL import Image
 
-    from .editing import edit
+    from .editing import edit, validate
     from .image import load_image, preprocess
     from .inversion import invert_image, reconstruct
 
     source = load_image(sample.image)
+    cfg = dataclasses.replace(config, method=method)
+    size = cfg.size or pipe.native_size
     keep = None
     if sample.mask is not None:
-        edit_region = decode_rle(sample.mask, sample.mask_shape)
-        keep = ~edit_region
+        keep = background_mask(sample.mask, source.image.size, size, cfg.crop, pipe.size_multiple)
+    ec = edit_config
+    if sample.targets:
+        if sample.blend:
+            ec = dataclasses.replace(ec, blend_source=(sample.blend[0],), blend_target=(sample.blend[1],))
+        f = pipe.vae_scale_factor
+        validate(pipe, sample.prompt, sample.targets[:1], ec, cfg.num_steps, (size[1] // f, size[0] // f))
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    cfg = dataclasses.replace(config, method=method)
     t0 = time.perf_counter()
     inv = invert_image(pipe, source, sample.prompt, cfg, progress=False)
     row = {"invert_s": time.perf_counter() - t0}
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
-    recon = reconstruct(pipe, inv, progress=False)
-    row["recon_psnr"], row["recon_ssim"], row["recon_mse"] = image_metrics(recon, target)
     if sample.targets:
-        ec = edit_config
-        if sample.blend:
-            ec = dataclasses.replace(ec, blend_source=(sample.blend[0],), blend_target=(sample.blend[1],))
         t0 = time.perf_counter()
         result = edit(pipe, inv, sample.targets[:1], ec, progress=False)
         row["edit_s"] = time.perf_counter() - t0
-        if keep is not None:
-            keep_img = np.asarray(Image.fromarray(keep).resize(target.size, Image.Resampling.NEAREST))
-        else:
-            keep_img = None
-        row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep_img)
+        recon = result.reconstruction  # the edit's source row is the reconstruction, bit for bit
+        row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep)
         if models is not None and models.clip is not None:
             row["clip_score"] = models.clip_score(result.edits[0], sample.targets[0])
         if models is not None and models.dino is not None:
             row["structure_distance"] = models.structure_distance(target, result.edits[0])
+    else:
+        recon = reconstruct(pipe, inv, progress=False)
+    row["recon_psnr"], row["recon_ssim"], row["recon_mse"] = image_metrics(recon, target)
     row["peak_mb"] = _peak_mb(pipe)
     return row
 
@@ -273,7 +305,7 @@ def load_done(results_path: str) -> dict[tuple[str, str], dict]:
                 try:
                     row = json.loads(line)
                     done[(row["id"], row["method"])] = row
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     continue
     return done
 
@@ -300,28 +332,46 @@ def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, conf
             if f.read(1) != b"\n":
                 with open(results, "a", encoding="utf-8") as g:
                     g.write("\n")
+    methods = list(dict.fromkeys(methods))
     total = len(samples) * len(methods)
     k = 0
+    rows = []
     for sample in samples:
         for method in methods:
             k += 1
-            if (sample.id, method) in done:
+            key = settings_key(pipe, sample, method, config, edit_config, models)
+            old = done.get((sample.id, method))
+            if old is not None and old.get("status") == "ok" and old.get("settings") == key:
                 log(f"[{k}/{total}] {sample.id} {method}: recorded, skipped")
+                rows.append(old)
                 continue
             row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
-                   "target": sample.targets[0] if sample.targets else ""}
+                   "target": sample.targets[0] if sample.targets else "", "settings": key}
             try:
                 row.update(evaluate_sample(pipe, sample, method, config, edit_config, models), status="ok", reason="")
                 log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
                     + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
-            except (NulltextError, ValueError) as e:
-                row.update(status="failed", reason=str(e).splitlines()[0] if str(e) else e.__class__.__name__)
-                log(f"[{k}/{total}] {sample.id} {method}: FAILED: {row['reason']}")
+            except Exception as e:  # any failure of one sample is recorded; the run goes on
+                reason = _one_line(e)
+                if "out of memory" in reason.lower() and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                row.update(status="failed", reason=reason)
+                log(f"[{k}/{total}] {sample.id} {method}: FAILED: {reason}")
             _append(results, row)
             done[(sample.id, method)] = row
-    rows = list(done.values())
-    write_tables(rows, methods, out_dir)
+            rows.append(row)
+    write_tables(rows, methods, out_dir)  # this run's samples and methods only
     return rows
+
+
+def settings_key(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig,
+                 models) -> str:
+    """What a recorded row was computed from: a rerun with other settings recomputes it."""
+    doc = {"model": pipe.fingerprint.get("config_sha256"), "weights": pipe.fingerprint.get("weights_sample_sha256"),
+           "inversion": dataclasses.replace(config, method=method).to_dict(), "edit": edit_config.to_dict(),
+           "sample": dataclasses.asdict(sample),
+           "metrics": [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_tables(rows: list[dict], methods: list[str], out_dir: str) -> None:

@@ -102,10 +102,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8) -> Image.Image:
+def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8,
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Cut ``crop`` = (left, right, top, bottom) pixels, centre-crop to the aspect of ``size`` and
     resize to ``size`` = (width, height) with bicubic filtering (Pillow's default for RGB, which the
-    release uses). For a square size this is exactly the release's ``load_512``."""
+    release uses; masks pass ``resample=NEAREST``). For a square size this is exactly the release's
+    ``load_512``."""
     width, height = size
     if width % multiple or height % multiple:
         raise NulltextError(f"size {width}x{height} must be a multiple of {multiple} pixels for this model")
@@ -129,7 +131,7 @@ def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multi
         img = img.crop((0, offset, w, offset + new_h))
     if min(img.size) < 1:
         raise NulltextError("the crop leaves an empty image")
-    return img.resize((width, height), Image.Resampling.BICUBIC)
+    return img.resize((width, height), resample)
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:

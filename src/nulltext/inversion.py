@@ -136,8 +136,8 @@ def optimize_global_null_text(
     w = config.guidance_scale
     null = null0.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([null], lr=config.lr)
-    first: list[float] = []
-    last: list[float] = []
+    first: list[float] = [float("nan")] * T  # stay NaN with 0 sweeps, as optimize_null_text's
+    last: list[float] = [float("nan")] * T
     bar = tqdm(total=T * config.num_inner_steps, desc="global null-text optimisation", unit="it",
                disable=not progress, leave=False)
     for sweep in range(config.num_inner_steps):
@@ -178,11 +178,16 @@ def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tens
     after its step, keeps it on the pivot trajectory. Returns (T, C, h, w)."""
     T = schedule.num_steps
     out = []
+    z = pivots[-1]
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
-            z = pivots[T - i]
             z_bar = ddim.step(schedule, z, ddim.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
-            out.append((pivots[T - i - 1] - z_bar)[0])
+            corr = pivots[T - i - 1] - z_bar
+            out.append(corr[0])
+            # continue from z_bar + corr (= z*_{t-1} up to rounding), as the replay will: the source
+            # branch of an edit then reproduces these latents bit for bit (Ju et al.'s reference does
+            # the same)
+            z = z_bar + corr
     return torch.stack(out)
 
 

@@ -93,6 +93,8 @@ def load_inversion(path, pipe=None) -> Inversion:
             raise ValueError
     except (ValueError, TypeError, KeyError):
         raise NulltextError(f"{path} has damaged or foreign nulltext metadata") from None
+    if version < 1:
+        raise NulltextError(f"{path} has an invalid format version {version}")
     if version > FORMAT_VERSION:
         raise NulltextError(f"{path} uses inversion format {version}; this nulltext reads up to "
                             f"{FORMAT_VERSION}: upgrade nulltext")
@@ -109,7 +111,13 @@ def load_inversion(path, pipe=None) -> Inversion:
         if sums.get(name) != _sha256(tensors[name]):
             raise NulltextError(f"{path}: tensor {name} does not match its checksum; the file was altered or damaged")
     latent, nulls = tensors["latent_T"], tensors["null_embeddings"]
-    T = int(meta["num_steps"])
+    extra = sorted(set(tensors) - {"latent_T", "null_embeddings", "corrections"})
+    if extra:
+        raise NulltextError(f"{path} holds tensors nulltext does not know: {', '.join(extra)}")
+    try:
+        T = int(meta["num_steps"])
+    except (TypeError, ValueError):
+        raise NulltextError(f"{path} has damaged metadata (num_steps)") from None
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise NulltextError(f"{path}: latent_T has shape {tuple(latent.shape)}, expected (1, C, h, w)")
     if nulls.ndim != 3 or nulls.shape[0] not in (T, 1):
@@ -126,8 +134,13 @@ def load_inversion(path, pipe=None) -> Inversion:
         config = _config_from_dict(meta["config"])
     except (TypeError, KeyError, NulltextError) as e:
         raise NulltextError(f"{path} has an invalid inversion config ({e})") from None
-    if config.method != meta.get("method") or config.num_steps != T:
-        raise NulltextError(f"{path} has inconsistent metadata (method or steps)")
+    if config.method != meta.get("method") or config.num_steps != T or \
+            config.guidance_scale != meta.get("guidance_scale"):
+        raise NulltextError(f"{path} has inconsistent metadata (method, steps or guidance)")
+    per_step = config.method in ("nti", "random-pivot")
+    if nulls.shape[0] != (T if per_step else 1) and not (T == 1):
+        raise NulltextError(f"{path}: method {config.method!r} stores {'one null embedding per step' if per_step else 'one null embedding'}, "
+                            f"but null_embeddings has shape {tuple(nulls.shape)}")
     inv = Inversion(latent_T=latent, null_embeddings=nulls, prompt=meta["prompt"], config=config, meta=meta,
                     corrections=corrections)
     if pipe is not None:
