@@ -522,10 +522,9 @@ def cmd_edit(args) -> int:
     for path in paths:
         check_writable(path, args.force)
     targets = list(args.target)
-    modes: list[str] = []
 
     def check(pipe, prompt, num_steps, latent_hw):
-        modes.extend(validate(pipe, prompt, targets, config, num_steps, latent_hw))
+        validate(pipe, prompt, targets, config, num_steps, latent_hw)
 
     pipe, inv = _source(args, check)
     stores, size = [], None

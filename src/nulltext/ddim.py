@@ -96,6 +96,16 @@ def guided_eps(eps_fn: EpsFn, z: Tensor, t: int, uncond: Tensor, cond: Tensor, g
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
+def guided_step(eps_fn: EpsFn, schedule: Schedule, z: Tensor, t: int, uncond: Tensor, cond: Tensor,
+                guidance_scale: float, correction: Tensor | None = None) -> Tensor:
+    """One guided DDIM step from timestep ``t``, plus an optional correction (Direct Inversion).
+
+    The one place reconstruction and the edit loops take a step, so the source row of an edit is
+    the reconstruction bit for bit."""
+    z = step(schedule, z, guided_eps(eps_fn, z, t, uncond, cond, guidance_scale), t)
+    return z if correction is None else z + correction
+
+
 @torch.no_grad()
 def invert_progressive(eps_fn: EpsFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> Iterator[Tensor]:
     """DDIM inversion at guidance 1 (ALGORITHM.md section 1): yields z*_1, ..., z*_T.
@@ -132,10 +142,8 @@ def sample_progressive(
     """
     z = z_T
     for i, t in enumerate(schedule.timesteps):
-        e = guided_eps(eps_fn, z, t, uncond[i], cond, guidance_scale)
-        z = step(schedule, z, e, t)
-        if corrections is not None:
-            z = z + corrections[i]
+        z = guided_step(eps_fn, schedule, z, t, uncond[i], cond, guidance_scale,
+                        None if corrections is None else corrections[i])
         yield z
 
 

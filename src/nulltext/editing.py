@@ -256,16 +256,13 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
             controller.begin_step(i)
             # 1. source row: the reconstruction's own computation
             controller.phase = SOURCE
-            e = ddim.guided_eps(pipe.eps, z_src, t, nulls[i], cond_src, w)
-            z_src = ddim.step(schedule, z_src, e, t)
-            if corr is not None:
-                z_src = z_src + corr[i]
+            z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+                                     None if corr is None else corr[i])
             mask = None
             if n:
                 # 2. all targets in one batch, attention edited from the source's maps
                 controller.phase = TARGET
-                e = ddim.guided_eps(pipe.eps, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
-                z_tgt = ddim.step(schedule, z_tgt, e, t)
+                z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
                 # 3. local blend
                 z_tgt = controller.end_step(z_src, z_tgt)
                 blend = getattr(controller, "local_blend", None)
@@ -288,13 +285,10 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
     for i, t in enumerate(tqdm(schedule.timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
         if i == start:
             z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
-        e = ddim.guided_eps(pipe.eps, z_src, t, nulls[i], cond_src, w)
-        z_src = ddim.step(schedule, z_src, e, t)
-        if corr is not None:
-            z_src = z_src + corr[i]
+        z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+                                 None if corr is None else corr[i])
         if z_tgt is not None:
-            e = ddim.guided_eps(pipe.eps, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
-            z_tgt = ddim.step(schedule, z_tgt, e, t)
+            z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
 
 
@@ -324,10 +318,13 @@ def edit(pipe, inversion, targets: Sequence[str] | str, config: EditConfig | Non
     targets = _check_prompts(pipe.tokenizer, inversion.prompt, targets)
     if config.method == "sdedit":
         modes = ["sdedit"] * len(targets)
+        steps = sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress)
     else:
-        modes = resolve_modes(pipe.tokenizer, inversion.prompt, targets, config.mode)
+        controller, modes = build_controller(pipe, inversion.prompt, targets, config, inversion.num_steps,
+                                             tuple(inversion.latent_T.shape[-2:]), stores)
+        steps = run_controlled(pipe, inversion, targets, controller, progress)
     last = None
-    for last in edit_progressive(pipe, inversion, targets, config, stores, progress):
+    for last in steps:
         pass
     latents = torch.cat([last.source, last.targets])
     result = EditResult(prompts=[inversion.prompt, *targets], modes=modes, latents=latents)

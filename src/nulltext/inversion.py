@@ -165,7 +165,7 @@ def optimize_global_null_text(
     with torch.no_grad():
         z_bar = pivots[-1]
         for i, t in enumerate(schedule.timesteps):
-            z_bar = ddim.step(schedule, z_bar, ddim.guided_eps(eps_fn, z_bar, t, null, cond, w), t)
+            z_bar = ddim.guided_step(eps_fn, schedule, z_bar, t, null, cond, w)
             after.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
     return NullTextResult(null_embeddings=null, iterations=[config.num_inner_steps] * T, losses_first=first,
                           losses_last=last, losses_after=after, lrs=[config.lr] * T)
