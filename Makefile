@@ -16,17 +16,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Inverts the example photo with the tiny RANDOM-weight model (no weights can be downloaded
-# here), prints the file's metadata, writes the reconstruction, two edits and the attention
-# maps. See README for real SD.
+# The main job on the shipped demo model (trained by nulltext on procedural scenes; runs offline on
+# a CPU in about a minute): invert a scene, print the file's metadata, write the reconstruction,
+# a colour swap and a shape swap with local blend, and the attention maps. README shows the same
+# commands for real photos with Stable Diffusion v1.4.
 demo: install
-	$(VENV)/bin/nulltext invert examples/red_ball.png --prompt "a red ball on the grass" \
-		--model tiny --size 128 --check --force -o $(OUT)/red_ball.safetensors
-	$(VENV)/bin/nulltext info $(OUT)/red_ball.safetensors | head -n 16
-	$(VENV)/bin/nulltext reconstruct $(OUT)/red_ball.safetensors --force -o $(OUT)/red_ball_reconstruction.png
-	$(VENV)/bin/nulltext edit $(OUT)/red_ball.safetensors --target "a green ball on the grass" \
-		--target "a red ball on the snow" --blend ball ball --force -o $(OUT)/red_ball_edits
-	$(VENV)/bin/nulltext attention $(OUT)/red_ball.safetensors --force -o $(OUT)/red_ball_attention.png
+	$(VENV)/bin/nulltext invert examples/red_circle.png --prompt "a red circle on a blue background" \
+		--model demo --check --force -o $(OUT)/red_circle.safetensors
+	$(VENV)/bin/nulltext info $(OUT)/red_circle.safetensors | head -n 16
+	$(VENV)/bin/nulltext edit $(OUT)/red_circle.safetensors --target "a green circle on a blue background" \
+		--target "a red square on a blue background" --blend circle circle,square --force -o $(OUT)/red_circle_edits
+	$(VENV)/bin/nulltext attention $(OUT)/red_circle.safetensors --force -o $(OUT)/red_circle_attention.png
 
 test: install
 	$(PY) -m pytest -q

@@ -1,4 +1,6 @@
-"""Draw examples/red_ball.png: a simple procedural scene (no downloads), the demo's input photo."""
+"""Draw the example inputs (no downloads): examples/red_ball.png, a 640x480 photo-like scene for
+the README's real-SD commands, and examples/red_circle.png, a 64x64 scene of the demo model's
+world ("a red circle on a blue background", drawn by nulltext.scenes) for ``make demo``."""
 
 from __future__ import annotations
 
@@ -28,7 +30,14 @@ def draw(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
     return pil.filter(ImageFilter.GaussianBlur(0.8))
 
 
+def red_circle() -> Image.Image:
+    from nulltext.scenes import render
+
+    return render("red", "circle", "blue", center=(34.0, 30.0), radius=15.0).image
+
+
 if __name__ == "__main__":
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "red_ball.png")
-    draw().save(out)
-    print(f"wrote {out}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, img in (("red_ball.png", draw()), ("red_circle.png", red_circle())):
+        img.save(os.path.join(here, name))
+        print(f"wrote {os.path.join(here, name)}")

@@ -142,3 +142,16 @@ def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path
                 "-o", tmp_path / "o2", *QUIET)
     assert_ok(r)
     assert "nulltext: warning: --blend apply to --method p2p only" in r.stderr
+
+
+def test_inversion_options_with_an_inversion_file_are_warned_and_ignored(files, tmp_path):
+    r = run_cli("edit", files["inv"], "--target", SWAP, "--steps", "7", "--inner-steps", "3",
+                "-o", tmp_path / "o", *QUIET)
+    assert_ok(r)
+    assert "nulltext: warning: --steps, --inner-steps apply to an IMAGE input only" in r.stderr
+    # the file's own settings were used: the reconstruction row is the file's reconstruction
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "reconstruction.png")),
+                          np.asarray(Image.open(files["recon"])))
+    quiet = run_cli("edit", files["inv"], "--target", SWAP, "-o", tmp_path / "o2", *QUIET)
+    assert_ok(quiet)
+    assert "warning" not in quiet.stderr

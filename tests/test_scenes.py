@@ -57,3 +57,23 @@ def test_square_is_axis_aligned_box_and_triangle_points_up():
     assert widths[rows[0]] < widths[rows[-1]]  # narrow at the top, wide at the base
     with pytest.raises(ValueError):
         render("red", "square", "red", (32.0, 32.0), 8.0)
+
+
+def test_judge_reads_colour_shape_background_and_mask_of_rendered_scenes():
+    from nulltext.scenes import judge
+
+    for s in scenes(60, seed=2):
+        j = judge(s.image)
+        assert (j.color, j.shape, j.background) == (s.color, s.shape, s.background)
+        assert (j.mask == s.mask).all()
+
+
+def test_judge_fill_ratios_match_the_geometry():
+    from nulltext.scenes import judge
+
+    # large shapes: the pixel grid barely changes the ideal fill of the bounding box
+    assert judge(render("red", "square", "blue", (32, 32), 20).image).fill == pytest.approx(1.0, abs=0.02)
+    assert judge(render("red", "circle", "blue", (32, 32), 20).image).fill == pytest.approx(math.pi / 4, abs=0.03)
+    assert judge(render("red", "triangle", "blue", (32, 36), 24).image).fill == pytest.approx(0.5, abs=0.05)
+    empty = judge(render("red", "circle", "blue", (32, 32), 0.5).image)  # too small to see
+    assert empty.color is None and empty.background == "blue"

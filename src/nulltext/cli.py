@@ -13,8 +13,9 @@ from . import __version__
 from .errors import NulltextError, NulltextWarning
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
-                "folder, or 'tiny': a small model with RANDOM weights built offline, for smoke runs and tests "
-                "(it reconstructs images but cannot draw or edit meaningfully).")
+                "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
+                "on a blue background' and ships: it draws and edits them, offline) or 'tiny' (RANDOM weights "
+                "built offline, for smoke runs and tests: it reconstructs images but cannot draw or edit).")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, eithe
     else:
         default_help = " (default: the model recorded in the inversion file)"
     p.add_argument("--model", default=default_model, metavar="MODEL",
-                   help="hub id, local diffusers folder, or 'tiny' (random weights)" + default_help)
+                   help="hub id, local diffusers folder, 'demo' (shipped model trained on simple scenes) or 'tiny' (random weights)" + default_help)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="model weights' precision (default: fp32, as the release)")
@@ -426,6 +427,24 @@ def _is_inversion_path(path: str) -> bool:
     return path.lower().endswith(".safetensors")
 
 
+def _warn_inversion_options_ignored(args) -> None:
+    """Inversion options given with an inversion file have no effect: say so instead of silently
+    using the file's settings."""
+    from .config import InversionConfig
+
+    d = InversionConfig()
+    given = [flag for flag, value, default in (
+        ("--steps", args.steps, d.num_steps), ("--guidance", args.guidance, d.guidance_scale),
+        ("--inner-steps", args.inner_steps, d.num_inner_steps), ("--early-stop", args.early_stop, d.early_stop_epsilon),
+        ("--early-stop-slope", args.early_stop_slope, d.early_stop_slope), ("--lr", args.lr, d.lr),
+        ("--crop", tuple(args.crop), tuple(d.crop)), ("--inversion-method", args.inversion_method, d.method),
+        ("--seed", args.seed, d.seed)) if value != default]
+    if given:
+        warnings.warn(f"{', '.join(given)} apply to an IMAGE input only; {args.input} already holds an "
+                      f"inversion made with its own settings (see nulltext info), so they are ignored",
+                      NulltextWarning)
+
+
 def _source(args, check=None):
     """(pipe, inversion) from the INPUT argument: an inversion file (checked against the model and
     the options), or an image inverted now with --prompt. ``check(pipe, prompt, num_steps,
@@ -440,6 +459,7 @@ def _source(args, check=None):
         if args.save_inversion:
             raise NulltextError("--save-inversion only applies to an IMAGE input")
         inv = Inversion.load(args.input)
+        _warn_inversion_options_ignored(args)
         if args.prompt is not None and args.prompt != inv.prompt:
             raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
                                 f"is the inversion's (leave out --prompt)")

@@ -188,8 +188,9 @@ def load_pipeline(
     scheduler: SchedulerConfig | None = None,
 ) -> Pipeline:
     """Load a Stable Diffusion 1.x checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``), a
-    local diffusers folder, or ``tiny`` (a small *random-weight* SD-shaped model built offline,
-    for smoke runs and tests). Weights are frozen; the scheduler is the release's DDIM."""
+    local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
+    ships, see :mod:`nulltext.demo`) or ``tiny`` (a small *random-weight* SD-shaped model built
+    offline, for smoke runs and tests). Weights are frozen; the scheduler is the release's DDIM."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -201,6 +202,13 @@ def load_pipeline(
         from .tiny import ensure_tiny_model
 
         source = ensure_tiny_model()
+    elif model == "demo":
+        from .demo import DEMO_DIR, demo_available
+
+        if not demo_available():
+            raise NulltextError(f"the demo model is not installed in {DEMO_DIR}; train it with "
+                                f"scripts/train_demo_model.py and install it with --install")
+        source = DEMO_DIR
     else:
         source = os.path.expanduser(model)
         if _looks_like_path(model) and not os.path.isdir(source):
@@ -208,9 +216,9 @@ def load_pipeline(
     try:
         _quiet_loading()
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype)
     except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         if os.path.isdir(source):
@@ -225,9 +233,7 @@ def load_pipeline(
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)  # never compute or store gradients for model weights
         module.eval()
-        module.to(dev)
-        if torch_dtype != torch.float32:
-            module.to(torch_dtype)
+        module.to(dev, torch_dtype)  # already loaded in torch_dtype: a no-op cast, then the move
     fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,

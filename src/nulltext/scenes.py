@@ -101,3 +101,78 @@ def scenes(n: int, seed: int, size: int = 64) -> Iterator[Scene]:
     """``n`` scenes, the same ones for the same seed (scene k depends only on (seed, k))."""
     for k in range(n):
         yield random_scene(np.random.default_rng([seed, k]), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging an image (generated or edited) against the generator's palette and geometry
+
+
+@dataclass(frozen=True)
+class Judgement:
+    color: str | None  # the object's palette colour (None: no object found)
+    shape: str | None
+    background: str
+    mask: np.ndarray  # (H, W) bool: the object (largest connected non-background region)
+    fill: float  # object area / bounding-box area (square 1, circle pi/4, triangle 1/2)
+
+
+# fill ratio boundaries between triangle (0.5), circle (0.785) and square (1.0)
+FILL_TRIANGLE_CIRCLE = 0.64
+FILL_CIRCLE_SQUARE = 0.89
+
+
+def nearest_colors(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) index into PALETTE of the nearest colour (Euclidean in RGB)."""
+    pal = np.array(list(PALETTE.values()), float)
+    d = ((pixels[..., None, :].astype(float) - pal) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), int)
+    best, best_size, label = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        label += 1
+        stack, size = [(y0, x0)], 0
+        labels[y0, x0] = label
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1),
+                           (y - 1, x - 1), (y - 1, x + 1), (y + 1, x - 1), (y + 1, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = label
+                    stack.append((yy, xx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else np.zeros_like(mask, bool)
+
+
+def judge(image) -> Judgement:
+    """Read colour, shape and background off an image with the generator's palette: every pixel
+    takes the nearest palette colour; the background is the commonest colour on the border; the
+    object is the largest connected region of other colours, its colour the commonest there (the
+    region is then redrawn at half coverage between the two colours), its shape told by how much
+    of its bounding box it fills."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    names = list(PALETTE)
+    idx = nearest_colors(pixels)
+    border = np.concatenate([idx[0], idx[-1], idx[:, 0], idx[:, -1]])
+    bg = int(np.bincount(border, minlength=len(names)).argmax())
+    mask = largest_component(idx != bg)
+    if mask.sum() < 4:
+        return Judgement(None, None, names[bg], mask, 0.0)
+    color = names[int(np.bincount(idx[mask], minlength=len(names)).argmax())]
+    # refine the edge: the fraction of the object colour in each pixel, read off the line from the
+    # background colour to the object colour (the renderer's anti-aliasing), at least one half
+    fg, bgc = np.array(PALETTE[color], float), np.array(PALETTE[names[bg]], float)
+    cov = ((pixels.astype(float) - bgc) @ (fg - bgc)) / ((fg - bgc) @ (fg - bgc))
+    mask = largest_component(cov >= 0.49)  # 0.49: a half-covered pixel stays in after 8-bit rounding
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
+    return Judgement(color, shape, names[bg], mask, float(fill))

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""Train nulltext's demo model (issue 5) on procedural scenes, offline, on a CPU in about 1.5 h.
+
+Stage 1 trains the VAE (reconstruction MSE + a small KL term). Stage 2 encodes the training
+scenes once and trains the UNet and the text encoder jointly on them with the epsilon objective,
+dropping 10 % of the captions to "" so classifier-free guidance works. Everything is seeded:
+the batch of step k depends only on (seed, stage, k), so a resumed run sees the same batches.
+
+A checkpoint is written every --ckpt-every steps into OUT/ckpt-<stage>.pt; rerunning the same
+command resumes from it. At the end OUT/model is a diffusers folder (save_pretrained) that
+``--model OUT/model`` loads, plus OUT/losses.png and OUT/samples.png.
+
+    python scripts/train_demo_model.py -o runs/demo            # train (resumes if interrupted)
+    python scripts/train_demo_model.py -o runs/demo --install  # then copy into the package
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from nulltext import demo, scenes  # noqa: E402
+from nulltext.models import make_scheduler  # noqa: E402
+
+
+def log(out, record):
+    record = {"time": round(time.time(), 1), **record}
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def lr_at(step, total, peak, warmup=100, floor=0.1):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def gen(seed, stage, step):
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
+
+
+def make_dataset(n, seed):
+    images = np.empty((n, 64, 64, 3), np.uint8)
+    captions = []
+    for k, s in enumerate(scenes.scenes(n, seed)):
+        images[k] = np.asarray(s.image)
+        captions.append(s.caption)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, 64, 64)
+    return x, captions
+
+
+def to_unit(x_uint8):
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def save_ckpt(path, **state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def ema_update(ema, model, step, decay=0.999):
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - d)
+
+
+def psnr(a, b):  # images in [-1, 1]
+    mse = ((a.clamp(-1, 1) - b) / 2).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def train_vae(args, vae, x_train, x_val):
+    path = os.path.join(args.out, "ckpt-vae.pt")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = 0
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=True)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        print(f"resuming VAE at step {start}", flush=True)
+    vae.train()
+    t0 = time.time()
+    for step in range(start, args.vae_steps):
+        g = gen(args.seed, 1, step)
+        idx = torch.randint(len(x_train), (args.batch,), generator=g)
+        x = to_unit(x_train[idx])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()  # per latent element
+        loss = mse + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step == start:
+            rec_val = None
+            if (step + 1) % 250 == 0:
+                vae.eval()
+                with torch.no_grad():
+                    rec_val = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
+                vae.train()
+            log(args.out, {"stage": "vae", "step": step + 1, "mse": mse.item(), "kl": kl.item(),
+                           "val_psnr": rec_val, "elapsed": round(time.time() - t0, 1)})
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.vae_steps:
+            save_ckpt(path, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, x_uint8, batch=256):
+    out = []
+    for i in range(0, len(x_uint8), batch):
+        out.append(vae.encode(to_unit(x_uint8[i:i + batch])).latent_dist.mean)
+    return torch.cat(out)
+
+
+def tokenize(tokenizer, captions):
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def train_unet(args, unet, text_encoder, latents, ids, empty_ids):
+    import copy
+
+    path = os.path.join(args.out, "ckpt-unet.pt")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    start = 0
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=True)
+        unet.load_state_dict(st["unet"])
+        text_encoder.load_state_dict(st["text"])
+        ema_unet.load_state_dict(st["ema_unet"])
+        ema_text.load_state_dict(st["ema_text"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        print(f"resuming UNet at step {start}", flush=True)
+    sched = make_scheduler()
+    abar = sched.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    t0 = time.time()
+    running = []
+    for step in range(start, args.unet_steps):
+        g = gen(args.seed, 2, step)
+        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        z0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < args.drop
+        tok[drop] = empty_ids
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=200)
+        emb = text_encoder(tok)[0]
+        pred = unet(zt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, step)
+        ema_update(ema_text, text_encoder, step)
+        running.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(args.out, {"stage": "unet", "step": step + 1, "loss": float(np.mean(running)),
+                           "lr": opt.param_groups[0]["lr"], "elapsed": round(time.time() - t0, 1)})
+            running = []
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
+            save_ckpt(path, unet=unet.state_dict(), text=text_encoder.state_dict(),
+                      ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(),
+                      opt=opt.state_dict(), step=step + 1)
+    return ema_unet.eval(), ema_text.eval()
+
+
+def save_model(folder, tokenizer, text_encoder, vae, unet):
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
+    vae.save_pretrained(os.path.join(tmp, "vae"))
+    unet.save_pretrained(os.path.join(tmp, "unet"))
+    make_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+        json.dump(demo.MODEL_INDEX, f, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def plots(out, model_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    v = [r for r in recs if r["stage"] == "vae"]
+    u = [r for r in recs if r["stage"] == "unet"]
+    axes[0].semilogy([r["step"] for r in v], [r["mse"] for r in v])
+    axes[0].set(title="VAE reconstruction MSE", xlabel="step")
+    axes[1].plot([r["step"] for r in u], [r["loss"] for r in u])
+    axes[1].set(title="UNet epsilon MSE (mean of 50 steps)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "losses.png"), dpi=100)
+
+    from nulltext.demo import generate_grid
+    from nulltext.models import load_pipeline
+
+    pipe = load_pipeline(model_dir, device="cpu")
+    generate_grid(pipe, seed=0).save(os.path.join(out, "samples.png"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--out", default="runs/demo", help="run folder (checkpoints, logs, model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-scenes", type=int, default=30000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term")
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--drop", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--install", action="store_true", help="copy OUT/model into the package (src/nulltext/demo_model)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    model_dir = os.path.join(args.out, "model")
+    if args.install:
+        if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
+            sys.exit(f"error: no trained model in {model_dir}")
+        shutil.rmtree(demo.DEMO_DIR, ignore_errors=True)
+        shutil.copytree(model_dir, demo.DEMO_DIR)
+        print(f"installed {model_dir} -> {demo.DEMO_DIR}")
+        return
+
+    tok_dir = os.path.join(args.out, "tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+        demo.build_tokenizer(tok_dir)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder, vae, unet = demo.architecture(tokenizer, seed=args.seed)
+    print(f"params: text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, "
+          f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
+          f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M", flush=True)
+    t0 = time.time()
+    x_train, captions = make_dataset(args.train_scenes, demo.TRAIN_SEED)
+    x_val, _ = make_dataset(128, demo.HELDOUT_SEED)
+    x_val = to_unit(x_val)
+    print(f"rendered {len(captions)} training scenes in {time.time() - t0:.0f}s", flush=True)
+
+    vae = train_vae(args, vae, x_train, x_val)
+    vae.requires_grad_(False)
+    mean = encode_all(vae, x_train)
+    std = mean.std().item()
+    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+    latents = mean / std
+    with torch.no_grad():
+        val_psnr = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
+    log(args.out, {"stage": "vae-done", "val_psnr": val_psnr, "latent_std": std})
+
+    ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids)
+    save_model(model_dir, tokenizer, text_encoder, vae, unet)
+    log(args.out, {"stage": "done", "model": model_dir})
+    plots(args.out, model_dir)
+    print(f"wrote {model_dir}, {args.out}/losses.png, {args.out}/samples.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""``--model demo``: a small text-to-image latent diffusion model trained by nulltext on the
+procedural scenes of :mod:`nulltext.scenes` ("a red circle on a blue background") and shipped
+with the package, so inversion and editing can be shown and measured offline on any machine.
+
+It is built from exactly the classes Stable Diffusion uses (CLIPTokenizer, CLIPTextModel,
+AutoencoderKL, UNet2DConditionModel, DDIMScheduler), saved with ``save_pretrained`` and loaded
+through the same ``from_pretrained`` path as an SD checkpoint. Its sizes differ from SD's:
+
+- images 64x64, VAE 64 -> 16x16 latents with 4 channels (3 blocks: 4x downsampling);
+- tokenizer with one token per word and 16 positions (so the few words of a caption compete
+  with few padding keys in cross-attention);
+- the UNet adds a pooled text embedding to its time embedding (diffusers'
+  ``addition_embed_type="text"``, computed inside the UNet from the same text states), so global
+  facts need not travel through cross-attention and it can specialise spatially.
+
+``scripts/train_demo_model.py`` trains it; :func:`architecture` is the single definition of the
+architecture both use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+TOKEN_LENGTH = 16
+IMAGE_SIZE = 64
+TRAIN_SEED = 1  # scenes(n, TRAIN_SEED) are the training set
+HELDOUT_SEED = 2  # scenes(n, HELDOUT_SEED) are held out: benchmarks and tests use them
+
+
+def demo_available() -> bool:
+    return os.path.isfile(os.path.join(DEMO_DIR, "model_index.json"))
+
+
+def build_tokenizer(folder: str):
+    """The demo tokenizer (CLIP BPE, one token per word, TOKEN_LENGTH positions) in ``folder``."""
+    from transformers import CLIPTokenizer
+
+    from .tiny import write_tokenizer
+
+    write_tokenizer(folder, model_max_length=TOKEN_LENGTH)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def architecture(tokenizer, seed: int = 0):
+    """(text_encoder, vae, unet) with the demo model's architecture and seeded initial weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny import SPECIAL_BOS, SPECIAL_EOS
+
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=vocab[SPECIAL_BOS], eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS],
+        projection_dim=128))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=IMAGE_SIZE)
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(48, 96, 96), norm_num_groups=16, cross_attention_dim=128, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        addition_embed_type="text", addition_embed_type_num_heads=4)
+    return text_encoder, vae, unet
+
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "note": "nulltext demo model: trained on procedural scenes by scripts/train_demo_model.py",
+    "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+}
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: float = 7.5):
+    """Text-to-image with the pipeline's DDIM schedule and classifier-free guidance, one image per
+    prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
+    from .ddim import guided_step
+    from .image import decode
+    from .text import encode_prompt
+
+    schedule = pipe.schedule(num_steps)
+    w, h = pipe.native_size
+    f = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, h // f, w // f)
+    z = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + k))
+                   for k in range(len(prompts))]).to(pipe.device)
+    cond = torch.cat([encode_prompt(pipe, p) for p in prompts])
+    uncond = encode_prompt(pipe, "").expand_as(cond)
+    for t in schedule.timesteps:
+        z = guided_step(pipe.eps, schedule, z, int(t), uncond, cond, guidance_scale)
+    return decode(pipe, z)
+
+
+def generate_grid(pipe, seed: int = 0, num_steps: int = 50):
+    """A labelled grid of samples: each shape in each colour, on varying backgrounds."""
+    from .scenes import PALETTE, SHAPES, caption
+    from .visual import labelled_grid
+
+    colors = list(PALETTE)
+    rows = []
+    for i, shape in enumerate(SHAPES):
+        prompts = [caption(c, shape, colors[(j + i + 1) % len(colors)]) for j, c in enumerate(colors)]
+        images = generate(pipe, prompts, seed=seed + i, num_steps=num_steps)
+        rows.append([(im.resize((128, 128), 0), p.replace(" on a ", " / ").replace(" background", ""))
+                     for im, p in zip(images, prompts)])
+    return labelled_grid(rows)
