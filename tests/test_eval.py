@@ -71,7 +71,7 @@ def test_eval_three_images_two_methods_writes_the_tables(tmp_path):
     assert table[0].startswith("| method | samples ok | failed | recon_psnr")
     assert table[2].startswith("| npi | 3 | 0 |") and table[3].startswith("| nti | 3 | 0 |")
     assert (out / "results.csv").read_text().count("\n") == 7  # header + 6 rows
-    assert "| npi | 3 | 0 |" in r.stdout and "not computed" in r.stdout
+    assert "| npi | 3 | 0 |" in r.stdout and "LPIPS needs --lpips" in r.stdout
 
 
 def test_eval_resumes_after_a_kill_without_redoing_recorded_samples(tmp_path):
@@ -227,3 +227,44 @@ def test_mask_follows_the_image_crop_and_resize(tiny_pipe, tmp_path):
     expected = np.zeros((64, 64), dtype=bool)
     expected[1:63, :32] = True
     assert np.array_equal(keep, expected)
+
+
+def test_lpips_columns_are_computed_on_the_right_images(tiny_pipe, tmp_path):
+    """The LPIPS wiring, with a stand-in metric (MSE) in place of torchmetrics' LPIPS, whose
+    backbone weights cannot be downloaded here: the reconstruction is compared with the input, and
+    the edit's background (both images masked) as the background MSE is."""
+    from nulltext.config import EditConfig, InversionConfig
+    from nulltext.evaluation import ModelMetrics, Sample, evaluate_sample
+
+    import torch
+
+    calls = []
+
+    def stand_in(x, y):
+        calls.append((x.shape, y.shape))
+        return torch.mean((x - y) ** 2)
+
+    models = ModelMetrics()
+    models.lpips = stand_in
+    make_photo(seed=0).save(tmp_path / "a.png")
+    sample = Sample("a", str(tmp_path / "a.png"), PROMPT, ["a dog sitting next to a mirror"], ("cat", "dog"),
+                    mask=[100, 600])
+    cfg = InversionConfig(num_steps=4, num_inner_steps=2, size=(64, 64))
+    row = evaluate_sample(tiny_pipe, sample, "nti", cfg, EditConfig(), models)
+    assert len(calls) == 2 and calls[0][0] == (1, 3, 64, 64)
+    assert row["bg_lpips"] == pytest.approx(row["bg_mse"], rel=1e-6)
+    assert row["recon_lpips"] == pytest.approx(row["recon_mse"], rel=1e-6)
+    plain = evaluate_sample(tiny_pipe, sample, "nti", cfg, EditConfig(), None)
+    assert "recon_lpips" not in plain and "bg_lpips" not in plain
+
+
+def test_lpips_without_torchvision_is_one_clear_error(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is importable here")
+    except Exception:
+        pass
+    r = run_cli("eval", _manifest(tmp_path, n=1), "-o", tmp_path / "out", "--lpips", "alex", *FAST)
+    assert r.returncode == 2, describe(r)
+    assert r.stderr.strip().startswith("nulltext: error: LPIPS needs torchvision") and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hub id or local folder, e.g. openai/clip-vit-large-patch14); not computed without it")
     p.add_argument("--dino-model", metavar="MODEL", help="DINO structure distance of edits with this transformers "
                    "ViTModel (hub id or local folder, e.g. facebook/dino-vitb8); not computed without it")
+    p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and (with a mask) "
+                   "of the edit's background, with torchmetrics and this backbone; needs torchvision and the "
+                   "backbone's weights (downloaded once by torchvision); not computed without it")
     _add_inversion_args(p, d)
     p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
     _add_edit_args(p, e, method_flag="--edit-method")
@@ -597,7 +600,7 @@ def cmd_attention(args) -> int:
 
 def cmd_eval(args) -> int:
     from .config import METHODS
-    from .evaluation import NOT_COMPUTED_NOTICE, evaluate, read_manifest
+    from .evaluation import evaluate, read_manifest
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -613,17 +616,20 @@ def cmd_eval(args) -> int:
     if not samples:
         raise NulltextError(f"{args.manifest} has no samples")
     models = None
-    if args.clip_model or args.dino_model:  # their errors before the long model load
+    if args.clip_model or args.dino_model or args.lpips:  # their errors before the long model load
         from .evaluation import ModelMetrics
         from .models import resolve_device
 
-        models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device))
+        models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device),
+                              lpips=args.lpips)
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
         print(f.read().split("\n\n")[0])
-    skipped = [NOT_COMPUTED_NOTICE]
+    skipped = []
+    if not args.lpips:
+        skipped.append("LPIPS needs --lpips alex|vgg|squeeze (torchvision and its backbone weights)")
     if not args.clip_model:
         skipped.append("CLIP score needs --clip-model")
     if not args.dino_model:

@@ -33,9 +33,9 @@ from .config import EditConfig, InversionConfig
 from .errors import NulltextError
 from .files import atomic_write
 
-METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "bg_psnr", "bg_ssim", "bg_mse", "clip_score",
-           "structure_distance", "invert_s", "edit_s", "peak_mb")
-NOT_COMPUTED_NOTICE = "LPIPS is not computed by this version (it needs torchvision weights)"
+METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "recon_lpips", "bg_psnr", "bg_ssim", "bg_mse", "bg_lpips",
+           "clip_score", "structure_distance", "invert_s", "edit_s", "peak_mb")
+LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
 def _one_line(e: Exception) -> str:
@@ -51,11 +51,18 @@ class ModelMetrics:
       CLIPScore, with a transformers ``CLIPModel`` (e.g. openai/clip-vit-large-patch14);
     - DINO structure distance of the edit to the source image (Tumanyan et al. 2022, as PIE-Bench
       reports it): MSE between the cosine self-similarity matrices of the last layer's keys of a
-      transformers ``ViTModel`` (e.g. facebook/dino-vitb8)."""
+      transformers ``ViTModel`` (e.g. facebook/dino-vitb8).
 
-    def __init__(self, clip_model: str | None = None, dino_model: str | None = None, device="cpu") -> None:
+    LPIPS (Zhang et al. 2018) is torchmetrics' LearnedPerceptualImagePatchSimilarity with the
+    ``lpips`` backbone (alex, vgg or squeeze): it needs torchvision and that backbone's ImageNet
+    weights, which torchvision downloads once into the torch hub cache (``TORCH_HOME``)."""
+
+    def __init__(self, clip_model: str | None = None, dino_model: str | None = None, device="cpu",
+                 lpips: str | None = None) -> None:
         self.device = torch.device(device)
-        self.clip = self.dino = None
+        self.clip = self.dino = self.lpips = None
+        if lpips:
+            self.lpips = load_lpips(lpips, self.device)
         if clip_model:
             from transformers import CLIPModel, CLIPProcessor
 
@@ -101,6 +108,36 @@ class ModelMetrics:
 
     def structure_distance(self, a, b) -> float:
         return torch.nn.functional.mse_loss(self._key_self_similarity(a), self._key_self_similarity(b)).item()
+
+    @torch.no_grad()
+    def lpips_distance(self, a, b, keep: np.ndarray | None = None) -> float:
+        """LPIPS of PIL images a vs b; with ``keep`` both are multiplied by it first (as PIE-Bench
+        computes background LPIPS)."""
+        x, y = _to_tensor(a), _to_tensor(b)
+        if keep is not None:
+            k = torch.from_numpy(keep.astype(np.float32))[None, None]
+            x, y = x * k, y * k
+        return float(self.lpips(x.to(self.device), y.to(self.device)))
+
+
+def load_lpips(net: str, device) -> Callable:
+    """torchmetrics' LPIPS with backbone ``net`` on images in [0, 1], or a one-line error saying
+    what is missing (torchvision, or the backbone's weights where nothing can be downloaded)."""
+    if net not in LPIPS_NETS:
+        raise NulltextError(f"unknown LPIPS network {net!r}; choose one of {', '.join(LPIPS_NETS)}")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # missing, or a build that does not match the installed torch
+        raise NulltextError(f"LPIPS needs torchvision matching your torch ({_one_line(e)}); install it, "
+                            f"or leave out --lpips") from None
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).eval().to(device)
+    except Exception as e:  # typically: the backbone weights cannot be downloaded here
+        raise NulltextError(f"could not load LPIPS ({net}): {_one_line(e)}; torchvision downloads the "
+                            f"backbone weights once into TORCH_HOME, which needs network access") from None
+    return metric
 
 
 
@@ -289,9 +326,13 @@ def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, 
             row["clip_score"] = models.clip_score(result.edits[0], sample.targets[0])
         if models is not None and models.dino is not None:
             row["structure_distance"] = models.structure_distance(target, result.edits[0])
+        if models is not None and models.lpips is not None and keep is not None:
+            row["bg_lpips"] = models.lpips_distance(result.edits[0], target, keep)
     else:
         recon = reconstruct(pipe, inv, progress=False)
     row["recon_psnr"], row["recon_ssim"], row["recon_mse"] = image_metrics(recon, target)
+    if models is not None and models.lpips is not None:
+        row["recon_lpips"] = models.lpips_distance(recon, target)
     row["peak_mb"] = _peak_mb(pipe)
     return row
 
@@ -370,7 +411,8 @@ def settings_key(pipe, sample: Sample, method: str, config: InversionConfig, edi
     doc = {"model": pipe.fingerprint.get("config_sha256"), "weights": pipe.fingerprint.get("weights_sample_sha256"),
            "inversion": dataclasses.replace(config, method=method).to_dict(), "edit": edit_config.to_dict(),
            "sample": dataclasses.asdict(sample),
-           "metrics": [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None]}
+           "metrics": [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None]
+           + ([True] if getattr(models, "lpips", None) is not None else [])}  # old keys stay valid
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -395,7 +437,8 @@ def write_tables(rows: list[dict], methods: list[str], out_dir: str) -> None:
             vals = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             cells.append(f"{sum(vals) / len(vals):.4g}" if vals else "-")
         lines.append(f"| {m} | {len(ok)} | {failed} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + f"\n\nMeans over the samples that succeeded. {NOT_COMPUTED_NOTICE}.\n"
+    text = "\n".join(lines) + ("\n\nMeans over the samples that succeeded; '-': not computed (LPIPS, CLIP score "
+                                "and structure distance need --lpips, --clip-model and --dino-model).\n")
     def write_md(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
