@@ -10,6 +10,7 @@ demo model (issue 5) or a real checkpoint with ``--model``.
 
 Examples:
     python benchmarks/bench_ablation.py --model tiny --size 128 --steps 10 --budgets 1 2 5 --images-count 3
+    python benchmarks/bench_ablation.py --model demo --scenes 5 --budgets 1 2 5 10
     python benchmarks/bench_ablation.py --model /path/to/stable-diffusion-v1-4 --images DIR --device cuda
 """
 
@@ -59,6 +60,8 @@ def main() -> int:
     p.add_argument("--model", default="tiny")
     p.add_argument("--images", help="folder with captions.csv (image,prompt)")
     p.add_argument("--images-count", type=int, default=3, help="synthetic images when --images is not given")
+    p.add_argument("--scenes", type=int, default=0,
+                   help="use this many held-out procedural scenes with their captions (for --model demo)")
     p.add_argument("--size", type=int, default=None, help="pixels (default: the model's native size)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 5, 10], help="inner steps to try")
@@ -70,7 +73,14 @@ def main() -> int:
 
     pipe = nulltext.load_pipeline(args.model, device=args.device, dtype=args.dtype)
     size = (args.size, args.size) if args.size else pipe.native_size
-    images = folder_images(args.images) if args.images else synthetic_images(args.images_count, size[0], args.seed)
+    if args.scenes:
+        from nulltext import demo, scenes
+
+        images = [(s.image, s.caption) for s in scenes.scenes(args.scenes, demo.HELDOUT_SEED)]
+    elif args.images:
+        images = folder_images(args.images)
+    else:
+        images = synthetic_images(args.images_count, size[0], args.seed)
     base = InversionConfig(num_steps=args.steps, size=size)
     targets = [preprocess(img, size) for img, _ in images]
 

@@ -218,6 +218,8 @@ def plots(out, model_dir):
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    # a resumed run logs again the steps after its last checkpoint: keep the last record of each
+    recs = sorted({(r["stage"], r.get("step", 0)): r for r in recs}.values(), key=lambda r: r.get("step", 0))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     v = [r for r in recs if r["stage"] == "vae"]
     u = [r for r in recs if r["stage"] == "unet"]
@@ -257,8 +259,13 @@ def main(argv=None):
     if args.install:
         if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
             sys.exit(f"error: no trained model in {model_dir}")
+        tmp = demo.DEMO_DIR + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("*.tmp"))
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:  # the current index format
+            json.dump(demo.MODEL_INDEX, f, indent=2)
         shutil.rmtree(demo.DEMO_DIR, ignore_errors=True)
-        shutil.copytree(model_dir, demo.DEMO_DIR)
+        os.replace(tmp, demo.DEMO_DIR)  # a partial copy never sits where --model demo looks
         print(f"installed {model_dir} -> {demo.DEMO_DIR}")
         return
 

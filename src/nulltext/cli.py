@@ -462,13 +462,13 @@ def _source(args, check=None):
         if args.save_inversion:
             raise NulltextError("--save-inversion only applies to an IMAGE input")
         inv = Inversion.load(args.input)
-        _warn_inversion_options_ignored(args)
         if args.prompt is not None and args.prompt != inv.prompt:
             raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
                                 f"is the inversion's (leave out --prompt)")
         if args.size is not None and tuple(args.size) != inv.image_size:
             raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
                                 f"not {args.size[0]}x{args.size[1]}; invert the image again at that size")
+        _warn_inversion_options_ignored(args)  # after the refusals: an error is one line
         pipe = _load_pipe(args, args.model or inv.meta["model"])
         check_fits(inv, pipe, args.input)
         if check is not None:
@@ -634,7 +634,8 @@ def cmd_eval(args) -> int:
         skipped.append("CLIP score needs --clip-model")
     if not args.dino_model:
         skipped.append("the DINO structure distance needs --dino-model")
-    print(f"note: {'; '.join(skipped)}")
+    if skipped:
+        print(f"note: {'; '.join(skipped)}")
     for name in ("results.jsonl", "results.csv", "summary.md"):
         print(f"wrote {os.path.join(args.output, name)}")
     return 0

@@ -74,12 +74,14 @@ def architecture(tokenizer, seed: int = 0):
     return text_encoder, vae, unet
 
 
+# a StableDiffusionPipeline folder (no safety checker): diffusers' own loader opens it too
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
-    "note": "nulltext demo model: trained on procedural scenes by scripts/train_demo_model.py",
     "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
     "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
     "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+    "requires_safety_checker": False,
 }
 
 

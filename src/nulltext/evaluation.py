@@ -61,6 +61,7 @@ class ModelMetrics:
                  lpips: str | None = None) -> None:
         self.device = torch.device(device)
         self.clip = self.dino = self.lpips = None
+        self.lpips_net = lpips
         if lpips:
             self.lpips = load_lpips(lpips, self.device)
         if clip_model:
@@ -412,7 +413,8 @@ def settings_key(pipe, sample: Sample, method: str, config: InversionConfig, edi
            "inversion": dataclasses.replace(config, method=method).to_dict(), "edit": edit_config.to_dict(),
            "sample": dataclasses.asdict(sample),
            "metrics": [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None]
-           + ([True] if getattr(models, "lpips", None) is not None else [])}  # old keys stay valid
+           + ([getattr(models, "lpips_net", "?")] if getattr(models, "lpips", None) is not None else [])}
+    # (the LPIPS backbone only when used, so keys recorded before LPIPS existed stay valid)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
