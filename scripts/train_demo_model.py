@@ -252,6 +252,8 @@ def main(argv=None):
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--install", action="store_true", help="copy OUT/model into the package (src/nulltext/demo_model)")
+    p.add_argument("--export", metavar="DIR", help="write the current checkpoints (EMA weights) as a model folder "
+                   "to DIR, e.g. to sample from a run in progress, and exit")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -276,6 +278,17 @@ def main(argv=None):
 
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder, vae, unet = demo.architecture(tokenizer, seed=args.seed)
+    if args.export:
+        vae.load_state_dict(torch.load(os.path.join(args.out, "ckpt-vae.pt"), weights_only=True)["model"])
+        st = torch.load(os.path.join(args.out, "ckpt-unet.pt"), weights_only=True)
+        unet.load_state_dict(st["ema_unet"])
+        text_encoder.load_state_dict(st["ema_text"])
+        recs = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
+        std = [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1]
+        vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+        save_model(args.export, tokenizer, text_encoder, vae, unet)
+        print(f"wrote {args.export} (UNet step {st['step']})")
+        return
     print(f"params: text {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, "
           f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
           f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M", flush=True)
