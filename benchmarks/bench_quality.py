@@ -62,24 +62,6 @@ def masked_psnr(a, b, keep: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def dilate(mask: np.ndarray) -> np.ndarray:
-    m = mask.copy()
-    m[1:] |= mask[:-1]
-    m[:-1] |= mask[1:]
-    m[:, 1:] |= mask[:, :-1]
-    m[:, :-1] |= mask[:, 1:]
-    return m
-
-
-def region_color(image, mask: np.ndarray) -> str:
-    """The palette colour nearest the mean of ``image`` inside ``mask`` shrunk by one pixel (so
-    anti-aliased edge pixels do not count): what the object region shows, whatever the judge
-    makes of the rest of the image."""
-    inner = ~dilate(~mask)
-    inner = inner if inner.any() else mask
-    return list(scenes.PALETTE)[scenes.nearest_colors(np.asarray(image, np.float64)[inner].mean(0))]
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
@@ -204,15 +186,15 @@ def main() -> int:
             jc, js = scenes.judge(res_c.images[1]), scenes.judge(res_s.images[1])
             edits["color"].append({
                 "ok": jc.color == new_c, "iou": iou(jc.mask, s.mask),
-                "region_ok": region_color(res_c.images[1], s.mask) == new_c,
+                "region_ok": scenes.region_color(res_c.images[1], s.mask) == new_c,
                 "bg_kept": jc.background == s.background,
                 "bg": masked_psnr(res_c.images[1], target, ~s.mask),
-                "bg_dilated": masked_psnr(res_c.images[1], target, ~dilate(s.mask))})
+                "bg_dilated": masked_psnr(res_c.images[1], target, ~scenes.dilate(s.mask))})
             union = s.mask | js.mask
             edits["shape"].append({
                 "ok": js.shape == new_s, "bg_kept": js.background == s.background, "shift": float(np.linalg.norm(centroid(js.mask) - centroid(s.mask))),
                 "bg": masked_psnr(res_s.images[1], target, ~union),
-                "bg_dilated": masked_psnr(res_s.images[1], target, ~dilate(union))})
+                "bg_dilated": masked_psnr(res_s.images[1], target, ~scenes.dilate(union))})
             cell(k, res_c.images[1], f"-> {new_c}")
             cell(k, res_s.images[1], f"-> {new_s}")
         print(f"scene {k + 1}/{len(held)} done ({time.time() - t_start:.0f} s)", flush=True)

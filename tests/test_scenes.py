@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from nulltext.scenes import PALETTE, SHAPES, caption, coverage, render, scenes
+from nulltext.scenes import PALETTE, SHAPES, caption, coverage, dilate, region_color, render, scenes
 
 
 def test_same_seed_same_scenes_other_seed_others():
@@ -77,3 +78,21 @@ def test_judge_fill_ratios_match_the_geometry():
     assert judge(render("red", "triangle", "blue", (32, 36), 24).image).fill == pytest.approx(0.5, abs=0.05)
     empty = judge(render("red", "circle", "blue", (32, 32), 0.5).image)  # too small to see
     assert empty.color is None and empty.background == "blue"
+
+
+def test_dilate_grows_by_one_pixel_without_wrapping():
+    m = np.zeros((5, 5), bool)
+    m[0, 2] = True
+    want = np.zeros((5, 5), bool)
+    want[0, 1:4] = True
+    want[1, 2] = True
+    assert (dilate(m) == want).all()  # nothing appears on row 4 (no wrap-around)
+
+
+def test_region_color_ignores_the_edge_pixels_and_the_rest_of_the_image():
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[:] = PALETTE["red"]
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    img[3:5, 3:5] = PALETTE["green"]  # the inside of the mask; its 1-px rim stays red
+    assert region_color(Image.fromarray(img), mask) == "green"

@@ -128,6 +128,25 @@ def nearest_colors(pixels: np.ndarray) -> np.ndarray:
     return d.argmin(-1)
 
 
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """A boolean mask grown by one pixel (4-neighbourhood, no wrap-around)."""
+    m = mask.copy()
+    m[1:] |= mask[:-1]
+    m[:-1] |= mask[1:]
+    m[:, 1:] |= mask[:, :-1]
+    m[:, :-1] |= mask[:, 1:]
+    return m
+
+
+def region_color(image, mask: np.ndarray) -> str:
+    """The palette colour nearest the mean of ``image`` inside ``mask`` shrunk by one pixel (so
+    anti-aliased edge pixels do not count; the whole mask if nothing is left): what an object's
+    region shows, whatever the rest of the image looks like."""
+    inner = ~dilate(~mask)
+    inner = inner if inner.any() else mask
+    return list(PALETTE)[nearest_colors(np.asarray(image, np.float64)[inner].mean(0))]
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component of a boolean mask."""
     h, w = mask.shape
