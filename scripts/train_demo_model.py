@@ -197,6 +197,11 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids):
     return ema_unet.eval(), ema_text.eval()
 
 
+def set_latent_scale(vae, std: float) -> None:
+    """SD's convention: the VAE's scaling_factor makes the training latents unit-variance."""
+    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+
+
 def save_model(folder, tokenizer, text_encoder, vae, unet):
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -285,8 +290,7 @@ def main(argv=None):
         unet.load_state_dict(st["ema_unet"])
         text_encoder.load_state_dict(st["ema_text"])
         recs = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
-        std = [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1]
-        vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+        set_latent_scale(vae, [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1])
         save_model(args.export, tokenizer, text_encoder, vae, unet)
         print(f"wrote {args.export} (UNet step {st['step']})")
         return
@@ -303,7 +307,7 @@ def main(argv=None):
     vae.requires_grad_(False)
     mean = encode_all(vae, x_train)
     std = mean.std().item()
-    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+    set_latent_scale(vae, std)
     latents = mean / std
     with torch.no_grad():
         val_psnr = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
