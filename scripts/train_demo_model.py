@@ -53,10 +53,10 @@ def gen(seed, stage, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
 
 
-def make_dataset(n, seed):
+def make_dataset(n, seed, pairs=False):
     images = np.empty((n, 64, 64, 3), np.uint8)
     captions = []
-    for k, s in enumerate(scenes.scenes(n, seed)):
+    for k, s in enumerate((scenes.pair_scenes if pairs else scenes.scenes)(n, seed)):
         images[k] = np.asarray(s.image)
         captions.append(s.caption)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, 64, 64)
@@ -229,8 +229,12 @@ def plots(out, model_dir):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     v = [r for r in recs if r["stage"] == "vae"]
     u = [r for r in recs if r["stage"] == "unet"]
-    axes[0].semilogy([r["step"] for r in v], [r["mse"] for r in v])
-    axes[0].set(title="VAE reconstruction MSE", xlabel="step")
+    if v:
+        axes[0].semilogy([r["step"] for r in v], [r["mse"] for r in v])
+        axes[0].set(title="VAE reconstruction MSE", xlabel="step")
+    else:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "VAE kept from --init-from", ha="center", va="center")
     axes[1].plot([r["step"] for r in u], [r["loss"] for r in u])
     axes[1].set(title="UNet epsilon MSE (mean of 50 steps)", xlabel="step")
     fig.tight_layout()
@@ -252,6 +256,11 @@ def main(argv=None):
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-5, help="weight of the per-element KL term")
+    p.add_argument("--train-pairs", type=int, default=0,
+                   help="two-object training scenes added to the one-object ones (scenes.pair_scenes)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="fine-tune: start from this model folder (e.g. src/nulltext/demo_model): its VAE "
+                        "and latent scale are kept (no VAE stage), its UNet and text encoder are trained on")
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--drop", type=float, default=0.1, help="fraction of empty captions")
@@ -284,13 +293,23 @@ def main(argv=None):
 
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder, vae, unet = demo.architecture(tokenizer, seed=args.seed)
+    if args.init_from:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
+        tokenizer.save_pretrained(tok_dir)
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet")
     if args.export:
-        vae.load_state_dict(torch.load(os.path.join(args.out, "ckpt-vae.pt"), weights_only=True)["model"])
         st = torch.load(os.path.join(args.out, "ckpt-unet.pt"), weights_only=True)
         unet.load_state_dict(st["ema_unet"])
         text_encoder.load_state_dict(st["ema_text"])
-        recs = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
-        set_latent_scale(vae, [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1])
+        if not args.init_from:  # a fine-tuning run keeps the VAE it started from
+            vae.load_state_dict(torch.load(os.path.join(args.out, "ckpt-vae.pt"), weights_only=True)["model"])
+            recs = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
+            set_latent_scale(vae, [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1])
         save_model(args.export, tokenizer, text_encoder, vae, unet)
         print(f"wrote {args.export} (UNet step {st['step']})")
         return
@@ -301,17 +320,29 @@ def main(argv=None):
     x_train, captions = make_dataset(args.train_scenes, demo.TRAIN_SEED)
     x_val, _ = make_dataset(128, demo.HELDOUT_SEED)
     x_val = to_unit(x_val)
+    if args.train_pairs:
+        x_pairs, pair_captions = make_dataset(args.train_pairs, demo.TRAIN_PAIR_SEED, pairs=True)
+        x_train, captions = torch.cat([x_train, x_pairs]), captions + pair_captions
+        x_val_pairs = to_unit(make_dataset(128, demo.HELDOUT_PAIR_SEED, pairs=True)[0])
     print(f"rendered {len(captions)} training scenes in {time.time() - t0:.0f}s", flush=True)
 
-    vae = train_vae(args, vae, x_train, x_val)
-    vae.requires_grad_(False)
-    mean = encode_all(vae, x_train)
-    std = mean.std().item()
-    set_latent_scale(vae, std)
-    latents = mean / std
+    if args.init_from:
+        vae.requires_grad_(False).eval()
+        latents = encode_all(vae, x_train) * vae.config.scaling_factor
+    else:
+        vae = train_vae(args, vae, x_train, x_val)
+        vae.requires_grad_(False)
+        mean = encode_all(vae, x_train)
+        std = mean.std().item()
+        set_latent_scale(vae, std)
+        latents = mean / std
+    record = {"stage": "vae-done", "latent_std": 1 / vae.config.scaling_factor}
     with torch.no_grad():
-        val_psnr = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
-    log(args.out, {"stage": "vae-done", "val_psnr": val_psnr, "latent_std": std})
+        record["val_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
+        if args.train_pairs:
+            record["val_psnr_pairs"] = psnr(vae.decode(vae.encode(x_val_pairs).latent_dist.mean).sample, x_val_pairs)
+    record["train_latent_std"] = latents.std().item()
+    log(args.out, record)
 
     ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]

@@ -96,3 +96,36 @@ def test_region_color_ignores_the_edge_pixels_and_the_rest_of_the_image():
     mask[2:6, 2:6] = True
     img[3:5, 3:5] = PALETTE["green"]  # the inside of the mask; its 1-px rim stays red
     assert region_color(Image.fromarray(img), mask) == "green"
+
+
+def test_pair_scenes_are_seeded_disjoint_and_drawn_as_captioned():
+    from nulltext.scenes import pair_caption, pair_scenes
+
+    a, b, c = list(pair_scenes(12, 5)), list(pair_scenes(12, 5)), list(pair_scenes(12, 6))
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert any(x.caption != y.caption for x, y in zip(a, c))
+    for s in a:
+        assert s.caption == pair_caption(s.colors, s.shapes, s.background)
+        assert s.caption.split() == ["a", s.colors[0], s.shapes[0], "and", "a", s.colors[1], s.shapes[1],
+                                     "on", "a", s.background, "background"]
+        assert len({*s.colors, s.background}) == 3
+        m0, m1 = s.masks
+        assert m0.any() and m1.any() and not (m0 & m1).any()
+        px = np.asarray(s.image).astype(int)
+        for m, color in zip(s.masks, s.colors):
+            inner = ~dilate(~m)  # away from the anti-aliased edge the object has exactly its colour
+            assert (px[inner] == PALETTE[color]).all()
+            assert region_color(s.image, m) == color
+        untouched = np.ones((64, 64), bool)  # pixels neither object covers at all
+        for shape, center, radius in zip(s.shapes, s.centers, s.radii):
+            untouched &= coverage(shape, 64, center, radius) == 0.0
+        assert (px[untouched] == PALETTE[s.background]).all()
+
+
+def test_render_pair_refuses_overlap_and_repeated_colours():
+    from nulltext.scenes import render_pair
+
+    with pytest.raises(ValueError, match="overlap"):
+        render_pair(("red", "blue"), ("circle", "square"), "green", ((30, 30), (34, 30)), (8, 8))
+    with pytest.raises(ValueError, match="different colours"):
+        render_pair(("red", "red"), ("circle", "square"), "green", ((12, 12), (50, 50)), (8, 8))

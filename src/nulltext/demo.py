@@ -28,6 +28,8 @@ TOKEN_LENGTH = 16
 IMAGE_SIZE = 64
 TRAIN_SEED = 1  # scenes(n, TRAIN_SEED) are the training set
 HELDOUT_SEED = 2  # scenes(n, HELDOUT_SEED) are held out: benchmarks and tests use them
+TRAIN_PAIR_SEED = 3  # pair_scenes(n, TRAIN_PAIR_SEED): the two-object training scenes
+HELDOUT_PAIR_SEED = 4  # pair_scenes(n, HELDOUT_PAIR_SEED): held-out two-object scenes
 
 
 def demo_available() -> bool:

@@ -103,6 +103,66 @@ def scenes(n: int, seed: int, size: int = 64) -> Iterator[Scene]:
         yield random_scene(np.random.default_rng([seed, k]), size)
 
 
+@dataclass(frozen=True)
+class PairScene:
+    """Two objects of different colours on a background: "a red circle and a blue square on a
+    green background". Training the demo model on these makes it bind each colour and shape word
+    to a place (one-object scenes can be drawn from global conditioning alone)."""
+
+    image: Image.Image
+    masks: tuple[np.ndarray, np.ndarray]  # each (size, size) bool, in caption order
+    colors: tuple[str, str]
+    shapes: tuple[str, str]
+    background: str
+    centers: tuple[tuple[float, float], tuple[float, float]]
+    radii: tuple[float, float]
+
+    @property
+    def caption(self) -> str:
+        return pair_caption(self.colors, self.shapes, self.background)
+
+
+def pair_caption(colors, shapes, background: str) -> str:
+    return f"a {colors[0]} {shapes[0]} and a {colors[1]} {shapes[1]} on a {background} background"
+
+
+def render_pair(colors, shapes, background: str, centers, radii, size: int = 64) -> PairScene:
+    if len({colors[0], colors[1], background}) != 3:
+        raise ValueError("the two objects and the background must have three different colours")
+    pixels = np.broadcast_to(np.array(PALETTE[background], float), (size, size, 3)).copy()
+    masks = []
+    for color, shape, center, radius in zip(colors, shapes, centers, radii):
+        cov = coverage(shape, size, center, radius)[..., None]
+        pixels = cov * np.array(PALETTE[color], float) + (1 - cov) * pixels
+        masks.append(cov[..., 0] >= 0.5)
+    if (masks[0] & masks[1]).any():
+        raise ValueError("the two objects overlap")
+    return PairScene(Image.fromarray(np.rint(pixels).astype(np.uint8)), tuple(masks), tuple(colors),
+                     tuple(shapes), background, tuple(centers), tuple(radii))
+
+
+def random_pair_scene(rng: np.random.Generator, size: int = 64, min_radius: float = 0.12,
+                      max_radius: float = 0.22) -> PairScene:
+    """Two objects with three different colours (objects and background), uniformly drawn shapes
+    and radii, placed inside the image without touching (redrawn until they do not)."""
+    names = list(PALETTE)
+    c0, c1, bg = (names[i] for i in rng.permutation(len(names))[:3])
+    shapes = tuple(SHAPES[i] for i in rng.integers(len(SHAPES), size=2))
+    while True:
+        radii = tuple(float(r) * size for r in rng.uniform(min_radius, max_radius, size=2))
+        centers = tuple((float(rng.uniform(r + 1, size - r - 1)), float(rng.uniform(r + 1, size - r - 1)))
+                        for r in radii)
+        # circumscribed circles apart by two pixels: the shapes cannot touch
+        if np.hypot(centers[0][0] - centers[1][0], centers[0][1] - centers[1][1]) >= radii[0] * 1.42 + radii[1] * 1.42 + 2:
+            return render_pair((c0, c1), shapes, bg, centers, radii, size)
+
+
+def pair_scenes(n: int, seed: int, size: int = 64) -> Iterator[PairScene]:
+    """``n`` two-object scenes, the same ones for the same seed (scene k depends only on (seed, k))."""
+    for k in range(n):
+        yield random_pair_scene(np.random.default_rng([seed, k]), size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Judging an image (generated or edited) against the generator's palette and geometry
 
