@@ -129,3 +129,19 @@ def test_render_pair_refuses_overlap_and_repeated_colours():
         render_pair(("red", "blue"), ("circle", "square"), "green", ((30, 30), (34, 30)), (8, 8))
     with pytest.raises(ValueError, match="different colours"):
         render_pair(("red", "red"), ("circle", "square"), "green", ((12, 12), (50, 50)), (8, 8))
+
+
+def test_judge_objects_reads_both_objects_of_pair_scenes():
+    from nulltext.scenes import judge_objects, pair_scenes
+
+    for s in pair_scenes(60, 7):
+        background, objects = judge_objects(s.image)
+        assert background == s.background
+        assert sorted((c, sh) for c, sh, _ in objects) == sorted(zip(s.colors, s.shapes))
+        for color, _shape, mask in objects:
+            truth = s.masks[s.colors.index(color)]
+            assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+    # one object: the second is simply not there
+    one = next(iter(scenes(1, seed=0)))
+    background, objects = judge_objects(one.image)
+    assert background == one.background and [(c, sh) for c, sh, _ in objects] == [(one.color, one.shape)]

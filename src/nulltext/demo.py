@@ -109,8 +109,9 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
 
 
 def generate_grid(pipe, seed: int = 0, num_steps: int = 50):
-    """A labelled grid of samples: each shape in each colour, on varying backgrounds."""
-    from .scenes import PALETTE, SHAPES, caption
+    """A labelled grid of samples: each shape in each colour, on varying backgrounds, and a row of
+    two-object captions (each colour must go to its own shape)."""
+    from .scenes import PALETTE, SHAPES, caption, pair_caption
     from .visual import labelled_grid
 
     colors = list(PALETTE)
@@ -120,4 +121,10 @@ def generate_grid(pipe, seed: int = 0, num_steps: int = 50):
         images = generate(pipe, prompts, seed=seed + i, num_steps=num_steps)
         rows.append([(im.resize((128, 128), 0), p.replace(" on a ", " / ").replace(" background", ""))
                      for im, p in zip(images, prompts)])
+    n = len(colors)
+    prompts = [pair_caption((colors[j], colors[(j + 2) % n]), (SHAPES[j % 3], SHAPES[(j + 1) % 3]), colors[(j + 4) % n])
+               for j in range(n)]
+    images = generate(pipe, prompts, seed=seed + len(SHAPES), num_steps=num_steps)
+    rows.append([(im.resize((128, 128), 0), p.replace(" on a ", " / ").replace(" background", "").replace(" and a ", " + "))
+                 for im, p in zip(images, prompts)])
     return labelled_grid(rows)

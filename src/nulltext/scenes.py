@@ -255,3 +255,38 @@ def judge(image) -> Judgement:
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     shape = "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
     return Judgement(color, shape, names[bg], mask, float(fill))
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of a boolean mask, largest first."""
+    rest, out = mask.copy(), []
+    while rest.any():
+        c = largest_component(rest)
+        out.append(c)
+        rest &= ~c
+    return out
+
+
+def judge_objects(image, k: int = 2) -> tuple[str, list[tuple[str, str, np.ndarray]]]:
+    """(background, [(colour, shape, mask), ...]) for the ``k`` largest objects of an image: as
+    :func:`judge`, with the non-background pixels split by palette colour into connected regions,
+    each region's shape told by its fill ratio. Regions of under 16 pixels or under an eighth of
+    the largest region (strips of anti-aliased edge pixels nearest a third colour) are ignored."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    names = list(PALETTE)
+    idx = nearest_colors(pixels)
+    border = np.concatenate([idx[0], idx[-1], idx[:, 0], idx[:, -1]])
+    bg = int(np.bincount(border, minlength=len(names)).argmax())
+    found = []
+    for c in range(len(names)):
+        if c != bg:
+            found += [(int(m.sum()), names[c], m) for m in components(idx == c) if m.sum() >= 16]
+    found.sort(key=lambda f: -f[0])
+    found = [f for f in found if f[0] >= found[0][0] / 8]
+    objects = []
+    for _, color, m in found[:k]:
+        ys, xs = np.nonzero(m)
+        fill = m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        shape = "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
+        objects.append((color, shape, m))
+    return names[bg], objects
