@@ -301,7 +301,15 @@ def main(argv=None):
         tokenizer.save_pretrained(tok_dir)
         text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
         vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet")
+        # the weights the current architecture shares with the initial model; parts it no longer
+        # has (e.g. an older version's pooled text embedding) are left out, new parts keep their
+        # seeded initial values
+        old = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet").state_dict()
+        new = unet.state_dict()
+        shared = {k: v for k, v in old.items() if k in new and new[k].shape == v.shape}
+        unet.load_state_dict(shared, strict=False)
+        print(f"--init-from: {len(shared)} of {len(new)} UNet tensors loaded, "
+              f"{len(old) - len(shared)} of the initial model's left out", flush=True)
     if args.export:
         st = torch.load(os.path.join(args.out, "ckpt-unet.pt"), weights_only=True)
         unet.load_state_dict(st["ema_unet"])

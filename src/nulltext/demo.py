@@ -9,9 +9,10 @@ through the same ``from_pretrained`` path as an SD checkpoint. Its sizes differ 
 - images 64x64, VAE 64 -> 16x16 latents with 4 channels (3 blocks: 4x downsampling);
 - tokenizer with one token per word and 16 positions (so the few words of a caption compete
   with few padding keys in cross-attention);
-- the UNet adds a pooled text embedding to its time embedding (diffusers'
-  ``addition_embed_type="text"``, computed inside the UNet from the same text states), so global
-  facts need not travel through cross-attention and it can specialise spatially.
+- text reaches the UNet only through cross-attention, as in SD v1/v2 (an earlier version also
+  added a pooled text embedding to the time embedding, diffusers' ``addition_embed_type="text"``:
+  that global path let the model draw a scene without binding any word to a place, so its
+  attention maps were not localised and Prompt-to-Prompt's local blend could not work).
 
 ``scripts/train_demo_model.py`` trains it; :func:`architecture` is the single definition of the
 architecture both use.
@@ -71,8 +72,7 @@ def architecture(tokenizer, seed: int = 0):
         sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(48, 96, 96), norm_num_groups=16, cross_attention_dim=128, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        addition_embed_type="text", addition_embed_type_num_heads=4)
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     return text_encoder, vae, unet
 
 
