@@ -217,7 +217,7 @@ def save_model(folder, tokenizer, text_encoder, vae, unet):
     os.replace(tmp, folder)
 
 
-def plots(out, model_dir):
+def plots(out, model_dir, sample_steps=50):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +244,7 @@ def plots(out, model_dir):
     from nulltext.models import load_pipeline
 
     pipe = load_pipeline(model_dir, device="cpu")
-    generate_grid(pipe, seed=0).save(os.path.join(out, "samples.png"))
+    generate_grid(pipe, seed=0, num_steps=sample_steps).save(os.path.join(out, "samples.png"))
 
 
 def main(argv=None):
@@ -266,6 +266,7 @@ def main(argv=None):
     p.add_argument("--drop", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the final sample grid")
     p.add_argument("--install", action="store_true", help="copy OUT/model into the package (src/nulltext/demo_model)")
     p.add_argument("--export", metavar="DIR", help="write the current checkpoints (EMA weights) as a model folder "
                    "to DIR, e.g. to sample from a run in progress, and exit")
@@ -357,7 +358,7 @@ def main(argv=None):
     unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids)
     save_model(model_dir, tokenizer, text_encoder, vae, unet)
     log(args.out, {"stage": "done", "model": model_dir})
-    plots(args.out, model_dir)
+    plots(args.out, model_dir, args.sample_steps)
     print(f"wrote {model_dir}, {args.out}/losses.png, {args.out}/samples.png")
 
 
