@@ -231,17 +231,30 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask, bool)
 
 
+def _palette_indices(image) -> tuple[np.ndarray, np.ndarray, int]:
+    """(pixels, index of each pixel's nearest palette colour, index of the background: the
+    commonest colour on the border)."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    idx = nearest_colors(pixels)
+    border = np.concatenate([idx[0], idx[-1], idx[:, 0], idx[:, -1]])
+    return pixels, idx, int(np.bincount(border, minlength=len(PALETTE)).argmax())
+
+
+def _shape_of(mask: np.ndarray) -> tuple[str, float]:
+    """(shape, fill): the shape told by how much of its bounding box a region fills."""
+    ys, xs = np.nonzero(mask)
+    fill = float(mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+    return ("triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"), fill
+
+
 def judge(image) -> Judgement:
     """Read colour, shape and background off an image with the generator's palette: every pixel
     takes the nearest palette colour; the background is the commonest colour on the border; the
     object is the largest connected region of other colours, its colour the commonest there (the
     region is then redrawn at half coverage between the two colours), its shape told by how much
     of its bounding box it fills."""
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    pixels, idx, bg = _palette_indices(image)
     names = list(PALETTE)
-    idx = nearest_colors(pixels)
-    border = np.concatenate([idx[0], idx[-1], idx[:, 0], idx[:, -1]])
-    bg = int(np.bincount(border, minlength=len(names)).argmax())
     mask = largest_component(idx != bg)
     if mask.sum() < 4:
         return Judgement(None, None, names[bg], mask, 0.0)
@@ -251,10 +264,8 @@ def judge(image) -> Judgement:
     fg, bgc = np.array(PALETTE[color], float), np.array(PALETTE[names[bg]], float)
     cov = ((pixels.astype(float) - bgc) @ (fg - bgc)) / ((fg - bgc) @ (fg - bgc))
     mask = largest_component(cov >= 0.49)  # 0.49: a half-covered pixel stays in after 8-bit rounding
-    ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
-    return Judgement(color, shape, names[bg], mask, float(fill))
+    shape, fill = _shape_of(mask)
+    return Judgement(color, shape, names[bg], mask, fill)
 
 
 def components(mask: np.ndarray) -> list[np.ndarray]:
@@ -272,11 +283,8 @@ def judge_objects(image, k: int = 2) -> tuple[str, list[tuple[str, str, np.ndarr
     :func:`judge`, with the non-background pixels split by palette colour into connected regions,
     each region's shape told by its fill ratio. Regions of under 16 pixels or under an eighth of
     the largest region (strips of anti-aliased edge pixels nearest a third colour) are ignored."""
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    _, idx, bg = _palette_indices(image)
     names = list(PALETTE)
-    idx = nearest_colors(pixels)
-    border = np.concatenate([idx[0], idx[-1], idx[:, 0], idx[:, -1]])
-    bg = int(np.bincount(border, minlength=len(names)).argmax())
     found = []
     for c in range(len(names)):
         if c != bg:
@@ -285,8 +293,5 @@ def judge_objects(image, k: int = 2) -> tuple[str, list[tuple[str, str, np.ndarr
     found = [f for f in found if f[0] >= found[0][0] / 8]
     objects = []
     for _, color, m in found[:k]:
-        ys, xs = np.nonzero(m)
-        fill = m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-        shape = "triangle" if fill < FILL_TRIANGLE_CIRCLE else "circle" if fill < FILL_CIRCLE_SQUARE else "square"
-        objects.append((color, shape, m))
+        objects.append((color, _shape_of(m)[0], m))
     return names[bg], objects
