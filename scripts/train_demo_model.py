@@ -85,6 +85,12 @@ def psnr(a, b):  # images in [-1, 1]
     return (10 * torch.log10(1 / mse)).mean().item()
 
 
+@torch.no_grad()
+def vae_psnr(vae, x):
+    """Mean PSNR of the VAE round trip (posterior mean) of images ``x`` in [-1, 1]."""
+    return psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
+
+
 def train_vae(args, vae, x_train, x_val):
     path = os.path.join(args.out, "ckpt-vae.pt")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -117,7 +123,7 @@ def train_vae(args, vae, x_train, x_val):
             if (step + 1) % 250 == 0:
                 vae.eval()
                 with torch.no_grad():
-                    rec_val = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
+                    rec_val = vae_psnr(vae, x_val)
                 vae.train()
             log(args.out, {"stage": "vae", "step": step + 1, "mse": mse.item(), "kl": kl.item(),
                            "val_psnr": rec_val, "elapsed": round(time.time() - t0, 1)})
@@ -288,18 +294,18 @@ def main(argv=None):
         return
 
     tok_dir = os.path.join(args.out, "tokenizer")
-    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+    if not os.path.isfile(os.path.join(tok_dir, "vocab.json")) and not args.init_from:
         demo.build_tokenizer(tok_dir)
     from transformers import CLIPTokenizer
 
+    if args.init_from:  # the initial model's tokenizer, not a newly built one
+        CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer").save_pretrained(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder, vae, unet = demo.architecture(tokenizer, seed=args.seed)
     if args.init_from:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        tokenizer = CLIPTokenizer.from_pretrained(args.init_from, subfolder="tokenizer")
-        tokenizer.save_pretrained(tok_dir)
         text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder")
         vae = AutoencoderKL.from_pretrained(args.init_from, subfolder="vae")
         # the weights the current architecture shares with the initial model; parts it no longer
@@ -346,10 +352,9 @@ def main(argv=None):
         set_latent_scale(vae, std)
         latents = mean / std
     record = {"stage": "vae-done", "latent_std": 1 / vae.config.scaling_factor}
-    with torch.no_grad():
-        record["val_psnr"] = psnr(vae.decode(vae.encode(x_val).latent_dist.mean).sample, x_val)
-        if args.train_pairs:
-            record["val_psnr_pairs"] = psnr(vae.decode(vae.encode(x_val_pairs).latent_dist.mean).sample, x_val_pairs)
+    record["val_psnr"] = vae_psnr(vae, x_val)
+    if args.train_pairs:
+        record["val_psnr_pairs"] = vae_psnr(vae, x_val_pairs)
     record["train_latent_std"] = latents.std().item()
     log(args.out, record)
 
