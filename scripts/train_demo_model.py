@@ -53,14 +53,81 @@ def gen(seed, stage, step):
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
 
 
-def make_dataset(n, seed, pairs=False):
+# Token grounding (--ground-weight): which region each caption token names. Regions: 0 the
+# first (or only) object, 1 the second object, 2 the background; -1 no region ("a", "on", "and",
+# start/end/padding). Keys are token positions (start token at 0, then one token per word).
+SINGLE_ROLES = {2: 0, 3: 0, 6: 2, 7: 2}  # a COLOR SHAPE on a BG background
+PAIR_ROLES = {2: 0, 3: 0, 6: 1, 7: 1, 10: 2, 11: 2}  # a C1 S1 and a C2 S2 on a BG background
+
+
+def make_dataset(n, seed, pairs=False, length=demo.TOKEN_LENGTH):
+    """Images (uint8 (n, 3, 64, 64)), captions, region masks at the latent size (float16 (n, 3,
+    16, 16): each pixel's coverage by object 1, object 2, background) and token roles (int8 (n,
+    length), see SINGLE_ROLES)."""
     images = np.empty((n, 64, 64, 3), np.uint8)
+    masks = np.zeros((n, 3, 64, 64), np.float32)
     captions = []
     for k, s in enumerate((scenes.pair_scenes if pairs else scenes.scenes)(n, seed)):
         images[k] = np.asarray(s.image)
         captions.append(s.caption)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, 64, 64)
-    return x, captions
+        objects = s.masks if pairs else (s.mask,)
+        for j, m in enumerate(objects):
+            masks[k, j] = m
+        masks[k, 2] = ~np.logical_or.reduce(objects)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    regions = F.avg_pool2d(torch.from_numpy(masks), 4).half()
+    roles = torch.full((n, length), -1, dtype=torch.int8)
+    for pos, region in (PAIR_ROLES if pairs else SINGLE_ROLES).items():
+        roles[:, pos] = region
+    return x, captions, regions, roles
+
+
+class GroundingProcessor:
+    """Training-time cross-attention processor: diffusers' plain attention, keeping the attention
+    probabilities (with their graph) in ``store`` for the grounding loss."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        from nulltext.processors import _finish, _project
+
+        q, k, v, mask, restore = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K)
+        self.store.append(probs.view(-1, attn.heads, *probs.shape[1:]))
+        return _finish(attn, probs, v, restore)
+
+
+def install_grounding(unet) -> list:
+    """Put GroundingProcessor on every cross-attention layer; returns the list it fills and the
+    processors it replaced (to put back with ``unet.set_attn_processor``)."""
+    store: list = []
+    previous = dict(unet.attn_processors)
+    procs = {name: GroundingProcessor(store) if name.endswith("attn2.processor") else proc
+             for name, proc in previous.items()}
+    unet.set_attn_processor(procs)
+    return store, previous
+
+
+def grounding_loss(store, regions, roles):
+    """Token grounding loss (after TokenCompose, Wang et al., CVPR 2024): for each token that names
+    a region, 1 - the share of its cross-attention (averaged over heads) that falls inside that
+    region, averaged over tokens and cross-attention layers. 0 = every grounded word attends only
+    to its own region. ``regions`` (B, 3, h, w) coverage at the latent size, ``roles`` (B, K)."""
+    valid = (roles >= 0).float()
+    if valid.sum() == 0:
+        return torch.zeros(())
+    index = roles.long().clamp(min=0)
+    losses = []
+    for probs in store:
+        a = probs.float().mean(1).transpose(1, 2)  # (B, K, Q)
+        side = int(round(a.shape[-1] ** 0.5))
+        reg = F.adaptive_avg_pool2d(regions.float(), side).flatten(2)  # (B, 3, Q)
+        target = torch.gather(reg, 1, index[..., None].expand(-1, -1, a.shape[-1]))  # (B, K, Q)
+        inside = (a * target).sum(-1) / a.sum(-1).clamp_min(1e-12)
+        losses.append(((1 - inside) * valid).sum() / valid.sum())
+    return torch.stack(losses).mean()
 
 
 def to_unit(x_uint8):
@@ -146,7 +213,7 @@ def tokenize(tokenizer, captions):
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(args, unet, text_encoder, latents, ids, empty_ids):
+def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, roles=None):
     import copy
 
     path = os.path.join(args.out, "ckpt-unet.pt")
@@ -165,10 +232,11 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids):
         print(f"resuming UNet at step {start}", flush=True)
     sched = make_scheduler()
     abar = sched.alphas_cumprod
+    store, previous = install_grounding(unet) if args.ground_weight > 0 else (None, None)
     unet.train()
     text_encoder.train()
     t0 = time.time()
-    running = []
+    running, running_ground = [], []
     for step in range(start, args.unet_steps):
         g = gen(args.seed, 2, step)
         idx = torch.randint(len(latents), (args.batch,), generator=g)
@@ -183,23 +251,37 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=200)
         emb = text_encoder(tok)[0]
+        if store is not None:
+            store.clear()
         pred = unet(zt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, eps)
+        loss = mse = F.mse_loss(pred, eps)
+        if store is not None:
+            role = roles[idx].clone()
+            role[drop] = -1  # an empty caption names nothing
+            ground = grounding_loss(store, regions[idx], role)
+            running_ground.append(ground.item())
+            loss = loss + args.ground_weight * ground
+            store.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_update(ema_unet, unet, step)
         ema_update(ema_text, text_encoder, step)
-        running.append(loss.item())
+        running.append(mse.item())
         if (step + 1) % 50 == 0:
-            log(args.out, {"stage": "unet", "step": step + 1, "loss": float(np.mean(running)),
-                           "lr": opt.param_groups[0]["lr"], "elapsed": round(time.time() - t0, 1)})
-            running = []
+            record = {"stage": "unet", "step": step + 1, "loss": float(np.mean(running)),
+                      "lr": opt.param_groups[0]["lr"], "elapsed": round(time.time() - t0, 1)}
+            if store is not None:
+                record["ground"] = float(np.mean(running_ground))
+            log(args.out, record)
+            running, running_ground = [], []
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
             save_ckpt(path, unet=unet.state_dict(), text=text_encoder.state_dict(),
                       ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(),
                       opt=opt.state_dict(), step=step + 1)
+    if store is not None:
+        unet.set_attn_processor(previous)
     return ema_unet.eval(), ema_text.eval()
 
 
@@ -269,6 +351,10 @@ def main(argv=None):
                         "and latent scale are kept (no VAE stage), its UNet and text encoder are trained on")
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--ground-weight", type=float, default=0.0,
+                   help="weight of the token grounding loss on the cross-attention maps (0: off): each "
+                        "colour/shape word is trained to attend to its object's mask, the background "
+                        "words to the background (the generator's ground-truth masks)")
     p.add_argument("--drop", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
@@ -332,13 +418,15 @@ def main(argv=None):
           f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
           f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M", flush=True)
     t0 = time.time()
-    x_train, captions = make_dataset(args.train_scenes, demo.TRAIN_SEED)
-    x_val, _ = make_dataset(128, demo.HELDOUT_SEED)
-    x_val = to_unit(x_val)
+    length = tokenizer.model_max_length
+    x_train, captions, regions, roles = make_dataset(args.train_scenes, demo.TRAIN_SEED, length=length)
+    x_val = to_unit(make_dataset(128, demo.HELDOUT_SEED, length=length)[0])
     if args.train_pairs:
-        x_pairs, pair_captions = make_dataset(args.train_pairs, demo.TRAIN_PAIR_SEED, pairs=True)
+        x_pairs, pair_captions, pair_regions, pair_roles = make_dataset(
+            args.train_pairs, demo.TRAIN_PAIR_SEED, pairs=True, length=length)
         x_train, captions = torch.cat([x_train, x_pairs]), captions + pair_captions
-        x_val_pairs = to_unit(make_dataset(128, demo.HELDOUT_PAIR_SEED, pairs=True)[0])
+        regions, roles = torch.cat([regions, pair_regions]), torch.cat([roles, pair_roles])
+        x_val_pairs = to_unit(make_dataset(128, demo.HELDOUT_PAIR_SEED, pairs=True, length=length)[0])
     print(f"rendered {len(captions)} training scenes in {time.time() - t0:.0f}s", flush=True)
 
     if args.init_from:
@@ -360,7 +448,13 @@ def main(argv=None):
 
     ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
-    unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids)
+    if args.ground_weight > 0:  # the roles assume one token per word after the start token
+        for c in (captions[0], captions[-1]):
+            words = c.split()
+            got = tokenizer(c).input_ids
+            if len(got) != len(words) + 2:
+                sys.exit(f"error: --ground-weight needs one token per word; {c!r} has {len(got) - 2} tokens")
+    unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions, roles)
     save_model(model_dir, tokenizer, text_encoder, vae, unet)
     log(args.out, {"stage": "done", "model": model_dir})
     plots(args.out, model_dir, args.sample_steps)

@@ -1,6 +1,7 @@
 """scripts/train_demo_model.py on a few steps: it writes a model folder that nulltext loads, an
 interrupted run resumes to the same weights as an uninterrupted one, and --init-from keeps the
-VAE it starts from and fine-tunes the rest on one- and two-object scenes."""
+VAE it starts from and fine-tunes the rest on one- and two-object scenes; the token grounding
+loss against hand-computed values."""
 
 from __future__ import annotations
 
@@ -70,9 +71,88 @@ def test_an_interrupted_run_resumes_to_the_same_weights(train, straight, tmp_pat
 
 def test_init_from_keeps_the_vae_and_trains_on_pairs(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--train-pairs", "8",
-           "--unet-steps", "2", *SMALL])
+                "--unet-steps", "2", "--ground-weight", "0.1", *SMALL])
     before, after = weights(straight / "model"), weights(tmp_path / "model")
     assert same(before, after, "vae.")
     assert not same(before, after, "unet.") and not same(before, after, "text_encoder.")
     log = (tmp_path / "log.jsonl").read_text()
     assert '"val_psnr_pairs"' in log and '"stage": "vae"' not in log  # no VAE stage was run
+    assert '"ground"' in log  # the grounding loss was on
+    # the saved UNet runs with diffusers' own processors again
+    pipe = load_pipeline(str(tmp_path / "model"), device="cpu")
+    assert not any(type(p).__name__ == "GroundingProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_grounding_loss_hand_computed(train):
+    # one image, 2x2 latent, 3 tokens; token 1 names region 0 (object), token 2 region 2 (background)
+    regions = torch.zeros(1, 3, 2, 2)
+    regions[0, 0] = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
+    regions[0, 2] = 1 - regions[0, 0]
+    roles = torch.tensor([[-1, 0, 2]], dtype=torch.int8)
+    p = torch.rand(1, 2, 4, 3) + 0.1
+    probs = p / p.sum(-1, keepdim=True)  # (B, heads, Q, K), rows sum to 1
+    a = probs.mean(1)[0]  # (Q, K) averaged over heads
+    obj, bg = regions[0, 0].flatten(), regions[0, 2].flatten()
+    inside1 = (a[:, 1] * obj).sum() / a[:, 1].sum()
+    inside2 = (a[:, 2] * bg).sum() / a[:, 2].sum()
+    expected = ((1 - inside1) + (1 - inside2)) / 2
+    got = train.grounding_loss([probs, probs], regions, roles)  # two layers, same maps
+    assert torch.allclose(got, expected, atol=1e-6)
+    # a token attending only inside its region costs nothing; one attending only outside costs 1
+    perfect = torch.zeros(1, 1, 4, 3)
+    perfect[0, 0, 0] = torch.tensor([0.0, 1.0, 0.0])  # pixel (0,0): fully object
+    perfect[0, 0, 1:] = torch.tensor([0.0, 0.0, 1.0])
+    perfect[0, 0, 3, 0] = 1.0  # token 0 has no region: ignored
+    perfect[0, 0, 3, 2] = 0.0
+    roles_obj = torch.tensor([[-1, 0, -1]], dtype=torch.int8)
+    assert train.grounding_loss([perfect], regions, roles_obj).item() == pytest.approx(0.0)
+    roles_wrong = torch.tensor([[-1, 2, -1]], dtype=torch.int8)  # token 1 said to name the background
+    assert train.grounding_loss([perfect], regions, roles_wrong).item() == pytest.approx(1.0)
+    # at a coarser layer the regions are averaged down (4x4 -> 2x2)
+    big = regions.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert torch.allclose(train.grounding_loss([probs], big, roles), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_token_roles_name_the_caption_words(train, pairs):
+    from transformers import CLIPTokenizer
+
+    from nulltext import demo, scenes
+
+    tokenizer = CLIPTokenizer.from_pretrained(demo.DEMO_DIR, subfolder="tokenizer")
+    x, captions, regions, roles = train.make_dataset(4, 7, pairs=pairs)
+    made = list((scenes.pair_scenes if pairs else scenes.scenes)(4, 7))
+    for s, caption, reg, role in zip(made, captions, regions, roles):
+        words = [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)]
+        named = {int(r): [words[i] for i in range(len(words)) if role[i] == r] for r in (0, 1, 2)}
+        colors = s.colors if pairs else (s.color,)
+        shapes = s.shapes if pairs else (s.shape,)
+        for j in range(len(colors)):
+            assert named[j] == [colors[j], shapes[j]]
+        assert named[2] == [s.background, "background"]
+        objects = s.masks if pairs else (s.mask,)
+        for j, m in enumerate(objects):  # coverage of each 4x4 block by the object
+            assert torch.allclose(reg[j].float(), torch.from_numpy(m.reshape(16, 4, 16, 4).mean((1, 3))).float(), atol=1e-3)
+        assert torch.allclose(reg.float().sum(0), torch.ones(16, 16), atol=1e-3)
+
+
+def test_grounding_processor_is_plain_attention_and_keeps_the_maps(train):
+    from diffusers import UNet2DConditionModel
+
+    from nulltext import demo
+
+    unet = UNet2DConditionModel.from_pretrained(demo.DEMO_DIR, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    z, emb = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 16, 128, generator=g)
+    t = torch.tensor([500, 20])
+    with torch.no_grad():
+        plain = unet(z, t, encoder_hidden_states=emb).sample
+        store, previous = train.install_grounding(unet)
+        kept = unet(z, t, encoder_hidden_states=emb).sample
+    assert torch.allclose(plain, kept, atol=1e-5)
+    n_cross = sum(name.endswith("attn2.processor") for name in previous)
+    assert n_cross > 0 and len(store) == n_cross  # one map per cross-attention layer
+    for probs in store:
+        assert probs.shape[0] == 2 and probs.shape[-1] == 16  # (B, heads, Q, tokens)
+        assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
+    assert sorted({p.shape[2] for p in store}) == [16, 64, 256]  # 4x4 mid, 8x8 and 16x16 levels
