@@ -200,6 +200,112 @@ def train_vae(args, vae, x_train, x_val):
     return vae
 
 
+def composite_masks(n, size, g):
+    """(n, 1, size, size) float masks at the latent size: half of them empty, the others one
+    random rectangle 2 to size*5/8 cells on a side (what a local-blend mask looks like)."""
+    masks = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        if torch.rand((), generator=g) < 0.5:
+            continue
+        h, w = (int(v) for v in torch.randint(2, size * 5 // 8 + 1, (2,), generator=g))
+        y, x = int(torch.randint(0, size - h + 1, (), generator=g)), int(torch.randint(0, size - w + 1, (), generator=g))
+        masks[i, 0, y:y + h, x:x + w] = 1
+    return masks
+
+
+def seam(mask):
+    """Latent cells next to a mask's edge (inside or outside, 8-neighbourhood)."""
+    grown = F.max_pool2d(mask, 3, 1, 1)
+    shrunk = 1 - F.max_pool2d(1 - mask, 3, 1, 1)
+    return grown - shrunk
+
+
+def composite_batch(vae, x, masks, perm, g):
+    """Latents of images ``x`` (posterior samples) with the cells of ``masks`` taken from the
+    images ``x[perm]``, the pixels such a latent should decode to, and per-pixel loss weights
+    that leave out the seam (the cells along the mask's edge, where either image is right)."""
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+    f = x.shape[-1] // z.shape[-1]
+    up = F.interpolate(masks, scale_factor=f, mode="nearest")
+    z_mix = z * (1 - masks) + z[perm] * masks
+    x_mix = x * (1 - up) + x[perm] * up
+    weight = 1 - F.interpolate(seam(masks), scale_factor=f, mode="nearest")
+    return z_mix, x_mix, weight
+
+
+@torch.no_grad()
+def composite_psnr(vae, x, seed=0):
+    """Locality of the decoder: PSNR, outside the composited cells and their seam, between the
+    decoded composite latent and the decoded latent of the image itself (posterior means). A
+    decoder with global statistics (GroupNorm, attention) carries a local change everywhere."""
+    z = vae.encode(x).latent_dist.mean
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(len(x), 1, *z.shape[-2:])
+    for i in range(len(x)):  # one rectangle a quarter of the image in each, at a seeded place
+        y, c = (int(v) for v in torch.randint(0, z.shape[-1] // 2 + 1, (2,), generator=g))
+        masks[i, 0, y:y + z.shape[-1] // 2, c:c + z.shape[-1] // 2] = 1
+    perm = torch.roll(torch.arange(len(x)), 1)
+    plain = vae.decode(z).sample.clamp(-1, 1)
+    mixed = vae.decode(z * (1 - masks) + z[perm] * masks).sample.clamp(-1, 1)
+    f = x.shape[-1] // z.shape[-1]
+    keep = 1 - F.interpolate(F.max_pool2d(masks, 3, 1, 1), scale_factor=f, mode="nearest")
+    mse = (((mixed - plain) / 2).pow(2) * keep).flatten(1).sum(1) / (keep.flatten(1).sum(1) * 3)
+    return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+
+
+def train_decoder(args, vae, x_train, x_val):
+    """Fine-tune the VAE decoder with the encoder frozen (the latent space, its scale and so the
+    UNet stay valid) so that decoding is local: half of each batch are latent composites (a
+    rectangle of cells from another image), the target the matching pixel composite. Prompt-to-
+    Prompt's local blend edits the latent inside a mask only; a decoder whose GroupNorm statistics
+    and attention are global would carry the edit into the background."""
+    path = os.path.join(args.out, "ckpt-decoder.pt")
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    start = 0
+    if os.path.exists(path):
+        st = torch.load(path, weights_only=True)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        print(f"resuming decoder at step {start}", flush=True)
+    vae.eval()  # no dropout; the encoder is frozen
+    x_check = x_val[:64]
+    if start == 0:
+        log(args.out, {"stage": "decoder", "step": 0, "val_psnr": vae_psnr(vae, x_check),
+                       "composite_psnr": composite_psnr(vae, x_check)})
+    t0 = time.time()
+    for step in range(start, args.decoder_steps):
+        g = gen(args.seed, 3, step)
+        idx = torch.randint(len(x_train), (args.batch,), generator=g)
+        x = to_unit(x_train[idx])
+        masks = composite_masks(args.batch, x.shape[-1] // 4, g)
+        perm = torch.randperm(args.batch, generator=g)
+        z, target, weight = composite_batch(vae, x, masks, perm, g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.decoder_steps, args.decoder_lr, warmup=50)
+        rec = vae.decode(z).sample
+        loss = ((rec - target).pow(2) * weight).sum() / (weight.sum() * 3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            record = {"stage": "decoder", "step": step + 1, "mse": loss.item(), "elapsed": round(time.time() - t0, 1)}
+            if (step + 1) % 250 == 0 or step + 1 == args.decoder_steps:
+                record["val_psnr"] = vae_psnr(vae, x_check)
+                record["composite_psnr"] = composite_psnr(vae, x_check)
+            log(args.out, record)
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.decoder_steps:
+            save_ckpt(path, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+    vae.requires_grad_(False)
+    return vae
+
+
 @torch.no_grad()
 def encode_all(vae, x_uint8, batch=256):
     out = []
@@ -349,6 +455,10 @@ def main(argv=None):
     p.add_argument("--init-from", metavar="MODEL",
                    help="fine-tune: start from this model folder (e.g. src/nulltext/demo_model): its VAE "
                         "and latent scale are kept (no VAE stage), its UNet and text encoder are trained on")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="with --init-from: first fine-tune the VAE decoder this many steps on latent "
+                        "composites (encoder frozen) so that decoding is local, as the local blend assumes")
+    p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--unet-lr", type=float, default=5e-4)
     p.add_argument("--ground-weight", type=float, default=0.0,
@@ -407,7 +517,10 @@ def main(argv=None):
         st = torch.load(os.path.join(args.out, "ckpt-unet.pt"), weights_only=True)
         unet.load_state_dict(st["ema_unet"])
         text_encoder.load_state_dict(st["ema_text"])
-        if not args.init_from:  # a fine-tuning run keeps the VAE it started from
+        dec = os.path.join(args.out, "ckpt-decoder.pt")
+        if args.init_from and os.path.exists(dec):  # a fine-tuning run's decoder stage
+            vae.load_state_dict(torch.load(dec, weights_only=True)["model"])
+        if not args.init_from:  # a fine-tuning run keeps the VAE (encoder and scale) it started from
             vae.load_state_dict(torch.load(os.path.join(args.out, "ckpt-vae.pt"), weights_only=True)["model"])
             recs = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
             set_latent_scale(vae, [r["latent_std"] for r in recs if r["stage"] == "vae-done"][-1])
@@ -430,6 +543,8 @@ def main(argv=None):
     print(f"rendered {len(captions)} training scenes in {time.time() - t0:.0f}s", flush=True)
 
     if args.init_from:
+        if args.decoder_steps:
+            vae = train_decoder(args, vae, x_train, x_val)
         vae.requires_grad_(False).eval()
         latents = encode_all(vae, x_train) * vae.config.scaling_factor
     else:

@@ -156,3 +156,41 @@ def test_grounding_processor_is_plain_attention_and_keeps_the_maps(train):
         assert probs.shape[0] == 2 and probs.shape[-1] == 16  # (B, heads, Q, tokens)
         assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
     assert sorted({p.shape[2] for p in store}) == [16, 64, 256]  # 4x4 mid, 8x8 and 16x16 levels
+
+
+def test_composite_batch_takes_the_masked_cells_from_the_other_image(train):
+    from diffusers import AutoencoderKL
+
+    from nulltext import demo
+
+    vae = AutoencoderKL.from_pretrained(demo.DEMO_DIR, subfolder="vae").eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    masks = torch.zeros(3, 1, 16, 16)
+    masks[0, 0, 2:6, 3:9] = 1  # image 0 takes these cells from image perm[0] = 2
+    perm = torch.tensor([2, 0, 1])
+    z_mix, x_mix, weight = train.composite_batch(vae, x, masks, perm, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(z_mix[0, :, 2:6, 3:9], z[2, :, 2:6, 3:9]) and torch.allclose(z_mix[0, :, 7:], z[0, :, 7:])
+    assert torch.equal(z_mix[1:], z[1:])  # empty masks: the image's own latent
+    assert torch.equal(x_mix[0, :, 8:24, 12:36], x[2, :, 8:24, 12:36]) and torch.equal(x_mix[0, :, 28:], x[0, :, 28:])
+    # the seam: the cells along the rectangle's edge, inside and out, are left out of the loss
+    w = weight[0, 0, ::4, ::4]
+    # rows 1-6, columns 2-9 hold the rectangle (rows 2-5, columns 3-8) and its outer ring; all
+    # but the 2 x 4 cells not touching the edge are seam
+    assert (w[1:7, 2:10] == 0).sum() == 6 * 8 - 2 * 4 and w[3:5, 4:8].eq(1).all()
+    assert w[7:].eq(1).all() and w[:, 10:].eq(1).all() and w[0].eq(1).all()
+    assert weight[1:].eq(1).all()
+
+
+def test_decoder_stage_keeps_the_encoder_and_makes_decoding_more_local(train, straight, tmp_path):
+    train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--decoder-steps", "4",
+                "--decoder-lr", "1e-3", "--unet-steps", "0", *SMALL])
+    before, after = weights(straight / "model"), weights(tmp_path / "model")
+    assert same(before, after, "vae.encoder.") and same(before, after, "vae.quant_conv.")
+    assert not same(before, after, "vae.decoder.")
+    assert same(before, after, "unet.")  # no UNet steps
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"stage": "decoder", "step": 0' in log and '"composite_psnr"' in log
