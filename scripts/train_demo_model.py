@@ -294,7 +294,7 @@ def train_decoder(args, vae, x_train, x_val):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 == 0 or step + 1 == args.decoder_steps:
             record = {"stage": "decoder", "step": step + 1, "mse": loss.item(), "elapsed": round(time.time() - t0, 1)}
             if (step + 1) % 250 == 0 or step + 1 == args.decoder_steps:
                 record["val_psnr"] = vae_psnr(vae, x_check)
@@ -375,7 +375,7 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
         ema_update(ema_unet, unet, step)
         ema_update(ema_text, text_encoder, step)
         running.append(mse.item())
-        if (step + 1) % 50 == 0:
+        if (step + 1) % 50 == 0 or step + 1 == args.unet_steps:
             record = {"stage": "unet", "step": step + 1, "loss": float(np.mean(running)),
                       "lr": opt.param_groups[0]["lr"], "elapsed": round(time.time() - t0, 1)}
             if store is not None:
@@ -423,14 +423,24 @@ def plots(out, model_dir, sample_steps=50):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     v = [r for r in recs if r["stage"] == "vae"]
     u = [r for r in recs if r["stage"] == "unet"]
+    d = [r for r in recs if r["stage"] == "decoder" and "mse" in r]
     if v:
         axes[0].semilogy([r["step"] for r in v], [r["mse"] for r in v])
         axes[0].set(title="VAE reconstruction MSE", xlabel="step")
+    elif d:
+        axes[0].semilogy([r["step"] for r in d], [r["mse"] for r in d])
+        axes[0].set(title="decoder fine-tune MSE (half latent composites)", xlabel="step")
     else:
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, "VAE kept from --init-from", ha="center", va="center")
-    axes[1].plot([r["step"] for r in u], [r["loss"] for r in u])
-    axes[1].set(title="UNet epsilon MSE (mean of 50 steps)", xlabel="step")
+    axes[1].plot([r["step"] for r in u], [r["loss"] for r in u], label="epsilon MSE")
+    axes[1].set(title="UNet loss (mean of 50 steps)", xlabel="step")
+    if any("ground" in r for r in u):
+        right = axes[1].twinx()
+        right.plot([r["step"] for r in u if "ground" in r], [r["ground"] for r in u if "ground" in r],
+                   color="tab:orange", label="grounding loss (right axis)")
+        right.set_ylim(bottom=0)
+        axes[1].figure.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "losses.png"), dpi=100)
 
