@@ -411,7 +411,7 @@ def save_model(folder, tokenizer, text_encoder, vae, unet):
     os.replace(tmp, folder)
 
 
-def plots(out, model_dir, sample_steps=50):
+def loss_plot(out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,9 +440,15 @@ def plots(out, model_dir, sample_steps=50):
         right.plot([r["step"] for r in u if "ground" in r], [r["ground"] for r in u if "ground" in r],
                    color="tab:orange", label="grounding loss (right axis)")
         right.set_ylim(bottom=0)
-        axes[1].figure.legend(loc="upper right", fontsize=8)
+        lines = axes[1].get_lines() + right.get_lines()
+        axes[1].legend(lines, [line.get_label() for line in lines], loc="upper center", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "losses.png"), dpi=100)
+    plt.close(fig)
+
+
+def plots(out, model_dir, sample_steps=50):
+    loss_plot(out)
 
     from nulltext.demo import generate_grid
     from nulltext.models import load_pipeline
