@@ -7,6 +7,12 @@ scenes once and trains the UNet and the text encoder jointly on them with the ep
 dropping 10 % of the captions to "" so classifier-free guidance works. Everything is seeded:
 the batch of step k depends only on (seed, stage, k), so a resumed run sees the same batches.
 
+Fine-tuning (--init-from MODEL) keeps the model's VAE encoder and latent scale and trains on from
+its weights; it can add two-object scenes (--train-pairs), first fine-tune the VAE decoder on
+latent composites so that decoding is local (--decoder-steps), and add a token grounding loss
+that trains each colour and shape word's cross-attention onto its object (--ground-weight).
+README's "The demo model" gives the three-stage recipe of the shipped weights.
+
 A checkpoint is written every --ckpt-every steps into OUT/ckpt-<stage>.pt; rerunning the same
 command resumes from it. At the end OUT/model is a diffusers folder (save_pretrained) that
 ``--model OUT/model`` loads, plus OUT/losses.png and OUT/samples.png.
