@@ -164,16 +164,21 @@ def vae_psnr(vae, x):
     return psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
 
 
+def resume(path, model, opt, name) -> int:
+    """Load a one-model checkpoint (model, optimiser, step) if there is one; the step to go on from."""
+    if not os.path.exists(path):
+        return 0
+    st = torch.load(path, weights_only=True)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    print(f"resuming {name} at step {st['step']}", flush=True)
+    return st["step"]
+
+
 def train_vae(args, vae, x_train, x_val):
     path = os.path.join(args.out, "ckpt-vae.pt")
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start = 0
-    if os.path.exists(path):
-        st = torch.load(path, weights_only=True)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start = st["step"]
-        print(f"resuming VAE at step {start}", flush=True)
+    start = resume(path, vae, opt, "VAE")
     vae.train()
     t0 = time.time()
     for step in range(start, args.vae_steps):
@@ -273,13 +278,7 @@ def train_decoder(args, vae, x_train, x_val):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    start = 0
-    if os.path.exists(path):
-        st = torch.load(path, weights_only=True)
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start = st["step"]
-        print(f"resuming decoder at step {start}", flush=True)
+    start = resume(path, vae, opt, "decoder")
     vae.eval()  # no dropout; the encoder is frozen
     x_check = x_val[:64]
     if start == 0:
