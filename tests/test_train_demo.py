@@ -194,3 +194,37 @@ def test_decoder_stage_keeps_the_encoder_and_makes_decoding_more_local(train, st
     assert same(before, after, "unet.")  # no UNet steps
     log = (tmp_path / "log.jsonl").read_text()
     assert '"stage": "decoder", "step": 0' in log and '"composite_psnr"' in log
+
+
+def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straight):
+    """--calibrate-guidance W --calibrate-to K: for captioned rows, guidance at W on a conditional
+    prediction equal to the target is guidance K on the true noise; empty-caption rows keep the
+    plain target; K = W is plain training. eps_u is computed here independently of the script."""
+    pipe = load_pipeline(str(straight / "model"), device="cpu")
+    unet, text_encoder, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(0)
+    zt, eps = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([10, 500, 990])
+    drop = torch.tensor([False, True, False])
+    with torch.no_grad():
+        eps_u = unet(zt, t, encoder_hidden_states=text_encoder(empty_ids[None].repeat(3, 1))[0]).sample
+    for k in (1.0, 2.0):
+        target = train.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, k)
+        guided = eps_u + 7.5 * (target - eps_u)
+        torch.testing.assert_close(guided[~drop], (eps_u + k * (eps - eps_u))[~drop], atol=1e-4, rtol=0)
+        assert torch.equal(target[drop], eps[drop])
+        assert not torch.allclose(target[~drop], eps[~drop], atol=1e-3)  # the target did move
+    torch.testing.assert_close(train.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, 7.5), eps)
+
+
+def test_calibrated_training_runs_with_grounding_and_logs_it(train, straight, tmp_path):
+    train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
+                "--ground-weight", "0.1", "--calibrate-guidance", "7.5", "--calibrate-to", "2",
+                "--ema-decay", "0.99", *SMALL])
+    before, after = weights(straight / "model"), weights(tmp_path / "model")
+    assert not same(before, after, "unet.")
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"calibrate_guidance": [7.5, 2.0]' in log and '"ground"' in log
+    with pytest.raises(SystemExit):
+        train.main(["-o", str(tmp_path), "--calibrate-guidance", "7.5", "--calibrate-to", "9", *SMALL])
