@@ -124,6 +124,10 @@ def main() -> int:
     p.add_argument("--decoder-n", type=int, default=50, help="held-out scenes for the decoder row")
     p.add_argument("--guidances", type=float, nargs="*", default=[1.0, 2.0, 3.0],
                    help="guidance scales besides the release's 7.5")
+    p.add_argument("--only", nargs="+", metavar="WORD",
+                   help="keep only the edit rows whose label contains one of these words (e.g. release guidance)")
+    p.add_argument("--ddim-guidances", type=float, nargs="*", default=None,
+                   help="guidance scales of the DDIM + CFG rows (default: --guidances and 7.5)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--grid", default="out/edit_limits.png")
@@ -139,8 +143,13 @@ def main() -> int:
     rows = dict(VARIANTS)
     for w in args.guidances:
         rows[f"guidance {w:g} (inversion and edit)"] = ({"guidance_scale": w}, {})
+    if args.only:
+        rows = {k: v for k, v in rows.items() if any(w.lower() in k.lower() for w in args.only)}
+        if not rows:
+            p.error(f"--only {' '.join(args.only)} keeps none of the rows: {', '.join(VARIANTS)}, guidance ...")
     results: dict[str, list[dict]] = {k: [] for k in rows}
-    ddim: dict[float, list[float]] = {w: [] for w in [*args.guidances, 7.5]}
+    ddim_ws = args.ddim_guidances if args.ddim_guidances is not None else [*args.guidances, 7.5]
+    ddim: dict[float, list[float]] = {w: [] for w in ddim_ws}
     grid = []
     for k, s in enumerate(held[:args.n]):
         cells = [(s.image.resize((128, 128), 0), "input"), (recoloured(s).image.resize((128, 128), 0), "true recolour")]
