@@ -33,7 +33,6 @@ renders exactly (same centre, radius and background, another colour):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -46,13 +45,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import nulltext  # noqa: E402
-from bench_quality import iou, masked_psnr, other_color  # noqa: E402
+from bench_quality import finish, iou, masked_psnr, other_color  # noqa: E402
 from nulltext import demo, scenes  # noqa: E402
 from nulltext.config import EditConfig, InversionConfig  # noqa: E402
 from nulltext.editing import edit_progressive  # noqa: E402
 from nulltext.image import decode, encode, psnr  # noqa: E402
 from nulltext.inversion import reconstruct_latent  # noqa: E402
-from nulltext.visual import labelled_grid  # noqa: E402
 
 VARIANTS = {  # label -> (inversion settings, edit settings)
     "release defaults (NTI, guidance 7.5)": ({}, {}),
@@ -96,8 +94,16 @@ def decoder_section(pipe, held) -> dict:
             "recoloured_decode_bg": float(np.mean(plain))}
 
 
-def colour_swap(pipe, inv, s, edit_kw) -> tuple[dict, object]:
-    new = recoloured(s)
+def true_change(pipe, s, new) -> tuple[torch.Tensor, torch.Tensor]:
+    """The object's latent cells (coverage > 1/2) and the true change of their mean latent when the
+    object takes the new colour (encoder's latent of the recoloured scene minus the source's)."""
+    za, zb = encode(pipe, s.image), encode(pipe, new.image)
+    cover = torch.from_numpy(s.mask.astype(np.float32))[None, None]
+    obj = F.adaptive_avg_pool2d(cover, za.shape[-1])[0, 0] > 0.5
+    return obj, (zb - za)[0][:, obj].mean(1)
+
+
+def colour_swap(pipe, inv, s, new, obj, true, edit_kw) -> tuple[dict, object]:
     last = None
     for last in edit_progressive(pipe, inv, [new.caption],
                                  EditConfig(blend_source=(s.shape,), blend_target=(s.shape,), **edit_kw)):
@@ -105,10 +111,7 @@ def colour_swap(pipe, inv, s, edit_kw) -> tuple[dict, object]:
     z_src, z_edit = last.source, last.targets
     img = decode(pipe, torch.cat([z_src, z_edit]))[1]
     bm = pixel_mask(last.mask, s.mask.shape[0])
-    # latent overshoot inside the object, along the true change
-    obj = F.adaptive_avg_pool2d(torch.from_numpy(s.mask.astype(np.float32))[None, None], z_src.shape[-1])[0, 0] > 0.5
-    true = (encode(pipe, new.image) - encode(pipe, s.image))[0][:, obj].mean(1)
-    made = (z_edit - z_src)[0][:, obj].mean(1)
+    made = (z_edit - z_src)[0][:, obj].mean(1)  # latent overshoot inside the object, along the true change
     j = scenes.judge(img)
     return {"ok": float(j.color == new.color), "iou": iou(j.mask, s.mask),
             "bg": masked_psnr(img, s.image, ~s.mask), "outside_blend": masked_psnr(img, s.image, ~bm & ~s.mask),
@@ -135,11 +138,6 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = nulltext.load_pipeline(args.model, device=args.device)
-    t_start = time.time()
-    held = list(scenes.scenes(max(args.n, args.decoder_n), demo.HELDOUT_SEED))
-    figures: dict = {"model": args.model, "n": args.n, "decoder": decoder_section(pipe, held[:args.decoder_n])}
-
     rows = dict(VARIANTS)
     for w in args.guidances:
         rows[f"guidance {w:g} (inversion and edit)"] = ({"guidance_scale": w}, {})
@@ -147,19 +145,25 @@ def main() -> int:
         rows = {k: v for k, v in rows.items() if any(w.lower() in k.lower() for w in args.only)}
         if not rows:
             p.error(f"--only {' '.join(args.only)} keeps none of the rows: {', '.join(VARIANTS)}, guidance ...")
+    pipe = nulltext.load_pipeline(args.model, device=args.device)
+    t_start = time.time()
+    held = list(scenes.scenes(max(args.n, args.decoder_n), demo.HELDOUT_SEED))
+    figures: dict = {"model": args.model, "n": args.n, "decoder": decoder_section(pipe, held[:args.decoder_n])}
     results: dict[str, list[dict]] = {k: [] for k in rows}
     ddim_ws = args.ddim_guidances if args.ddim_guidances is not None else [*args.guidances, 7.5]
     ddim: dict[float, list[float]] = {w: [] for w in ddim_ws}
     grid = []
     for k, s in enumerate(held[:args.n]):
-        cells = [(s.image.resize((128, 128), 0), "input"), (recoloured(s).image.resize((128, 128), 0), "true recolour")]
+        new = recoloured(s)
+        obj, true = true_change(pipe, s, new)
+        cells = [(s.image.resize((128, 128), 0), "input"), (new.image.resize((128, 128), 0), "true recolour")]
         inversions: dict[tuple, object] = {}
         for label, (inv_kw, edit_kw) in rows.items():
             key = tuple(sorted(inv_kw.items()))
             if key not in inversions:
                 inversions[key] = nulltext.invert(pipe, s.image, s.caption, InversionConfig(seed=k, **inv_kw),
                                                   progress=False)
-            r, img = colour_swap(pipe, inversions[key], s, edit_kw)
+            r, img = colour_swap(pipe, inversions[key], s, new, obj, true, edit_kw)
             results[label].append(r)
             if label.startswith(("release", "guidance")):
                 cells.append((img.resize((128, 128), 0), label.split(" (")[0]))
@@ -193,15 +197,7 @@ def main() -> int:
         figures["ddim"][str(w)] = float(np.mean(vals))
         lines.append(f"| {w:g} | {np.mean(vals):.2f} |")
     lines += ["", f"({time.time() - t_start:.0f} s)"]
-    print("\n".join(lines))
-    if args.grid and grid:
-        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
-        labelled_grid(grid).save(args.grid)
-        print(f"wrote {args.grid}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-    return 0
+    return finish(args, lines, figures, grid)
 
 
 if __name__ == "__main__":
