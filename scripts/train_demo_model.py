@@ -332,8 +332,8 @@ def calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, w, k=1.0)
     the source, so a Prompt-to-Prompt edit guided at the release's 7.5 extrapolates the source ->
     target change (1.5 times the true latent change on this model), which draws a halo in the
     local blend's ring around the object; at guidance 2 the change is 0.94 times the true one."""
-    empty = text_encoder(empty_ids.view(1, -1).expand(len(zt), -1))[0]
-    eps_u = unet(zt, t, encoder_hidden_states=empty).sample
+    empty = text_encoder(empty_ids.view(1, -1))[0]  # one row: the same for every sample
+    eps_u = unet(zt, t, encoder_hidden_states=empty.expand(len(zt), -1, -1)).sample
     calibrated = eps_u + (k / w) * (eps - eps_u)
     return torch.where(drop.view(-1, 1, 1, 1), eps, calibrated)
 
