@@ -113,6 +113,39 @@ def test_grounding_loss_hand_computed(train):
     assert torch.allclose(train.grounding_loss([probs], big, roles), expected, atol=1e-6)
 
 
+def test_grounding_pixel_loss_hand_computed(train):
+    # one image, 2x2 latent, 3 tokens; token 1 names the object (coverage 1, 0.5, 0, 0), token 2 the background
+    regions = torch.zeros(1, 3, 2, 2)
+    regions[0, 0] = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
+    regions[0, 2] = 1 - regions[0, 0]
+    roles = torch.tensor([[-1, 0, 2]], dtype=torch.int8)
+    p = torch.rand(1, 2, 4, 3) + 0.1
+    probs = p / p.sum(-1, keepdim=True)  # (B, heads, Q, K)
+    a = probs.mean(1)[0]  # (Q, K)
+
+    def bce(x, y):  # by hand, per pixel
+        return -(y * torch.log(x) + (1 - y) * torch.log(1 - x))
+
+    obj, bg = regions[0, 0].flatten(), regions[0, 2].flatten()
+    expected = (bce(a[:, 1], obj).mean() + bce(a[:, 2], bg).mean()) / 2
+    got = train.grounding_pixel_loss([probs, probs], regions, roles)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # a word attended by every pixel of its region and by none outside costs (almost) nothing; a map
+    # that puts the same mass on one pixel of the region (what grounding_loss alone accepts) costs more
+    hard = torch.zeros(1, 3, 2, 2)
+    hard[0, 0, 0] = 1.0
+    hard[0, 2] = 1 - hard[0, 0]
+    covering = torch.zeros(1, 1, 4, 3)
+    covering[0, 0, :2, 1] = 1.0  # object pixels attend to token 1
+    covering[0, 0, 2:, 2] = 1.0  # background pixels to token 2
+    peaked = covering.clone()
+    peaked[0, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # the second object pixel attends elsewhere
+    roles_obj = torch.tensor([[-1, 0, -1]], dtype=torch.int8)
+    assert train.grounding_loss([peaked], hard, roles_obj).item() == pytest.approx(0.0)  # all mass inside
+    assert train.grounding_pixel_loss([covering], hard, roles_obj).item() == pytest.approx(0.0, abs=1e-4)
+    assert train.grounding_pixel_loss([peaked], hard, roles_obj).item() > 3.0  # -log(1e-6) / 4
+
+
 @pytest.mark.parametrize("pairs", [False, True])
 def test_token_roles_name_the_caption_words(train, pairs):
     from transformers import CLIPTokenizer
@@ -220,11 +253,11 @@ def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straigh
 
 def test_calibrated_training_runs_with_grounding_and_logs_it(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
-                "--ground-weight", "0.1", "--calibrate-guidance", "7.5", "--calibrate-to", "2",
+                "--ground-weight", "0.1", "--ground-pixel-weight", "0.01", "--calibrate-guidance", "7.5", "--calibrate-to", "2",
                 "--ema-decay", "0.99", *SMALL])
     before, after = weights(straight / "model"), weights(tmp_path / "model")
     assert not same(before, after, "unet.")
     log = (tmp_path / "log.jsonl").read_text()
-    assert '"calibrate_guidance": [7.5, 2.0]' in log and '"ground"' in log
+    assert '"calibrate_guidance": [7.5, 2.0]' in log and '"ground"' in log and '"ground_pixel"' in log
     with pytest.raises(SystemExit):
         train.main(["-o", str(tmp_path), "--calibrate-guidance", "7.5", "--calibrate-to", "9", *SMALL])
