@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on the shipped demo model (trained by nulltext on procedural scenes; runs offline on
-# a CPU in about a minute and a half): invert a scene, print the file's metadata, write the reconstruction,
+# a CPU in under a minute): invert a scene, print the file's metadata, write the reconstruction,
 # a colour swap and a shape swap with local blend, and the attention maps. README shows the same
 # commands for real photos with Stable Diffusion v1.4.
 demo: install
