@@ -10,10 +10,11 @@ the batch of step k depends only on (seed, stage, k), so a resumed run sees the 
 Fine-tuning (--init-from MODEL) keeps the model's VAE encoder and latent scale and trains on from
 its weights; it can add two-object scenes (--train-pairs), first fine-tune the VAE decoder on
 latent composites so that decoding is local (--decoder-steps), and add a token grounding loss
-that trains each colour and shape word's cross-attention onto its object (--ground-weight). It can
-also calibrate classifier-free guidance (--calibrate-guidance W --calibrate-to K: guidance W then
-acts as guidance K of a plainly trained model); the shipped weights do not use it yet.
-README's "The demo model" gives the three-stage recipe of the shipped weights.
+that trains each colour and shape word's cross-attention onto its object (--ground-weight) and a
+pixel-level one that spreads it over the whole object (--ground-pixel-weight). It can also
+calibrate classifier-free guidance (--calibrate-guidance W --calibrate-to K: guidance W then acts
+as guidance K of a plainly trained model). README's "The demo model" gives the four-stage recipe
+of the shipped weights.
 
 A checkpoint is written every --ckpt-every steps into OUT/ckpt-<stage>.pt; rerunning the same
 command resumes from it. At the end OUT/model is a diffusers folder (save_pretrained) that
@@ -146,7 +147,10 @@ def grounding_pixel_loss(store, regions, roles):
     its region, which a peak on a few cells satisfies; this term asks that every pixel of the
     region attend to the word, so the word's map covers its object, as the local blend's
     thresholded mask needs (benchmarks/RESULTS.md: the blend mask of the stage-3 model missed the
-    object's edges). Same arguments as :func:`grounding_loss`."""
+    object's edges). The colour and shape words of an object (and the two background words) share
+    each pixel's attention, so the loss cannot reach 0: at best they split it, about log 2 per
+    word inside the region; what it does is spread each word's map over the region. Same
+    arguments as :func:`grounding_loss`."""
     valid = (roles >= 0).float()
     if valid.sum() == 0:
         return torch.zeros(())
@@ -417,9 +421,10 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
         if store is not None:
             role = roles[idx].clone()
             role[drop] = -1  # an empty caption names nothing
-            ground = grounding_loss(store, regions[idx], role)
-            running_ground.append(ground.item())
-            loss = loss + args.ground_weight * ground
+            if args.ground_weight > 0:
+                ground = grounding_loss(store, regions[idx], role)
+                running_ground.append(ground.item())
+                loss = loss + args.ground_weight * ground
             if args.ground_pixel_weight > 0:
                 pixel = grounding_pixel_loss(store, regions[idx], role)
                 running_pixel.append(pixel.item())
@@ -435,7 +440,7 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
         if (step + 1) % 50 == 0 or step + 1 == args.unet_steps:
             record = {"stage": "unet", "step": step + 1, "loss": float(np.mean(running)),
                       "lr": opt.param_groups[0]["lr"], "elapsed": round(time.time() - t0, 1)}
-            if store is not None:
+            if running_ground:
                 record["ground"] = float(np.mean(running_ground))
             if running_pixel:
                 record["ground_pixel"] = float(np.mean(running_pixel))
@@ -496,10 +501,13 @@ def loss_plot(out):
         axes[0].text(0.5, 0.5, "VAE kept from --init-from", ha="center", va="center")
     axes[1].plot([r["step"] for r in u], [r["loss"] for r in u], label="epsilon MSE")
     axes[1].set(title="UNet loss (mean of 50 steps)", xlabel="step")
-    if any("ground" in r for r in u):
+    if any("ground" in r or "ground_pixel" in r for r in u):
         right = axes[1].twinx()
-        right.plot([r["step"] for r in u if "ground" in r], [r["ground"] for r in u if "ground" in r],
-                   color="tab:orange", label="grounding loss (right axis)")
+        for key, color, label in (("ground", "tab:orange", "grounding loss (right axis)"),
+                                  ("ground_pixel", "tab:green", "pixel grounding loss (right axis)")):
+            if any(key in r for r in u):
+                right.plot([r["step"] for r in u if key in r], [r[key] for r in u if key in r],
+                           color=color, label=label)
         right.set_ylim(bottom=0)
         lines = axes[1].get_lines() + right.get_lines()
         axes[1].legend(lines, [line.get_label() for line in lines], loc="upper center", fontsize=8)
@@ -543,13 +551,13 @@ def main(argv=None):
                         "colour/shape word is trained to attend to its object's mask, the background "
                         "words to the background (the generator's ground-truth masks)")
     p.add_argument("--ground-pixel-weight", type=float, default=0.0,
-                   help="weight of the pixel-level grounding loss (0: off): every pixel of an object attends "
-                        "to its colour and shape words (binary cross-entropy against the mask), so that a "
+                   help="weight of the pixel-level grounding loss (0: off): binary cross-entropy of each "
+                        "colour/shape word's attention at each pixel against its object's mask, so that the "
                         "word's map covers its whole object rather than a peak inside it")
     p.add_argument("--calibrate-guidance", type=float, default=0.0, metavar="W",
                    help="train the conditional branch so that classifier-free guidance at scale W acts as "
-                        "guidance --calibrate-to of a plainly trained model (0: off). Not used for the shipped "
-                        "weights yet; see benchmarks/RESULTS.md, 'where the background is lost'")
+                        "guidance --calibrate-to of a plainly trained model (0: off; the shipped weights' "
+                        "stage 4 uses 7.5 -> 2, see README's 'The demo model')")
     p.add_argument("--calibrate-to", type=float, default=1.0, metavar="K",
                    help="with --calibrate-guidance W: the guidance scale that W should act as (1: the true noise)")
     p.add_argument("--ema-decay", type=float, default=0.999,
@@ -661,7 +669,7 @@ def main(argv=None):
             words = c.split()
             got = tokenizer(c).input_ids
             if len(got) != len(words) + 2:
-                sys.exit(f"error: --ground-weight needs one token per word; {c!r} has {len(got) - 2} tokens")
+                sys.exit(f"error: the grounding losses need one token per word; {c!r} has {len(got) - 2} tokens")
     unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions, roles)
     save_model(model_dir, tokenizer, text_encoder, vae, unet)
     log(args.out, {"stage": "done", "model": model_dir})

@@ -1,8 +1,8 @@
 """The shipped demo model (issue 5): it loads offline through from_pretrained, draws the colours
 its captions name, null-text inversion reconstructs a held-out scene, and a colour swap with local
 blend recolours the object, keeps it in place and keeps the background. Thresholds are stated
-with each test (on this scene the shipped model gives 35.3 dB background outside the dilated
-mask and mask IoU 0.87); benchmarks/bench_quality.py measures the same things on 50 scenes."""
+with each test (on this scene the shipped model gave 35.3 dB background outside the dilated
+mask and mask IoU 0.87 in a one-off run); benchmarks/bench_quality.py measures the same things on 50 scenes."""
 
 from __future__ import annotations
 

@@ -130,6 +130,27 @@ def test_grounding_pixel_loss_hand_computed(train):
     expected = (bce(a[:, 1], obj).mean() + bce(a[:, 2], bg).mean()) / 2
     got = train.grounding_pixel_loss([probs, probs], regions, roles)
     assert torch.allclose(got, expected, atol=1e-5)
+    # two images with different numbers of grounded tokens, two layers of different sizes (2x2 and
+    # 1x1, where the regions are averaged down): mean over each layer's grounded tokens, then layers
+    regions2 = torch.cat([regions, regions.flip(-1)])
+    roles2 = torch.tensor([[-1, 0, 2], [-1, 0, -1]], dtype=torch.int8)
+    p2 = torch.rand(2, 2, 4, 3) + 0.1
+    p1 = torch.rand(2, 2, 1, 3) + 0.1
+    layers = [p2 / p2.sum(-1, keepdim=True), p1 / p1.sum(-1, keepdim=True)]
+    per_layer = []
+    for probs_l in layers:
+        side = int(probs_l.shape[2] ** 0.5)
+        terms = []
+        for b in range(2):
+            for k in range(3):
+                r = int(roles2[b, k])
+                if r < 0:
+                    continue
+                cover = regions2[b, r].reshape(side, 2 // side, side, 2 // side).mean((1, 3)).flatten()
+                terms.append(bce(probs_l[b].mean(0)[:, k], cover).mean())
+        per_layer.append(torch.stack(terms).mean())
+    expected2 = torch.stack(per_layer).mean()
+    assert torch.allclose(train.grounding_pixel_loss(layers, regions2, roles2), expected2, atol=1e-5)
     # a word attended by every pixel of its region and by none outside costs (almost) nothing; a map
     # that puts the same mass on one pixel of the region (what grounding_loss alone accepts) costs more
     hard = torch.zeros(1, 3, 2, 2)
