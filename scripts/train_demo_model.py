@@ -124,6 +124,17 @@ def grounding_loss(store, regions, roles):
     a region, 1 - the share of its cross-attention (averaged over heads) that falls inside that
     region, averaged over tokens and cross-attention layers. 0 = every grounded word attends only
     to its own region. ``regions`` (B, 3, h, w) coverage at the latent size, ``roles`` (B, K)."""
+    def per_layer(a, target, valid):
+        inside = (a * target).sum(-1) / a.sum(-1).clamp_min(1e-12)
+        return ((1 - inside) * valid).sum() / valid.sum()
+
+    return _over_grounded_maps(store, regions, roles, per_layer)
+
+
+def _over_grounded_maps(store, regions, roles, per_layer):
+    """Mean over the cross-attention layers in ``store`` of ``per_layer(a, target, valid)``: ``a``
+    (B, K, Q) each token's attention averaged over heads, ``target`` (B, K, Q) the coverage of the
+    token's region at that layer's size, ``valid`` (B, K) 1 for tokens that name a region."""
     valid = (roles >= 0).float()
     if valid.sum() == 0:
         return torch.zeros(())
@@ -134,8 +145,7 @@ def grounding_loss(store, regions, roles):
         side = int(round(a.shape[-1] ** 0.5))
         reg = F.adaptive_avg_pool2d(regions.float(), side).flatten(2)  # (B, 3, Q)
         target = torch.gather(reg, 1, index[..., None].expand(-1, -1, a.shape[-1]))  # (B, K, Q)
-        inside = (a * target).sum(-1) / a.sum(-1).clamp_min(1e-12)
-        losses.append(((1 - inside) * valid).sum() / valid.sum())
+        losses.append(per_layer(a, target, valid))
     return torch.stack(losses).mean()
 
 
@@ -151,19 +161,11 @@ def grounding_pixel_loss(store, regions, roles):
     each pixel's attention, so the loss cannot reach 0: at best they split it, about log 2 per
     word inside the region; what it does is spread each word's map over the region. Same
     arguments as :func:`grounding_loss`."""
-    valid = (roles >= 0).float()
-    if valid.sum() == 0:
-        return torch.zeros(())
-    index = roles.long().clamp(min=0)
-    losses = []
-    for probs in store:
-        a = probs.float().mean(1).transpose(1, 2).clamp(1e-6, 1 - 1e-6)  # (B, K, Q)
-        side = int(round(a.shape[-1] ** 0.5))
-        reg = F.adaptive_avg_pool2d(regions.float(), side).flatten(2)  # (B, 3, Q)
-        target = torch.gather(reg, 1, index[..., None].expand(-1, -1, a.shape[-1]))  # (B, K, Q)
-        bce = F.binary_cross_entropy(a, target, reduction="none").mean(-1)  # (B, K)
-        losses.append((bce * valid).sum() / valid.sum())
-    return torch.stack(losses).mean()
+    def per_layer(a, target, valid):
+        bce = F.binary_cross_entropy(a.clamp(1e-6, 1 - 1e-6), target, reduction="none").mean(-1)  # (B, K)
+        return (bce * valid).sum() / valid.sum()
+
+    return _over_grounded_maps(store, regions, roles, per_layer)
 
 
 def to_unit(x_uint8):
