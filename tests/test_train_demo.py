@@ -83,14 +83,20 @@ def test_init_from_keeps_the_vae_and_trains_on_pairs(train, straight, tmp_path):
     assert not any(type(p).__name__ == "GroundingProcessor" for p in pipe.unet.attn_processors.values())
 
 
-def test_grounding_loss_hand_computed(train):
-    # one image, 2x2 latent, 3 tokens; token 1 names region 0 (object), token 2 region 2 (background)
+def one_image_maps():
+    """One image, 2x2 latent, 3 tokens: token 1 names region 0 (the object, coverage 1, 0.5, 0, 0),
+    token 2 region 2 (the background); random attention probabilities (B, heads, Q, K) whose rows
+    sum to 1. Returns regions, roles, probs."""
     regions = torch.zeros(1, 3, 2, 2)
     regions[0, 0] = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
     regions[0, 2] = 1 - regions[0, 0]
     roles = torch.tensor([[-1, 0, 2]], dtype=torch.int8)
     p = torch.rand(1, 2, 4, 3) + 0.1
-    probs = p / p.sum(-1, keepdim=True)  # (B, heads, Q, K), rows sum to 1
+    return regions, roles, p / p.sum(-1, keepdim=True)
+
+
+def test_grounding_loss_hand_computed(train):
+    regions, roles, probs = one_image_maps()
     a = probs.mean(1)[0]  # (Q, K) averaged over heads
     obj, bg = regions[0, 0].flatten(), regions[0, 2].flatten()
     inside1 = (a[:, 1] * obj).sum() / a[:, 1].sum()
@@ -114,13 +120,7 @@ def test_grounding_loss_hand_computed(train):
 
 
 def test_grounding_pixel_loss_hand_computed(train):
-    # one image, 2x2 latent, 3 tokens; token 1 names the object (coverage 1, 0.5, 0, 0), token 2 the background
-    regions = torch.zeros(1, 3, 2, 2)
-    regions[0, 0] = torch.tensor([[1.0, 0.5], [0.0, 0.0]])
-    regions[0, 2] = 1 - regions[0, 0]
-    roles = torch.tensor([[-1, 0, 2]], dtype=torch.int8)
-    p = torch.rand(1, 2, 4, 3) + 0.1
-    probs = p / p.sum(-1, keepdim=True)  # (B, heads, Q, K)
+    regions, roles, probs = one_image_maps()
     a = probs.mean(1)[0]  # (Q, K)
 
     def bce(x, y):  # by hand, per pixel
