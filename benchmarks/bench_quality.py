@@ -97,6 +97,9 @@ def main() -> int:
                    help="scenes for the ablation rows (1, 2, 5 inner iterations, global null-text, random pivot), "
                         "which cost up to 2 min per scene on a 2-core CPU; the other rows use all --n")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=InversionConfig().guidance_scale,
+                   help="classifier-free guidance of text-to-image, inversion and edits (default: the release's); "
+                        "a diagnostic: what a model calibrated to act as this guidance at 7.5 would do")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -108,8 +111,8 @@ def main() -> int:
 
     pipe = nulltext.load_pipeline(args.model, device=args.device)
     held = list(scenes.scenes(args.n, demo.HELDOUT_SEED))
-    figures: dict = {"model": args.model, "n": args.n, "steps": args.steps}
-    lines = [f"# nulltext quality: model {args.model}, {args.n} held-out scenes, T={args.steps}", ""]
+    figures: dict = {"model": args.model, "n": args.n, "steps": args.steps, "guidance": args.guidance}
+    lines = [f"# nulltext quality: model {args.model}, {args.n} held-out scenes, T={args.steps}, guidance {args.guidance:g}", ""]
     grid_rows: list[list] = [[] for _ in range(min(8, args.n))]
     t_start = time.time()
 
@@ -124,7 +127,8 @@ def main() -> int:
         t0 = time.time()
         images = []
         for i in range(0, len(held), 25):
-            images += demo.generate(pipe, [s.caption for s in held[i:i + 25]], seed=i, num_steps=args.steps)
+            images += demo.generate(pipe, [s.caption for s in held[i:i + 25]], seed=i, num_steps=args.steps,
+                                    guidance_scale=args.guidance)
         j = [scenes.judge(im) for im in images]
         col = [a.color == s.color for a, s in zip(j, held)]
         shp = [a.shape == s.shape for a, s in zip(j, held)]
@@ -143,7 +147,8 @@ def main() -> int:
         pairs = list(scenes.pair_scenes(args.n, demo.HELDOUT_PAIR_SEED))
         images = []
         for i in range(0, len(pairs), 25):
-            images += demo.generate(pipe, [s.caption for s in pairs[i:i + 25]], seed=1000 + i, num_steps=args.steps)
+            images += demo.generate(pipe, [s.caption for s in pairs[i:i + 25]], seed=1000 + i, num_steps=args.steps,
+                                    guidance_scale=args.guidance)
         got = [scenes.judge_objects(im) for im in images]
         colors = [sorted(c for c, _, _ in objs) == sorted(s.colors) for (_, objs), s in zip(got, pairs)]
         bound = [sorted((c, sh) for c, sh, _ in objs) == sorted(zip(s.colors, s.shapes)) for (_, objs), s in zip(got, pairs)]
@@ -172,7 +177,8 @@ def main() -> int:
         recon["VAE round trip (upper bound)"].append(psnr(decode(pipe, encode(pipe, target))[0], target))
         nti = None
         for label, method, inner in rows:
-            cfg = InversionConfig(num_steps=args.steps, num_inner_steps=inner, method=method, seed=k)
+            cfg = InversionConfig(num_steps=args.steps, num_inner_steps=inner, method=method, seed=k,
+                                  guidance_scale=args.guidance)
             t0 = time.time()
             inv = nulltext.invert(pipe, target, s.caption, cfg, progress=False)
             times.setdefault(label, []).append(time.time() - t0)
