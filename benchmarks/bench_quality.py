@@ -45,7 +45,7 @@ from nulltext.visual import labelled_grid  # noqa: E402
 
 SECTIONS = ("adherence", "localisation", "reconstruction", "edits")
 RECON_ROWS = [  # (label, method, inner steps)
-    ("DDIM inversion + CFG 7.5 (lower bound)", "ddim", 0),
+    ("DDIM inversion + CFG 7.5 (lower bound)", "ddim", 0),  # the label keeps the recorded JSON keys; --guidance is in the header
     ("null-text, 1 inner", "nti", 1),
     ("null-text, 2 inner", "nti", 2),
     ("null-text, 5 inner", "nti", 5),
@@ -106,6 +106,8 @@ def main() -> int:
     p.add_argument("--grid", default="out/quality.png")
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = p.parse_args()
+    if not args.guidance > 0:
+        p.error(f"--guidance must be positive, got {args.guidance:g}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
