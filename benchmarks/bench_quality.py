@@ -106,8 +106,10 @@ def main() -> int:
     p.add_argument("--grid", default="out/quality.png")
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = p.parse_args()
-    if not args.guidance > 0:
-        p.error(f"--guidance must be positive, got {args.guidance:g}")
+    try:  # the release's own checks of the settings, before the model loads
+        InversionConfig(num_steps=args.steps, guidance_scale=args.guidance)
+    except nulltext.NulltextError as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
 
