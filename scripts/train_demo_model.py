@@ -373,7 +373,29 @@ def tokenize(tokenizer, captions):
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, roles=None):
+def min_snr_weights(sched, t, gamma):
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., ICCV 2023; diffusers'
+    ``compute_snr``): ``min(SNR(t), gamma) / SNR(t)``, 1 at the noisy timesteps (SNR <= gamma) and
+    smaller at the nearly clean ones, so that those easy steps do not dominate the gradient."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t)
+    return snr.clamp(max=gamma) / snr
+
+
+def sample_indices(n, batch, g, n_single=None, pair_fraction=None):
+    """The training rows of one batch. By default uniform over all ``n`` rows; with
+    ``pair_fraction`` each row is a two-object scene (rows ``n_single`` .. ``n - 1``) with that
+    probability and a one-object scene (rows 0 .. ``n_single - 1``) otherwise."""
+    if pair_fraction is None or n_single is None or n_single == n:
+        return torch.randint(n, (batch,), generator=g)
+    pair = torch.rand(batch, generator=g) < pair_fraction
+    single_idx = torch.randint(n_single, (batch,), generator=g)
+    pair_idx = n_single + torch.randint(n - n_single, (batch,), generator=g)
+    return torch.where(pair, pair_idx, single_idx)
+
+
+def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, roles=None, n_single=None):
     import copy
 
     path = os.path.join(args.out, "ckpt-unet.pt")
@@ -400,7 +422,7 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
     running, running_ground, running_pixel = [], [], []
     for step in range(start, args.unet_steps):
         g = gen(args.seed, 2, step)
-        idx = torch.randint(len(latents), (args.batch,), generator=g)
+        idx = sample_indices(len(latents), args.batch, g, n_single, args.pair_fraction)
         z0 = latents[idx]
         tok = ids[idx].clone()
         drop = torch.rand(args.batch, generator=g) < args.drop
@@ -419,7 +441,11 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
                 store.clear()  # the unconditional forward's maps are not grounded
         emb = text_encoder(tok)[0]
         pred = unet(zt, t, encoder_hidden_states=emb).sample
-        loss = mse = F.mse_loss(pred, target)
+        mse = F.mse_loss(pred, target)
+        loss = mse
+        if args.snr_gamma > 0:  # Min-SNR-gamma weighting; "loss" in the log stays the plain MSE
+            per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weights(sched, t, args.snr_gamma)).mean()
         if store is not None:
             role = roles[idx].clone()
             role[drop] = -1  # an empty caption names nothing
@@ -448,6 +474,10 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
                 record["ground_pixel"] = float(np.mean(running_pixel))
             if args.calibrate_guidance > 0:  # "loss" is then against the calibrated target
                 record["calibrate_guidance"] = [args.calibrate_guidance, args.calibrate_to]
+            if args.snr_gamma > 0:
+                record["snr_gamma"] = args.snr_gamma
+            if args.pair_fraction is not None:
+                record["pair_fraction"] = args.pair_fraction
             log(args.out, record)
             running, running_ground, running_pixel = [], [], []
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.unet_steps:
@@ -566,6 +596,13 @@ def main(argv=None):
                    help="decay of the saved EMA of the UNet and text encoder (a short fine-tune wants a "
                         "shorter memory, e.g. 0.995, or the EMA keeps much of the initial weights)")
     p.add_argument("--drop", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--snr-gamma", type=float, default=0.0, metavar="GAMMA",
+                   help="Min-SNR-gamma weighting of the UNet loss (Hang et al. 2023; 5 is the paper's value; "
+                        "0: off, every timestep weighted 1)")
+    p.add_argument("--pair-fraction", type=float, default=None, metavar="F",
+                   help="with --train-pairs: draw each UNet training row from the two-object scenes with "
+                        "probability F and from the one-object scenes otherwise (default: uniform over all "
+                        "scenes, i.e. F = pairs / (scenes + pairs)); the VAE and decoder stages are unchanged")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the final sample grid")
@@ -575,6 +612,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.calibrate_guidance and not (args.calibrate_guidance > 1 and 0 < args.calibrate_to <= args.calibrate_guidance):
         p.error("--calibrate-guidance W needs W > 1 and 0 < --calibrate-to <= W")
+    if args.snr_gamma < 0:
+        p.error("--snr-gamma must be >= 0 (0: off)")
+    if args.pair_fraction is not None and not (0 <= args.pair_fraction <= 1 and args.train_pairs > 0):
+        p.error("--pair-fraction needs --train-pairs and a value in [0, 1]")
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
     model_dir = os.path.join(args.out, "model")
@@ -672,7 +713,8 @@ def main(argv=None):
             got = tokenizer(c).input_ids
             if len(got) != len(words) + 2:
                 sys.exit(f"error: the grounding losses need one token per word; {c!r} has {len(got) - 2} tokens")
-    unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions, roles)
+    unet, text_encoder = train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions, roles,
+                                    n_single=args.train_scenes)
     save_model(model_dir, tokenizer, text_encoder, vae, unet)
     log(args.out, {"stage": "done", "model": model_dir})
     plots(args.out, model_dir, args.sample_steps)

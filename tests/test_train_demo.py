@@ -282,3 +282,38 @@ def test_calibrated_training_runs_with_grounding_and_logs_it(train, straight, tm
     assert '"calibrate_guidance": [7.5, 2.0]' in log and '"ground"' in log and '"ground_pixel"' in log
     with pytest.raises(SystemExit):
         train.main(["-o", str(tmp_path), "--calibrate-guidance", "7.5", "--calibrate-to", "9", *SMALL])
+
+
+def test_min_snr_weights_hand_computed(train, straight):
+    """--snr-gamma: weight min(SNR, gamma) / SNR with SNR = abar / (1 - abar) from the scheduler's
+    own alphas_cumprod: 1 where the sample is noisy (SNR <= gamma), below 1 where it is nearly clean."""
+    sched = train.make_scheduler()
+    t = torch.tensor([0, 50, 300, 999])
+    abar = sched.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    got = train.min_snr_weights(sched, t, 5.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=0)
+    assert got[-1] == 1.0 and got[0] < 0.01 and (got[:-1] <= 1).all()
+
+
+def test_sample_indices_default_is_uniform_and_pair_fraction_splits(train):
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    # the default draws exactly what the script drew before the option existed
+    assert torch.equal(train.sample_indices(100, 64, g1, 40, None), torch.randint(100, (64,), generator=g2))
+    g = torch.Generator().manual_seed(0)
+    assert (train.sample_indices(100, 500, g, 40, 0.0) < 40).all()
+    assert (train.sample_indices(100, 500, g, 40, 1.0) >= 40).all()
+    rows = train.sample_indices(100, 4000, g, 40, 0.25)
+    assert 0.22 < (rows >= 40).float().mean() < 0.28 and rows.min() >= 0 and rows.max() < 100
+
+
+def test_snr_gamma_and_pair_fraction_train_and_are_logged(train, straight, tmp_path):
+    train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
+                "--train-pairs", "8", "--pair-fraction", "0.5", "--snr-gamma", "5", *SMALL])
+    assert not same(weights(straight / "model"), weights(tmp_path / "model"), "unet.")
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"snr_gamma": 5.0' in log and '"pair_fraction": 0.5' in log
+    for bad in (["--pair-fraction", "0.5"], ["--train-pairs", "8", "--pair-fraction", "1.5"], ["--snr-gamma", "-1"]):
+        with pytest.raises(SystemExit):
+            train.main(["-o", str(tmp_path / "bad"), *bad, *SMALL])
