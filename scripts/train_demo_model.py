@@ -368,6 +368,21 @@ def calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, w, k=1.0)
     return torch.where(drop.view(-1, 1, 1, 1), eps, calibrated)
 
 
+@torch.no_grad()
+def teacher_target(teacher_unet, teacher_text, zt, t, eps, tok, empty_ids, drop, w, k):
+    """Like ``calibrated_target`` but from a frozen teacher (the model the stage starts from):
+    captioned rows ``T_u + (k / w) * (T_c - T_u)``, with ``T_c`` and ``T_u`` the teacher's
+    conditional and unconditional predictions, so the target carries no sampling noise; a student
+    that fits it, guided at ``w``, acts as the teacher guided at ``k``. Empty-caption rows keep the
+    true noise ``eps``, so the unconditional branch trains as before."""
+    n = len(zt)
+    emb = teacher_text(torch.cat([tok, empty_ids.view(1, -1).expand(n, -1)]))[0]
+    both = teacher_unet(torch.cat([zt, zt]), torch.cat([t, t]), encoder_hidden_states=emb).sample
+    eps_c, eps_u = both[:n], both[n:]
+    calibrated = eps_u + (k / w) * (eps_c - eps_u)
+    return torch.where(drop.view(-1, 1, 1, 1), eps, calibrated)
+
+
 def tokenize(tokenizer, captions):
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
@@ -402,6 +417,11 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    teacher = None
+    if args.calibrate_guidance > 0 and args.calibrate_teacher:
+        # a frozen copy of the weights this stage starts from (before any resume below)
+        teacher = (copy.deepcopy(unet).eval().requires_grad_(False),
+                   copy.deepcopy(text_encoder).eval().requires_grad_(False))
     start = 0
     if os.path.exists(path):
         st = torch.load(path, weights_only=True)
@@ -434,7 +454,10 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.unet_lr, warmup=200)
         target = eps
-        if args.calibrate_guidance > 0:
+        if teacher is not None:
+            target = teacher_target(*teacher, zt, t, eps, tok, empty_ids, drop,
+                                    args.calibrate_guidance, args.calibrate_to)
+        elif args.calibrate_guidance > 0:
             target = calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop,
                                        args.calibrate_guidance, args.calibrate_to)
             if store is not None:
@@ -474,6 +497,8 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
                 record["ground_pixel"] = float(np.mean(running_pixel))
             if args.calibrate_guidance > 0:  # "loss" is then against the calibrated target
                 record["calibrate_guidance"] = [args.calibrate_guidance, args.calibrate_to]
+                if teacher is not None:
+                    record["calibrate_teacher"] = True
             if args.snr_gamma > 0:
                 record["snr_gamma"] = args.snr_gamma
             if args.pair_fraction is not None:
@@ -592,6 +617,11 @@ def main(argv=None):
                         "stage 4 uses 7.5 -> 2, see README's 'The demo model')")
     p.add_argument("--calibrate-to", type=float, default=1.0, metavar="K",
                    help="with --calibrate-guidance W: the guidance scale that W should act as (1: the true noise)")
+    p.add_argument("--calibrate-teacher", action="store_true",
+                   help="with --calibrate-guidance and --init-from: take the calibrated target from a frozen "
+                        "copy of the --init-from model's conditional and unconditional predictions instead of "
+                        "the sampled noise, so the target has no sampling noise (the student guided at W then "
+                        "acts as that model guided at --calibrate-to)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="decay of the saved EMA of the UNet and text encoder (a short fine-tune wants a "
                         "shorter memory, e.g. 0.995, or the EMA keeps much of the initial weights)")
@@ -612,6 +642,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.calibrate_guidance and not (args.calibrate_guidance > 1 and 0 < args.calibrate_to <= args.calibrate_guidance):
         p.error("--calibrate-guidance W needs W > 1 and 0 < --calibrate-to <= W")
+    if args.calibrate_teacher and not (args.calibrate_guidance and args.init_from):
+        p.error("--calibrate-teacher needs --calibrate-guidance and --init-from (the teacher)")
     if args.snr_gamma < 0:
         p.error("--snr-gamma must be >= 0 (0: off)")
     if args.pair_fraction is not None and not (0 <= args.pair_fraction <= 1 and args.train_pairs > 0):

@@ -317,3 +317,53 @@ def test_snr_gamma_and_pair_fraction_train_and_are_logged(train, straight, tmp_p
     for bad in (["--pair-fraction", "0.5"], ["--train-pairs", "8", "--pair-fraction", "1.5"], ["--snr-gamma", "-1"]):
         with pytest.raises(SystemExit):
             train.main(["-o", str(tmp_path / "bad"), *bad, *SMALL])
+
+
+def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(train, straight):
+    """--calibrate-teacher: for captioned rows, guidance at W on a conditional prediction equal to
+    the target, with the teacher's own unconditional branch, is the teacher guided at K; empty-caption
+    rows keep the true noise; K = W gives the teacher's conditional prediction. The teacher's two
+    predictions are computed here, one row at a time, independently of the script's batched forward."""
+    pipe = load_pipeline(str(straight / "model"), device="cpu")
+    unet, text_encoder, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    ids = lambda s: tok([s], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    empty_ids = ids("")
+    rows = torch.stack([ids("a red circle on a blue background"), empty_ids, ids("a green square on a white background")])
+    g = torch.Generator().manual_seed(1)
+    zt, eps = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([20, 400, 980])
+    drop = torch.tensor([False, True, False])
+    with torch.no_grad():
+        pred = lambda i, r: unet(zt[i:i + 1], t[i:i + 1], encoder_hidden_states=text_encoder(r[None])[0]).sample[0]
+        t_c = torch.stack([pred(i, rows[i]) for i in range(3)])
+        t_u = torch.stack([pred(i, empty_ids) for i in range(3)])
+    for k in (1.0, 2.0, 7.5):
+        target = train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k)
+        guided = t_u + 7.5 * (target - t_u)
+        torch.testing.assert_close(guided[~drop], (t_u + k * (t_c - t_u))[~drop], atol=1e-4, rtol=0)
+        assert torch.equal(target[drop], eps[drop])
+    torch.testing.assert_close(train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, 7.5)[~drop],
+                               t_c[~drop], atol=1e-5, rtol=0)
+
+
+def test_calibrate_teacher_trains_keeps_the_teacher_frozen_and_is_logged(train, straight, tmp_path, monkeypatch):
+    before = weights(straight / "model")
+    seen = []
+    real = train.teacher_target
+
+    def spy(teacher_unet, teacher_text, *rest):  # the teacher at every step: still the --init-from weights
+        seen.append(all(torch.equal(v, before[f"unet.{k}"]) for k, v in teacher_unet.state_dict().items())
+                    and all(torch.equal(v, before[f"text_encoder.{k}"]) for k, v in teacher_text.state_dict().items()))
+        return real(teacher_unet, teacher_text, *rest)
+
+    monkeypatch.setattr(train, "teacher_target", spy)
+    train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
+                "--calibrate-guidance", "7.5", "--calibrate-to", "2", "--calibrate-teacher",
+                "--ground-weight", "0.1", "--ema-decay", "0.5", *SMALL])
+    assert seen == [True, True]
+    assert not same(before, weights(tmp_path / "model"), "unet.")
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"calibrate_teacher": true' in log and '"calibrate_guidance": [7.5, 2.0]' in log
+    for bad in (["--calibrate-teacher"], ["--calibrate-guidance", "7.5", "--calibrate-teacher"]):
+        with pytest.raises(SystemExit):
+            train.main(["-o", str(tmp_path / "bad"), *bad, *SMALL])
