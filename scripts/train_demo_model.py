@@ -369,18 +369,21 @@ def calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, w, k=1.0)
 
 
 @torch.no_grad()
-def teacher_target(teacher_unet, teacher_text, zt, t, eps, tok, empty_ids, drop, w, k):
+def teacher_target(teacher_unet, teacher_text, zt, t, eps, tok, empty_ids, drop, w, k, empty_teacher=False):
     """Like ``calibrated_target`` but from a frozen teacher (the model the stage starts from):
     captioned rows ``T_u + (k / w) * (T_c - T_u)``, with ``T_c`` and ``T_u`` the teacher's
     conditional and unconditional predictions, so the target carries no sampling noise; a student
     that fits it, guided at ``w``, acts as the teacher guided at ``k``. Empty-caption rows keep the
-    true noise ``eps``, so the unconditional branch trains as before."""
+    true noise ``eps``, so the unconditional branch trains as before; with ``empty_teacher`` they
+    take the teacher's unconditional prediction ``T_u`` instead, which anchors the student's
+    unconditional branch to the teacher's (guidance at ``w`` multiplies any drift between the two
+    branches by ``w``: ``benchmarks/bench_guidance_ratio.py`` measures it)."""
     n = len(zt)
     emb = teacher_text(torch.cat([tok, empty_ids.view(1, -1).expand(n, -1)]))[0]
     both = teacher_unet(torch.cat([zt, zt]), torch.cat([t, t]), encoder_hidden_states=emb).sample
     eps_c, eps_u = both[:n], both[n:]
     calibrated = eps_u + (k / w) * (eps_c - eps_u)
-    return torch.where(drop.view(-1, 1, 1, 1), eps, calibrated)
+    return torch.where(drop.view(-1, 1, 1, 1), eps_u if empty_teacher else eps, calibrated)
 
 
 def tokenize(tokenizer, captions):
@@ -456,7 +459,7 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
         target = eps
         if teacher is not None:
             target = teacher_target(*teacher, zt, t, eps, tok, empty_ids, drop,
-                                    args.calibrate_guidance, args.calibrate_to)
+                                    args.calibrate_guidance, args.calibrate_to, args.teacher_empty)
         elif args.calibrate_guidance > 0:
             target = calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop,
                                        args.calibrate_guidance, args.calibrate_to)
@@ -499,6 +502,8 @@ def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, 
                 record["calibrate_guidance"] = [args.calibrate_guidance, args.calibrate_to]
                 if teacher is not None:
                     record["calibrate_teacher"] = True
+                if args.teacher_empty:
+                    record["teacher_empty"] = True
             if args.snr_gamma > 0:
                 record["snr_gamma"] = args.snr_gamma
             if args.pair_fraction is not None:
@@ -622,6 +627,10 @@ def main(argv=None):
                         "copy of the --init-from model's conditional and unconditional predictions instead of "
                         "the sampled noise, so the target has no sampling noise (the student guided at W then "
                         "acts as that model guided at --calibrate-to)")
+    p.add_argument("--teacher-empty", action="store_true",
+                   help="with --calibrate-teacher: empty-caption rows regress onto the teacher's unconditional "
+                        "prediction instead of the sampled noise, so the student's unconditional branch stays "
+                        "on the teacher's (guidance W multiplies the drift between the branches by W)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="decay of the saved EMA of the UNet and text encoder (a short fine-tune wants a "
                         "shorter memory, e.g. 0.995, or the EMA keeps much of the initial weights)")
@@ -644,6 +653,8 @@ def main(argv=None):
         p.error("--calibrate-guidance W needs W > 1 and 0 < --calibrate-to <= W")
     if args.calibrate_teacher and not (args.calibrate_guidance and args.init_from):
         p.error("--calibrate-teacher needs --calibrate-guidance and --init-from (the teacher)")
+    if args.teacher_empty and not args.calibrate_teacher:
+        p.error("--teacher-empty needs --calibrate-teacher")
     if args.snr_gamma < 0:
         p.error("--snr-gamma must be >= 0 (0: off)")
     if args.pair_fraction is not None and not (0 <= args.pair_fraction <= 1 and args.train_pairs > 0):

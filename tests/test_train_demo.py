@@ -342,6 +342,11 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
         guided = t_u + 7.5 * (target - t_u)
         torch.testing.assert_close(guided[~drop], (t_u + k * (t_c - t_u))[~drop], atol=1e-4, rtol=0)
         assert torch.equal(target[drop], eps[drop])
+        # --teacher-empty: the same captioned rows, the empty-caption row takes the teacher's unconditional prediction
+        anchored = train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k, True)
+        torch.testing.assert_close(anchored[~drop], target[~drop], atol=1e-6, rtol=0)
+        torch.testing.assert_close(anchored[drop], t_u[drop], atol=1e-5, rtol=0)
+        assert not torch.allclose(anchored[drop], eps[drop], atol=1e-2)
     torch.testing.assert_close(train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, 7.5)[~drop],
                                t_c[~drop], atol=1e-5, rtol=0)
 
@@ -364,6 +369,14 @@ def test_calibrate_teacher_trains_keeps_the_teacher_frozen_and_is_logged(train, 
     assert not same(before, weights(tmp_path / "model"), "unet.")
     log = (tmp_path / "log.jsonl").read_text()
     assert '"calibrate_teacher": true' in log and '"calibrate_guidance": [7.5, 2.0]' in log
-    for bad in (["--calibrate-teacher"], ["--calibrate-guidance", "7.5", "--calibrate-teacher"]):
+    assert '"teacher_empty"' not in log
+    seen.clear()
+    train.main(["-o", str(tmp_path / "anchored"), "--init-from", str(straight / "model"), "--unet-steps", "2",
+                "--calibrate-guidance", "7.5", "--calibrate-to", "2", "--calibrate-teacher", "--teacher-empty",
+                "--drop", "0.5", "--ema-decay", "0.5", *SMALL])
+    assert seen == [True, True]
+    assert '"teacher_empty": true' in (tmp_path / "anchored" / "log.jsonl").read_text()
+    for bad in (["--calibrate-teacher"], ["--calibrate-guidance", "7.5", "--calibrate-teacher"],
+                ["--calibrate-guidance", "7.5", "--teacher-empty"]):
         with pytest.raises(SystemExit):
             train.main(["-o", str(tmp_path / "bad"), *bad, *SMALL])
