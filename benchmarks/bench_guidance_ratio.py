@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import nulltext  # noqa: E402
 from nulltext import demo, scenes  # noqa: E402
 from nulltext.image import encode  # noqa: E402
+from nulltext.text import encode_prompt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quality import other_color  # noqa: E402
@@ -41,9 +42,7 @@ BANDS = (("t < 200", 0, 200), ("200 <= t < 500", 200, 500), ("t >= 500", 500, 10
 
 
 def embed(pipe, captions):
-    tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tok.input_ids)[0]
+    return torch.cat([encode_prompt(pipe, c) for c in captions])
 
 
 def direction(pipe, zt, t, captions, others):
