@@ -13,8 +13,8 @@ latent composites so that decoding is local (--decoder-steps), and add a token g
 that trains each colour and shape word's cross-attention onto its object (--ground-weight) and a
 pixel-level one that spreads it over the whole object (--ground-pixel-weight). It can also
 calibrate classifier-free guidance (--calibrate-guidance W --calibrate-to K: guidance W then acts
-as guidance K of a plainly trained model). README's "The demo model" gives the four-stage recipe
-of the shipped weights.
+as guidance K of a plainly trained model). README's "The demo model" gives the three-run recipe
+of the shipped weights (about 1 h 45 min on a 2-core CPU).
 
 A checkpoint is written every --ckpt-every steps into OUT/ckpt-<stage>.pt; rerunning the same
 command resumes from it. At the end OUT/model is a diffusers folder (save_pretrained) that
@@ -619,7 +619,7 @@ def main(argv=None):
     p.add_argument("--calibrate-guidance", type=float, default=0.0, metavar="W",
                    help="train the conditional branch so that classifier-free guidance at scale W acts as "
                         "guidance --calibrate-to of a plainly trained model (0: off; the shipped weights' "
-                        "stage 4 uses 7.5 -> 2, see README's 'The demo model')")
+                        "last run uses 7.5 -> 1.5, see README's 'The demo model')")
     p.add_argument("--calibrate-to", type=float, default=1.0, metavar="K",
                    help="with --calibrate-guidance W: the guidance scale that W should act as (1: the true noise)")
     p.add_argument("--calibrate-teacher", action="store_true",
