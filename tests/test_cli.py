@@ -415,3 +415,73 @@ def test_info_refuses_missing_and_foreign_files(tmp_path):
     assert_refused(r, match="not found")
     r = run_cli("info", _write("x.safetensors", b"\x00" * 100)(tmp_path), "--json")
     assert_refused(r, match="x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. What a new user met: long schedules, file permissions, interruptions, words the model splits
+
+
+def test_more_than_100_steps_inverts_and_reconstructs(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / "long.safetensors"
+    assert_ok(invert(tmp_path / "photo.png", out, "--steps", "120", "--inner-steps", "1"))
+    inv = load(out)
+    assert inv.num_steps == 120 and min(inv.meta["optimisation"]["lrs"]) > 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_honour_the_umask(tmp_path, umask):
+    """Outputs get the permissions of any file the user writes (0644 under the usual umask), not
+    mkstemp's private 0600."""
+    make_photo().save(tmp_path / "photo.png")
+    inv, png = tmp_path / "x.safetensors", tmp_path / "x.png"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nulltext", *map(str, a)], env=_env(),  # noqa: E731
+                                    capture_output=True, text=True, timeout=120,
+                                    preexec_fn=lambda: os.umask(umask))
+    assert_ok(run("invert", tmp_path / "photo.png", "--prompt", PROMPT, "-o", inv, *FAST))
+    assert_ok(run("reconstruct", inv, "-o", png, "-q"))
+    for path in (inv, png):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, oct(os.stat(path).st_mode)
+
+
+def test_interrupt_after_the_file_is_written_says_what_was_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during invert --check's reconstruction: the inversion file is complete, and the
+    message says so instead of "nothing was written"."""
+    import nulltext.inversion
+    from nulltext.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / "x.safetensors"
+    monkeypatch.setattr(nulltext.inversion, "reconstruct", interrupted)
+    code = main(["invert", str(tmp_path / "photo.png"), "--prompt", PROMPT, "-o", str(out), "--check",
+                 "--device", "cpu", *FAST])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 130 and out.is_file()
+    assert err == [f"nulltext: interrupted; wrote {out} (complete) before the interruption, nothing else"]
+    load(out)  # and it is a whole, valid file
+    out2 = tmp_path / "y.safetensors"
+    monkeypatch.setattr(nulltext.inversion, "invert_image", interrupted)
+    assert main(["invert", str(tmp_path / "photo.png"), "--prompt", PROMPT, "-o", str(out2), *FAST]) == 130
+    assert capsys.readouterr().err.splitlines() == ["nulltext: interrupted; nothing was written"]
+    assert not out2.exists()
+
+
+def test_words_the_tokenizer_splits_are_named_in_one_warning(tmp_path):
+    """The tiny model's vocabulary has one token per common caption word; 'zebroid' and 'glimmers'
+    are cut into pieces: invert and edit run, and say which words."""
+    make_photo().save(tmp_path / "photo.png")
+    inv = tmp_path / "x.safetensors"
+    r = invert(tmp_path / "photo.png", inv, prompt="a zebroid sitting next to a mirror")
+    assert_ok(r)
+    warns = warning_lines(r)
+    assert len(warns) == 1 and "'zebroid' (" in warns[0] and "several tokens" in warns[0], describe(r)
+    r = run_cli("edit", inv, "--target", "a zebroid sitting next to a mirror glimmers", "-o", tmp_path / "e", "-q")
+    assert_ok(r)
+    warns = warning_lines(r)
+    assert len(warns) == 1 and "'glimmers' (" in warns[0] and "'zebroid' (" in warns[0], describe(r)
+    r = invert(tmp_path / "photo.png", tmp_path / "y.safetensors")  # every word known: no warning
+    assert_ok(r)
+    assert warning_lines(r) == []

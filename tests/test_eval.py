@@ -175,7 +175,8 @@ def test_eval_retries_failed_samples_and_recomputes_changed_settings(tmp_path):
                  "blended_word": "cat dog", "mask": [0, 100]}}
     (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
     out = tmp_path / "out"
-    assert_ok(run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST))
+    r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST)
+    assert r.returncode == 1, describe(r)  # the only sample failed
     assert load_done(str(out / "results.jsonl"))[("a", "ddim")]["status"] == "failed"
     make_photo().save(tmp_path / "later.png")  # the user fixes the sample
     r = run_cli("eval", tmp_path / "mapping_file.json", "--methods", "ddim", "-o", out, *FAST)
@@ -268,3 +269,24 @@ def test_lpips_without_torchvision_is_one_clear_error(tmp_path):
     assert r.returncode == 2, describe(r)
     assert r.stderr.strip().startswith("nulltext: error: LPIPS needs torchvision") and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_exits_non_zero_when_every_sample_failed(tmp_path):
+    """Nothing measured is a failure for scripts: exit 1 with one error line, the tables still written."""
+    lines = ["id,image,prompt,target,blend", f"a,missing-a.png,{PROMPT},a dog sitting next to a mirror,cat dog",
+             f"b,missing-b.png,{PROMPT},a dog sitting next to a mirror,cat dog"]
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    r = run_cli("eval", tmp_path / "manifest.csv", "--methods", "ddim", "-o", out, *FAST)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, describe(r)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("nulltext: error:")]
+    assert len(errors) == 1 and "every sample failed (2 of 2" in errors[0] and "not found" in errors[0], describe(r)
+    assert (out / "results.jsonl").is_file() and "| ddim | 0 | 2 |" in (out / "summary.md").read_text()
+
+
+def test_eval_help_says_what_relative_image_paths_are_resolved_against():
+    r = run_cli("eval", "--help")
+    assert_ok(r)
+    text = " ".join(r.stdout.split())
+    assert "relative image paths in the manifest are resolved against" in text
+    assert "the manifest's own folder" in text and "absolute paths are used as they are" in text

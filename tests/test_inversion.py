@@ -162,3 +162,20 @@ def test_defaults_are_the_release_values():
     assert (c.num_steps, c.guidance_scale, c.num_inner_steps) == (50, 7.5, 10)
     assert (c.early_stop_epsilon, c.early_stop_slope, c.lr, c.lr_decay_steps) == (1e-5, 2e-5, 1e-2, 100.0)
     assert c.crop == (0, 0, 0, 0) and c.method == "nti"
+
+
+def test_more_than_100_steps_keeps_the_learning_rate_positive():
+    """The release's lr (1 - i/100) turns negative past 100 steps (Adam then refuses it, after the
+    DDIM inversion's work); the denominator is max(100, T): the release's rule up to 100 steps,
+    decaying to lr / T at the last step above."""
+    T = 120
+    schedule, eps, pivots, cond, null0 = _setup(T=T)
+    cfg = InversionConfig(num_steps=T, num_inner_steps=1, early_stop_epsilon=0.0, early_stop_slope=0.0, lr=0.02)
+    res = optimize_null_text(eps, pivots, cond, null0, schedule, cfg)
+    assert len(res.lrs) == T and min(res.lrs) > 0
+    for i in (0, 50, 119):
+        assert res.lrs[i] == pytest.approx(0.02 * (1 - i / T), rel=1e-12)
+    schedule, eps, pivots, cond, null0 = _setup(T=100)
+    cfg = InversionConfig(num_steps=100, num_inner_steps=1, early_stop_epsilon=0.0, early_stop_slope=0.0, lr=0.02)
+    lrs = optimize_null_text(eps, pivots, cond, null0, schedule, cfg).lrs
+    assert lrs == [pytest.approx(0.02 * (1 - i / 100), rel=1e-12) for i in range(100)]

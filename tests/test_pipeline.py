@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_photo
-from nulltext import InversionConfig, NulltextError, invert_image, load_pipeline
+from nulltext import InversionConfig, NulltextError, NulltextWarning, invert_image, load_pipeline
 from nulltext import ddim
 from nulltext.image import decode, encode, load_image, preprocess, psnr, to_rgb
 from nulltext.inversion import reconstruct_latent
@@ -169,3 +173,88 @@ def test_guidance_one_warns(tiny_pipe):
     with pytest.warns(UserWarning, match="no effect"):
         invert_image(tiny_pipe, make_photo(), "a cat", InversionConfig(num_steps=2, num_inner_steps=1,
                                                                        guidance_scale=1.0, size=(64, 64)), progress=False)
+
+
+class _NoFloat64Param:
+    """A weight on a device without float64 (Apple's MPS): any arithmetic on it fails, only
+    ``.cpu()`` gives a tensor to compute with."""
+
+    def __init__(self, t):
+        self.t, self.shape = t, t.shape
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self.t
+
+    def numel(self):
+        return self.t.numel()
+
+    def __getattr__(self, name):  # flatten, double, float, pow, ...: not on this device
+        raise TypeError(f"cannot {name} on a device without float64")
+
+
+def test_fingerprint_is_computed_on_the_cpu(tiny_pipe, monkeypatch):
+    from nulltext.models import model_fingerprint
+
+    unet = tiny_pipe.unet
+    real = unet.state_dict()
+    monkeypatch.setattr(unet, "state_dict", lambda: {k: _NoFloat64Param(v) for k, v in real.items()})
+    fp = model_fingerprint(unet, tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    assert fp == tiny_pipe.fingerprint  # the same figures as from the CPU tensors themselves
+
+
+def test_half_precision_on_a_cpu_warns(nulltext_cache):
+    with pytest.warns(NulltextWarning, match="bf16 on a CPU is about 10x slower than fp32"):
+        pipe = load_pipeline("tiny", device="cpu", dtype="bf16")
+    assert pipe.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NulltextWarning)
+        load_pipeline("tiny", device="cpu", dtype="fp32")  # no warning for fp32
+
+
+class _SilentServer:
+    """A TCP port on this machine that accepts connections and never answers: what a firewalled
+    network looks like to an HTTP client (it waits; a refused connection would fail at once)."""
+
+    def __enter__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def test_hub_unreachable_detects_offline_and_a_silent_network(monkeypatch):
+    from huggingface_hub import constants
+
+    from nulltext.models import _hub_unreachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert _hub_unreachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with _SilentServer() as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        assert _hub_unreachable(timeout=0.5)
+
+
+def test_a_hub_id_fails_in_seconds_when_the_network_never_answers(tmp_path):
+    """Without HF_HUB_OFFLINE, on a network that swallows requests, huggingface_hub alone would
+    retry for minutes; nulltext probes the hub once and loads from the local cache only."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    with _SilentServer() as url:
+        env["HF_ENDPOINT"] = url
+        make_photo(64, 64).save(tmp_path / "p.png")
+        r = subprocess.run([sys.executable, "-m", "nulltext", "invert", str(tmp_path / "p.png"), "--prompt", "a cat",
+                            "-o", str(tmp_path / "x.safetensors"), "--device", "cpu"],
+                           env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nulltext: error: could not load model 'CompVis/stable-diffusion-v1-4'")
+    assert "unreachable" in lines[0] and "local diffusers folder" in lines[0]
+    assert not (tmp_path / "x.safetensors").exists()

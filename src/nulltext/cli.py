@@ -91,7 +91,7 @@ def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--early-stop-slope", type=_nonneg_float, default=d.early_stop_slope,
                    help=f"growth of the early-stop threshold per timestep (default {d.early_stop_slope:g})")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/100) (default {d.lr:g})")
+                   help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/max(100,T)) (default {d.lr:g})")
     p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
                    help="output size in pixels (default: the model's native size, 512 for SD 1.x)")
     p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
@@ -280,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
     p.add_argument("--methods", default="nti", help="comma-separated inversion methods, e.g. nti,npi,direct "
                                                     "(default nti)")
-    p.add_argument("--images-root", metavar="DIR", help="folder the manifest's image paths are relative to")
+    p.add_argument("--images-root", metavar="DIR",
+                   help="folder that relative image paths in the manifest are resolved against (default: the "
+                        "manifest's own folder; for a PIE-Bench mapping file, its annotation_images/ subfolder "
+                        "when there is one); absolute paths are used as they are")
     p.add_argument("--limit", type=_positive_int, help="only the first N samples")
     p.add_argument("--clip-model", metavar="MODEL", help="CLIP score of edits with this transformers CLIPModel "
                    "(hub id or local folder, e.g. openai/clip-vit-large-patch14); not computed without it")
@@ -512,9 +515,17 @@ def _warn_ignored(args, config) -> None:
 
 
 def _slug(text: str, n: int = 40) -> str:
+    """A file-name piece from a prompt: lower-case words joined by '-', whole words only, at most
+    ``n`` characters (a first word longer than that is kept whole)."""
     import re
 
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n].strip("-") or "edit"
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    out = ""
+    for word in words:
+        if out and len(out) + 1 + len(word) > n:
+            break
+        out = f"{out}-{word}" if out else word
+    return out or "edit"
 
 
 def _validate_edit_prompts(args) -> None:
@@ -624,7 +635,7 @@ def cmd_eval(args) -> int:
                               lpips=args.lpips)
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
+    rows = evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
         print(f.read().split("\n\n")[0])
     skipped = []
@@ -638,6 +649,12 @@ def cmd_eval(args) -> int:
         print(f"note: {'; '.join(skipped)}")
     for name in ("results.jsonl", "results.csv", "summary.md"):
         print(f"wrote {os.path.join(args.output, name)}")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed and len(failed) == len(rows):
+        print(f"nulltext: error: every sample failed ({len(failed)} of {len(rows)}; first: "
+              f"{failed[0]['id']} {failed[0]['method']}: {failed[0]['reason']}); see "
+              f"{os.path.join(args.output, 'results.jsonl')}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -657,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     warnings.showwarning = _show_warning
+    from .files import written
+
+    written.clear()
     try:
         return COMMANDS[args.command](args)
     except NulltextError as e:
@@ -682,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "eval":
             print("nulltext: interrupted; the samples recorded so far are kept, rerun to resume", file=sys.stderr)
+        elif written:
+            print(f"nulltext: interrupted; wrote {', '.join(written)} (complete) before the interruption, "
+                  f"nothing else", file=sys.stderr)
         else:
             print("nulltext: interrupted; nothing was written", file=sys.stderr)
         return 130

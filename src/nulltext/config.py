@@ -43,7 +43,7 @@ class InversionConfig:
     early_stop_epsilon: float = 1e-5  # epsilon: stop when loss < epsilon + i * early_stop_slope
     early_stop_slope: float = 2e-5  # the release's per-timestep growth of the threshold
     lr: float = 1e-2  # Adam learning rate at the first timestep
-    lr_decay_steps: float = 100.0  # lr_i = lr * (1 - i / lr_decay_steps)
+    lr_decay_steps: float = 100.0  # lr_i = lr * (1 - i / max(lr_decay_steps, T)): the release's for T <= 100
     # Output size (width, height) in pixels; None = the model's native size
     # (unet.config.sample_size * VAE scale factor: 512 for SD 1.x, as the release hard-codes).
     size: tuple[int, int] | None = None

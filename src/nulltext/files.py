@@ -8,6 +8,15 @@ from collections.abc import Callable
 
 from .errors import NulltextError
 
+# paths written by atomic_write in this process, in order: an interrupted command reports them
+written: list[str] = []
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def check_writable(path, force: bool = False) -> str:
     """Fail early (before hours of work) if ``path`` exists and ``force`` is not set."""
@@ -37,9 +46,12 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
         os.close(fd)
         write(tmp)
+        # mkstemp creates 0600; the output gets the permissions of any file the user writes
+        os.chmod(tmp, 0o666 & ~_umask())
         if os.path.exists(path) and not force:  # appeared while we worked
             raise NulltextError(f"output {path} already exists; use --force to overwrite it")
         os.replace(tmp, path)
+        written.append(path)
     except OSError as e:  # permission denied, disk full, ...
         raise NulltextError(f"cannot write {path} ({e.strerror or e})") from None
     finally:

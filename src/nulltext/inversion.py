@@ -70,8 +70,9 @@ def optimize_null_text(
         target = pivots[T - i - 1]  # z*_{T-i-1}
         # 1. start from the previous timestep's optimised embedding (the first from N0)
         null = null.detach().clone().requires_grad_(True)
-        # 2. Adam on N only; lr decays linearly with the timestep index
-        lr = config.lr * (1.0 - i / config.lr_decay_steps)
+        # 2. Adam on N only; lr decays linearly with the timestep index (the release's
+        #    lr*(1 - i/100); past 100 steps the denominator is T, so lr stays positive)
+        lr = config.lr * (1.0 - i / max(config.lr_decay_steps, T))
         optimizer = torch.optim.Adam([null], lr=lr)
         # 3. the conditional prediction once, without gradient (reused for the final step below)
         with torch.no_grad():
@@ -260,7 +261,7 @@ def invert_image(
     preprocessed image almost exactly.
     """
     from . import image as image_mod
-    from .text import encode_prompt
+    from .text import encode_prompt, warn_split_words
 
     config = config or InversionConfig()
     from .config import OPTIMISED
@@ -269,6 +270,7 @@ def invert_image(
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
+    warn_split_words(pipe, prompt)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = image_mod.as_source(image)

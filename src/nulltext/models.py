@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .config import SchedulerConfig
 from .ddim import Schedule
-from .errors import NulltextError
+from .errors import NulltextError, NulltextWarning
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -138,8 +139,10 @@ def model_fingerprint(unet, vae, text_encoder, tokenizer) -> dict:
         h.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())
         for pname, p in module.state_dict().items():
             h.update(f"{pname}:{tuple(p.shape)}".encode())
-            x = p.detach()
-            weights.update(x.flatten()[:: max(1, x.numel() // 64)].float().cpu().numpy().tobytes())
+            # on the CPU: float64 is missing on some devices (Apple's MPS), and the figures must not
+            # depend on the device's kernels
+            x = p.detach().cpu()
+            weights.update(x.flatten()[:: max(1, x.numel() // 64)].float().numpy().tobytes())
             ms = x.double().pow(2).mean().item() if x.numel() else 0.0
             mean_squares.append(float(f"{ms:.6g}"))
     vocab = tokenizer.get_vocab()
@@ -181,6 +184,35 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub cannot be used now: HF_HUB_OFFLINE is set, or one request
+    to the hub's endpoint gets no answer within ``timeout`` seconds (huggingface_hub itself would
+    retry for minutes before failing). Any HTTP answer, an error status included, means reachable."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except Exception:  # refused, timed out, no route, no DNS, ...
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores the timeout: bound it here
+    thread.start()
+    thread.join(timeout + 2.0)
+    return not (answered and answered[0])
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -196,6 +228,10 @@ def load_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    if dev.type == "cpu" and torch_dtype != torch.float32:
+        name = next(k for k, v in DTYPES.items() if v == torch_dtype)
+        warnings.warn(f"--dtype {name} on a CPU is about 10x slower than fp32 (CPUs lack fast half-precision "
+                      f"kernels); use fp32 there", NulltextWarning, stacklevel=2)
     model_id = model
     source = model
     if model == "tiny":
@@ -213,14 +249,20 @@ def load_pipeline(
         source = os.path.expanduser(model)
         if _looks_like_path(model) and not os.path.isdir(source):
             raise NulltextError(f"model folder not found: {model}")
+    # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
+    # model is not there
+    offline = not os.path.isdir(source) and _hub_unreachable()
     try:
         _quiet_loading()
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype)
+        kw = {"local_files_only": True} if offline else {}
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
     except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        if offline:
+            reason = "the hub is unreachable from here and the model is not in the local cache"
         if os.path.isdir(source):
             raise NulltextError(
                 f"could not load model '{model}' from its folder: it must be a diffusers-format "

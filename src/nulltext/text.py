@@ -31,3 +31,39 @@ def encode_prompt(pipe, prompt: str) -> Tensor:
     with torch.no_grad():
         emb = pipe.text_encoder(ids.to(pipe.device))[0]  # (1, L, d)
     return emb.float()
+
+
+def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:
+    """The words of ``prompt`` (runs of letters) that the tokenizer cuts into several tokens,
+    each with its pieces, in order of appearance and without repeats."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    for word in re.findall(r"[^\W\d_]+", prompt):
+        key = word.lower()
+        if key in out:
+            continue
+        pieces = tokenizer.tokenize(key)
+        if len(pieces) > 1:
+            out[key] = [p.replace("</w>", "") for p in pieces]
+    return list(out.items())
+
+
+def warn_split_words(pipe, prompts) -> None:
+    """Warn, naming them, about words of ``prompts`` that the model's tokenizer splits into
+    pieces: their attention maps and word swaps act on the pieces, and for a model with a small
+    vocabulary (the demo model) they are words it never learned."""
+    found: dict[str, list[str]] = {}
+    for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        for word, pieces in split_words(pipe.tokenizer, prompt):
+            found.setdefault(word, pieces)
+    if not found:
+        return
+    listed = ", ".join(f"'{w}' ({'|'.join(p)})" for w, p in found.items())
+    if getattr(pipe, "model_id", None) == "demo":
+        warnings.warn(f"outside the demo model's vocabulary: {listed}; it knows only the colours, shapes and "
+                      f"words of its scenes (see docs/demo-model.md), so the images will not follow these words",
+                      NulltextWarning, stacklevel=2)
+    else:
+        warnings.warn(f"the model's tokenizer splits {listed} into several tokens: their attention maps and "
+                      f"word swaps act on the pieces", NulltextWarning, stacklevel=2)

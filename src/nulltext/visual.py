@@ -3,13 +3,12 @@ cross-attention maps the release shows in its notebook."""
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-LABEL_H = 28  # pixels under each cell for its caption
+LINE_H = 12  # pixels per caption line
 PAD = 4
 
 
@@ -17,26 +16,40 @@ def _font():
     return ImageFont.load_default()
 
 
+def wrap_label(label: str, width: int, font=None) -> list[str]:
+    """Break ``label`` into lines at spaces so each fits ``width`` pixels; a word wider than a line
+    gets a line of its own and is never cut. Joining the lines with spaces gives the label back."""
+    font = font or _font()
+    lines: list[str] = []
+    for word in label.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def labelled_grid(rows: Sequence[Sequence[tuple[Image.Image, str]]], cell: tuple[int, int] | None = None) -> Image.Image:
     """Cells (image, caption) in rows; every image is resized to ``cell`` (w, h) (default: the
-    first image's size), captions drawn below, wrapped to two lines."""
+    first image's size), captions drawn below, wrapped at word boundaries and shown whole (the
+    caption area grows to the longest caption)."""
     first = rows[0][0][0]
     cw, ch = cell or first.size
+    font = _font()
+    wrapped = [[wrap_label(label, cw - 4, font) for _img, label in row] for row in rows]
+    label_h = LINE_H * max(len(lines) for row in wrapped for lines in row) + 4
     ncols = max(len(r) for r in rows)
     W = ncols * (cw + PAD) + PAD
-    H = len(rows) * (ch + LABEL_H + PAD) + PAD
+    H = len(rows) * (ch + label_h + PAD) + PAD
     grid = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(grid)
-    font = _font()
-    chars = max(4, cw // 6)
     for r, row in enumerate(rows):
-        for c, (img, label) in enumerate(row):
-            x, y = PAD + c * (cw + PAD), PAD + r * (ch + LABEL_H + PAD)
+        for c, (img, _label) in enumerate(row):
+            x, y = PAD + c * (cw + PAD), PAD + r * (ch + label_h + PAD)
             grid.paste(img.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST if img.width < cw // 2
                                                  else Image.Resampling.BICUBIC), (x, y))
-            lines = textwrap.wrap(label, chars)[:2] or [""]
-            for k, line in enumerate(lines):
-                draw.text((x + 2, y + ch + 2 + 12 * k), line, fill="black", font=font)
+            for k, line in enumerate(wrapped[r][c]):
+                draw.text((x + 2, y + ch + 2 + LINE_H * k), line, fill="black", font=font)
     return grid
 
 
