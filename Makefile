@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast test-weights clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on the shipped demo model (trained by nulltext on procedural scenes; runs offline on
-# a CPU in under a minute): invert a scene, print the file's metadata, write the reconstruction,
-# a colour swap and a shape swap with local blend, and the attention maps. README shows the same
-# commands for real photos with Stable Diffusion v1.4.
+# a CPU in under a minute): invert a scene, print the file's metadata, write a colour swap and a
+# shape swap with local blend, and the attention maps. README shows the same commands.
 demo: install
 	$(VENV)/bin/nulltext invert examples/red_circle.png --prompt "a red circle on a blue background" \
 		--model demo --check --force -o $(OUT)/red_circle.safetensors
@@ -27,9 +26,24 @@ demo: install
 	$(VENV)/bin/nulltext edit $(OUT)/red_circle.safetensors --target "a green circle on a blue background" \
 		--target "a red square on a blue background" --blend circle circle,square --force -o $(OUT)/red_circle_edits
 	$(VENV)/bin/nulltext attention $(OUT)/red_circle.safetensors --force -o $(OUT)/red_circle_attention.png
+	@echo
+	@echo "Results are in $(OUT)/. To run nulltext yourself, activate its environment first:"
+	@echo "    . $(VENV)/bin/activate"
 
+# The full suite (what CI runs).
 test: install
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow: a couple of minutes on a 2-core CPU.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+# Real Stable Diffusion weights: NULLTEXT_SD_MODEL=/path/to/stable-diffusion-v1-4 make test-weights
+# (a hub id works too, with network access). The photo is scikit-image's cat, or NULLTEXT_SD_PHOTO.
+test-weights: install
+	@test -n "$$NULLTEXT_SD_MODEL" || { echo "set NULLTEXT_SD_MODEL to a Stable Diffusion 1.x folder or hub id"; exit 2; }
+	$(PY) -m pip install --quiet -e ".[test,weights]"
+	$(PY) -m pytest -q -m weights -rs
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -6,7 +6,8 @@ bounds. Prints a table and writes a PNG plot (matplotlib).
 Images: a folder of images with a captions file (``--images DIR`` holding ``captions.csv`` with
 columns image,prompt) or, by default, seeded synthetic pictures captioned "a photo". The tiny model
 has random weights: its numbers show the pipeline, not the paper's effect sizes; rerun on the trained
-demo model (issue 5) or a real checkpoint with ``--model``.
+demo model (``--model demo --scenes N``: held-out scenes of nulltext.demo.scenes with their captions)
+or a real checkpoint with ``--model``.
 
 Examples:
     python benchmarks/bench_ablation.py --model tiny --size 128 --steps 10 --budgets 1 2 5 --images-count 3
@@ -74,7 +75,8 @@ def main() -> int:
     pipe = nulltext.load_pipeline(args.model, device=args.device, dtype=args.dtype)
     size = (args.size, args.size) if args.size else pipe.native_size
     if args.scenes:
-        from nulltext import demo, scenes
+        from nulltext import demo
+        from nulltext.demo import scenes
 
         images = [(s.image, s.caption) for s in scenes.scenes(args.scenes, demo.HELDOUT_SEED)]
     elif args.images:

@@ -116,9 +116,10 @@ def build_components(size: str, seed: int, tokenizer_folder: str):
 
 def build_model_folder(size: str, folder: str, seed: int) -> str:
     """Write a diffusers-format folder (tokenizer/, text_encoder/, vae/, unet/, scheduler/)."""
-    from nulltext.models import _quiet_loading, make_scheduler
+    from nulltext.ddim import make_scheduler
+    from nulltext.hub import quiet_loading
 
-    _quiet_loading()
+    quiet_loading()
     tmp = folder + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Edit quality of nulltext on the trained demo model (issue 5), on held-out generated scenes whose
+"""Edit quality of nulltext on the trained demo model (``--model demo``), on held-out generated scenes whose
 colour, shape, background and object mask are known exactly. Prints a table (markdown) and writes
 a PNG grid of examples.
 
@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import nulltext  # noqa: E402
-from nulltext import demo, scenes  # noqa: E402
+from nulltext import demo  # noqa: E402
+from nulltext.demo import scenes  # noqa: E402
 from nulltext.config import EditConfig, InversionConfig  # noqa: E402
 from nulltext.image import decode, encode, psnr  # noqa: E402
 from nulltext.inversion import reconstruct_latent  # noqa: E402

@@ -1,6 +1,6 @@
 """Draw the example inputs (no downloads): examples/red_ball.png, a 640x480 photo-like scene for
 the README's real-SD commands, and examples/red_circle.png, a 64x64 scene of the demo model's
-world ("a red circle on a blue background", drawn by nulltext.scenes) for ``make demo``."""
+world ("a red circle on a blue background", drawn by nulltext.demo.scenes) for ``make demo``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def draw(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
 
 
 def red_circle() -> Image.Image:
-    from nulltext.scenes import render
+    from nulltext.demo.scenes import render
 
     return render("red", "circle", "blue", center=(34.0, 30.0), radius=15.0).image
 

@@ -198,6 +198,7 @@ def test_help_says_tiny_has_random_weights(args):
 # 3. Existing outputs are kept unless --force
 
 
+@pytest.mark.slow
 def test_invert_refuses_to_overwrite_without_force(e2e, tmp_path):
     target = tmp_path / "existing.safetensors"
     shutil.copyfile(e2e["inv"], target)
@@ -211,6 +212,7 @@ def test_invert_refuses_to_overwrite_without_force(e2e, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.safetensors"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_reconstruct_refuses_to_overwrite_without_force(e2e, tmp_path):
     target = tmp_path / "existing.png"
     target.write_bytes(b"precious, not to be lost")
@@ -339,6 +341,7 @@ MODES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,save,modes", MODES.values(), ids=MODES.keys())
 def test_invert_converts_image_modes(tmp_path, name, save, modes):
     image = tmp_path / name
@@ -358,6 +361,7 @@ def test_invert_converts_image_modes(tmp_path, name, save, modes):
 # 6. Warnings: the run goes on, the user is told
 
 
+@pytest.mark.slow
 def test_long_prompt_warns_about_truncation(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
@@ -371,6 +375,7 @@ def test_long_prompt_warns_about_truncation(tmp_path):
     assert load(out).prompt == prompt  # the file keeps what the user typed
 
 
+@pytest.mark.slow
 def test_guidance_1_warns_that_the_optimisation_has_no_effect(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
@@ -421,6 +426,7 @@ def test_info_refuses_missing_and_foreign_files(tmp_path):
 # 8. What a new user met: long schedules, file permissions, interruptions, words the model splits
 
 
+@pytest.mark.slow
 def test_more_than_100_steps_inverts_and_reconstructs(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "long.safetensors"
@@ -429,6 +435,7 @@ def test_more_than_100_steps_inverts_and_reconstructs(tmp_path):
     assert inv.num_steps == 120 and min(inv.meta["optimisation"]["lrs"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_honour_the_umask(tmp_path, umask):
     """Outputs get the permissions of any file the user writes (0644 under the usual umask), not
@@ -469,6 +476,7 @@ def test_interrupt_after_the_file_is_written_says_what_was_written(tmp_path, mon
     assert not out2.exists()
 
 
+@pytest.mark.slow
 def test_words_the_tokenizer_splits_are_named_in_one_warning(tmp_path):
     """The tiny model's vocabulary has one token per common caption word; 'zebroid' and 'glimmers'
     are cut into pieces: invert and edit run, and say which words."""

@@ -46,6 +46,7 @@ def test_edit_writes_reconstruction_edits_and_grid(files, tmp_path):
     assert grid.width > 3 * 64 and grid.height > 64
 
 
+@pytest.mark.slow
 def test_edit_from_an_image_inverts_first_and_can_keep_the_inversion(files, tmp_path):
     out, inv = tmp_path / "out", tmp_path / "kept.safetensors"
     r = run_cli("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--save-inversion", inv,
@@ -67,6 +68,7 @@ def test_attention_command_writes_a_grid_of_token_maps(files, tmp_path):
     assert "4x4" in r.stdout  # 64 px -> latent 8x8; no down/up cross layer at 2x2, the nearest is 4x4
 
 
+@pytest.mark.slow
 def test_edit_refuses_to_overwrite_without_force(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -118,6 +120,7 @@ def test_edit_of_an_image_needs_its_prompt(files, tmp_path):
                    match="--prompt")
 
 
+@pytest.mark.slow
 def test_edit_with_attention_writes_the_maps_too(files, tmp_path):
     out = tmp_path / "out"
     r = run_cli("edit", files["inv"], "--target", SWAP, "--attention", "-o", out, *QUIET)
@@ -135,6 +138,7 @@ def test_edit_of_an_image_checks_the_prompts_before_inverting(files, tmp_path):
     assert not inv.exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path):
     assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--attention",
                            "-o", tmp_path / "o", *QUIET), match="--attention")
@@ -144,6 +148,7 @@ def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path
     assert "nulltext: warning: --blend apply to --method p2p only" in r.stderr
 
 
+@pytest.mark.slow
 def test_inversion_options_with_an_inversion_file_are_warned_and_ignored(files, tmp_path):
     r = run_cli("edit", files["inv"], "--target", SWAP, "--steps", "7", "--inner-steps", "3",
                 "-o", tmp_path / "o", *QUIET)

@@ -59,6 +59,7 @@ def _manifest(tmp_path, n=3) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_eval_three_images_two_methods_writes_the_tables(tmp_path):
     out = tmp_path / "out"
     r = run_cli("eval", _manifest(tmp_path), "--methods", "npi,nti", "-o", out, *FAST)
@@ -74,6 +75,7 @@ def test_eval_three_images_two_methods_writes_the_tables(tmp_path):
     assert "| npi | 3 | 0 |" in r.stdout and "LPIPS needs --lpips" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_resumes_after_a_kill_without_redoing_recorded_samples(tmp_path):
     manifest, out = _manifest(tmp_path), tmp_path / "out"
     results = out / "results.jsonl"
@@ -97,6 +99,7 @@ def test_eval_resumes_after_a_kill_without_redoing_recorded_samples(tmp_path):
     assert len([line for line in results.read_text().splitlines() if line.strip()]) == 6
 
 
+@pytest.mark.slow
 def test_eval_reports_a_missing_image_and_a_bad_mask_and_goes_on(tmp_path):
     make_photo().save(tmp_path / "ok.png")
     doc = {"a": {"image_path": "ok.png", "original_prompt": "a [cat] sitting next to a mirror",
@@ -160,6 +163,7 @@ def test_model_metrics_clip_score_and_structure_distance(metric_models):
         ModelMetrics(clip_model=str(metric_models[1]))  # a ViT folder is no CLIP model
 
 
+@pytest.mark.slow
 def test_eval_with_clip_and_dino_models(tmp_path, metric_models):
     out = tmp_path / "out"
     r = run_cli("eval", _manifest(tmp_path, n=1), "--methods", "ddim", "-o", out, "--clip-model", metric_models[0],
@@ -170,6 +174,7 @@ def test_eval_with_clip_and_dino_models(tmp_path, metric_models):
     assert "needs --clip-model" not in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_retries_failed_samples_and_recomputes_changed_settings(tmp_path):
     doc = {"a": {"image_path": "later.png", "original_prompt": PROMPT, "editing_prompt": "a dog sitting next to a mirror",
                  "blended_word": "cat dog", "mask": [0, 100]}}

@@ -1,4 +1,4 @@
-"""The null-text optimisation rule, on a fake eps (ALGORITHM.md section 2)."""
+"""The null-text optimisation rule, on a fake eps (docs/algorithm.md section 2)."""
 
 from __future__ import annotations
 

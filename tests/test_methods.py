@@ -1,4 +1,4 @@
-"""The inversion methods behind one API (issue 4, part 1): each makes the same kind of inversion
+"""The inversion methods behind one API: each makes the same kind of inversion
 file, usable by every edit, and does what its paper says."""
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def test_reconstruction_ordering_vae_nti_ddim(tiny_pipe, capsys):
     assert values["vae"] >= values["nti"] > values["ddim"]
 
 
+@pytest.mark.slow
 def test_cli_invert_method_info_and_loss_plot(tmp_path):
     from PIL import Image
 

@@ -127,6 +127,7 @@ def test_bad_images(tmp_path):
             load_image(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_null_text_inversion_beats_ddim_inversion_with_cfg(tiny_pipe):
     """The paper's point, on the tiny model with the release's defaults (T = 50, 10 inner steps):
     sampling the DDIM pivot with CFG 7.5 drifts; optimised null embeddings bring it back.
@@ -231,17 +232,18 @@ class _SilentServer:
 def test_hub_unreachable_detects_offline_and_a_silent_network(monkeypatch):
     from huggingface_hub import constants
 
-    from nulltext.models import _hub_unreachable
+    from nulltext.hub import hub_unreachable
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert _hub_unreachable()
+    assert hub_unreachable()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with _SilentServer() as url:
         monkeypatch.setattr(constants, "ENDPOINT", url)
-        assert _hub_unreachable(timeout=0.5)
+        assert hub_unreachable(timeout=0.5)
 
 
+@pytest.mark.slow
 def test_a_hub_id_fails_in_seconds_when_the_network_never_answers(tmp_path):
     """Without HF_HUB_OFFLINE, on a network that swallows requests, huggingface_hub alone would
     retry for minutes; nulltext probes the hub once and loads from the local cache only."""

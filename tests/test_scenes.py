@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nulltext.scenes import PALETTE, SHAPES, caption, coverage, dilate, region_color, render, scenes
+from nulltext.demo.scenes import PALETTE, SHAPES, caption, coverage, dilate, region_color, render, scenes
 
 
 def test_same_seed_same_scenes_other_seed_others():
@@ -61,7 +61,7 @@ def test_square_is_axis_aligned_box_and_triangle_points_up():
 
 
 def test_judge_reads_colour_shape_background_and_mask_of_rendered_scenes():
-    from nulltext.scenes import judge
+    from nulltext.demo.scenes import judge
 
     for s in scenes(60, seed=2):
         j = judge(s.image)
@@ -70,7 +70,7 @@ def test_judge_reads_colour_shape_background_and_mask_of_rendered_scenes():
 
 
 def test_judge_fill_ratios_match_the_geometry():
-    from nulltext.scenes import judge
+    from nulltext.demo.scenes import judge
 
     # large shapes: the pixel grid barely changes the ideal fill of the bounding box
     assert judge(render("red", "square", "blue", (32, 32), 20).image).fill == pytest.approx(1.0, abs=0.02)
@@ -99,7 +99,7 @@ def test_region_color_ignores_the_edge_pixels_and_the_rest_of_the_image():
 
 
 def test_pair_scenes_are_seeded_disjoint_and_drawn_as_captioned():
-    from nulltext.scenes import pair_caption, pair_scenes
+    from nulltext.demo.scenes import pair_caption, pair_scenes
 
     a, b, c = list(pair_scenes(12, 5)), list(pair_scenes(12, 5)), list(pair_scenes(12, 6))
     assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
@@ -123,7 +123,7 @@ def test_pair_scenes_are_seeded_disjoint_and_drawn_as_captioned():
 
 
 def test_render_pair_refuses_overlap_and_repeated_colours():
-    from nulltext.scenes import render_pair
+    from nulltext.demo.scenes import render_pair
 
     with pytest.raises(ValueError, match="overlap"):
         render_pair(("red", "blue"), ("circle", "square"), "green", ((30, 30), (34, 30)), (8, 8))
@@ -132,7 +132,7 @@ def test_render_pair_refuses_overlap_and_repeated_colours():
 
 
 def test_judge_objects_reads_both_objects_of_pair_scenes():
-    from nulltext.scenes import judge_objects, pair_scenes
+    from nulltext.demo.scenes import judge_objects, pair_scenes
 
     for s in pair_scenes(60, 7):
         background, objects = judge_objects(s.image)

@@ -1,28 +1,25 @@
-"""scripts/train_demo_model.py on a few steps: it writes a model folder that nulltext loads, an
+"""The demo model's trainer (python -m nulltext.demo.train) on a few steps: it writes a model folder that nulltext loads, an
 interrupted run resumes to the same weights as an uninterrupted one, and --init-from keeps the
 VAE it starts from and fine-tunes the rest on one- and two-object scenes; the token grounding
 loss against hand-computed values."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from nulltext import load_pipeline
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "train_demo_model.py")
+pytestmark = pytest.mark.slow  # training runs, a minute in all
+
 SMALL = ["--train-scenes", "16", "--batch", "2", "--vae-steps", "3", "--ckpt-every", "2",
          "--sample-steps", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def train():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from nulltext.demo import train as mod
+
     return mod
 
 
@@ -171,7 +168,8 @@ def test_grounding_pixel_loss_hand_computed(train):
 def test_token_roles_name_the_caption_words(train, pairs):
     from transformers import CLIPTokenizer
 
-    from nulltext import demo, scenes
+    from nulltext import demo
+    from nulltext.demo import scenes
 
     tokenizer = CLIPTokenizer.from_pretrained(demo.DEMO_DIR, subfolder="tokenizer")
     x, captions, regions, roles = train.make_dataset(4, 7, pairs=pairs)

@@ -1,14 +1,53 @@
-"""nulltext: edit real photographs with text (Null-text Inversion + Prompt-to-Prompt, diffusers)."""
+"""nulltext: edit real photographs with text (Null-text Inversion + Prompt-to-Prompt, diffusers).
+
+The names below are imported on first use, so that ``import nulltext`` and the command line's
+``--help`` and usage errors answer at once, without loading torch and diffusers first."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .config import EditConfig, InversionConfig, SchedulerConfig  # noqa: E402
-from .errors import NulltextError, NulltextWarning  # noqa: E402
-from .inversion import Inversion, invert_image, reconstruct  # noqa: E402
-from .editing import EditResult, attention_maps, edit  # noqa: E402
-from .models import load_pipeline  # noqa: E402
+# public name -> (module, attribute)
+_EXPORTS = {
+    "EditConfig": ("config", "EditConfig"),
+    "InversionConfig": ("config", "InversionConfig"),
+    "SchedulerConfig": ("config", "SchedulerConfig"),
+    "NulltextError": ("errors", "NulltextError"),
+    "NulltextWarning": ("errors", "NulltextWarning"),
+    "Inversion": ("storage", "Inversion"),
+    "invert": ("inversion", "invert_image"),
+    "invert_image": ("inversion", "invert_image"),
+    "reconstruct": ("inversion", "reconstruct"),
+    "EditResult": ("editing", "EditResult"),
+    "attention_maps": ("editing", "attention_maps"),
+    "edit": ("editing", "edit"),
+    "load_pipeline": ("models", "load_pipeline"),
+}
 
-invert = invert_image
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["EditConfig", "EditResult", "edit", "attention_maps", "InversionConfig", "SchedulerConfig", "NulltextError", "NulltextWarning", "Inversion",
-           "invert", "invert_image", "reconstruct", "load_pipeline", "__version__"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nulltext' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from .config import EditConfig, InversionConfig, SchedulerConfig
+    from .editing import EditResult, attention_maps, edit
+    from .errors import NulltextError, NulltextWarning
+    from .inversion import invert_image, reconstruct
+    from .inversion import invert_image as invert
+    from .models import load_pipeline
+    from .storage import Inversion

@@ -55,7 +55,7 @@ def _crop(text: str) -> tuple[int, int, int, int]:
 
 
 def _size(text: str) -> tuple[int, int]:
-    from .image import parse_size
+    from .config import parse_size
 
     try:
         return parse_size(text)
@@ -64,7 +64,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, either: bool = False) -> None:
-    from .models import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL
 
     if either:
         default_help = f" (default: the model recorded in the inversion file; for an IMAGE, {DEFAULT_MODEL})"
@@ -197,7 +197,7 @@ def _add_input_args(p: argparse.ArgumentParser, d) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import InversionConfig
-    from .models import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL
 
     d = InversionConfig()
     parser = _Parser(prog="nulltext", description="Edit real photographs with text: Null-text Inversion "
@@ -456,7 +456,7 @@ def _source(args, check=None):
     the options), or an image inverted now with --prompt. ``check(pipe, prompt, num_steps,
     latent_hw)`` validates the edit's prompts before any inversion work."""
     from .files import check_writable
-    from .models import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL
     from .storage import check_fits
 
     if _is_inversion_path(args.input):

@@ -1,5 +1,5 @@
 """Frozen configuration dataclasses. Every default is the value of the authors' public release
-(Mokady et al., "Null-text Inversion", CVPR 2023; see ALGORITHM.md) unless its comment says otherwise."""
+(Mokady et al., "Null-text Inversion", CVPR 2023; see docs/algorithm.md) unless its comment says otherwise."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import NulltextError
+
+# the checkpoint nulltext loads when none is named (a Hugging Face hub id)
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
 # inversion methods: null-text inversion (the paper), its ablations (global null-text, random
 # pivot, plain DDIM inversion), Negative-Prompt Inversion (Miyake et al. 2023) and Direct
@@ -35,7 +38,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class InversionConfig:
-    """How an image is inverted (ALGORITHM.md sections Preprocessing, 1 and 2)."""
+    """How an image is inverted (docs/algorithm.md sections Preprocessing, 1 and 2)."""
 
     num_steps: int = 50  # T, DDIM steps
     guidance_scale: float = 7.5  # w, classifier-free guidance of the optimisation and sampling
@@ -113,7 +116,7 @@ def _check_fraction_spec(spec, what: str) -> None:
 
 @dataclass(frozen=True)
 class EditConfig:
-    """How the target prompts edit an inversion (ALGORITHM.md sections 3 and 4).
+    """How the target prompts edit an inversion (docs/algorithm.md sections 3 and 4).
 
     Fractions are of the T denoising steps: a number f means the steps in [0, f), a pair (a, b)
     the steps in [a, b). Cross-attention ranges map to steps [int(a*(T+1)), int(b*(T+1))),
@@ -192,3 +195,16 @@ class EditConfig:
         d = dataclasses.asdict(self)
         d["reweight"] = {w: f for w, f in self.reweight}
         return d
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
+    return parts[0], parts[1]

@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt controllers (Hertz et al. 2022; ALGORITHM.md section 4) as step-indexed
+"""Prompt-to-Prompt controllers (Hertz et al. 2022; docs/algorithm.md section 4) as step-indexed
 tensor operations on attention probabilities. Nothing here imports diffusers: the attention
 processor (:mod:`nulltext.processors`) calls these hooks, and tests call them on plain tensors.
 
@@ -217,7 +217,7 @@ def build_cross_alphas(num_steps: int, num_targets: int, num_keys: int, default,
 
 
 class LocalBlend:
-    """Keep the latent of the source outside the region of the chosen words (ALGORITHM.md 4).
+    """Keep the latent of the source outside the region of the chosen words (docs/algorithm.md section 4.5).
 
     ``words``: (1+n, K) one-hot over the chosen words' tokens (row 0 the source's words);
     ``subtract``: the same for words whose region is removed from the edit, or None.

@@ -1,7 +1,7 @@
 """Deterministic DDIM (Song et al. 2021, eta = 0): the forward and inverse steps, and the loops
 over an ``eps`` callable that invert an image latent and sample it back.
 
-Symbols follow ALGORITHM.md: ``abar(t)`` is ``alphas_cumprod[t]``, ``k`` the spacing between
+Symbols follow docs/algorithm.md: ``abar(t)`` is ``alphas_cumprod[t]``, ``k`` the spacing between
 consecutive inference timesteps. The arithmetic is written in the same order as diffusers'
 ``DDIMScheduler.step`` so that the forward step is bit-identical to it (a test checks this).
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .config import SchedulerConfig
 
 # eps(z, t, emb) -> noise prediction. z: (B, 4, h, w) float32, t: the integer timestep,
 # emb: (B, L, d) text embeddings. Loops never look inside it, so tests can pass a fake.
@@ -108,7 +110,7 @@ def guided_step(eps_fn: EpsFn, schedule: Schedule, z: Tensor, t: int, uncond: Te
 
 @torch.no_grad()
 def invert_progressive(eps_fn: EpsFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> Iterator[Tensor]:
-    """DDIM inversion at guidance 1 (ALGORITHM.md section 1): yields z*_1, ..., z*_T.
+    """DDIM inversion at guidance 1 (docs/algorithm.md section 1): yields z*_1, ..., z*_T.
 
     Walks the timesteps from small to large (1, 21, ..., 981), each step conditional only.
     """
@@ -153,3 +155,10 @@ def sample(eps_fn: EpsFn, z_T: Tensor, cond: Tensor, uncond, guidance_scale: flo
     for z in sample_progressive(eps_fn, z_T, cond, uncond, guidance_scale, schedule):
         pass
     return z
+
+
+def make_scheduler(config: SchedulerConfig | None = None):
+    """diffusers' DDIMScheduler with ``config`` (default: the release's)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**(config or SchedulerConfig()).to_dict())

@@ -89,19 +89,6 @@ def as_source(image) -> ImageSource:
     return load_image(image)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
-    return parts[0], parts[1]
-
-
 def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8,
                resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Cut ``crop`` = (left, right, top, bottom) pixels, centre-crop to the aspect of ``size`` and

@@ -1,4 +1,4 @@
-"""Null-text inversion (Mokady et al. 2023, ALGORITHM.md sections 1 and 2).
+"""Null-text inversion (Mokady et al. 2023, docs/algorithm.md sections 1 and 2).
 
 :func:`optimize_null_text` is the pure algorithm over an ``eps`` callable; :func:`invert_image`
 runs the whole chain on a loaded pipeline and returns an :class:`Inversion`, the object users
@@ -21,8 +21,8 @@ from . import ddim
 from .config import InversionConfig
 from .ddim import EpsFn, Schedule
 from .errors import NulltextWarning
+from .storage import FORMAT_VERSION, Inversion  # noqa: F401  (Inversion: part of this module's API)
 
-FORMAT_VERSION = 2  # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections
 
 
 @dataclass
@@ -51,7 +51,7 @@ def optimize_null_text(
     callback: IterCallback | None = None,
     progress: bool = False,
 ) -> NullTextResult:
-    """Per-timestep null-text optimisation around the pivot trajectory (ALGORITHM.md section 2).
+    """Per-timestep null-text optimisation around the pivot trajectory (docs/algorithm.md section 2).
 
     pivots: [z*_0, ..., z*_T] from :func:`ddim.invert`, each (1, 4, h, w).
     cond: C, (1, L, d); null0: N0 = text_encoder(""), (1, L, d).
@@ -190,62 +190,6 @@ def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tens
             # the same)
             z = z_bar + corr
     return torch.stack(out)
-
-
-@dataclass
-class Inversion:
-    """An inverted image: the noise latent z_T and one null-text embedding per timestep.
-
-    ``meta`` holds everything needed to check that the inversion fits the model, image and
-    settings it is used with (see :mod:`nulltext.storage`).
-    """
-
-    latent_T: Tensor  # (1, 4, h, w) float32
-    null_embeddings: Tensor  # (T, L, d) float32 per step, or (1, L, d) shared by all steps
-    prompt: str
-    config: InversionConfig
-    meta: dict = field(default_factory=dict)
-    corrections: Tensor | None = None  # (T, 4, h, w): Direct Inversion's source-branch corrections
-
-    @property
-    def num_steps(self) -> int:
-        return self.config.num_steps
-
-    @property
-    def method(self) -> str:
-        return self.config.method
-
-    def step_nulls(self, device=None) -> Tensor:
-        """The unconditional embedding of every step, (T, 1, L, d) (a view when shared)."""
-        nulls = self.null_embeddings.to(device) if device is not None else self.null_embeddings
-        if nulls.shape[0] == 1:
-            nulls = nulls.expand(self.num_steps, -1, -1)
-        return nulls[:, None]
-
-    def step_corrections(self, device=None) -> Tensor | None:
-        """(T, 1, C, h, w) corrections of the source branch, or None."""
-        if self.corrections is None:
-            return None
-        return (self.corrections.to(device) if device is not None else self.corrections)[:, None]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(width, height) of the preprocessed image in pixels."""
-        w, h = self.meta["preprocessing"]["size"]
-        return int(w), int(h)
-
-    def save(self, path, force: bool = False, reproducible: bool = False) -> None:
-        """Write a .safetensors file (atomically; refuses to overwrite unless ``force``)."""
-        from .storage import save_inversion
-
-        save_inversion(self, path, force=force, reproducible=reproducible)
-
-    @classmethod
-    def load(cls, path, pipe=None) -> "Inversion":
-        """Load and validate a file; with ``pipe``, also check it fits that model."""
-        from .storage import load_inversion
-
-        return load_inversion(path, pipe=pipe)
 
 
 def invert_image(

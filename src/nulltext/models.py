@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .config import SchedulerConfig
-from .ddim import Schedule
+from .config import DEFAULT_MODEL, SchedulerConfig
+from .ddim import Schedule, make_scheduler  # noqa: F401  (make_scheduler: part of this module's API)
 from .errors import NulltextError, NulltextWarning
+from .hub import hub_unreachable, looks_like_path, quiet_loading
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
 
@@ -112,12 +112,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def make_scheduler(config: SchedulerConfig | None = None):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**(config or SchedulerConfig()).to_dict())
-
-
 def _config_dict(module) -> dict:
     cfg = module.config if hasattr(module, "config") else {}
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
@@ -167,52 +161,6 @@ def fingerprints_match(a: dict, b: dict, rtol: float = 1e-2) -> tuple[bool, str]
     return True, ""
 
 
-def _quiet_loading() -> None:
-    """Loading progress bars and notices of transformers/diffusers are noise for our users."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    for mod in (dlog, tlog):
-        if hasattr(mod, "disable_progress_bar"):
-            mod.disable_progress_bar()
-
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are 'org/name'; anything else with a path shape is meant as a local folder."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-
-
-def _hub_unreachable(timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub cannot be used now: HF_HUB_OFFLINE is set, or one request
-    to the hub's endpoint gets no answer within ``timeout`` seconds (huggingface_hub itself would
-    retry for minutes before failing). Any HTTP answer, an error status included, means reachable."""
-    import threading
-    import urllib.error
-    import urllib.request
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return True
-    answered: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
-            answered.append(True)
-        except urllib.error.HTTPError:
-            answered.append(True)
-        except Exception:  # refused, timed out, no route, no DNS, ...
-            answered.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)  # a DNS lookup ignores the timeout: bound it here
-    thread.start()
-    thread.join(timeout + 2.0)
-    return not (answered and answered[0])
-
-
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
@@ -243,17 +191,17 @@ def load_pipeline(
 
         if not demo_available():
             raise NulltextError(f"the demo model is not installed in {DEMO_DIR}; train it with "
-                                f"scripts/train_demo_model.py and install it with --install")
+                                f"python -m nulltext.demo.train and install it with --install")
         source = DEMO_DIR
     else:
         source = os.path.expanduser(model)
-        if _looks_like_path(model) and not os.path.isdir(source):
+        if looks_like_path(model) and not os.path.isdir(source):
             raise NulltextError(f"model folder not found: {model}")
     # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
     # model is not there
-    offline = not os.path.isdir(source) and _hub_unreachable()
+    offline = not os.path.isdir(source) and hub_unreachable()
     try:
-        _quiet_loading()
+        quiet_loading()
         kw = {"local_files_only": True} if offline else {}
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)

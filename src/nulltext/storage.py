@@ -1,4 +1,5 @@
-"""Inversion files: safetensors tensors plus JSON metadata in the safetensors header. Never pickle.
+"""The :class:`Inversion` (an inverted image) and its files: safetensors tensors plus JSON
+metadata in the safetensors header. Never pickle.
 
 Layout (format version 2; version 1 files, null-text inversion only, still load):
 - tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32, or (1, L, d)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,11 +24,63 @@ from torch import Tensor
 from .config import InversionConfig, SchedulerConfig
 from .errors import NulltextError
 from .files import atomic_write
-from .inversion import FORMAT_VERSION, Inversion
 
 FORMAT = "nulltext-inversion"
+FORMAT_VERSION = 2  # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections
 REQUIRED_META = ("model", "model_fingerprint", "scheduler", "num_steps", "guidance_scale", "prompt",
                  "image", "preprocessing", "config", "method")
+
+
+@dataclass
+class Inversion:
+    """An inverted image: the noise latent z_T and one null-text embedding per timestep.
+
+    ``meta`` holds everything needed to check that the inversion fits the model, image and
+    settings it is used with (see :func:`load_inversion`).
+    """
+
+    latent_T: Tensor  # (1, 4, h, w) float32
+    null_embeddings: Tensor  # (T, L, d) float32 per step, or (1, L, d) shared by all steps
+    prompt: str
+    config: InversionConfig
+    meta: dict = field(default_factory=dict)
+    corrections: Tensor | None = None  # (T, 4, h, w): Direct Inversion's source-branch corrections
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def step_nulls(self, device=None) -> Tensor:
+        """The unconditional embedding of every step, (T, 1, L, d) (a view when shared)."""
+        nulls = self.null_embeddings.to(device) if device is not None else self.null_embeddings
+        if nulls.shape[0] == 1:
+            nulls = nulls.expand(self.num_steps, -1, -1)
+        return nulls[:, None]
+
+    def step_corrections(self, device=None) -> Tensor | None:
+        """(T, 1, C, h, w) corrections of the source branch, or None."""
+        if self.corrections is None:
+            return None
+        return (self.corrections.to(device) if device is not None else self.corrections)[:, None]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the preprocessed image in pixels."""
+        w, h = self.meta["preprocessing"]["size"]
+        return int(w), int(h)
+
+    def save(self, path, force: bool = False, reproducible: bool = False) -> None:
+        """Write a .safetensors file (atomically; refuses to overwrite unless ``force``)."""
+        save_inversion(self, path, force=force, reproducible=reproducible)
+
+    @classmethod
+    def load(cls, path, pipe=None) -> "Inversion":
+        """Load and validate a file; with ``pipe``, also check it fits that model."""
+        return load_inversion(path, pipe=pipe)
 
 
 def _sha256(t: Tensor) -> str:

@@ -112,9 +112,10 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .models import _quiet_loading, make_scheduler
+    from .ddim import make_scheduler
+    from .hub import quiet_loading
 
-    _quiet_loading()
+    quiet_loading()
     os.makedirs(path, exist_ok=True)
     write_tokenizer(os.path.join(path, "tokenizer"))
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")

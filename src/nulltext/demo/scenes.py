@@ -1,5 +1,5 @@
 """Procedural scenes with captions and ground-truth object masks: "a red circle on a blue
-background". The training data and the yardstick of the demo model (issue 5): every fact a test
+background". The training data and the yardstick of the demo model: every fact a test
 or benchmark needs (colour, shape, background, where the object is) is known exactly.
 
 Deterministic from a seed; no downloads. Object edges are anti-aliased by supersampling, and the

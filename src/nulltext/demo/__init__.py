@@ -1,5 +1,5 @@
 """``--model demo``: a small text-to-image latent diffusion model trained by nulltext on the
-procedural scenes of :mod:`nulltext.scenes` ("a red circle on a blue background") and shipped
+procedural scenes of :mod:`nulltext.demo.scenes` ("a red circle on a blue background") and shipped
 with the package, so inversion and editing can be shown and measured offline on any machine.
 
 It is built from exactly the classes Stable Diffusion uses (CLIPTokenizer, CLIPTextModel,
@@ -14,7 +14,7 @@ through the same ``from_pretrained`` path as an SD checkpoint. Its sizes differ 
   that global path let the model draw a scene without binding any word to a place, so its
   attention maps were not localised and Prompt-to-Prompt's local blend could not work).
 
-``scripts/train_demo_model.py`` trains it; :func:`architecture` is the single definition of the
+``python -m nulltext.demo.train`` (:mod:`nulltext.demo.train`) trains it; :func:`architecture` is the single definition of the
 architecture both use.
 """
 
@@ -24,7 +24,7 @@ import os
 
 import torch
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 TOKEN_LENGTH = 16
 IMAGE_SIZE = 64
 TRAIN_SEED = 1  # scenes(n, TRAIN_SEED) are the training set
@@ -41,7 +41,7 @@ def build_tokenizer(folder: str):
     """The demo tokenizer (CLIP BPE, one token per word, TOKEN_LENGTH positions) in ``folder``."""
     from transformers import CLIPTokenizer
 
-    from .tiny import write_tokenizer
+    from ..tiny import write_tokenizer
 
     write_tokenizer(folder, model_max_length=TOKEN_LENGTH)
     return CLIPTokenizer.from_pretrained(folder)
@@ -52,7 +52,7 @@ def architecture(tokenizer, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import SPECIAL_BOS, SPECIAL_EOS
+    from ..tiny import SPECIAL_BOS, SPECIAL_EOS
 
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
@@ -91,9 +91,9 @@ MODEL_INDEX = {
 def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: float = 7.5):
     """Text-to-image with the pipeline's DDIM schedule and classifier-free guidance, one image per
     prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
-    from .ddim import guided_step
-    from .image import decode
-    from .text import encode_prompt
+    from ..ddim import guided_step
+    from ..image import decode
+    from ..text import encode_prompt
 
     schedule = pipe.schedule(num_steps)
     w, h = pipe.native_size
@@ -112,7 +112,7 @@ def generate_grid(pipe, seed: int = 0, num_steps: int = 50):
     """A labelled grid of samples: each shape in each colour, on varying backgrounds, and a row of
     two-object captions (each colour must go to its own shape)."""
     from .scenes import PALETTE, SHAPES, caption, pair_caption
-    from .visual import labelled_grid
+    from ..visual import labelled_grid
 
     colors = list(PALETTE)
     rows = []

@@ -1,6 +1,4 @@
-#!/usr/bin/env python
-"""Train nulltext's demo model (issue 5) on procedural scenes, offline, on a CPU in about 1.5 h
-(2 threads: VAE 1000 steps at ~1.1 s, UNet 4000 steps at ~1 s on this project's 2-core machine).
+"""Train nulltext's demo model on procedural scenes, offline, on a CPU.
 
 Stage 1 trains the VAE (reconstruction MSE + a small KL term). Stage 2 encodes the training
 scenes once and trains the UNet and the text encoder jointly on them with the epsilon objective,
@@ -13,15 +11,15 @@ latent composites so that decoding is local (--decoder-steps), and add a token g
 that trains each colour and shape word's cross-attention onto its object (--ground-weight) and a
 pixel-level one that spreads it over the whole object (--ground-pixel-weight). It can also
 calibrate classifier-free guidance (--calibrate-guidance W --calibrate-to K: guidance W then acts
-as guidance K of a plainly trained model). README's "The demo model" gives the three-run recipe
-of the shipped weights (about 1 h 45 min on a 2-core CPU).
+as guidance K of a plainly trained model). docs/demo-model.md gives the three-run recipe of the
+shipped weights (about 1 h 45 min on a 2-core CPU).
 
 A checkpoint is written every --ckpt-every steps into OUT/ckpt-<stage>.pt; rerunning the same
 command resumes from it. At the end OUT/model is a diffusers folder (save_pretrained) that
 ``--model OUT/model`` loads, plus OUT/losses.png and OUT/samples.png.
 
-    python scripts/train_demo_model.py -o runs/demo            # train (resumes if interrupted)
-    python scripts/train_demo_model.py -o runs/demo --install  # then copy into the package
+    python -m nulltext.demo.train -o runs/demo            # train (resumes if interrupted)
+    python -m nulltext.demo.train -o runs/demo --install  # then copy into the package
 """
 
 from __future__ import annotations
@@ -38,10 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from nulltext import demo, scenes  # noqa: E402
-from nulltext.models import make_scheduler  # noqa: E402
+from nulltext import demo
+from nulltext.demo import scenes
+from nulltext.models import make_scheduler
 
 
 def log(out, record):
@@ -358,7 +355,7 @@ def calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, w, k=1.0)
     (no gradient); empty-caption rows keep ``eps``. A conditional branch trained on it makes
     guidance at scale ``w`` act as guidance ``k`` of a plainly trained model: ``eps_u + w *
     (eps_c - eps_u) = eps_u + k * (eps - eps_u)`` (k = 1: the true noise; k = w: plain training).
-    Why (benchmarks/bench_edit_limits.py): null-text inversion makes the unconditional branch follow
+    Why (measured on this model during its development): null-text inversion makes the unconditional branch follow
     the source, so a Prompt-to-Prompt edit guided at the release's 7.5 extrapolates the source ->
     target change (1.5 times the true latent change on this model), which draws a halo in the
     local blend's ring around the object; at guidance 2 the change is 0.94 times the true one."""
@@ -377,7 +374,7 @@ def teacher_target(teacher_unet, teacher_text, zt, t, eps, tok, empty_ids, drop,
     true noise ``eps``, so the unconditional branch trains as before; with ``empty_teacher`` they
     take the teacher's unconditional prediction ``T_u`` instead, which anchors the student's
     unconditional branch to the teacher's (guidance at ``w`` multiplies any drift between the two
-    branches by ``w``: ``benchmarks/bench_guidance_ratio.py`` measures it)."""
+    branches by ``w``)."""
     n = len(zt)
     emb = teacher_text(torch.cat([tok, empty_ids.view(1, -1).expand(n, -1)]))[0]
     both = teacher_unet(torch.cat([zt, zt]), torch.cat([t, t]), encoder_hidden_states=emb).sample
@@ -600,7 +597,7 @@ def main(argv=None):
     p.add_argument("--train-pairs", type=int, default=0,
                    help="two-object training scenes added to the one-object ones (scenes.pair_scenes)")
     p.add_argument("--init-from", metavar="MODEL",
-                   help="fine-tune: start from this model folder (e.g. src/nulltext/demo_model): its VAE "
+                   help="fine-tune: start from this model folder (e.g. src/nulltext/demo/weights): its VAE "
                         "and latent scale are kept (no VAE stage), its UNet and text encoder are trained on")
     p.add_argument("--decoder-steps", type=int, default=0,
                    help="with --init-from: first fine-tune the VAE decoder this many steps on latent "
@@ -619,7 +616,7 @@ def main(argv=None):
     p.add_argument("--calibrate-guidance", type=float, default=0.0, metavar="W",
                    help="train the conditional branch so that classifier-free guidance at scale W acts as "
                         "guidance --calibrate-to of a plainly trained model (0: off; the shipped weights' "
-                        "last run uses 7.5 -> 1.5, see README's 'The demo model')")
+                        "last run uses 7.5 -> 1.5, see docs/demo-model.md)")
     p.add_argument("--calibrate-to", type=float, default=1.0, metavar="K",
                    help="with --calibrate-guidance W: the guidance scale that W should act as (1: the true noise)")
     p.add_argument("--calibrate-teacher", action="store_true",
@@ -645,7 +642,7 @@ def main(argv=None):
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the final sample grid")
-    p.add_argument("--install", action="store_true", help="copy OUT/model into the package (src/nulltext/demo_model)")
+    p.add_argument("--install", action="store_true", help="copy OUT/model into the package (src/nulltext/demo/weights)")
     p.add_argument("--export", metavar="DIR", help="write the current checkpoints (EMA weights) as a model folder "
                    "to DIR, e.g. to sample from a run in progress, and exit")
     args = p.parse_args(argv)
