@@ -1,5 +1,5 @@
-"""Draw the example inputs (no downloads): examples/red_ball.png, a 640x480 photo-like scene for
-the README's real-SD commands, and examples/red_circle.png, a 64x64 scene of the demo model's
+"""Draw the example inputs (no downloads): examples/red_ball.png, a 640x480 photo-like scene to
+try the commands on (a stand-in for a photograph), and examples/red_circle.png, a 64x64 scene of the demo model's
 world ("a red circle on a blue background", drawn by nulltext.demo.scenes) for ``make demo``."""
 
 from __future__ import annotations

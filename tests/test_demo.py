@@ -55,6 +55,33 @@ def test_demo_model_ships_as_safetensors_within_25_mb():
     assert sum(os.path.getsize(f) for f in files) <= 25 * 2**20
 
 
+def test_words_outside_the_demo_vocabulary_are_named(pipe, tmp_path):
+    """The demo tokenizer keeps 'pink' and 'cat' whole, but the model never saw them: a warning
+    names them, on the API and on the command line."""
+    import warnings
+
+    from nulltext import NulltextWarning
+
+    captions = [scenes.caption("red", "circle", "blue"), scenes.pair_caption(("red", "blue"), ("circle", "square"), "green")]
+    assert pipe.vocabulary == {w for c in captions for w in c.split()} | set(scenes.PALETTE) | set(scenes.SHAPES)
+    assert len(pipe.tokenizer.tokenize("pink")) == len(pipe.tokenizer.tokenize("cat")) == 1
+    with pytest.warns(NulltextWarning, match=r"outside the demo model's vocabulary: 'pink', 'cat'"):
+        invert(pipe, scenes.render("red", "circle", "blue", (32.0, 32.0), 14.0).image,
+               "a pink cat on a blue background", InversionConfig(num_steps=2, num_inner_steps=1), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NulltextWarning)
+        invert(pipe, scenes.render("red", "circle", "blue", (32.0, 32.0), 14.0).image, captions[0],
+               InversionConfig(num_steps=2, num_inner_steps=1), progress=False)
+    image = tmp_path / "s.png"
+    scenes.render("red", "circle", "blue", (32.0, 32.0), 14.0).image.save(image)
+    r = run_cli("edit", image, "--prompt", captions[0], "--target", "a pink circle on a blue background",
+                "--model", "demo", "--steps", "2", "--inner-steps", "1", "-o", tmp_path / "e", "-q")
+    assert_ok(r)
+    assert [line for line in r.stderr.splitlines() if line.startswith("nulltext: warning:")] == [
+        "nulltext: warning: outside the demo model's vocabulary: 'pink'; it knows only the colours, shapes and words "
+        "of its scenes (see docs/demo-model.md), so the images will not follow these words"]
+
+
 def test_demo_model_loads_offline_like_any_checkpoint(pipe):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -13,7 +13,7 @@ from nulltext.config import InversionConfig
 from nulltext.ddim import Schedule
 from nulltext.errors import NulltextError
 from nulltext.inversion import optimize_null_text
-from nulltext.models import make_scheduler
+from nulltext.ddim import make_scheduler
 
 L, D = 6, 5  # fake text embedding: 6 tokens x 5 dims
 

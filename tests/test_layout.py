@@ -86,3 +86,24 @@ def test_the_demo_model_is_one_sub_package():
     users = sorted(m for m, edges in graph.items() if not m.startswith("nulltext.demo")
                    and any(e.startswith("nulltext.demo") for e in edges))
     assert users == ["nulltext.models"]
+
+
+def test_import_is_light_and_submodules_are_reachable_as_attributes():
+    """``import nulltext`` loads no torch (so --help and usage errors answer at once), and the
+    package's names and modules are there on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nulltext; assert 'torch' not in sys.modules; "
+            "assert callable(nulltext.ddim.step) and callable(nulltext.editing.edit_progressive); "
+            "assert nulltext.invert is nulltext.inversion.invert_image; "
+            "assert nulltext.Inversion is nulltext.storage.Inversion is nulltext.inversion.Inversion; "
+            "print(sorted(set(nulltext.__all__) - set(dir(nulltext))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nulltext.nope  # noqa: B018

@@ -244,6 +244,61 @@ def test_hub_unreachable_detects_offline_and_a_silent_network(monkeypatch):
 
 
 @pytest.mark.slow
+def test_hub_that_answers_is_reachable_whatever_the_status(monkeypatch):
+    """Any HTTP answer means the hub can be asked (an error status included): only silence or a
+    refused connection sends nulltext to the local cache."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from nulltext.hub import hub_unreachable
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_HEAD(self):
+            self.send_response(self.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        for status in (200, 404, 503):
+            Handler.status = status
+            assert not hub_unreachable(timeout=5), status
+        server.shutdown()
+        server.server_close()
+        assert hub_unreachable(timeout=5)  # refused: nothing listens there any more
+    finally:
+        server.server_close()
+
+
+def test_unknown_words_of_a_small_vocabulary_model_are_named(tiny_pipe):
+    """A model that learned only a few words (the demo model's ``vocabulary``) warns about every
+    other word, even one its tokenizer keeps whole; an edit names only its targets' new words."""
+    from types import SimpleNamespace
+
+    from nulltext.text import warn_split_words
+
+    pipe = SimpleNamespace(tokenizer=tiny_pipe.tokenizer, vocabulary=frozenset("a red blue circle on background".split()))
+    with pytest.warns(NulltextWarning, match=r"vocabulary: 'pink', 'cat'; ") as record:
+        warn_split_words(pipe, ["a pink circle on a blue background", "a cat on a red background"])
+    assert len(record) == 1
+    with pytest.warns(NulltextWarning, match=r"vocabulary: 'cat'; "):
+        warn_split_words(pipe, ["a pink cat on a blue background"], skip="a pink circle on a blue background")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NulltextWarning)
+        warn_split_words(pipe, "a red circle on a blue background")  # every word known
+        warn_split_words(tiny_pipe, "a cat sitting next to a mirror")  # no trained vocabulary: only splits warn
+
+
 def test_a_hub_id_fails_in_seconds_when_the_network_never_answers(tmp_path):
     """Without HF_HUB_OFFLINE, on a network that swallows requests, huggingface_hub alone would
     retry for minutes; nulltext probes the hub once and loads from the local cache only."""

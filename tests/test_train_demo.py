@@ -10,8 +10,6 @@ import torch
 
 from nulltext import load_pipeline
 
-pytestmark = pytest.mark.slow  # training runs, a minute in all
-
 SMALL = ["--train-scenes", "16", "--batch", "2", "--vae-steps", "3", "--ckpt-every", "2",
          "--sample-steps", "1", "--threads", "1"]
 
@@ -40,6 +38,7 @@ def straight(train, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a training run
 def test_training_writes_a_model_nulltext_loads_with_plots(straight):
     assert (straight / "model" / "model_index.json").is_file()
     assert (straight / "losses.png").is_file() and (straight / "samples.png").is_file()
@@ -47,6 +46,7 @@ def test_training_writes_a_model_nulltext_loads_with_plots(straight):
     assert pipe.native_size == (64, 64) and pipe.tokenizer.model_max_length == 16
 
 
+@pytest.mark.slow  # a training run
 def test_an_interrupted_run_resumes_to_the_same_weights(train, straight, tmp_path, monkeypatch, capsys):
     save = train.save_ckpt
 
@@ -66,6 +66,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(train, straight, tmp_pat
     assert same(weights(straight / "model"), weights(tmp_path / "model"))  # seeded: same batches, same weights
 
 
+@pytest.mark.slow  # a training run
 def test_init_from_keeps_the_vae_and_trains_on_pairs(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--train-pairs", "8",
                 "--unet-steps", "2", "--ground-weight", "0.1", *SMALL])
@@ -237,6 +238,7 @@ def test_composite_batch_takes_the_masked_cells_from_the_other_image(train):
     assert weight[1:].eq(1).all()
 
 
+@pytest.mark.slow  # a training run
 def test_decoder_stage_keeps_the_encoder_and_makes_decoding_more_local(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--decoder-steps", "4",
                 "--decoder-lr", "1e-3", "--unet-steps", "0", *SMALL])
@@ -248,6 +250,7 @@ def test_decoder_stage_keeps_the_encoder_and_makes_decoding_more_local(train, st
     assert '"stage": "decoder", "step": 0' in log and '"composite_psnr"' in log
 
 
+@pytest.mark.slow  # a training run
 def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straight):
     """--calibrate-guidance W --calibrate-to K: for captioned rows, guidance at W on a conditional
     prediction equal to the target is guidance K on the true noise; empty-caption rows keep the
@@ -270,6 +273,7 @@ def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straigh
     torch.testing.assert_close(train.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, 7.5), eps)
 
 
+@pytest.mark.slow  # a training run
 def test_calibrated_training_runs_with_grounding_and_logs_it(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
                 "--ground-weight", "0.1", "--ground-pixel-weight", "0.01", "--calibrate-guidance", "7.5", "--calibrate-to", "2",
@@ -282,6 +286,7 @@ def test_calibrated_training_runs_with_grounding_and_logs_it(train, straight, tm
         train.main(["-o", str(tmp_path), "--calibrate-guidance", "7.5", "--calibrate-to", "9", *SMALL])
 
 
+@pytest.mark.slow  # a training run
 def test_min_snr_weights_hand_computed(train, straight):
     """--snr-gamma: weight min(SNR, gamma) / SNR with SNR = abar / (1 - abar) from the scheduler's
     own alphas_cumprod: 1 where the sample is noisy (SNR <= gamma), below 1 where it is nearly clean."""
@@ -306,6 +311,7 @@ def test_sample_indices_default_is_uniform_and_pair_fraction_splits(train):
     assert 0.22 < (rows >= 40).float().mean() < 0.28 and rows.min() >= 0 and rows.max() < 100
 
 
+@pytest.mark.slow  # a training run
 def test_snr_gamma_and_pair_fraction_train_and_are_logged(train, straight, tmp_path):
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
                 "--train-pairs", "8", "--pair-fraction", "0.5", "--snr-gamma", "5", *SMALL])
@@ -317,6 +323,7 @@ def test_snr_gamma_and_pair_fraction_train_and_are_logged(train, straight, tmp_p
             train.main(["-o", str(tmp_path / "bad"), *bad, *SMALL])
 
 
+@pytest.mark.slow  # a training run
 def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(train, straight):
     """--calibrate-teacher: for captioned rows, guidance at W on a conditional prediction equal to
     the target, with the teacher's own unconditional branch, is the teacher guided at K; empty-caption
@@ -349,6 +356,7 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
                                t_c[~drop], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # a training run
 def test_calibrate_teacher_trains_keeps_the_teacher_frozen_and_is_logged(train, straight, tmp_path, monkeypatch):
     before = weights(straight / "model")
     seen = []

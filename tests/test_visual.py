@@ -48,3 +48,4 @@ def test_output_names_are_cut_between_words():
         assert word in "a red circle on a blue background watercolor painting".split()
     assert _slug("!!!") == "edit"
     assert _slug("x" * 60) == "x" * 60  # one word longer than the limit stays whole
+    assert _slug("y" * 300) == "y" * 80  # up to twice the limit: file names have a maximum length

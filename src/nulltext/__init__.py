@@ -6,6 +6,7 @@ The names below are imported on first use, so that ``import nulltext`` and the c
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -31,10 +32,13 @@ __all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # nulltext.ddim, nulltext.editing, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'nulltext' has no attribute {name!r}")
-    module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
     globals()[name] = value  # later lookups skip this function
     return value
 

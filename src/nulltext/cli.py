@@ -424,7 +424,7 @@ def cmd_info(args) -> int:
 
 def _timesteps(inv) -> list[int]:
     from .ddim import Schedule
-    from .models import make_scheduler
+    from .ddim import make_scheduler
 
     return list(Schedule.from_scheduler(make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
 
@@ -516,7 +516,7 @@ def _warn_ignored(args, config) -> None:
 
 def _slug(text: str, n: int = 40) -> str:
     """A file-name piece from a prompt: lower-case words joined by '-', whole words only, at most
-    ``n`` characters (a first word longer than that is kept whole)."""
+    ``n`` characters (a first word longer than that is kept, up to ``2 n``: file names have limits)."""
     import re
 
     words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
@@ -524,7 +524,7 @@ def _slug(text: str, n: int = 40) -> str:
     for word in words:
         if out and len(out) + 1 + len(word) > n:
             break
-        out = f"{out}-{word}" if out else word
+        out = f"{out}-{word}" if out else word[: 2 * n]
     return out or "edit"
 
 

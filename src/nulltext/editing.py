@@ -74,12 +74,12 @@ def _check_prompts(tokenizer, source: str, targets: Sequence[str]) -> list[str]:
     return targets
 
 
-def _warn_words(pipe, targets: Sequence[str]) -> None:
-    """One place for the split-word warning of edits, so a command that validates and then edits
-    shows it once."""
+def _warn_words(pipe, source: str, targets: Sequence[str]) -> None:
+    """One place for the unknown-word warning of edits, so a command that validates and then edits
+    shows it once. Only the targets' new words: the source prompt's were named at its inversion."""
     from .text import warn_split_words
 
-    warn_split_words(pipe, targets)
+    warn_split_words(pipe, targets, skip=source)
 
 
 def resolve_modes(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[str]:
@@ -227,7 +227,7 @@ def validate(pipe, source: str, targets: Sequence[str], config: EditConfig, num_
     """Every prompt error of an edit (empty targets, token counts, words missing from their
     prompt) before any sampling; returns the mode of each target."""
     targets = _check_prompts(pipe.tokenizer, source, targets)
-    _warn_words(pipe, targets)
+    _warn_words(pipe, source, targets)
     if config.method == "sdedit":
         return ["sdedit"] * len(targets)
     return build_controller(pipe, source, targets, config, num_steps, latent_hw)[1]
@@ -325,7 +325,7 @@ def edit(pipe, inversion, targets: Sequence[str] | str, config: EditConfig | Non
 
     config = config or EditConfig()
     targets = _check_prompts(pipe.tokenizer, inversion.prompt, targets)
-    _warn_words(pipe, targets)
+    _warn_words(pipe, inversion.prompt, targets)
     if config.method == "sdedit":
         modes = ["sdedit"] * len(targets)
         steps = sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress)

@@ -12,10 +12,13 @@ from .errors import NulltextError
 written: list[str] = []
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()
 
 
 def check_writable(path, force: bool = False) -> str:
@@ -47,7 +50,7 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
         os.close(fd)
         write(tmp)
         # mkstemp creates 0600; the output gets the permissions of any file the user writes
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~UMASK)
         if os.path.exists(path) and not force:  # appeared while we worked
             raise NulltextError(f"output {path} already exists; use --force to overwrite it")
         os.replace(tmp, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,6 @@ from .config import InversionConfig
 from .ddim import EpsFn, Schedule
 from .errors import NulltextWarning
 from .storage import FORMAT_VERSION, Inversion  # noqa: F401  (Inversion: part of this module's API)
-
 
 
 @dataclass

@@ -48,6 +48,8 @@ class Pipeline:
     dtype: torch.dtype
     fingerprint: dict = field(default_factory=dict)
     calls: CallCounter = field(default_factory=CallCounter)
+    # the words the model was trained on, where it knows only a few (the demo model); None: any
+    vocabulary: frozenset[str] | None = None
 
     @property
     def dtype_name(self) -> str:
@@ -176,23 +178,26 @@ def load_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if dev.type == "cpu" and torch_dtype != torch.float32:
+    if dev.type == "cpu" and torch_dtype in (torch.float16, torch.bfloat16):
         name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-        warnings.warn(f"--dtype {name} on a CPU is about 10x slower than fp32 (CPUs lack fast half-precision "
+        warnings.warn(f"dtype {name} on a CPU is about 10x slower than fp32 (CPUs lack fast half-precision "
                       f"kernels); use fp32 there", NulltextWarning, stacklevel=2)
     model_id = model
     source = model
+    vocabulary = None
     if model == "tiny":
         from .tiny import ensure_tiny_model
 
         source = ensure_tiny_model()
     elif model == "demo":
         from .demo import DEMO_DIR, demo_available
+        from .demo import vocabulary as demo_vocabulary
 
         if not demo_available():
             raise NulltextError(f"the demo model is not installed in {DEMO_DIR}; train it with "
                                 f"python -m nulltext.demo.train and install it with --install")
         source = DEMO_DIR
+        vocabulary = demo_vocabulary()
     else:
         source = os.path.expanduser(model)
         if looks_like_path(model) and not os.path.isdir(source):
@@ -227,4 +232,4 @@ def load_pipeline(
     fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
-                    dtype=torch_dtype, fingerprint=fingerprint)
+                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary)

@@ -49,21 +49,38 @@ def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:
     return list(out.items())
 
 
-def warn_split_words(pipe, prompts) -> None:
-    """Warn, naming them, about words of ``prompts`` that the model's tokenizer splits into
-    pieces: their attention maps and word swaps act on the pieces, and for a model with a small
-    vocabulary (the demo model) they are words it never learned."""
-    found: dict[str, list[str]] = {}
+def unknown_words(pipe, prompts, skip: str = "") -> tuple[list[str], dict[str, list[str]]]:
+    """Words of ``prompts`` the model may not know, in order of appearance: those outside its
+    trained vocabulary (``pipe.vocabulary``, where it has one: the demo model), and those its
+    tokenizer cuts into pieces (with the pieces). Words of ``skip`` are left out."""
+    import re
+
+    vocabulary = getattr(pipe, "vocabulary", None)
+    known = set(re.findall(r"[^\W\d_]+", skip.lower()))
+    outside: dict[str, None] = {}
+    split: dict[str, list[str]] = {}
     for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        if vocabulary is not None:
+            outside.update((w, None) for w in re.findall(r"[^\W\d_]+", prompt.lower())
+                           if w not in vocabulary and w not in known)
         for word, pieces in split_words(pipe.tokenizer, prompt):
-            found.setdefault(word, pieces)
-    if not found:
-        return
-    listed = ", ".join(f"'{w}' ({'|'.join(p)})" for w, p in found.items())
-    if getattr(pipe, "model_id", None) == "demo":
+            if word not in known:
+                split.setdefault(word, pieces)
+    return list(outside), split
+
+
+def warn_split_words(pipe, prompts, skip: str = "") -> None:
+    """Warn, naming them, about words of ``prompts`` the model does not know: for a model with a
+    small trained vocabulary (the demo model) every word outside it, for any model the words its
+    tokenizer splits into pieces (their attention maps and word swaps act on the pieces). Words of
+    ``skip`` (an edit's source prompt, warned about when it was inverted) are left out."""
+    outside, split = unknown_words(pipe, prompts, skip)
+    if outside:
+        listed = ", ".join(f"'{w}'" for w in outside)
         warnings.warn(f"outside the demo model's vocabulary: {listed}; it knows only the colours, shapes and "
                       f"words of its scenes (see docs/demo-model.md), so the images will not follow these words",
                       NulltextWarning, stacklevel=2)
-    else:
+    elif split:
+        listed = ", ".join(f"'{w}' ({'|'.join(p)})" for w, p in split.items())
         warnings.warn(f"the model's tokenizer splits {listed} into several tokens: their attention maps and "
                       f"word swaps act on the pieces", NulltextWarning, stacklevel=2)

@@ -33,6 +33,14 @@ TRAIN_PAIR_SEED = 3  # pair_scenes(n, TRAIN_PAIR_SEED): the two-object training 
 HELDOUT_PAIR_SEED = 4  # pair_scenes(n, HELDOUT_PAIR_SEED): held-out two-object scenes
 
 
+def vocabulary() -> frozenset[str]:
+    """The words the demo model learned: those of its captions (colours, shapes and the grammar of
+    ``scenes.caption`` and ``scenes.pair_caption``). Its tokenizer holds many more, untrained."""
+    from .scenes import PALETTE, SHAPES, pair_caption
+
+    return frozenset([*PALETTE, *SHAPES, *pair_caption(("x", "x"), ("x", "x"), "x").split()]) - {"x"}
+
+
 def demo_available() -> bool:
     return os.path.isfile(os.path.join(DEMO_DIR, "model_index.json"))
 

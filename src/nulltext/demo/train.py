@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from nulltext import demo
 from nulltext.demo import scenes
-from nulltext.models import make_scheduler
+from nulltext.ddim import make_scheduler
 
 
 def log(out, record):
@@ -153,8 +153,8 @@ def grounding_pixel_loss(store, regions, roles):
     cross-attention layers. :func:`grounding_loss` only asks that a word's attention fall *inside*
     its region, which a peak on a few cells satisfies; this term asks that every pixel of the
     region attend to the word, so the word's map covers its object, as the local blend's
-    thresholded mask needs (benchmarks/RESULTS.md: the blend mask of the stage-3 model missed the
-    object's edges). The colour and shape words of an object (and the two background words) share
+    thresholded mask needs (docs/demo-model.md: without it the blend mask missed the object's
+    edges). The colour and shape words of an object (and the two background words) share
     each pixel's attention, so the loss cannot reach 0: at best they split it, about log 2 per
     word inside the region; what it does is spread each word's map over the region. Same
     arguments as :func:`grounding_loss`."""
