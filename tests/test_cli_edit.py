@@ -58,6 +58,7 @@ def test_edit_from_an_image_inverts_first_and_can_keep_the_inversion(files, tmp_
     assert Inversion.load(inv).prompt == PROMPT
 
 
+@pytest.mark.slow
 def test_attention_command_writes_a_grid_of_token_maps(files, tmp_path):
     out = tmp_path / "maps.png"
     r = run_cli("attention", files["inv"], "--target", SWAP, "-o", out, "--cell", "64", *QUIET)
@@ -108,6 +109,7 @@ def test_edit_refuses_bad_input(files, tmp_path, extra, prefix, match):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_edit_refuses_an_inversion_made_with_another_model(files, other_model, tmp_path):
     out = tmp_path / "out"
     assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "--model", other_model, "-o", out, *QUIET),
@@ -129,6 +131,7 @@ def test_edit_with_attention_writes_the_maps_too(files, tmp_path):
     assert Image.open(out / "attention.png").height > Image.open(out / "grid.png").height  # two rows of maps
 
 
+@pytest.mark.slow
 def test_edit_of_an_image_checks_the_prompts_before_inverting(files, tmp_path):
     inv = tmp_path / "kept.safetensors"
     # the full 50-step inversion would take far longer than the refusal: nothing is inverted or kept

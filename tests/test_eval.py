@@ -276,6 +276,7 @@ def test_lpips_without_torchvision_is_one_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_eval_exits_non_zero_when_every_sample_failed(tmp_path):
     """Nothing measured is a failure for scripts: exit 1 with one error line, the tables still written."""
     lines = ["id,image,prompt,target,blend", f"a,missing-a.png,{PROMPT},a dog sitting next to a mirror,cat dog",
