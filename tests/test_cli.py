@@ -278,7 +278,7 @@ BAD_INVERT = {
     "guidance-negative": (_photo(), ["--guidance", "-1"], ARG, "--guidance"),
     "guidance-nan": (_photo(), ["--guidance", "nan"], ARG, "--guidance"),
     "crop-three-numbers": (_photo(), ["--crop", "1,2,3"], ARG, "--crop"),
-    "size-not-a-multiple": (_photo(), ["--size", "60"], ERR, "multiple"),
+    "size-not-a-multiple": (_photo(), ["--size", "60x60"], ERR, "multiple"),
     "crop-leaves-nothing": (_photo(), ["--crop", "100,0,0,0"], ERR, "crop"),
 }
 

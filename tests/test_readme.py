@@ -2,7 +2,8 @@
 tests). Every ``nulltext`` command of README's shell blocks runs in a folder holding the repository's
 ``examples/`` and a ``photo.jpg``; the Python API block runs too. The commands written for Stable
 Diffusion (no ``--model``) get ``--model tiny`` added, since no checkpoint can be downloaded here:
-they check that the commands and their options work, not Stable Diffusion's images (the edits of
+a command naming a hub model gets ``--model tiny`` instead, at the tiny model's size: they
+check that the commands and their options work, not Stable Diffusion's images (the edits of
 an inversion file then use the model recorded in it, as they would with Stable Diffusion)."""
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ def readme_commands() -> list[str]:
 
 
 def offline(command: str) -> str:
-    """The command with ``--model tiny`` where it would load the default model: edits and maps
-    of an inversion file load the model recorded in it."""
+    """The command with ``--model tiny`` where it would load a model from the hub (the default one
+    or a hub id): edits and maps of an inversion file load the model recorded in it."""
     words = shlex.split(command)
-    if words[1] in TAKES_MODEL and "--model" not in words and not words[2].endswith(".safetensors"):
+    if "--model" in words:
+        i = words.index("--model") + 1
+        if words[i] not in ("demo", "tiny"):
+            words[i] = "tiny"
+            if "--size" in words:  # a large model's size, on the tiny one: its native size instead
+                words[words.index("--size") + 1] = "128"
+    elif words[1] in TAKES_MODEL and not words[2].endswith(".safetensors"):
         words += ["--model", "tiny"]
     return shlex.join(words)
 
@@ -63,7 +70,7 @@ def test_readme_shows_the_commands_of_make_demo_and_of_real_photos():
     commands = readme_commands()
     assert len(commands) >= 10
     assert any("--model demo" in c for c in commands)
-    assert sum(c.startswith("nulltext invert photo.jpg") for c in commands) == 1
+    assert sum(c.startswith("nulltext invert photo.jpg") for c in commands) == 2  # SD 1.4 and SD 2.1
     with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
         makefile = f.read()
     assert ". $(VENV)/bin/activate" in makefile  # make demo tells the user how to run these
@@ -79,7 +86,7 @@ def test_every_readme_command_runs_as_printed(workdir):
         assert r.returncode == 0 and "Traceback" not in r.stderr, f"{command}\n{describe(r)}"
     for path in ["out/red_circle.safetensors", "out/red_circle_edits/grid.png", "out/red_circle_attention.png",
                  "cat.safetensors", "cat_reconstruction.png", "edits/grid.png", "edits_local/grid.png",
-                 "edits_fluffy/grid.png", "cat_attention.png"]:
+                 "edits_fluffy/grid.png", "cat_attention.png", "cat_sd21.safetensors"]:
         assert (workdir / path).is_file(), path
 
 

@@ -93,7 +93,9 @@ def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/max(100,T)) (default {d.lr:g})")
     p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="output size in pixels (default: the model's native size, 512 for SD 1.x)")
+                   help="size the image is inverted at: WxH pixels, or N for the long side with the short one "
+                        "following the image's aspect, rounded to the model's multiple (64 for SD); default: the "
+                        "model's native square, 512x512 for SD 1.x, centre-cropped as the release does")
     p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
                    help="pixels to cut from the left, right, top, bottom before the centre crop")
 
@@ -335,7 +337,8 @@ def cmd_invert(args) -> int:
     inv = invert_image(pipe, source, args.prompt, config, progress=not args.quiet)
     inv.save(args.output, force=args.force, reproducible=args.reproducible)
     opt = inv.meta.get("optimisation")
-    line = f"inverted {args.image} ({inv.method}) in {sum(inv.meta['timings'].values()):.1f}s"
+    w, h = inv.image_size
+    line = f"inverted {args.image} ({inv.method}) at {w}x{h} in {sum(inv.meta['timings'].values()):.1f}s"
     if opt:
         line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
                  f"final loss {opt['losses_after'][-1]:.3g}")
@@ -468,9 +471,11 @@ def _source(args, check=None):
         if args.prompt is not None and args.prompt != inv.prompt:
             raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
                                 f"is the inversion's (leave out --prompt)")
-        if args.size is not None and tuple(args.size) != inv.image_size:
+        if args.size is not None and (max(inv.image_size) != args.size if isinstance(args.size, int)
+                                      else tuple(args.size) != inv.image_size):
+            asked = args.size if isinstance(args.size, int) else "x".join(map(str, args.size))
             raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
-                                f"not {args.size[0]}x{args.size[1]}; invert the image again at that size")
+                                f"not {asked}; invert the image again at that size")
         _warn_inversion_options_ignored(args)  # after the refusals: an error is one line
         pipe = _load_pipe(args, args.model or inv.meta["model"])
         check_fits(inv, pipe, args.input)
@@ -489,7 +494,9 @@ def _source(args, check=None):
     image = load_image(args.input)
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
     if check is not None:
-        w, h = config.size or pipe.native_size
+        from .image import output_size
+
+        w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
         check(pipe, args.prompt, config.num_steps, (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
     inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
     if args.save_inversion:

@@ -18,9 +18,14 @@ METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim")
 OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-text optimisation
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The DDIM scheduler the release builds for Stable Diffusion 1.x."""
+    """The DDIM scheduler nulltext samples with. The defaults are the release's, for Stable
+    Diffusion 1.x; a checkpoint's own noise schedule is read with :meth:`from_checkpoint`."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085  # release: DDIMScheduler(beta_start=0.00085, ...)
@@ -30,10 +35,32 @@ class SchedulerConfig:
     set_alpha_to_one: bool = False  # so abar(t < 0) = final_alpha_cumprod = abar(0)
     steps_offset: int = 1  # timesteps 981, 961, ..., 1 for 50 steps
     timestep_spacing: str = "leading"  # diffusers' DDIM default, the one the release ran with
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (SD 1.x), v_prediction (SD 2.x 768)
+    rescale_betas_zero_snr: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, config: dict) -> "SchedulerConfig":
+        """The DDIM scheduler for a checkpoint whose scheduler config (any diffusers scheduler's:
+        PNDM for SD 1.x, DDIM or Euler for others) is ``config``: its noise schedule, timestep
+        spacing, offset and prediction type, with the release's ``clip_sample=False,
+        set_alpha_to_one=False``. For SD 1.x this is exactly the default configuration."""
+        from .errors import NulltextError
+
+        names = {f.name for f in dataclasses.fields(cls)} - {"clip_sample", "set_alpha_to_one"}
+        known = {k: config[k] for k in names if config.get(k) is not None}
+        out = cls(**known)
+        if config.get("trained_betas") is not None:
+            raise NulltextError("the checkpoint's scheduler has trained_betas, which nulltext does not support")
+        if out.prediction_type not in PREDICTION_TYPES:
+            raise NulltextError(f"the checkpoint's scheduler predicts {out.prediction_type!r}; nulltext supports "
+                                f"{', '.join(PREDICTION_TYPES)}")
+        if out.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise NulltextError(f"the checkpoint's scheduler uses timestep spacing {out.timestep_spacing!r}; "
+                                f"nulltext supports {', '.join(TIMESTEP_SPACINGS)}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -47,9 +74,10 @@ class InversionConfig:
     early_stop_slope: float = 2e-5  # the release's per-timestep growth of the threshold
     lr: float = 1e-2  # Adam learning rate at the first timestep
     lr_decay_steps: float = 100.0  # lr_i = lr * (1 - i / max(lr_decay_steps, T)): the release's for T <= 100
-    # Output size (width, height) in pixels; None = the model's native size
-    # (unet.config.sample_size * VAE scale factor: 512 for SD 1.x, as the release hard-codes).
-    size: tuple[int, int] | None = None
+    # Output size (width, height) in pixels, or one number: the long side, the short one following
+    # the image's aspect (both rounded to the model's size multiple); None = the model's native size
+    # (unet.config.sample_size * VAE scale factor: 512x512 for SD 1.x, as the release hard-codes).
+    size: tuple[int, int] | int | None = None
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from left, right, top, bottom first
     method: str = "nti"  # see METHODS
     seed: int = 0  # random-pivot: seed of the Gaussian z_T it starts from
@@ -76,7 +104,9 @@ class InversionConfig:
             raise NulltextError(f"lr must be positive, got {self.lr!r}")
         if not self.lr_decay_steps > 0:
             raise NulltextError(f"lr-decay-steps must be positive, got {self.lr_decay_steps!r}")
-        if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
+        if isinstance(self.size, bool) or (isinstance(self.size, int) and self.size <= 0) or (
+                self.size is not None and not isinstance(self.size, int)
+                and (len(self.size) != 2 or min(self.size) <= 0)):
             raise NulltextError(f"size must be positive, got {self.size!r}")
         if len(self.crop) != 4 or min(self.crop) < 0:
             raise NulltextError(f"crop must be four non-negative integers L,R,T,B, got {self.crop!r}")
@@ -85,7 +115,7 @@ class InversionConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["size"] = list(self.size) if self.size is not None else None
+        d["size"] = self.size if self.size is None or isinstance(self.size, int) else list(self.size)
         d["crop"] = list(self.crop)
         return d
 
@@ -197,14 +227,13 @@ class EditConfig:
         return d
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) (width x height)."""
+def parse_size(text: str) -> tuple[int, int] | int:
+    """'768x512' -> (768, 512) (width x height); '512' -> 512, the long side (the short one follows
+    the image's aspect)."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
+    if len(parts) not in (1, 2) or min(parts) <= 0:
         raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
-    return parts[0], parts[1]
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])

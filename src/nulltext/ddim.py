@@ -28,7 +28,7 @@ class Schedule:
     timesteps: tuple[int, ...]  # t_1 > t_2 > ... > t_T  (981, 961, ..., 1 for T = 50)
     alphas_cumprod: Tensor  # (num_train_timesteps,) float32, abar(t)
     final_alpha_cumprod: Tensor  # () float32, abar(t) for t < 0
-    step_size: int  # k = num_train_timesteps // T
+    step_size: int  # k = num_train_timesteps // T: the step below the last timestep is t_T - k
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
@@ -50,7 +50,12 @@ class Schedule:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def prev_timestep(self, t: int) -> int:
-        return t - self.step_size
+        """The timestep a denoising step from ``t`` lands on: the next one of the schedule, and
+        ``t - k`` after the last (negative for SD's schedules: abar is ``final_alpha_cumprod``).
+        For "leading" and "trailing" spacing this is always ``t - k``, the release's rule; for
+        "linspace" the timesteps are not evenly spaced, and the schedule's own one is right."""
+        i = self.timesteps.index(t)
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else t - self.step_size
 
 
 def ddim_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:
@@ -83,7 +88,8 @@ def step(schedule: Schedule, sample: Tensor, eps: Tensor, t: int) -> Tensor:
 
 
 def inverse_step(schedule: Schedule, sample: Tensor, eps: Tensor, t: int) -> Tensor:
-    """Inverse DDIM step from timestep ``min(t - k, T_train - 1)`` to ``t`` (the release's next_step)."""
+    """Inverse DDIM step to timestep ``t`` from the one below it in the schedule (``t - k`` with
+    the release's leading spacing, its next_step), capped at ``T_train - 1``."""
     t_prev = min(schedule.prev_timestep(t), len(schedule.alphas_cumprod) - 1)
     return ddim_inverse_step(sample, eps, schedule.abar(t), schedule.abar(t_prev))
 

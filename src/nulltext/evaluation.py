@@ -296,12 +296,12 @@ def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, 
     from PIL import Image
 
     from .editing import edit, validate
-    from .image import load_image, preprocess
+    from .image import load_image, output_size, preprocess
     from .inversion import invert_image, reconstruct
 
     source = load_image(sample.image)
     cfg = dataclasses.replace(config, method=method)
-    size = cfg.size or pipe.native_size
+    size = output_size(cfg.size, source.image.size, cfg.crop, pipe.native_size, pipe.size_multiple)
     keep = None
     if sample.mask is not None:
         keep = background_mask(sample.mask, source.image.size, size, cfg.crop, pipe.size_multiple)

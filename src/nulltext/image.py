@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -87,6 +88,27 @@ def as_source(image) -> ImageSource:
     if isinstance(image, Image.Image):
         return ImageSource.from_pil(image)
     return load_image(image)
+
+
+def output_size(size, image_size: tuple[int, int], crop=(0, 0, 0, 0), native: tuple[int, int] = (512, 512),
+                multiple: int = 8) -> tuple[int, int]:
+    """(width, height) an image is inverted at. ``size``: None (the model's ``native`` size, the
+    release's square), (W, H), or one number N: the long side N and the short side following the
+    aspect of the cropped image, both rounded to ``multiple`` (at least one multiple)."""
+    if size is None:
+        return tuple(native)
+    if not isinstance(size, int):
+        return int(size[0]), int(size[1])
+    left, right, top, bottom = crop
+    w, h = image_size[0] - left - right, image_size[1] - top - bottom
+    if w <= 0 or h <= 0:
+        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {image_size[0]}x{image_size[1]} image")
+
+    def snap(x: float) -> int:
+        return max(multiple, int(math.floor(x / multiple + 0.5)) * multiple)
+
+    long, short = snap(size), snap(size * min(w, h) / max(w, h))
+    return (long, short) if w >= h else (short, long)
 
 
 def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8,

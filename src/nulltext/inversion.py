@@ -7,6 +7,7 @@ save to a file and edit many times.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ddim
-from .config import InversionConfig
+from .config import InversionConfig, SchedulerConfig
 from .ddim import EpsFn, Schedule
 from .errors import NulltextWarning
 from .storage import FORMAT_VERSION, Inversion  # noqa: F401  (Inversion: part of this module's API)
@@ -207,6 +208,8 @@ def invert_image(
     from .text import encode_prompt, warn_split_words
 
     config = config or InversionConfig()
+    # the file records the schedule the pipeline really samples with (the checkpoint's own)
+    config = dataclasses.replace(config, scheduler=SchedulerConfig.from_checkpoint(pipe.scheduler_config))
     from .config import OPTIMISED
 
     if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
@@ -217,7 +220,7 @@ def invert_image(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = image_mod.as_source(image)
-    size = config.size or pipe.native_size
+    size = image_mod.output_size(config.size, source.image.size, config.crop, pipe.native_size, pipe.size_multiple)
     pixels = image_mod.preprocess(source.image, size=size, crop=config.crop,
                                   multiple=pipe.size_multiple)
     z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
@@ -266,6 +269,8 @@ def invert_image(
         "format_version": FORMAT_VERSION,
         "method": config.method,
         "model": pipe.model_id,
+        "family": pipe.family,
+        "prediction_type": pipe.prediction_type,
         "model_fingerprint": pipe.fingerprint,
         "scheduler": dict(pipe.scheduler_config),
         "num_steps": config.num_steps,

@@ -19,6 +19,9 @@ from .errors import NulltextError, NulltextWarning
 from .hub import hub_unreachable, looks_like_path, quiet_loading
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# model_index.json's pipeline class -> the family nulltext inverts it as
+FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion"}
+FAMILY_NAMES = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline folders)"
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
 
 
@@ -50,6 +53,12 @@ class Pipeline:
     calls: CallCounter = field(default_factory=CallCounter)
     # the words the model was trained on, where it knows only a few (the demo model); None: any
     vocabulary: frozenset[str] | None = None
+    family: str = "stable-diffusion"
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: ``epsilon`` (SD 1.x, SD 2.x base), ``v_prediction`` (SD 2.x 768)."""
+        return self.scheduler.config.prediction_type
 
     @property
     def dtype_name(self) -> str:
@@ -86,8 +95,23 @@ class Pipeline:
         self.calls.forward_rows += z.shape[0]
         if torch.is_grad_enabled() and emb.requires_grad:
             self.calls.with_grad += 1
-        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
-        return out.float()
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
+        return to_eps(out, z.float(), self.scheduler.alphas_cumprod[int(t)].to(out.device), self.prediction_type)
+
+
+def to_eps(out: Tensor, z: Tensor, abar_t: Tensor, prediction_type: str) -> Tensor:
+    """The noise prediction from a UNet output of any prediction type, exactly: with
+    ``z = sqrt(abar) x0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x0``,
+    ``eps = sqrt(abar) v + sqrt(1 - abar) z`` and ``eps = (z - sqrt(abar) x0) / sqrt(1 - abar)``.
+    Affine in ``out``, so guidance on the converted predictions equals guidance on the raw ones,
+    and every loop downstream (inversion, loss, Prompt-to-Prompt) runs on eps unchanged."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return abar_t ** 0.5 * out + (1 - abar_t) ** 0.5 * z
+    if prediction_type == "sample":
+        return (z - abar_t ** 0.5 * out) / (1 - abar_t) ** 0.5
+    raise NulltextError(f"unknown prediction type {prediction_type!r}")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -163,16 +187,63 @@ def fingerprints_match(a: dict, b: dict, rtol: float = 1e-2) -> tuple[bool, str]
     return True, ""
 
 
+def read_model_index(source: str, local_only: bool) -> dict | None:
+    """The checkpoint's model_index.json (a folder's file, or the hub's, without any weights), or
+    None where there is none to read."""
+    path = os.path.join(source, "model_index.json")
+    if not os.path.isdir(source):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(source, "model_index.json", local_files_only=local_only)
+        except Exception:  # not on the hub or not cached: the component loading below says why
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        return index if isinstance(index, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_family(model: str, index: dict | None) -> str:
+    """The family of a checkpoint from its pipeline class; anything nulltext cannot invert is
+    refused here, before any weights load."""
+    if index is None:
+        return "stable-diffusion"  # no index to read: the components' loading checks the folder
+    name = index.get("_class_name")
+    if name not in FAMILIES:
+        raise NulltextError(f"model '{model}' is a {name or 'pipeline of unknown class'}; nulltext inverts "
+                            f"{FAMILY_NAMES}")
+    return FAMILIES[name]
+
+
+def checkpoint_scheduler(source: str, kw: dict) -> SchedulerConfig:
+    """The DDIM configuration for the checkpoint's own scheduler config (the release's SD 1.x one
+    when the checkpoint has none)."""
+    from diffusers import DDIMScheduler
+
+    try:
+        config = DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
+    except Exception:
+        warnings.warn(f"{source} has no scheduler config; using the release's DDIM schedule for SD 1.x",
+                      NulltextWarning, stacklevel=3)
+        return SchedulerConfig()
+    return SchedulerConfig.from_checkpoint(dict(config))
+
+
 def load_pipeline(
     model: str = DEFAULT_MODEL,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "fp32",
     scheduler: SchedulerConfig | None = None,
 ) -> Pipeline:
-    """Load a Stable Diffusion 1.x checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``), a
-    local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
+    """Load a Stable Diffusion 1.x or 2.x checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
+    a local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
     ships, see :mod:`nulltext.demo`) or ``tiny`` (a small *random-weight* SD-shaped model built
-    offline, for smoke runs and tests). Weights are frozen; the scheduler is the release's DDIM."""
+    offline, for smoke runs and tests). Weights are frozen. The scheduler is DDIM with the
+    checkpoint's own noise schedule, spacing and prediction type (``scheduler`` overrides it) and
+    the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -205,6 +276,7 @@ def load_pipeline(
     # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
     # model is not there
     offline = not os.path.isdir(source) and hub_unreachable()
+    family = check_family(model, read_model_index(source, offline))
     try:
         quiet_loading()
         kw = {"local_files_only": True} if offline else {}
@@ -212,6 +284,9 @@ def load_pipeline(
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
+        scheduler = scheduler or checkpoint_scheduler(source, kw)
+    except NulltextError:
+        raise
     except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         if offline:
@@ -232,4 +307,4 @@ def load_pipeline(
     fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
-                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary)
+                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family)

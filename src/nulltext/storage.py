@@ -120,7 +120,7 @@ def _config_from_dict(d: dict) -> InversionConfig:
     d = dict(d)
     d["scheduler"] = SchedulerConfig(**d["scheduler"])
     d["crop"] = tuple(d["crop"])
-    d["size"] = tuple(d["size"]) if d.get("size") is not None else None
+    d["size"] = tuple(d["size"]) if isinstance(d.get("size"), list) else d.get("size")
     return InversionConfig(**d)
 
 
@@ -206,6 +206,10 @@ def check_fits(inv: Inversion, pipe, path="inversion") -> None:
     """Refuse an inversion made with another model (or whose shapes this model cannot take)."""
     from .models import fingerprints_match
 
+    family = inv.meta.get("family", "stable-diffusion")  # files from before families were recorded: SD
+    if family != pipe.family:
+        raise NulltextError(f"{path} was made with a {family} model; '{pipe.model_id}' is {pipe.family}: "
+                            f"pass the model it was made with via --model")
     same, why = fingerprints_match(inv.meta["model_fingerprint"], pipe.fingerprint)
     if not same:
         raise NulltextError(f"{path} was made with model '{inv.meta['model']}', which does not match "

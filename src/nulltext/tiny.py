@@ -107,14 +107,30 @@ def write_tokenizer(folder: str, words=WORDS, model_max_length: int = 77) -> Non
     shutil.rmtree(raw)
 
 
-def build_tiny_model(path: str, seed: int = 0) -> str:
-    """Build the tiny random pipeline into ``path`` (a diffusers-format folder) and return it."""
+# SD 2.x's differences, shrunk: linear projections in the transformer blocks, a wider text
+# encoder, and a scheduler that predicts v (as SD 2.x at 768) with trailing timesteps
+VARIANTS = {
+    "sd1": {},
+    "sd2-v": {"unet": {"use_linear_projection": True, "cross_attention_dim": 48},
+              "text_hidden": 48,
+              "scheduler": {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 0}},
+}
+
+
+def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
+    """Build the tiny random pipeline into ``path`` (a diffusers-format folder) and return it.
+    ``variant``: ``sd1`` (SD 1.x-shaped, what ``--model tiny`` loads) or ``sd2-v`` (SD 2.x-shaped,
+    v-prediction)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .ddim import make_scheduler
     from .hub import quiet_loading
 
+    from .config import SchedulerConfig
+
+    spec = VARIANTS[variant]
+    text_hidden = spec.get("text_hidden", 32)
     quiet_loading()
     os.makedirs(path, exist_ok=True)
     write_tokenizer(os.path.join(path, "tokenizer"))
@@ -123,10 +139,10 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(vocab), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=vocab[SPECIAL_BOS], eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS],
-        projection_dim=32))
+        projection_dim=text_hidden))
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(  # 4 blocks: 8x downsampling and 4 latent channels, like SD's VAE
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
@@ -141,11 +157,11 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
         std = vae.encode(pattern).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(  # SD's block pattern, shrunk: cross-attention at two resolutions
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    unet = UNet2DConditionModel(**{  # SD's block pattern, shrunk: cross-attention at two resolutions
+        "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "block_out_channels": (32, 32, 64), "norm_num_groups": 8, "cross_attention_dim": 32, "attention_head_dim": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **spec.get("unet", {})})
     # A random UNet's noise predictions are large and erratic, so DDIM inversion's approximation
     # error dwarfs everything a test wants to see; scaling the output layer down puts it in the
     # regime of a trained model (reconstruction error small, null-text optimisation effective).
@@ -155,7 +171,7 @@ def build_tiny_model(path: str, seed: int = 0) -> str:
     text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
     vae.save_pretrained(os.path.join(path, "vae"))
     unet.save_pretrained(os.path.join(path, "unet"))
-    make_scheduler().save_pretrained(os.path.join(path, "scheduler"))
+    make_scheduler(SchedulerConfig(**spec.get("scheduler", {}))).save_pretrained(os.path.join(path, "scheduler"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline", "note": "nulltext tiny model: RANDOM weights",
                    "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],

@@ -1,0 +1,282 @@
+"""Model families: the checkpoint's own scheduler, SD 2.x-shaped v-prediction, non-square images,
+families nulltext does not invert. Tiny random pipelines of each family are built with diffusers'
+and transformers' own classes, saved with save_pretrained and loaded through load_pipeline(folder),
+the path a user's checkpoint takes; diffusers' own StableDiffusionPipeline is the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_photo
+from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert, load_pipeline, reconstruct
+from nulltext import ddim
+from nulltext.config import SchedulerConfig
+from nulltext.ddim import Schedule, make_scheduler
+from nulltext.image import decode, encode, preprocess, psnr
+from nulltext.inversion import reconstruct_latent
+from nulltext.models import to_eps
+from nulltext.text import encode_prompt
+from nulltext.tiny import build_tiny_model
+
+PROMPT = "a cat sitting next to a mirror"
+STEPS = 10  # DDIM steps of the end-to-end runs (up to 10 Adam iterations each)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("families")
+    return {variant: build_tiny_model(str(d / variant), variant=variant) for variant in ("sd1", "sd2-v")}
+
+
+@pytest.fixture(scope="module")
+def pipes(folders):
+    return {variant: load_pipeline(folder, device="cpu") for variant, folder in folders.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scheduler is the checkpoint's
+
+
+def test_sd1_checkpoint_scheduler_is_exactly_the_release_one():
+    """SD 1.x ships a PNDM scheduler config; the DDIM built from it is the release's."""
+    pndm = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+            "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+    assert SchedulerConfig.from_checkpoint(pndm) == SchedulerConfig()
+
+
+def test_sd2_scheduler_keeps_prediction_type_and_spacing_with_the_release_clipping(pipes):
+    cfg = pipes["sd2-v"].scheduler.config
+    assert (cfg.prediction_type, cfg.timestep_spacing, cfg.steps_offset) == ("v_prediction", "trailing", 0)
+    assert (cfg.clip_sample, cfg.set_alpha_to_one) == (False, False)
+    assert pipes["sd2-v"].prediction_type == "v_prediction" and pipes["sd1"].prediction_type == "epsilon"
+    odd = {"prediction_type": "v_prediction", "clip_sample": True, "set_alpha_to_one": True, "beta_end": 0.02}
+    got = SchedulerConfig.from_checkpoint(odd)
+    assert (got.clip_sample, got.set_alpha_to_one, got.beta_end, got.prediction_type) == (False, False, 0.02, "v_prediction")
+    with pytest.raises(NulltextError, match="predicts 'flow'"):
+        SchedulerConfig.from_checkpoint({"prediction_type": "flow"})
+
+
+@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("linspace", 50), ("linspace", 7)])
+def test_a_step_lands_on_the_next_timestep_of_the_schedule(spacing, steps):
+    """The previous timestep is the schedule's next one (t - k only after the last): for leading
+    and trailing spacing this is the release's t - k; linspace timesteps are unevenly spaced."""
+    s = Schedule.from_scheduler(make_scheduler(SchedulerConfig(timestep_spacing=spacing)), steps)
+    for a, b in zip(s.timesteps, s.timesteps[1:]):
+        assert s.prev_timestep(a) == b
+    assert s.prev_timestep(s.timesteps[-1]) == s.timesteps[-1] - s.step_size
+    if spacing != "linspace":
+        assert all(s.prev_timestep(t) == t - s.step_size for t in s.timesteps)
+    else:
+        assert any(s.prev_timestep(t) != t - s.step_size for t in s.timesteps[:-1])
+    z, e = torch.full((1, 1), 0.3, dtype=torch.float64), torch.full((1, 1), -0.2, dtype=torch.float64)
+    t, t_prev = s.timesteps[1], s.timesteps[2]
+    a, ap = s.alphas_cumprod.double()[t], s.alphas_cumprod.double()[t_prev]
+    expected = ap.sqrt() * (0.3 - (1 - a).sqrt() * -0.2) / a.sqrt() + (1 - ap).sqrt() * -0.2  # by hand
+    s64 = Schedule(s.timesteps, s.alphas_cumprod.double(), s.final_alpha_cumprod.double(), s.step_size)
+    torch.testing.assert_close(ddim.step(s64, z, e, t), expected.reshape(1, 1), rtol=0, atol=1e-14)
+    # and the inverse step from the same pair is its exact inverse
+    torch.testing.assert_close(ddim.inverse_step(s64, ddim.step(s64, z, e, t), e, t), z, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# v-prediction
+
+
+def test_v_prediction_converts_to_eps_exactly():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    for abar in (torch.tensor(0.999, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
+                 torch.tensor(0.005, dtype=torch.float64)):
+        z = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+        torch.testing.assert_close(to_eps(v, z, abar, "v_prediction"), eps, rtol=0, atol=1e-12)
+        torch.testing.assert_close(to_eps(x0, z, abar, "sample"), eps, rtol=0, atol=1e-9)
+        assert to_eps(eps, z, abar, "epsilon") is eps
+
+
+def test_v_prediction_inversion_then_sampling_at_guidance_1_returns_z0():
+    """A fake v-model whose converted eps is a constant: DDIM inversion then sampling at w = 1
+    returns z0 to float precision (any error in the conversion breaks the constant)."""
+    scheduler = make_scheduler(SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0))
+    schedule = Schedule.from_scheduler(scheduler, 20)
+    c = torch.linspace(-0.5, 0.5, 16).reshape(1, 4, 2, 2)
+
+    def eps_fn(z, t, emb):
+        abar = scheduler.alphas_cumprod[int(t)]
+        v = (c - (1 - abar) ** 0.5 * z) / abar ** 0.5  # the v for which eps = c
+        return to_eps(v, z, abar, "v_prediction") + 0 * emb.sum()
+
+    z0 = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    emb = torch.zeros(1, 3, 2)
+    pivots = ddim.invert(eps_fn, z0, emb, schedule)
+    back = ddim.sample(eps_fn, pivots[-1], emb, [emb] * 20, 1.0, schedule)
+    torch.testing.assert_close(back, z0, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,steps", [("sd1", 10), ("sd2-v", 10)])
+def test_guided_sampling_equals_diffusers_pipeline(folders, pipes, variant, steps):
+    """nulltext's guided loop from z_T with the unoptimised null embedding is diffusers'
+    StableDiffusionPipeline (same DDIM scheduler, guidance 7.5, empty negative prompt, latents=z_T)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = pipes[variant]
+    sd = StableDiffusionPipeline.from_pretrained(folders[variant], safety_checker=None, requires_safety_checker=False,
+                                                 feature_extractor=None)
+    sd.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    sd.set_progress_bar_config(disable=True)
+    z_T = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 96x64 pixels: not square
+    theirs = sd(PROMPT, negative_prompt="", latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=steps,
+                output_type="latent", height=64, width=96).images
+    cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
+    ours = ddim.sample(pipe.eps, z_T, cond, [null] * steps, 7.5, pipe.schedule(steps))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each family end to end, on a non-square image
+
+
+@pytest.fixture(scope="module")
+def inversions(pipes):
+    photo = make_photo(120, 80)
+    return {v: invert(p, photo, PROMPT, InversionConfig(num_steps=STEPS, size=(96, 64)), progress=False)
+            for v, p in pipes.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sd1", "sd2-v"])
+def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, variant, tmp_path):
+    pipe, inv = pipes[variant], inversions[variant]
+    assert inv.image_size == (96, 64) and tuple(inv.latent_T.shape) == (1, 4, 8, 12)
+    assert inv.meta["family"] == "stable-diffusion" and inv.meta["prediction_type"] == pipe.prediction_type
+    assert inv.config.scheduler == SchedulerConfig.from_checkpoint(pipe.scheduler_config)
+    target = preprocess(make_photo(120, 80), (96, 64), multiple=pipe.size_multiple)
+    z0 = encode(pipe, target)
+    vae_image = decode(pipe, z0)[0]
+    # null-text reconstructs closer to the VAE round trip than DDIM inversion replayed with guidance
+    schedule = pipe.schedule(STEPS)
+    cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
+    z_cfg = ddim.sample(pipe.eps, ddim.invert(pipe.eps, z0, cond, schedule)[-1], cond, [null] * STEPS, 7.5, schedule)
+    z_nti = reconstruct_latent(pipe, inv, progress=False)
+    mse_nti, mse_cfg = ((z_nti - z0) ** 2).mean().item(), ((z_cfg - z0) ** 2).mean().item()
+    assert mse_nti * 5 < mse_cfg, (mse_nti, mse_cfg)
+    assert psnr(decode(pipe, z_nti)[0], vae_image) > psnr(decode(pipe, z_cfg)[0], vae_image)
+    # the file round trip
+    path = tmp_path / "inv.safetensors"
+    inv.save(path)
+    again = type(inv).load(path, pipe=pipe)
+    assert torch.equal(again.null_embeddings, inv.null_embeddings) and again.meta["family"] == "stable-diffusion"
+    image = reconstruct(pipe, again, progress=False)
+    assert image.size == (96, 64)
+    # a word swap with local blend
+    result = edit(pipe, again, ["a dog sitting next to a mirror"],
+                  EditConfig(blend_source=("cat",), blend_target=("dog",)), progress=False)
+    assert result.edits[0].size == (96, 64)
+    assert np.asarray(result.reconstruction).tolist() == np.asarray(image).tolist()
+    # identical source and target prompts reproduce the reconstruction
+    same = edit(pipe, again, [PROMPT], progress=False)
+    assert np.abs(np.asarray(same.edits[0], float) - np.asarray(image, float)).max() <= 1
+
+
+@pytest.mark.slow
+def test_a_file_is_refused_by_another_family_and_another_prediction_type(folders, pipes, inversions, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "inv.safetensors"
+    inversions["sd1"].save(path)
+    with pytest.raises(NulltextError, match="does not match"):
+        type(inversions["sd1"]).load(path, pipe=pipes["sd2-v"])  # another model
+    # the same weights read as v-prediction: another scheduler, refused
+    as_v = load_pipeline(folders["sd1"], device="cpu", scheduler=SchedulerConfig(prediction_type="v_prediction"))
+    assert as_v.fingerprint == pipes["sd1"].fingerprint
+    with pytest.raises(NulltextError, match="another scheduler configuration"):
+        type(inversions["sd1"]).load(path, pipe=as_v)
+    with safe_open(path, framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(header["nulltext"])
+    doc["meta"]["family"] = "stable-diffusion-xl"
+    save_file(tensors, tmp_path / "xl.safetensors", metadata={"nulltext": json.dumps(doc)})
+    with pytest.raises(NulltextError, match="made with a stable-diffusion-xl model"):
+        type(inversions["sd1"]).load(tmp_path / "xl.safetensors", pipe=pipes["sd1"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Families nulltext does not invert
+
+
+@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline",
+                                 "StableDiffusionXLPipeline"])
+def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
+    folder = tmp_path / cls
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": cls, "unet": ["diffusers", "X"]}))
+    with pytest.raises(NulltextError) as e:  # no weights in the folder: loading them would fail otherwise
+        load_pipeline(str(folder), device="cpu")
+    msg = str(e.value)
+    assert cls in msg and "Stable Diffusion 1.x and 2.x" in msg and "\n" not in msg
+
+
+def test_the_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
+    from test_cli import assert_refused, run_cli
+
+    folder = tmp_path / "sd3"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    make_photo().save(tmp_path / "p.png")
+    r = run_cli("invert", tmp_path / "p.png", "--prompt", "a cat", "-o", tmp_path / "x.safetensors", "--model", folder)
+    assert_refused(r, match="is a StableDiffusion3Pipeline; nulltext inverts Stable Diffusion 1.x and 2.x")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sd1_family_numbers_are_unchanged(pipes):
+    """The release's parity: the SD 1.x tiny model samples with 981, 961, ..., 1 and epsilon."""
+    s = pipes["sd1"].schedule(50)
+    assert s.timesteps == tuple(range(981, 0, -20)) and pipes["sd1"].scheduler_config["prediction_type"] == "epsilon"
+    assert math.isclose(float(s.final_alpha_cumprod), float(s.alphas_cumprod[0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Any aspect ratio
+
+
+def test_output_size_from_one_number_keeps_the_aspect_on_the_model_multiple():
+    from nulltext.config import parse_size
+    from nulltext.image import output_size
+
+    assert parse_size("512") == 512 and parse_size("768x512") == (768, 512)
+    assert output_size(None, (640, 480), native=(512, 512), multiple=64) == (512, 512)  # the release's square
+    assert output_size((768, 512), (640, 480), multiple=64) == (768, 512)
+    assert output_size(512, (640, 480), multiple=64) == (512, 384)  # 4:3
+    assert output_size(512, (480, 640), multiple=64) == (384, 512)  # portrait
+    assert output_size(512, (1920, 1080), multiple=64) == (512, 320)  # 288 rounds to 320
+    assert output_size(500, (1000, 100), multiple=64) == (512, 64)  # at least one multiple
+    assert output_size(96, (120, 80), multiple=32) == (96, 64)
+    assert output_size(96, (130, 80), crop=(10, 0, 0, 0), multiple=32) == (96, 64)  # the crop's aspect
+    with pytest.raises(NulltextError, match="size must be positive"):
+        InversionConfig(size=0)
+
+
+@pytest.mark.slow
+def test_cli_size_n_is_the_long_side_and_says_what_was_chosen(tmp_path):
+    from test_cli import FAST, assert_ok, run_cli
+
+    make_photo(120, 80).save(tmp_path / "wide.png")
+    out = tmp_path / "wide.safetensors"
+    r = run_cli("invert", tmp_path / "wide.png", "--prompt", PROMPT, "-o", out, *FAST, "--size", "96")
+    assert_ok(r)
+    assert "at 96x64 in" in r.stdout
+    from nulltext import Inversion
+
+    inv = Inversion.load(out)
+    assert inv.image_size == (96, 64) and inv.config.size == 96
+    assert_ok(run_cli("reconstruct", out, "-o", tmp_path / "wide_rec.png", "-q"))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "wide_rec.png").size == (96, 64)
