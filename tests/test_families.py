@@ -21,7 +21,7 @@ from nulltext.image import decode, encode, preprocess, psnr
 from nulltext.inversion import reconstruct_latent
 from nulltext.models import to_eps
 from nulltext.text import encode_prompt
-from nulltext.tiny import build_tiny_model
+from nulltext.tiny import build_tiny_model, build_tiny_sdxl_model
 
 PROMPT = "a cat sitting next to a mirror"
 STEPS = 10  # DDIM steps of the end-to-end runs (up to 10 Adam iterations each)
@@ -30,7 +30,9 @@ STEPS = 10  # DDIM steps of the end-to-end runs (up to 10 Adam iterations each)
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("families")
-    return {variant: build_tiny_model(str(d / variant), variant=variant) for variant in ("sd1", "sd2-v")}
+    folders = {variant: build_tiny_model(str(d / variant), variant=variant) for variant in ("sd1", "sd2-v")}
+    folders["sdxl"] = build_tiny_sdxl_model(str(d / "sdxl"))
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +121,26 @@ def test_v_prediction_inversion_then_sampling_at_guidance_1_returns_z0():
     torch.testing.assert_close(back, z0, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant,steps", [("sd1", 10), ("sd2-v", 10)])
+@pytest.mark.parametrize("variant,steps", [("sd1", 10), ("sd2-v", 10), ("sdxl", 10)])
 def test_guided_sampling_equals_diffusers_pipeline(folders, pipes, variant, steps):
-    """nulltext's guided loop from z_T with the unoptimised null embedding is diffusers'
-    StableDiffusionPipeline (same DDIM scheduler, guidance 7.5, empty negative prompt, latents=z_T)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """nulltext's guided loop from z_T with the unoptimised null embedding is diffusers' own
+    pipeline (StableDiffusionPipeline / StableDiffusionXLPipeline with the same DDIM scheduler,
+    guidance 7.5, an empty negative prompt, latents=z_T), on a non-square latent."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipe = pipes[variant]
-    sd = StableDiffusionPipeline.from_pretrained(folders[variant], safety_checker=None, requires_safety_checker=False,
-                                                 feature_extractor=None)
+    z_T = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 96x64 pixels: not square
+    if variant == "sdxl":
+        sd = StableDiffusionXLPipeline.from_pretrained(folders[variant])
+        negative = None  # diffusers' empty negative: zeros, for force_zeros_for_empty_prompt
+        assert sd.config.force_zeros_for_empty_prompt and pipe.force_zeros_for_empty_prompt
+    else:
+        sd = StableDiffusionPipeline.from_pretrained(folders[variant], safety_checker=None,
+                                                     requires_safety_checker=False, feature_extractor=None)
+        negative = ""
     sd.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     sd.set_progress_bar_config(disable=True)
-    z_T = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 96x64 pixels: not square
-    theirs = sd(PROMPT, negative_prompt="", latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=steps,
+    theirs = sd(PROMPT, negative_prompt=negative, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=steps,
                 output_type="latent", height=64, width=96).images
     cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
     ours = ddim.sample(pipe.eps, z_T, cond, [null] * steps, 7.5, pipe.schedule(steps))
@@ -150,11 +159,11 @@ def inversions(pipes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["sd1", "sd2-v"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2-v", "sdxl"])
 def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, variant, tmp_path):
     pipe, inv = pipes[variant], inversions[variant]
     assert inv.image_size == (96, 64) and tuple(inv.latent_T.shape) == (1, 4, 8, 12)
-    assert inv.meta["family"] == "stable-diffusion" and inv.meta["prediction_type"] == pipe.prediction_type
+    assert inv.meta["family"] == pipe.family and inv.meta["prediction_type"] == pipe.prediction_type
     assert inv.config.scheduler == SchedulerConfig.from_checkpoint(pipe.scheduler_config)
     target = preprocess(make_photo(120, 80), (96, 64), multiple=pipe.size_multiple)
     z0 = encode(pipe, target)
@@ -165,13 +174,16 @@ def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, varian
     z_cfg = ddim.sample(pipe.eps, ddim.invert(pipe.eps, z0, cond, schedule)[-1], cond, [null] * STEPS, 7.5, schedule)
     z_nti = reconstruct_latent(pipe, inv, progress=False)
     mse_nti, mse_cfg = ((z_nti - z0) ** 2).mean().item(), ((z_cfg - z0) ** 2).mean().item()
-    assert mse_nti * 5 < mse_cfg, (mse_nti, mse_cfg)
+    # the SDXL-shaped random UNet is steered less from its all-zero start in 10 steps (latent MSE
+    # to z0 measured 0.76 against 1.94 for DDIM + CFG): a smaller margin there
+    margin = 2 if variant == "sdxl" else 5
+    assert mse_nti * margin < mse_cfg, (mse_nti, mse_cfg)
     assert psnr(decode(pipe, z_nti)[0], vae_image) > psnr(decode(pipe, z_cfg)[0], vae_image)
     # the file round trip
     path = tmp_path / "inv.safetensors"
     inv.save(path)
     again = type(inv).load(path, pipe=pipe)
-    assert torch.equal(again.null_embeddings, inv.null_embeddings) and again.meta["family"] == "stable-diffusion"
+    assert torch.equal(again.null_embeddings, inv.null_embeddings) and again.meta["family"] == pipe.family
     image = reconstruct(pipe, again, progress=False)
     assert image.size == (96, 64)
     # a word swap with local blend
@@ -211,8 +223,7 @@ def test_a_file_is_refused_by_another_family_and_another_prediction_type(folders
 # Families nulltext does not invert
 
 
-@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline",
-                                 "StableDiffusionXLPipeline"])
+@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline"])
 def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
     folder = tmp_path / cls
     folder.mkdir()
@@ -220,7 +231,7 @@ def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
     with pytest.raises(NulltextError) as e:  # no weights in the folder: loading them would fail otherwise
         load_pipeline(str(folder), device="cpu")
     msg = str(e.value)
-    assert cls in msg and "Stable Diffusion 1.x and 2.x" in msg and "\n" not in msg
+    assert cls in msg and "Stable Diffusion 1.x, 2.x and XL" in msg and "\n" not in msg
 
 
 def test_the_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
@@ -231,7 +242,7 @@ def test_the_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     make_photo().save(tmp_path / "p.png")
     r = run_cli("invert", tmp_path / "p.png", "--prompt", "a cat", "-o", tmp_path / "x.safetensors", "--model", folder)
-    assert_refused(r, match="is a StableDiffusion3Pipeline; nulltext inverts Stable Diffusion 1.x and 2.x")
+    assert_refused(r, match="is a StableDiffusion3Pipeline; nulltext inverts Stable Diffusion 1.x, 2.x and XL")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -280,3 +291,54 @@ def test_cli_size_n_is_the_long_side_and_says_what_was_chosen(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "wide_rec.png").size == (96, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SDXL specifics
+
+
+def test_sdxl_conditioning_is_diffusers_encoding_packed_in_one_tensor(folders, pipes):
+    """Token embeddings, pooled embedding and the empty prompt's zeros, as diffusers encodes them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = pipes["sdxl"]
+    sd = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    emb, neg, pooled, neg_pooled = sd.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=True, negative_prompt=None)
+    L, d = pipe.embedding_shape
+    assert (L, d) == (pipe.tokenizer.model_max_length + 1, 32 + 64)
+    ours = encode_prompt(pipe, PROMPT)
+    torch.testing.assert_close(ours[:, : L - 1], emb, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, L - 1, : pooled.shape[-1]], pooled, rtol=0, atol=1e-6)
+    assert not ours[:, L - 1, pooled.shape[-1]:].any()  # zero padding
+    assert not neg.any() and not neg_pooled.any() and not encode_prompt(pipe, "").any()
+    assert pipe.native_size == (128, 128)  # the UNet's sample size times the VAE factor (1024 for SDXL base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimize_pooled", [False, True])
+def test_sdxl_null_text_optimises_the_pooled_embedding_only_when_asked(pipes, optimize_pooled):
+    pipe = pipes["sdxl"]
+    inv = invert(pipe, make_photo(96, 64), PROMPT, InversionConfig(num_steps=4, size=(96, 64),
+                                                                     optimize_pooled=optimize_pooled), progress=False)
+    L = pipe.tokenizer.model_max_length
+    nulls = inv.null_embeddings  # (T, L + 1, d), starting from zeros (force_zeros_for_empty_prompt)
+    assert nulls[:, :L].abs().amax() > 0  # the token embeddings moved
+    assert bool(nulls[:, L].abs().amax() > 0) == optimize_pooled
+    assert inv.config.optimize_pooled == optimize_pooled
+
+
+def test_sdxl_vae_runs_in_float32_when_the_model_is_fp16(folders):
+    """SDXL's VAE overflows in fp16: a VAE whose config asks for it (force_upcast) stays float32
+    while the UNet and text encoders run in half precision."""
+    from nulltext import NulltextWarning
+
+    with pytest.warns(NulltextWarning, match="fp16 on a CPU"):
+        pipe = load_pipeline(folders["sdxl"], device="cpu", dtype="fp16")
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
+    assert pipe.text_encoder_2.dtype == torch.float16
+    z = encode(pipe, make_photo(64, 64))
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert decode(pipe, z)[0].size == (64, 64)
+    eps = pipe.eps(z, 981, encode_prompt(pipe, PROMPT))
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()

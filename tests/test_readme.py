@@ -70,7 +70,7 @@ def test_readme_shows_the_commands_of_make_demo_and_of_real_photos():
     commands = readme_commands()
     assert len(commands) >= 10
     assert any("--model demo" in c for c in commands)
-    assert sum(c.startswith("nulltext invert photo.jpg") for c in commands) == 2  # SD 1.4 and SD 2.1
+    assert sum(c.startswith("nulltext invert photo.jpg") for c in commands) == 3  # SD 1.4, SD 2.1, SDXL
     with open(os.path.join(REPO, "Makefile"), encoding="utf-8") as f:
         makefile = f.read()
     assert ". $(VENV)/bin/activate" in makefile  # make demo tells the user how to run these
@@ -86,7 +86,7 @@ def test_every_readme_command_runs_as_printed(workdir):
         assert r.returncode == 0 and "Traceback" not in r.stderr, f"{command}\n{describe(r)}"
     for path in ["out/red_circle.safetensors", "out/red_circle_edits/grid.png", "out/red_circle_attention.png",
                  "cat.safetensors", "cat_reconstruction.png", "edits/grid.png", "edits_local/grid.png",
-                 "edits_fluffy/grid.png", "cat_attention.png", "cat_sd21.safetensors"]:
+                 "edits_fluffy/grid.png", "cat_attention.png", "cat_sd21.safetensors", "cat_xl.safetensors"]:
         assert (workdir / path).is_file(), path
 
 

@@ -92,6 +92,8 @@ def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
                    help=f"growth of the early-stop threshold per timestep (default {d.early_stop_slope:g})")
     p.add_argument("--lr", type=_positive_float, default=d.lr,
                    help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/max(100,T)) (default {d.lr:g})")
+    p.add_argument("--optimize-pooled", action="store_true",
+                   help="SDXL: optimise the unconditional pooled text embedding too, not only the token embeddings")
     p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
                    help="size the image is inverted at: WxH pixels, or N for the long side with the short one "
                         "following the image's aspect, rounded to the model's multiple (64 for SD); default: the "
@@ -321,7 +323,8 @@ def _inversion_config(args, method: str):
 
     return InversionConfig(num_steps=args.steps, guidance_scale=args.guidance, num_inner_steps=args.inner_steps,
                            early_stop_epsilon=args.early_stop, early_stop_slope=args.early_stop_slope,
-                           lr=args.lr, size=args.size, crop=args.crop, method=method, seed=args.seed)
+                           lr=args.lr, size=args.size, crop=args.crop, method=method, seed=args.seed,
+                           optimize_pooled=args.optimize_pooled)
 
 
 def cmd_invert(args) -> int:

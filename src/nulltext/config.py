@@ -81,6 +81,8 @@ class InversionConfig:
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from left, right, top, bottom first
     method: str = "nti"  # see METHODS
     seed: int = 0  # random-pivot: seed of the Gaussian z_T it starts from
+    # SDXL: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
+    optimize_pooled: bool = False
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

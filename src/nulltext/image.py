@@ -159,7 +159,7 @@ def tensor_to_pil(x: Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def encode(pipe, img: Image.Image) -> Tensor:
     """z0 = s * mean(E(x)): the VAE posterior mean (not a sample) times the VAE's scaling factor."""
-    x = pil_to_tensor(img).to(pipe.device, pipe.dtype)
+    x = pil_to_tensor(img).to(pipe.device, pipe.vae.dtype)
     mean = pipe.vae.encode(x).latent_dist.mean
     return mean.float() * pipe.vae.config.scaling_factor  # (1, 4, H/8, W/8)
 
@@ -167,7 +167,7 @@ def encode(pipe, img: Image.Image) -> Tensor:
 @torch.no_grad()
 @torch.no_grad()
 def decode(pipe, z: Tensor) -> list[Image.Image]:
-    x = pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample
+    x = pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample
     return tensor_to_pil(x)
 
 

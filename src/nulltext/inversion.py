@@ -8,6 +8,7 @@ save to a file and edit many times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -217,6 +218,9 @@ def invert_image(
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
     warn_split_words(pipe, prompt)
+    if config.optimize_pooled and getattr(pipe, "text_encoder_2", None) is None:
+        warnings.warn("optimize_pooled applies to SDXL only; this model has no pooled text embedding",
+                      NulltextWarning, stacklevel=2)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     source = image_mod.as_source(image)
@@ -227,7 +231,7 @@ def invert_image(
     cond = encode_prompt(pipe, prompt)  # (1, L, d)
     null0 = encode_prompt(pipe, "")
     schedule = pipe.schedule(config.num_steps)
-    eps_fn = pipe.eps
+    eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
     timings["encode_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -20,8 +20,10 @@ from .hub import hub_unreachable, looks_like_path, quiet_loading
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # model_index.json's pipeline class -> the family nulltext inverts it as
-FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion"}
-FAMILY_NAMES = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline folders)"
+FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion",
+            "StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl"}
+FAMILY_NAMES = "Stable Diffusion 1.x, 2.x and XL (StableDiffusionPipeline and StableDiffusionXLPipeline folders)"
+SDXL = "stable-diffusion-xl"
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
 
 
@@ -54,6 +56,21 @@ class Pipeline:
     # the words the model was trained on, where it knows only a few (the demo model); None: any
     vocabulary: frozenset[str] | None = None
     family: str = "stable-diffusion"
+    # SDXL: the second tokenizer and text encoder (with projection: the pooled embedding), and
+    # whether its unconditional embeddings for an empty prompt are zeros, as diffusers' pipeline has it
+    tokenizer_2: object = None
+    text_encoder_2: torch.nn.Module | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def embedding_shape(self) -> tuple[int, int]:
+        """(L, d) of one conditioning value. SD: the text encoder's (L, d). SDXL: both encoders'
+        penultimate states side by side, plus one row that carries the pooled embedding
+        (zero-padded to d): one tensor travels through the loops, files and controllers alike."""
+        L = self.tokenizer.model_max_length
+        if self.family != SDXL:
+            return L, self.text_encoder.config.hidden_size
+        return L + 1, self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
 
     @property
     def prediction_type(self) -> str:
@@ -87,15 +104,25 @@ class Pipeline:
     def schedule(self, num_steps: int) -> Schedule:
         return Schedule.from_scheduler(self.scheduler, num_steps)
 
-    def eps(self, z: Tensor, t: int, emb: Tensor) -> Tensor:
+    def eps(self, z: Tensor, t: int, emb: Tensor, optimize_pooled: bool = False) -> Tensor:
         """eps(z, t, emb): UNet noise prediction, computed in the model dtype, returned as float32.
 
-        z: (B, 4, h, w); emb: (B, L, d)."""
+        z: (B, 4, h, w); emb: (B, L, d), see :attr:`embedding_shape`. SDXL: the pooled row gets no
+        gradient unless ``optimize_pooled`` (null-text optimisation then leaves it as it was)."""
         self.calls.forward += 1
         self.calls.forward_rows += z.shape[0]
         if torch.is_grad_enabled() and emb.requires_grad:
             self.calls.with_grad += 1
-        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample.float()
+        kwargs = {"encoder_hidden_states": emb.to(self.dtype)}
+        if self.family == SDXL:
+            L, p = self.tokenizer.model_max_length, self.text_encoder_2.config.projection_dim
+            pooled = emb[:, L, :p] if optimize_pooled else emb[:, L, :p].detach()
+            h, w = (s * self.vae_scale_factor for s in z.shape[-2:])
+            # (original size, crop top-left, target size), as diffusers' pipeline builds them for an image of this size
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=z.device, dtype=self.dtype).expand(z.shape[0], -1)
+            kwargs = {"encoder_hidden_states": emb[:, :L].to(self.dtype),
+                      "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}}
+        out = self.unet(z.to(self.dtype), t, **kwargs).sample.float()
         return to_eps(out, z.float(), self.scheduler.alphas_cumprod[int(t)].to(out.device), self.prediction_type)
 
 
@@ -147,14 +174,17 @@ def _config_dict(module) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
 
 
-def model_fingerprint(unet, vae, text_encoder, tokenizer) -> dict:
+def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None) -> dict:
     """What identifies a model: configs, parameter names and shapes (hashed exactly), the
     tokenizer's vocabulary, and the mean square of every weight tensor (compared with a tolerance,
     so the same checkpoint in fp16/bf16 or on another device still matches)."""
     h = hashlib.sha256()
     weights = hashlib.sha256()
     mean_squares: list[float] = []
-    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+    modules = [("text_encoder", text_encoder), ("vae", vae), ("unet", unet)]
+    if text_encoder_2 is not None:
+        modules.append(("text_encoder_2", text_encoder_2))
+    for name, module in modules:
         h.update(name.encode())
         h.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())
         for pname, p in module.state_dict().items():
@@ -238,7 +268,7 @@ def load_pipeline(
     dtype: str | torch.dtype = "fp32",
     scheduler: SchedulerConfig | None = None,
 ) -> Pipeline:
-    """Load a Stable Diffusion 1.x or 2.x checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
+    """Load a Stable Diffusion 1.x, 2.x or XL checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
     a local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
     ships, see :mod:`nulltext.demo`) or ``tiny`` (a small *random-weight* SD-shaped model built
     offline, for smoke runs and tests). Weights are frozen. The scheduler is DDIM with the
@@ -276,12 +306,20 @@ def load_pipeline(
     # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
     # model is not there
     offline = not os.path.isdir(source) and hub_unreachable()
-    family = check_family(model, read_model_index(source, offline))
+    index = read_model_index(source, offline)
+    family = check_family(model, index)
     try:
         quiet_loading()
         kw = {"local_files_only": True} if offline else {}
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+        tokenizer_2 = text_encoder_2 = None
+        if family == SDXL:
+            from transformers import CLIPTextModelWithProjection
+
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
+                                                                         torch_dtype=torch_dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
         scheduler = scheduler or checkpoint_scheduler(source, kw)
@@ -300,11 +338,17 @@ def load_pipeline(
             f"could not load model '{model}' from the Hugging Face hub ({reason[:160]}); without network "
             f"access, pass a local diffusers folder instead, e.g. --model /path/to/stable-diffusion-v1-4"
         ) from None
-    for module in (text_encoder, vae, unet):
+    for module in (text_encoder, text_encoder_2, vae, unet):
+        if module is None:
+            continue
         module.requires_grad_(False)  # never compute or store gradients for model weights
         module.eval()
         module.to(dev, torch_dtype)  # already loaded in torch_dtype: a no-op cast, then the move
-    fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer)
+    if family == SDXL and torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16: it runs in float32 (image.encode/decode follow it)
+    fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2)
     return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
-                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family)
+                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family,
+                    tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                    force_zeros_for_empty_prompt=bool((index or {}).get("force_zeros_for_empty_prompt", family == SDXL)))

@@ -221,8 +221,8 @@ def check_fits(inv: Inversion, pipe, path="inversion") -> None:
         raise NulltextError(f"{path}: latent_T shape {tuple(inv.latent_T.shape)} does not fit this model "
                             f"at {width}x{height} pixels")
     L, d = inv.null_embeddings.shape[1:]
-    if L != pipe.tokenizer.model_max_length or d != pipe.text_encoder.config.hidden_size:
+    if (L, d) != pipe.embedding_shape:
         raise NulltextError(f"{path}: null embeddings are {L}x{d}, this model's text embeddings are "
-                            f"{pipe.tokenizer.model_max_length}x{pipe.text_encoder.config.hidden_size}")
+                            f"{pipe.embedding_shape[0]}x{pipe.embedding_shape[1]}")
     if dict(inv.meta["scheduler"]) != {k: v for k, v in pipe.scheduler_config.items() if k in inv.meta["scheduler"]}:
         raise NulltextError(f"{path} was made with another scheduler configuration than this pipeline's")

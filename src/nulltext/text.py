@@ -15,8 +15,19 @@ def token_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
 
 
+def _ids(tokenizer, prompt: str, device) -> Tensor:
+    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)  # (1, L)
+
+
 def encode_prompt(pipe, prompt: str) -> Tensor:
-    """C = text_encoder(prompt), (1, L, d) float32 with L = tokenizer.model_max_length.
+    """The conditioning value of ``prompt``, float32, of shape (1, *pipe.embedding_shape).
+
+    SD: C = text_encoder(prompt), (1, L, d) with L = tokenizer.model_max_length. SDXL, as diffusers'
+    StableDiffusionXLPipeline encodes it: the penultimate hidden states of both text encoders side
+    by side, (1, L, d1 + d2), and one more row holding the second encoder's projected pooled
+    embedding, zero-padded; for the empty prompt of a checkpoint with
+    ``force_zeros_for_empty_prompt``, zeros (what the pipeline uses as its unconditional branch).
 
     Like the release, a prompt longer than the tokenizer's limit is truncated (with a warning)."""
     tokenizer = pipe.tokenizer
@@ -26,11 +37,18 @@ def encode_prompt(pipe, prompt: str) -> Tensor:
         warnings.warn(
             f"prompt has {n - 2} tokens but the tokenizer takes {limit - 2}; "
             f"the last {n - limit} are dropped", NulltextWarning, stacklevel=2)
-    ids = tokenizer([prompt], padding="max_length", max_length=limit, truncation=True,
-                    return_tensors="pt").input_ids  # (1, L)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        with torch.no_grad():
+            return pipe.text_encoder(_ids(tokenizer, prompt, pipe.device))[0].float()  # (1, L, d)
+    L, d = pipe.embedding_shape
+    if prompt == "" and pipe.force_zeros_for_empty_prompt:
+        return torch.zeros(1, L, d, device=pipe.device)
     with torch.no_grad():
-        emb = pipe.text_encoder(ids.to(pipe.device))[0]  # (1, L, d)
-    return emb.float()
+        first = pipe.text_encoder(_ids(tokenizer, prompt, pipe.device), output_hidden_states=True)
+        second = pipe.text_encoder_2(_ids(pipe.tokenizer_2, prompt, pipe.device), output_hidden_states=True)
+    tokens = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()  # (1, L - 1, d)
+    pooled = second.text_embeds.float()  # (1, p)
+    return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, d - pooled.shape[-1]))[:, None]], dim=1)
 
 
 def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:

@@ -107,6 +107,24 @@ def write_tokenizer(folder: str, words=WORDS, model_max_length: int = 77) -> Non
     shutil.rmtree(raw)
 
 
+def _tiny_vae(seed: int):
+    """A random AutoencoderKL with SD's shape (4 blocks: 8x downsampling, 4 latent channels). SD
+    picks its scaling factor so that latents have unit variance; so does this one, measured on a
+    fixed smooth test pattern (random weights give latents far from unit scale otherwise)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
+    pattern = torch.stack([xx, yy, (xx * yy)])[None]  # (1, 3, 128, 128) in [-1, 1]
+    with torch.no_grad():
+        std = vae.encode(pattern).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+    return vae
+
+
 # SD 2.x's differences, shrunk: linear projections in the transformer blocks, a wider text
 # encoder, and a scheduler that predicts v (as SD 2.x at 768) with trailing timesteps
 VARIANTS = {
@@ -121,7 +139,7 @@ def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
     """Build the tiny random pipeline into ``path`` (a diffusers-format folder) and return it.
     ``variant``: ``sd1`` (SD 1.x-shaped, what ``--model tiny`` loads) or ``sd2-v`` (SD 2.x-shaped,
     v-prediction)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .ddim import make_scheduler
@@ -143,19 +161,7 @@ def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=vocab[SPECIAL_BOS], eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS],
         projection_dim=text_hidden))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(  # 4 blocks: 8x downsampling and 4 latent channels, like SD's VAE
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=128)
-    # SD picks its scaling factor so that latents have unit variance; do the same for this VAE on a
-    # fixed smooth test pattern (random weights give latents far from unit scale otherwise)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
-    pattern = torch.stack([xx, yy, (xx * yy)])[None]  # (1, 3, 128, 128) in [-1, 1]
-    with torch.no_grad():
-        std = vae.encode(pattern).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=float(f"{1.0 / std:.5g}"))
+    vae = _tiny_vae(seed + 1)
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(**{  # SD's block pattern, shrunk: cross-attention at two resolutions
         "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
@@ -203,3 +209,52 @@ def ensure_tiny_model() -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_tiny_sdxl_model(path: str, seed: int = 0) -> str:
+    """An SDXL-shaped random pipeline, written by diffusers' own ``StableDiffusionXLPipeline``:
+    two tokenizers and text encoders (the second with a projection, whose pooled output and the
+    size/crop time ids enter the UNet through ``addition_embed_type="text_time"``), SDXL's block
+    pattern (no attention at the top resolution), a VAE that asks for float32 in fp16
+    (``force_upcast``) and SDXL's Euler scheduler config, with ``force_zeros_for_empty_prompt``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .hub import quiet_loading
+
+    quiet_loading()
+    os.makedirs(path, exist_ok=True)
+    raw = os.path.join(path, "_tokenizer")
+    write_tokenizer(raw)
+    tokenizer = CLIPTokenizer.from_pretrained(raw)
+    shutil.rmtree(raw)
+    vocab = tokenizer.get_vocab()
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=tokenizer.model_max_length, bos_token_id=vocab[SPECIAL_BOS],
+                              eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS], projection_dim=32)
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_config(32))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(64))
+    vae = _tiny_vae(seed + 2)  # force_upcast, as SDXL's VAE config has it, is diffusers' default
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        norm_num_groups=8, cross_attention_dim=32 + 64, attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        transformer_layers_per_block=(1, 1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    with torch.no_grad():  # as for the SD-shaped model: predictions in a trained model's range
+        unet.conv_out.weight.mul_(0.3)
+        unet.conv_out.bias.mul_(0.3)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                              force_zeros_for_empty_prompt=True).save_pretrained(path)
+    return path
