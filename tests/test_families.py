@@ -20,7 +20,7 @@ from nulltext.ddim import Schedule, make_scheduler
 from nulltext.image import decode, encode, preprocess, psnr
 from nulltext.inversion import reconstruct_latent
 from nulltext.models import to_eps
-from nulltext.text import encode_prompt
+from nulltext.text import encode_null, encode_prompt
 from nulltext.tiny import build_tiny_model, build_tiny_sdxl_model
 
 PROMPT = "a cat sitting next to a mirror"
@@ -62,6 +62,11 @@ def test_sd2_scheduler_keeps_prediction_type_and_spacing_with_the_release_clippi
     assert (got.clip_sample, got.set_alpha_to_one, got.beta_end, got.prediction_type) == (False, False, 0.02, "v_prediction")
     with pytest.raises(NulltextError, match="predicts 'flow'"):
         SchedulerConfig.from_checkpoint({"prediction_type": "flow"})
+    with pytest.raises(NulltextError, match="zero terminal SNR"):  # DDIM would divide by abar = 0
+        SchedulerConfig.from_checkpoint({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True})
+    for kind in ("EDMDPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"):
+        with pytest.raises(NulltextError, match=f"is a {kind}, without a DDPM noise schedule"):
+            SchedulerConfig.from_checkpoint({"_class_name": kind, "num_train_timesteps": 1000})
 
 
 @pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("linspace", 50), ("linspace", 7)])
@@ -142,7 +147,7 @@ def test_guided_sampling_equals_diffusers_pipeline(folders, pipes, variant, step
     sd.set_progress_bar_config(disable=True)
     theirs = sd(PROMPT, negative_prompt=negative, latents=z_T.clone(), guidance_scale=7.5, num_inference_steps=steps,
                 output_type="latent", height=64, width=96).images
-    cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
+    cond, null = encode_prompt(pipe, PROMPT), encode_null(pipe)
     ours = ddim.sample(pipe.eps, z_T, cond, [null] * steps, 7.5, pipe.schedule(steps))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -170,7 +175,7 @@ def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, varian
     vae_image = decode(pipe, z0)[0]
     # null-text reconstructs closer to the VAE round trip than DDIM inversion replayed with guidance
     schedule = pipe.schedule(STEPS)
-    cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
+    cond, null = encode_prompt(pipe, PROMPT), encode_null(pipe)
     z_cfg = ddim.sample(pipe.eps, ddim.invert(pipe.eps, z0, cond, schedule)[-1], cond, [null] * STEPS, 7.5, schedule)
     z_nti = reconstruct_latent(pipe, inv, progress=False)
     mse_nti, mse_cfg = ((z_nti - z0) ** 2).mean().item(), ((z_cfg - z0) ** 2).mean().item()
@@ -223,7 +228,8 @@ def test_a_file_is_refused_by_another_family_and_another_prediction_type(folders
 # Families nulltext does not invert
 
 
-@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline"])
+@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline",
+                                 "StableDiffusionXLImg2ImgPipeline"])
 def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
     folder = tmp_path / cls
     folder.mkdir()
@@ -311,7 +317,9 @@ def test_sdxl_conditioning_is_diffusers_encoding_packed_in_one_tensor(folders, p
     torch.testing.assert_close(ours[:, : L - 1], emb, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[:, L - 1, : pooled.shape[-1]], pooled, rtol=0, atol=1e-6)
     assert not ours[:, L - 1, pooled.shape[-1]:].any()  # zero padding
-    assert not neg.any() and not neg_pooled.any() and not encode_prompt(pipe, "").any()
+
+    assert not neg.any() and not neg_pooled.any() and not encode_null(pipe).any()  # force_zeros_for_empty_prompt
+    assert encode_prompt(pipe, "").any()  # "" as a prompt is encoded, as diffusers does for a positive prompt
     assert pipe.native_size == (128, 128)  # the UNet's sample size times the VAE factor (1024 for SDXL base)
 
 
@@ -342,3 +350,14 @@ def test_sdxl_vae_runs_in_float32_when_the_model_is_fp16(folders):
     assert decode(pipe, z)[0].size == (64, 64)
     eps = pipe.eps(z, 981, encode_prompt(pipe, PROMPT))
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+
+
+def test_an_sdxl_refiner_is_refused_before_loading_weights(tmp_path):
+    """The refiner has no first text encoder and wants an aesthetic score: not invertible here."""
+    folder = tmp_path / "refiner"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "requires_aesthetics_score": True,
+        "text_encoder": [None, None], "tokenizer": [None, None]}))
+    with pytest.raises(NulltextError, match="without a first text encoder"):
+        load_pipeline(str(folder), device="cpu")

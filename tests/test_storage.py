@@ -54,7 +54,7 @@ def test_file_is_safetensors_with_json_metadata(saved):
     tensors, header = _read(saved)
     assert set(tensors) == {"latent_T", "null_embeddings"}
     doc = json.loads(header["nulltext"])
-    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 2
+    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 3
     meta = doc["meta"]
     assert meta["prompt"] == "a photo of a cat" and meta["method"] == "nti"
 

@@ -56,7 +56,7 @@ def test_null_text_inversion_reconstructs_a_real_photo(run):
     import nulltext
     from nulltext import ddim
     from nulltext.image import decode, encode, psnr
-    from nulltext.text import encode_prompt
+    from nulltext.text import encode_null, encode_prompt
 
     pipe, inv, target = run
     assert inv.image_size == pipe.native_size == (512, 512)
@@ -65,7 +65,7 @@ def test_null_text_inversion_reconstructs_a_real_photo(run):
     nti_db = psnr(nulltext.reconstruct(pipe, inv, progress=False), target)
     # the lower bound: the same DDIM pivot replayed with the plain empty-prompt embedding
     schedule = pipe.schedule(inv.num_steps)
-    cond, null = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
+    cond, null = encode_prompt(pipe, PROMPT), encode_null(pipe)
     pivots = ddim.invert(pipe.eps, z0, cond, schedule)
     z = ddim.sample(pipe.eps, pivots[-1], cond, [null] * inv.num_steps, inv.config.guidance_scale, schedule)
     ddim_db = psnr(decode(pipe, z)[0], target)

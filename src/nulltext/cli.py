@@ -450,7 +450,8 @@ def _warn_inversion_options_ignored(args) -> None:
         ("--inner-steps", args.inner_steps, d.num_inner_steps), ("--early-stop", args.early_stop, d.early_stop_epsilon),
         ("--early-stop-slope", args.early_stop_slope, d.early_stop_slope), ("--lr", args.lr, d.lr),
         ("--crop", tuple(args.crop), tuple(d.crop)), ("--inversion-method", args.inversion_method, d.method),
-        ("--seed", args.seed, d.seed)) if value != default]
+        ("--seed", args.seed, d.seed), ("--optimize-pooled", args.optimize_pooled, d.optimize_pooled))
+        if value != default]
     if given:
         warnings.warn(f"{', '.join(given)} apply to an IMAGE input only; {args.input} already holds an "
                       f"inversion made with its own settings (see nulltext info), so they are ignored",
@@ -474,8 +475,8 @@ def _source(args, check=None):
         if args.prompt is not None and args.prompt != inv.prompt:
             raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
                                 f"is the inversion's (leave out --prompt)")
-        if args.size is not None and (max(inv.image_size) != args.size if isinstance(args.size, int)
-                                      else tuple(args.size) != inv.image_size):
+        if args.size is not None and (args.size not in (inv.config.size, max(inv.image_size))
+                                      if isinstance(args.size, int) else tuple(args.size) != inv.image_size):
             asked = args.size if isinstance(args.size, int) else "x".join(map(str, args.size))
             raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
                                 f"not {asked}; invert the image again at that size")

@@ -42,6 +42,11 @@ class SchedulerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def of_scheduler(cls, config: dict) -> "SchedulerConfig":
+        """The fields of a configured DDIM scheduler's config, as they are."""
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+
+    @classmethod
     def from_checkpoint(cls, config: dict) -> "SchedulerConfig":
         """The DDIM scheduler for a checkpoint whose scheduler config (any diffusers scheduler's:
         PNDM for SD 1.x, DDIM or Euler for others) is ``config``: its noise schedule, timestep
@@ -49,6 +54,13 @@ class SchedulerConfig:
         set_alpha_to_one=False``. For SD 1.x this is exactly the default configuration."""
         from .errors import NulltextError
 
+        kind = str(config.get("_class_name", ""))
+        if kind.startswith(("EDM", "FlowMatch")) or (kind and "beta_schedule" not in config):
+            raise NulltextError(f"the checkpoint's scheduler is a {kind}, without a DDPM noise schedule; nulltext "
+                                f"inverts checkpoints trained with beta schedules (SD 1.x, 2.x, XL)")
+        if config.get("rescale_betas_zero_snr"):
+            raise NulltextError("the checkpoint's scheduler has a zero terminal SNR (rescale_betas_zero_snr): DDIM "
+                                "inversion cannot reach abar = 0, which nulltext does not support")
         names = {f.name for f in dataclasses.fields(cls)} - {"clip_sample", "set_alpha_to_one"}
         known = {k: config[k] for k in names if config.get(k) is not None}
         out = cls(**known)

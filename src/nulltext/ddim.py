@@ -52,9 +52,11 @@ class Schedule:
     def prev_timestep(self, t: int) -> int:
         """The timestep a denoising step from ``t`` lands on: the next one of the schedule, and
         ``t - k`` after the last (negative for SD's schedules: abar is ``final_alpha_cumprod``).
-        For "leading" and "trailing" spacing this is always ``t - k``, the release's rule; for
-        "linspace" the timesteps are not evenly spaced, and the schedule's own one is right."""
-        i = self.timesteps.index(t)
+        With "leading" spacing, and "trailing" when T divides the training steps, this is always
+        ``t - k``, the release's rule (and diffusers' DDIMScheduler.step's, which uses it for every
+        spacing); otherwise the timesteps are unevenly spaced and the schedule's own one is right.
+        A ``t`` outside the schedule steps by ``t - k``."""
+        i = self.timesteps.index(t) if t in self.timesteps else len(self.timesteps)
         return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else t - self.step_size
 
 

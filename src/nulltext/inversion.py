@@ -206,11 +206,11 @@ def invert_image(
     preprocessed image almost exactly.
     """
     from . import image as image_mod
-    from .text import encode_prompt, warn_split_words
+    from .text import encode_null, encode_prompt, warn_split_words
 
     config = config or InversionConfig()
     # the file records the schedule the pipeline really samples with (the checkpoint's own)
-    config = dataclasses.replace(config, scheduler=SchedulerConfig.from_checkpoint(pipe.scheduler_config))
+    config = dataclasses.replace(config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
     from .config import OPTIMISED
 
     if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
@@ -229,7 +229,7 @@ def invert_image(
                                   multiple=pipe.size_multiple)
     z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
     cond = encode_prompt(pipe, prompt)  # (1, L, d)
-    null0 = encode_prompt(pipe, "")
+    null0 = encode_null(pipe)
     schedule = pipe.schedule(config.num_steps)
     eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
     timings["encode_s"] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from .hub import hub_unreachable, looks_like_path, quiet_loading
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # model_index.json's pipeline class -> the family nulltext inverts it as
 FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion",
-            "StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusionXLImg2ImgPipeline": "stable-diffusion-xl"}
+            "StableDiffusionXLPipeline": "stable-diffusion-xl"}
 FAMILY_NAMES = "Stable Diffusion 1.x, 2.x and XL (StableDiffusionPipeline and StableDiffusionXLPipeline folders)"
 SDXL = "stable-diffusion-xl"
 COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
@@ -123,6 +123,8 @@ class Pipeline:
             kwargs = {"encoder_hidden_states": emb[:, :L].to(self.dtype),
                       "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}}
         out = self.unet(z.to(self.dtype), t, **kwargs).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
         return to_eps(out, z.float(), self.scheduler.alphas_cumprod[int(t)].to(out.device), self.prediction_type)
 
 
@@ -245,6 +247,9 @@ def check_family(model: str, index: dict | None) -> str:
     if name not in FAMILIES:
         raise NulltextError(f"model '{model}' is a {name or 'pipeline of unknown class'}; nulltext inverts "
                             f"{FAMILY_NAMES}")
+    if index.get("requires_aesthetics_score") or index.get("text_encoder", [None])[0] is None:
+        raise NulltextError(f"model '{model}' is a {name} without a first text encoder (an SDXL refiner?); "
+                            f"nulltext inverts {FAMILY_NAMES}")
     return FAMILIES[name]
 
 

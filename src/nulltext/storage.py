@@ -1,12 +1,14 @@
 """The :class:`Inversion` (an inverted image) and its files: safetensors tensors plus JSON
 metadata in the safetensors header. Never pickle.
 
-Layout (format version 2; version 1 files, null-text inversion only, still load):
-- tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32, or (1, L, d)
+Layout (format version 3; versions 1 and 2 still load):
+- tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32 (SDXL: L + 1
+  rows, the last the pooled embedding, see ``Pipeline.embedding_shape``), or (1, L, d)
   for the methods with one embedding for all steps (global-nti, npi, ddim, direct); ``corrections``
   (T, 4, h, w) float32 for Direct Inversion only;
 - one header metadata key ``nulltext``: JSON ``{"format": "nulltext-inversion", "format_version",
-  "meta": {model, model fingerprint, scheduler, T, guidance, prompt, image sha256, preprocessing,
+  "meta": {model, family, prediction type, model fingerprint, scheduler, T, guidance, prompt,
+  image sha256, preprocessing,
   config, method, optimisation diagnostics, timings}, "tensors_sha256": {name: sha256 of bytes}}``.
 Loading checks all of it, and with a pipeline also that the file fits that model.
 """
@@ -26,7 +28,9 @@ from .errors import NulltextError
 from .files import atomic_write
 
 FORMAT = "nulltext-inversion"
-FORMAT_VERSION = 2  # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections
+# 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections; 3: model families
+# (family, prediction type, the checkpoint's scheduler, SDXL's packed conditioning), size N
+FORMAT_VERSION = 3
 REQUIRED_META = ("model", "model_fingerprint", "scheduler", "num_steps", "guidance_scale", "prompt",
                  "image", "preprocessing", "config", "method")
 

@@ -26,8 +26,7 @@ def encode_prompt(pipe, prompt: str) -> Tensor:
     SD: C = text_encoder(prompt), (1, L, d) with L = tokenizer.model_max_length. SDXL, as diffusers'
     StableDiffusionXLPipeline encodes it: the penultimate hidden states of both text encoders side
     by side, (1, L, d1 + d2), and one more row holding the second encoder's projected pooled
-    embedding, zero-padded; for the empty prompt of a checkpoint with
-    ``force_zeros_for_empty_prompt``, zeros (what the pipeline uses as its unconditional branch).
+    embedding, zero-padded. The unconditional start N0 is :func:`encode_null`.
 
     Like the release, a prompt longer than the tokenizer's limit is truncated (with a warning)."""
     tokenizer = pipe.tokenizer
@@ -41,14 +40,21 @@ def encode_prompt(pipe, prompt: str) -> Tensor:
         with torch.no_grad():
             return pipe.text_encoder(_ids(tokenizer, prompt, pipe.device))[0].float()  # (1, L, d)
     L, d = pipe.embedding_shape
-    if prompt == "" and pipe.force_zeros_for_empty_prompt:
-        return torch.zeros(1, L, d, device=pipe.device)
     with torch.no_grad():
         first = pipe.text_encoder(_ids(tokenizer, prompt, pipe.device), output_hidden_states=True)
         second = pipe.text_encoder_2(_ids(pipe.tokenizer_2, prompt, pipe.device), output_hidden_states=True)
     tokens = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()  # (1, L - 1, d)
     pooled = second.text_embeds.float()  # (1, p)
     return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, d - pooled.shape[-1]))[:, None]], dim=1)
+
+
+def encode_null(pipe) -> Tensor:
+    """N0, the unconditional embedding guidance starts from: what the model's diffusers pipeline
+    uses for an empty negative prompt. The encoding of "", except for a checkpoint with
+    ``force_zeros_for_empty_prompt`` (SDXL base), whose pipeline uses zeros."""
+    if getattr(pipe, "force_zeros_for_empty_prompt", False):
+        return torch.zeros(1, *pipe.embedding_shape, device=pipe.device)
+    return encode_prompt(pipe, "")
 
 
 def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:

@@ -101,7 +101,7 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
     prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
     from ..ddim import guided_step
     from ..image import decode
-    from ..text import encode_prompt
+    from ..text import encode_null, encode_prompt
 
     schedule = pipe.schedule(num_steps)
     w, h = pipe.native_size
@@ -110,7 +110,7 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
     z = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + k))
                    for k in range(len(prompts))]).to(pipe.device)
     cond = torch.cat([encode_prompt(pipe, p) for p in prompts])
-    uncond = encode_prompt(pipe, "").expand_as(cond)
+    uncond = encode_null(pipe).expand_as(cond)
     for t in schedule.timesteps:
         z = guided_step(pipe.eps, schedule, z, int(t), uncond, cond, guidance_scale)
     return decode(pipe, z)
