@@ -90,6 +90,16 @@ def as_source(image) -> ImageSource:
     return load_image(image)
 
 
+def cropped_size(image_size: tuple[int, int], crop=(0, 0, 0, 0)) -> tuple[int, int]:
+    """(width, height) left of an image of ``image_size`` after cutting ``crop`` = (left, right,
+    top, bottom) pixels; an error when nothing is left."""
+    left, right, top, bottom = crop
+    w, h = image_size[0] - left - right, image_size[1] - top - bottom
+    if w <= 0 or h <= 0:
+        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {image_size[0]}x{image_size[1]} image")
+    return w, h
+
+
 def output_size(size, image_size: tuple[int, int], crop=(0, 0, 0, 0), native: tuple[int, int] = (512, 512),
                 multiple: int = 8) -> tuple[int, int]:
     """(width, height) an image is inverted at. ``size``: None (the model's ``native`` size, the
@@ -99,10 +109,7 @@ def output_size(size, image_size: tuple[int, int], crop=(0, 0, 0, 0), native: tu
         return tuple(native)
     if not isinstance(size, int):
         return int(size[0]), int(size[1])
-    left, right, top, bottom = crop
-    w, h = image_size[0] - left - right, image_size[1] - top - bottom
-    if w <= 0 or h <= 0:
-        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {image_size[0]}x{image_size[1]} image")
+    w, h = cropped_size(image_size, crop)
 
     def snap(x: float) -> int:
         return max(multiple, int(math.floor(x / multiple + 0.5)) * multiple)
@@ -122,8 +129,7 @@ def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multi
         raise NulltextError(f"size {width}x{height} must be a multiple of {multiple} pixels for this model")
     left, right, top, bottom = crop
     w, h = img.size
-    if left + right >= w or top + bottom >= h:
-        raise NulltextError(f"crop {left},{right},{top},{bottom} leaves nothing of a {w}x{h} image")
+    cropped_size(img.size, crop)
     img = img.crop((left, top, w - right, h - bottom))
     w, h = img.size
     if min(w, h) < MIN_SIDE:

@@ -113,8 +113,9 @@ class Pipeline:
         self.calls.forward_rows += z.shape[0]
         if torch.is_grad_enabled() and emb.requires_grad:
             self.calls.with_grad += 1
-        kwargs = {"encoder_hidden_states": emb.to(self.dtype)}
-        if self.family == SDXL:
+        if self.family != SDXL:
+            kwargs = {"encoder_hidden_states": emb.to(self.dtype)}
+        else:
             L, p = self.tokenizer.model_max_length, self.text_encoder_2.config.projection_dim
             pooled = emb[:, L, :p] if optimize_pooled else emb[:, L, :p].detach()
             h, w = (s * self.vae_scale_factor for s in z.shape[-2:])
