@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .config import SchedulerConfig
+from .errors import NonFiniteError
 
 # eps(z, t, emb) -> noise prediction. z: (B, 4, h, w) float32, t: the integer timestep,
 # emb: (B, L, d) text embeddings. Loops never look inside it, so tests can pass a fake.
@@ -58,6 +59,14 @@ class Schedule:
         A ``t`` outside the schedule steps by ``t - k``."""
         i = self.timesteps.index(t) if t in self.timesteps else len(self.timesteps)
         return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else t - self.step_size
+
+
+def check_finite(x: Tensor, what: str, t: int, i: int, T: int) -> None:
+    """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
+    (in half precision: an overflow in the model), instead of carrying it on into a black image."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} produced a NaN or infinity at timestep {t} (step {i + 1} of {T}); in fp16 "
+                             f"this is an overflow in the model: use --dtype bf16 or fp32")
 
 
 def ddim_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:
@@ -123,9 +132,11 @@ def invert_progressive(eps_fn: EpsFn, z0: Tensor, cond: Tensor, schedule: Schedu
     Walks the timesteps from small to large (1, 21, ..., 981), each step conditional only.
     """
     z = z0.clone()
-    for t in reversed(schedule.timesteps):
+    T = schedule.num_steps
+    for k, t in enumerate(reversed(schedule.timesteps)):
         e = eps_fn(z, t, cond)
         z = inverse_step(schedule, z, e, t)
+        check_finite(z, "the DDIM inversion", t, k, T)
         yield z
 
 
@@ -154,6 +165,7 @@ def sample_progressive(
     for i, t in enumerate(schedule.timesteps):
         z = guided_step(eps_fn, schedule, z, t, uncond[i], cond, guidance_scale,
                         None if corrections is None else corrections[i])
+        check_finite(z, "sampling", t, i, schedule.num_steps)
         yield z
 
 

@@ -276,6 +276,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
                 z_tgt = controller.end_step(z_src, z_tgt)
                 blend = getattr(controller, "local_blend", None)
                 mask = blend.last_mask if blend is not None else None
+            ddim.check_finite(torch.cat([z_src, z_tgt]), "editing", t, i, schedule.num_steps)
             yield EditStep(i, t, z_src, z_tgt, mask)
 
 
@@ -298,6 +299,7 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
                                  None if corr is None else corr[i])
         if z_tgt is not None:
             z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+        ddim.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
 
 

@@ -7,3 +7,8 @@ class NulltextError(Exception):
 
 class NulltextWarning(UserWarning):
     """Something works but probably not as the user meant (e.g. a truncated prompt)."""
+
+
+class NonFiniteError(NulltextError):
+    """A NaN or infinity appeared in the model's numbers (in half precision: an overflow); the
+    message names the step where it first appeared."""

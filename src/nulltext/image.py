@@ -163,17 +163,39 @@ def tensor_to_pil(x: Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
+def _vae_run(pipe, fn, x: Tensor, what: str) -> Tensor:
+    """``fn(x)`` on the VAE in its dtype; where a half-precision VAE overflows (NaN or infinity:
+    the SDXL VAE in fp16 is known to), the VAE moves to float32 for good, with a warning, and
+    runs again, as diffusers' pipelines upcast it. A float32 overflow is an error."""
+    out = fn(x.to(pipe.device, pipe.vae.dtype))
+    if bool(torch.isfinite(out).all()):
+        return out
+    if pipe.vae.dtype != torch.float32:
+        import warnings
+
+        from .errors import NulltextWarning
+
+        warnings.warn(f"the VAE overflowed in {pipe.dtype_name} while {what}; it now runs in float32",
+                      NulltextWarning, stacklevel=3)
+        pipe.vae.to(torch.float32)
+        out = fn(x.to(pipe.device, torch.float32))
+    if not bool(torch.isfinite(out).all()):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError(f"the VAE produced a NaN or infinity while {what}")
+    return out
+
+
+@torch.no_grad()
 def encode(pipe, img: Image.Image) -> Tensor:
     """z0 = s * mean(E(x)): the VAE posterior mean (not a sample) times the VAE's scaling factor."""
-    x = pil_to_tensor(img).to(pipe.device, pipe.vae.dtype)
-    mean = pipe.vae.encode(x).latent_dist.mean
+    mean = _vae_run(pipe, lambda x: pipe.vae.encode(x).latent_dist.mean, pil_to_tensor(img), "encoding the image")
     return mean.float() * pipe.vae.config.scaling_factor  # (1, 4, H/8, W/8)
 
 
 @torch.no_grad()
-@torch.no_grad()
 def decode(pipe, z: Tensor) -> list[Image.Image]:
-    x = pipe.vae.decode((z / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)).sample
+    x = _vae_run(pipe, lambda z: pipe.vae.decode(z).sample, z / pipe.vae.config.scaling_factor, "decoding")
     return tensor_to_pil(x)
 
 

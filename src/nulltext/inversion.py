@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from . import ddim
 from .config import InversionConfig, SchedulerConfig
 from .ddim import EpsFn, Schedule
-from .errors import NulltextWarning
+from .errors import NonFiniteError, NulltextWarning
 from .storage import FORMAT_VERSION, Inversion  # noqa: F401  (Inversion: part of this module's API)
 
 
@@ -36,10 +37,149 @@ class NullTextResult:
     losses_last: list[float]  # loss of the last iteration (computed before its Adam step)
     losses_after: list[float]  # loss of the guided step actually taken with the stored N_t
     lrs: list[float]  # learning rate used at each timestep
+    # fp16 loss scaling: the power of two the loss was multiplied by at each timestep's last
+    # iteration (empty when the loss was not scaled)
+    loss_scales: list[float] = dataclasses.field(default_factory=list)
 
 
 # callback(i, j, loss, lr) after each Adam iteration j of timestep i
 IterCallback = Callable[[int, int, float, float], None]
+# callback(i, j, b, loss, lr): the same for image b of a batch
+BatchCallback = Callable[[int, int, int, float, float], None]
+
+# fp16 loss scaling backs off by this factor when the scaled gradient overflows, at most this often
+_BACKOFF, _MAX_BACKOFFS = 2.0 ** 8, 4
+
+
+def _loss_scales(diff: Tensor) -> Tensor:
+    """Per row, the power of two that brings the largest element of d(MSE)/dz (2 |diff| / n) to
+    [0.5, 1): the gradient then enters the half-precision backward far above fp16's underflow
+    (6e-8) and far below its overflow (65504), and dividing by it afterwards is exact."""
+    n = diff[0].numel()
+    g = diff.detach().abs().flatten(1).amax(1).float() * (2.0 / n)
+    scale = torch.exp2(-torch.floor(torch.log2(g)) - 1)
+    return torch.where(torch.isfinite(scale) & (g > 0), scale, torch.ones_like(scale))
+
+
+def optimize_null_text_batch(
+    eps_fn: EpsFn,
+    pivots: list[Tensor],
+    cond: Tensor,
+    null0: Tensor,
+    schedule: Schedule,
+    config: InversionConfig,
+    callback: BatchCallback | None = None,
+    progress: bool = False,
+    loss_scaling: bool = False,
+) -> list[NullTextResult]:
+    """Null-text optimisation of B images at once (docs/algorithm.md section 2): each image has its
+    own embeddings, its own Adam state and its own early stop, so each gets the result of
+    optimising it alone (to float rounding); the UNet runs once per iteration on the images still
+    optimising.
+
+    pivots: [z*_0, ..., z*_T], each (B, 4, h, w). cond: (B, L, d). null0: (1, L, d) or (B, L, d).
+    UNet calls per timestep: one conditional forward of B rows (no gradient, reused for the guided
+    step), one forward with gradient per Adam iteration (rows: the images not yet stopped), one
+    unconditional forward of B rows for the guided step.
+
+    ``loss_scaling`` (for fp16 models): each image's loss is multiplied by a power of two before
+    the backward pass and its gradient divided by it after (exact in float32; Adam sees the same
+    gradient), so the gradient does not underflow in the half-precision backward; on an overflow
+    the scale backs off and the iteration is computed again."""
+    T = schedule.num_steps
+    assert len(pivots) == T + 1, "pivots must hold z*_0 ... z*_T"
+    B = cond.shape[0]
+    w = config.guidance_scale
+    z_bar = pivots[-1]  # zbar_T = z*_T
+    nulls = [null0[b if null0.shape[0] == B else 0][None].detach() for b in range(B)]
+    results = [NullTextResult(null_embeddings=torch.empty(0), iterations=[], losses_first=[], losses_last=[],
+                              losses_after=[], lrs=[]) for _ in range(B)]
+    stored: list[list[Tensor]] = [[] for _ in range(B)]
+    bar = tqdm(total=B * T * config.num_inner_steps, desc="null-text optimisation", unit="it",
+               disable=not progress, leave=False)
+    for i, t in enumerate(schedule.timesteps):
+        target = pivots[T - i - 1]  # z*_{T-i-1}
+        # 1. start from the previous timestep's optimised embedding (the first from N0)
+        params = [n.detach().clone().requires_grad_(True) for n in nulls]
+        # 2. Adam on N only; lr decays linearly with the timestep index (the release's
+        #    lr*(1 - i/100); past 100 steps the denominator is T, so lr stays positive)
+        lr = config.lr * (1.0 - i / max(config.lr_decay_steps, T))
+        optimizers = [torch.optim.Adam([p], lr=lr) for p in params]
+        # 3. the conditional prediction once, without gradient (reused for the final step below)
+        with torch.no_grad():
+            eps_cond = eps_fn(z_bar, t, cond)
+        threshold = config.early_stop_epsilon + i * config.early_stop_slope
+        active = list(range(B))
+        iterations, first, last = [0] * B, [float("nan")] * B, [float("nan")] * B
+        scales = [1.0] * B
+        # 4. up to num_inner_steps Adam iterations, each image until its own early stop
+        for j in range(config.num_inner_steps):
+            if not active:
+                break
+            rows = None if len(active) == B else torch.tensor(active, device=z_bar.device)
+            z_a, ec_a, tgt_a = ((z_bar, eps_cond, target) if rows is None else
+                                (z_bar[rows], eps_cond[rows], target[rows]))
+            scale = None
+            for _ in range(_MAX_BACKOFFS + 1):
+                eps_uncond = eps_fn(z_a, t, torch.cat([params[b] for b in active]))
+                z_prev = ddim.step(schedule, z_a, eps_uncond + w * (ec_a - eps_uncond), t)
+                diff = z_prev - tgt_a
+                losses = diff.pow(2).flatten(1).mean(1)  # (A,): each image's MSE
+                for p in params:
+                    p.grad = None
+                if loss_scaling:
+                    scale = _loss_scales(diff) if scale is None else scale / _BACKOFF
+                    (losses * scale).sum().backward()
+                    grads_ok = all(bool(torch.isfinite(params[b].grad).all()) for b in active)
+                    if grads_ok or not bool(torch.isfinite(losses).all()):
+                        break
+                else:
+                    losses.sum().backward()  # image b's gradient is its own loss's: the images are independent
+                    break
+            values = losses.tolist()
+            for k, b in enumerate(active):
+                if not math.isfinite(values[k]):
+                    raise NonFiniteError(f"the null-text optimisation's loss is not finite at timestep {t} (step {i + 1} "
+                                         f"of {T}); in fp16 this is an overflow in the model: use --dtype bf16 or fp32")
+                if scale is not None:
+                    s = float(scale[k])
+                    params[b].grad.div_(s)
+                    scales[b] = s
+                    ddim.check_finite(params[b].grad, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
+            for k, b in enumerate(active):
+                optimizers[b].step()
+                iterations[b] = j + 1
+                if j == 0:
+                    first[b] = values[k]
+                last[b] = values[k]
+                if callback is not None:
+                    callback(i, j, b, values[k], lr)
+            bar.update(len(active))
+            # early stop on the loss computed before this Adam step (the step is still applied)
+            active = [b for k, b in enumerate(active) if not values[k] < threshold]
+        bar.update(sum(config.num_inner_steps - n for n in iterations))
+        # 5. store N_t and take the guided step with it, reusing eps_cond (the release runs a
+        #    second, batched forward here; the conditional half of it equals eps_cond)
+        nulls = [p.detach() for p in params]
+        with torch.no_grad():
+            eps_uncond = eps_fn(z_bar, t, torch.cat(nulls))
+            z_bar = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
+            ddim.check_finite(z_bar, "the null-text optimisation", t, i, T)
+            after = (z_bar - target).pow(2).flatten(1).mean(1).tolist()
+        for b, result in enumerate(results):
+            stored[b].append(nulls[b][0].clone())
+            result.iterations.append(iterations[b])
+            result.losses_first.append(first[b])
+            result.losses_last.append(last[b])
+            result.losses_after.append(after[b])
+            result.lrs.append(lr)
+            if loss_scaling:
+                result.loss_scales.append(scales[b])
+        bar.set_postfix(t=t, loss=f"{max(after):.2e}")
+    bar.close()
+    for b, result in enumerate(results):
+        result.null_embeddings = torch.stack(stored[b])  # (T, L, d)
+    return results
 
 
 def optimize_null_text(
@@ -51,72 +191,17 @@ def optimize_null_text(
     config: InversionConfig,
     callback: IterCallback | None = None,
     progress: bool = False,
+    loss_scaling: bool = False,
 ) -> NullTextResult:
-    """Per-timestep null-text optimisation around the pivot trajectory (docs/algorithm.md section 2).
+    """Per-timestep null-text optimisation around the pivot trajectory of one image
+    (docs/algorithm.md section 2); :func:`optimize_null_text_batch` with B = 1.
 
     pivots: [z*_0, ..., z*_T] from :func:`ddim.invert`, each (1, 4, h, w).
     cond: C, (1, L, d); null0: N0 = text_encoder(""), (1, L, d).
     """
-    T = schedule.num_steps
-    assert len(pivots) == T + 1, "pivots must hold z*_0 ... z*_T"
-    w = config.guidance_scale
-    z_bar = pivots[-1]  # zbar_T = z*_T
-    null = null0.detach()
-    result = NullTextResult(null_embeddings=torch.empty(0), iterations=[], losses_first=[],
-                            losses_last=[], losses_after=[], lrs=[])
-    stored: list[Tensor] = []
-    bar = tqdm(total=T * config.num_inner_steps, desc="null-text optimisation", unit="it",
-               disable=not progress, leave=False)
-    for i, t in enumerate(schedule.timesteps):
-        target = pivots[T - i - 1]  # z*_{T-i-1}
-        # 1. start from the previous timestep's optimised embedding (the first from N0)
-        null = null.detach().clone().requires_grad_(True)
-        # 2. Adam on N only; lr decays linearly with the timestep index (the release's
-        #    lr*(1 - i/100); past 100 steps the denominator is T, so lr stays positive)
-        lr = config.lr * (1.0 - i / max(config.lr_decay_steps, T))
-        optimizer = torch.optim.Adam([null], lr=lr)
-        # 3. the conditional prediction once, without gradient (reused for the final step below)
-        with torch.no_grad():
-            eps_cond = eps_fn(z_bar, t, cond)
-        threshold = config.early_stop_epsilon + i * config.early_stop_slope
-        iterations, loss_first, loss_item = 0, float("nan"), float("nan")
-        # 4. up to num_inner_steps Adam iterations
-        for j in range(config.num_inner_steps):
-            eps_uncond = eps_fn(z_bar, t, null)
-            eps = eps_uncond + w * (eps_cond - eps_uncond)
-            z_prev = ddim.step(schedule, z_bar, eps, t)
-            loss = F.mse_loss(z_prev, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_item = loss.item()
-            iterations = j + 1
-            if j == 0:
-                loss_first = loss_item
-            if callback is not None:
-                callback(i, j, loss_item, lr)
-            bar.update()
-            # early stop on the loss computed before this Adam step (the step is still applied)
-            if loss_item < threshold:
-                break
-        bar.update(config.num_inner_steps - iterations)
-        # 5. store N_t and take the guided step with it, reusing eps_cond (the release runs a
-        #    second, batched forward here; the conditional half of it equals eps_cond)
-        null = null.detach()
-        stored.append(null[0].clone())
-        with torch.no_grad():
-            eps_uncond = eps_fn(z_bar, t, null)
-            z_bar = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
-            loss_after = F.mse_loss(z_bar, target).item()
-        result.iterations.append(iterations)
-        result.losses_first.append(loss_first)
-        result.losses_last.append(loss_item)
-        result.losses_after.append(loss_after)
-        result.lrs.append(lr)
-        bar.set_postfix(t=t, loss=f"{loss_after:.2e}")
-    bar.close()
-    result.null_embeddings = torch.stack(stored)  # (T, L, d)
-    return result
+    batch_callback = None if callback is None else (lambda i, j, b, loss, lr: callback(i, j, loss, lr))
+    return optimize_null_text_batch(eps_fn, pivots, cond, null0, schedule, config, batch_callback, progress,
+                                    loss_scaling)[0]
 
 
 def optimize_global_null_text(
@@ -177,15 +262,16 @@ def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tens
                                  schedule: Schedule, guidance_scale: float) -> Tensor:
     """Direct Inversion (Ju et al. 2024): for each step i, the guided step from the pivot z*_t
     lands at zbar_{t-1}; the correction z*_{t-1} - zbar_{t-1}, added back to the source branch
-    after its step, keeps it on the pivot trajectory. Returns (T, C, h, w)."""
+    after its step, keeps it on the pivot trajectory. Pivots (B, C, h, w); returns (T, B, C, h, w)."""
     T = schedule.num_steps
     out = []
     z = pivots[-1]
+    null0 = null0.expand(z.shape[0], -1, -1)
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
             z_bar = ddim.step(schedule, z, ddim.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
             corr = pivots[T - i - 1] - z_bar
-            out.append(corr[0])
+            out.append(corr)
             # continue from z_bar + corr (= z*_{t-1} up to rounding), as the replay will: the source
             # branch of an edit then reproduces these latents bit for bit (Ju et al.'s reference does
             # the same)
@@ -199,106 +285,182 @@ def invert_image(
     prompt: str,
     config: InversionConfig | None = None,
     progress: bool = True,
+    loss_scaling: bool | None = None,
 ) -> Inversion:
     """Invert ``image`` (a path or PIL image) described by ``prompt`` with null-text inversion.
 
     Returns an :class:`Inversion` whose reconstruction (:func:`reconstruct`) reproduces the
-    preprocessed image almost exactly.
+    preprocessed image almost exactly. ``loss_scaling``: see :func:`invert_many`.
     """
+    return invert_many(pipe, [image], [prompt], config, batch_size=1, progress=progress,
+                       loss_scaling=loss_scaling)[0]
+
+
+@dataclass
+class _Prepared:
+    """One image ready to invert: its source, preprocessed pixels, latent and prompt embedding."""
+
+    index: int
+    source: object
+    pixels: object
+    z0: Tensor
+    prompt: str
+    cond: Tensor
+    encode_s: float
+
+
+def invert_many(
+    pipe,
+    images,
+    prompts,
+    config: InversionConfig | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    loss_scaling: bool | None = None,
+) -> list[Inversion]:
+    """Invert several images (paths or PIL images), each described by its prompt (one string for
+    all, or one per image), ``batch_size`` at a time: one :class:`Inversion` per image, in order.
+
+    The images of a batch run through the UNet together, one call per DDIM step and per Adam
+    iteration, with their own null embeddings, Adam state and early stop: each image gets the
+    inversion :func:`invert_image` gives it alone (to float rounding). A batch holds images whose
+    preprocessed sizes match; images of other sizes go to other batches (their order in the
+    result is kept). ``loss_scaling`` (None: on for fp16 models) scales the optimisation's loss
+    by a power of two so its gradient survives fp16 (see :func:`optimize_null_text_batch`)."""
     from . import image as image_mod
+    from .config import OPTIMISED
+    from .errors import NulltextError
     from .text import encode_null, encode_prompt, warn_split_words
 
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if not images:
+        raise NulltextError("no images to invert")
+    if len(prompts) != len(images):
+        raise NulltextError(f"{len(images)} images need one prompt each (or one for all), got {len(prompts)} prompts")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise NulltextError(f"batch size must be a positive integer, got {batch_size!r}")
     config = config or InversionConfig()
     # the file records the schedule the pipeline really samples with (the checkpoint's own)
     config = dataclasses.replace(config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
-    from .config import OPTIMISED
-
     if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
-    warn_split_words(pipe, prompt)
+    for prompt in dict.fromkeys(prompts):
+        warn_split_words(pipe, prompt)
     if config.optimize_pooled and getattr(pipe, "text_encoder_2", None) is None:
         warnings.warn("optimize_pooled applies to SDXL only; this model has no pooled text embedding",
                       NulltextWarning, stacklevel=2)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    source = image_mod.as_source(image)
-    size = image_mod.output_size(config.size, source.image.size, config.crop, pipe.native_size, pipe.size_multiple)
-    pixels = image_mod.preprocess(source.image, size=size, crop=config.crop,
-                                  multiple=pipe.size_multiple)
-    z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
-    cond = encode_prompt(pipe, prompt)  # (1, L, d)
+    if loss_scaling is None:
+        loss_scaling = pipe.dtype == torch.float16
     null0 = encode_null(pipe)
+    groups: dict[tuple, list[_Prepared]] = {}
+    outer = tqdm(total=len(images), desc="images", unit="image", disable=not progress or len(images) == 1)
+    for index, (image, prompt) in enumerate(zip(images, prompts)):
+        t0 = time.perf_counter()
+        source = image_mod.as_source(image)
+        size = image_mod.output_size(config.size, source.image.size, config.crop, pipe.native_size,
+                                     pipe.size_multiple)
+        pixels = image_mod.preprocess(source.image, size=size, crop=config.crop, multiple=pipe.size_multiple)
+        z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
+        item = _Prepared(index, source, pixels, z0, prompt, encode_prompt(pipe, prompt), time.perf_counter() - t0)
+        groups.setdefault(tuple(z0.shape), []).append(item)
+    out: list[Inversion | None] = [None] * len(images)
+    with pipe.compiled():
+        for items in groups.values():
+            for start in range(0, len(items), batch_size):
+                batch = items[start:start + batch_size]
+                for item, inv in zip(batch, _invert_batch(pipe, batch, null0, config, progress, loss_scaling)):
+                    out[item.index] = inv
+                outer.update(len(batch))
+    outer.close()
+    return out
+
+
+def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: InversionConfig, progress: bool,
+                  loss_scaling: bool) -> list[Inversion]:
+    """Invert the images of one batch (same latent size) together."""
+    B = len(batch)
+    z0 = torch.cat([item.z0 for item in batch])
+    cond = torch.cat([item.cond for item in batch])  # (B, L, d)
     schedule = pipe.schedule(config.num_steps)
     eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
-    timings["encode_s"] = time.perf_counter() - t0
+    T = schedule.num_steps
 
     t0 = time.perf_counter()
-    pivots = []
-    for z in tqdm(ddim.invert_progressive(eps_fn, z0, cond, schedule), total=schedule.num_steps,
-                  desc="DDIM inversion", unit="step", disable=not progress, leave=False):
-        pivots.append(z)
-    pivots = [z0, *pivots]
-    timings["ddim_inversion_s"] = time.perf_counter() - t0
+    pivots = [z0, *tqdm(ddim.invert_progressive(eps_fn, z0, cond, schedule), total=T, desc="DDIM inversion",
+                        unit="step", disable=not progress, leave=False)]
+    ddim_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    latent_T, corrections, result = pivots[-1], None, None
+    latent_T, corrections, results = pivots[-1], None, None
     method = config.method
-    if method == "nti":
-        result = optimize_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
-        nulls = result.null_embeddings
-    elif method == "random-pivot":
-        # the ablation: the same optimisation towards the same pivots, from Gaussian noise
-        g = torch.Generator().manual_seed(config.seed)
-        latent_T = torch.randn(pivots[-1].shape, generator=g).to(pivots[-1])
-        result = optimize_null_text(eps_fn, [*pivots[:-1], latent_T], cond, null0, schedule, config,
-                                    progress=progress)
-        nulls = result.null_embeddings
-    elif method == "global-nti":
-        result = optimize_global_null_text(eps_fn, pivots, cond, null0, schedule, config, progress=progress)
-        nulls = result.null_embeddings  # (1, L, d)
+    if method in ("nti", "random-pivot"):
+        if method == "random-pivot":
+            # the ablation: the same optimisation towards the same pivots, from Gaussian noise (the
+            # same noise for every image: each gets what it gets alone)
+            g = torch.Generator().manual_seed(config.seed)
+            noise = torch.randn(pivots[-1][:1].shape, generator=g).to(pivots[-1])
+            latent_T = noise.expand_as(pivots[-1]).clone()
+            pivots = [*pivots[:-1], latent_T]
+        results = optimize_null_text_batch(eps_fn, pivots, cond, null0, schedule, config, progress=progress,
+                                           loss_scaling=loss_scaling)
+        nulls = [r.null_embeddings for r in results]
+    elif method == "global-nti":  # one embedding per image: the images are optimised one after another
+        results = [optimize_global_null_text(eps_fn, [p[b:b + 1] for p in pivots], cond[b:b + 1], null0, schedule,
+                                             config, progress=progress) for b in range(B)]
+        nulls = [r.null_embeddings for r in results]  # each (1, L, d)
     elif method == "npi":  # Negative-Prompt Inversion: N_t = C, no optimisation
-        nulls = cond
+        nulls = [item.cond for item in batch]
     elif method == "ddim":  # DDIM inversion alone: the plain empty-prompt embedding
-        nulls = null0
+        nulls = [null0] * B
     elif method == "direct":  # Direct Inversion: N0 plus per-step corrections of the source branch
-        nulls = null0
+        nulls = [null0] * B
         corrections = direct_inversion_corrections(eps_fn, pivots, cond, null0, schedule, config.guidance_scale)
     else:  # pragma: no cover - InversionConfig.validate refuses unknown methods
         raise ValueError(method)
-    timings["optimisation_s"] = time.perf_counter() - t0
+    optimisation_s = time.perf_counter() - t0
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "method": config.method,
-        "model": pipe.model_id,
-        "family": pipe.family,
-        "prediction_type": pipe.prediction_type,
-        "model_fingerprint": pipe.fingerprint,
-        "scheduler": dict(pipe.scheduler_config),
-        "num_steps": config.num_steps,
-        "guidance_scale": config.guidance_scale,
-        "prompt": prompt,
-        "image": {"sha256": source.sha256, "name": source.name, "original_size": list(source.image.size),
-                  "original_mode": source.original_mode},
-        "preprocessing": {"size": list(pixels.size), "crop": list(config.crop), "resample": "bicubic"},
-        "config": config.to_dict(),
-        "timings": timings,
-        "dtype": pipe.dtype_name,
-        "device": str(pipe.device),
-    }
-    if result is not None:
-        meta["optimisation"] = {
-            "iterations": result.iterations,
-            "losses_first": result.losses_first,
-            "losses_last": result.losses_last,
-            "losses_after": result.losses_after,
-            "lrs": result.lrs,
+    out = []
+    for b, item in enumerate(batch):
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": config.method,
+            "model": pipe.model_id,
+            "family": pipe.family,
+            "prediction_type": pipe.prediction_type,
+            "model_fingerprint": pipe.fingerprint,
+            "scheduler": dict(pipe.scheduler_config),
+            "num_steps": config.num_steps,
+            "guidance_scale": config.guidance_scale,
+            "prompt": item.prompt,
+            "image": {"sha256": item.source.sha256, "name": item.source.name,
+                      "original_size": list(item.source.image.size), "original_mode": item.source.original_mode},
+            "preprocessing": {"size": list(item.pixels.size), "crop": list(config.crop), "resample": "bicubic"},
+            "config": config.to_dict(),
+            # the DDIM inversion and optimisation times are the whole batch's
+            "timings": {"encode_s": item.encode_s, "ddim_inversion_s": ddim_s, "optimisation_s": optimisation_s},
+            "batch_size": B,
+            "dtype": pipe.dtype_name,
+            "device": str(pipe.device),
         }
-    return Inversion(latent_T=latent_T.detach().float().cpu(), null_embeddings=nulls.detach().float().cpu(),
-                     prompt=prompt, config=config, meta=meta,
-                     corrections=corrections.detach().float().cpu() if corrections is not None else None)
+        if results is not None:
+            r = results[b]
+            meta["optimisation"] = {
+                "iterations": r.iterations,
+                "losses_first": r.losses_first,
+                "losses_last": r.losses_last,
+                "losses_after": r.losses_after,
+                "lrs": r.lrs,
+            }
+            if r.loss_scales:
+                meta["optimisation"]["loss_scales"] = r.loss_scales
+        out.append(Inversion(latent_T=latent_T[b:b + 1].detach().float().cpu(),
+                             null_embeddings=nulls[b].detach().float().cpu(), prompt=item.prompt, config=config,
+                             meta=meta,
+                             corrections=None if corrections is None else corrections[:, b].detach().float().cpu()))
+    return out
 
 
 def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:

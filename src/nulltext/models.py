@@ -8,6 +8,7 @@ import json
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,37 @@ class Pipeline:
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
     force_zeros_for_empty_prompt: bool = False
+    # torch.compile'd UNet (enable_compile), used inside compiled(); None: eager
+    compiled_unet: torch.nn.Module | None = None
+    low_memory: bool = False
+    _forward: torch.nn.Module | None = field(default=None, repr=False)
+
+    def enable_low_memory(self) -> None:
+        """Trade time for memory, results unchanged (to rounding): gradient checkpointing in the
+        UNet (during the null-text optimisation the activations of each block are recomputed in
+        the backward pass instead of kept; forwards without gradient are unaffected) and the VAE
+        decoding one image of a batch at a time. Attention already runs through PyTorch's
+        scaled-dot-product kernels (memory-efficient or flash attention on CUDA)."""
+        self.unet.enable_gradient_checkpointing()
+        if hasattr(self.vae, "enable_slicing"):
+            self.vae.enable_slicing()
+        self.low_memory = True
+
+    def enable_compile(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Compile the UNet with ``torch.compile`` for the inversions run afterwards
+        (:func:`nulltext.invert_many` and :func:`nulltext.invert_image` use it; edits, whose
+        attention processors change per call, run the eager UNet). The first calls compile (tens
+        of seconds to minutes); results are the eager ones to rounding."""
+        self.compiled_unet = torch.compile(self.unet, backend=backend, mode=mode)
+
+    @contextmanager
+    def compiled(self):
+        """Inside: :meth:`eps` runs the compiled UNet, if :meth:`enable_compile` made one."""
+        previous, self._forward = self._forward, self.compiled_unet
+        try:
+            yield self
+        finally:
+            self._forward = previous
 
     @property
     def embedding_shape(self) -> tuple[int, int]:
@@ -123,7 +155,10 @@ class Pipeline:
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=z.device, dtype=self.dtype).expand(z.shape[0], -1)
             kwargs = {"encoder_hidden_states": emb[:, :L].to(self.dtype),
                       "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}}
-        out = self.unet(z.to(self.dtype), t, **kwargs).sample.float()
+        if self._forward is not None:  # compiled: the timestep as a tensor, so that it is not a constant of the graph
+            out = self._forward(z.to(self.dtype), torch.tensor(int(t), device=z.device), **kwargs).sample.float()
+        else:
+            out = self.unet(z.to(self.dtype), t, **kwargs).sample.float()
         if self.prediction_type == "epsilon":
             return out
         return to_eps(out, z.float(), self.scheduler.alphas_cumprod[int(t)].to(out.device), self.prediction_type)
@@ -273,13 +308,16 @@ def load_pipeline(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "fp32",
     scheduler: SchedulerConfig | None = None,
+    low_memory: bool = False,
+    compile: bool = False,
 ) -> Pipeline:
     """Load a Stable Diffusion 1.x, 2.x or XL checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
     a local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
     ships, see :mod:`nulltext.demo`) or ``tiny`` (a small *random-weight* SD-shaped model built
     offline, for smoke runs and tests). Weights are frozen. The scheduler is DDIM with the
     checkpoint's own noise schedule, spacing and prediction type (``scheduler`` overrides it) and
-    the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's."""
+    the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's.
+    ``low_memory``: :meth:`Pipeline.enable_low_memory`; ``compile``: :meth:`Pipeline.enable_compile`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -353,8 +391,13 @@ def load_pipeline(
     if family == SDXL and torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # SDXL's VAE overflows in fp16: it runs in float32 (image.encode/decode follow it)
     fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2)
-    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    pipe = Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
                     dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family,
                     tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
                     force_zeros_for_empty_prompt=bool((index or {}).get("force_zeros_for_empty_prompt", family == SDXL)))
+    if low_memory:
+        pipe.enable_low_memory()
+    if compile:
+        pipe.enable_compile()
+    return pipe
