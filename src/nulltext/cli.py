@@ -76,7 +76,12 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, eithe
                    help="hub id, local diffusers folder, 'demo' (shipped model trained on simple scenes) or 'tiny' (random weights)" + default_help)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="model weights' precision (default: fp32, as the release)")
+                   help="precision of the model's computations (default: fp32, as the release); the null "
+                        "embeddings, Adam, the loss and the DDIM arithmetic stay float32, and fp16's loss is "
+                        "scaled so its gradient does not underflow. GPUs only: on a CPU half precision is slower")
+    p.add_argument("--low-memory", action="store_true",
+                   help="less GPU memory for more time: gradient checkpointing in the UNet during the optimisation "
+                        "and one image at a time through the VAE (same results to rounding)")
 
 
 def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
@@ -213,9 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Invert IMAGE described by --prompt with null-text inversion and save "
                                    "z_T and the per-step null embeddings as a .safetensors file.",
                        epilog=EPILOG_MODEL)
-    p.add_argument("image", metavar="IMAGE", help="input photo (any format Pillow reads)")
-    p.add_argument("--prompt", required=True, help="a caption of the image, e.g. 'a cat sitting next to a mirror'")
-    p.add_argument("-o", "--output", required=True, metavar="INV.safetensors", help="inversion file to write")
+    p.add_argument("image", metavar="IMAGE", nargs="+",
+                   help="input photo (any format Pillow reads); several are inverted in batches (--batch-size)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="a caption of the image, e.g. 'a cat sitting next to a mirror'; with several images, "
+                        "one --prompt per image in order, or one for all")
+    p.add_argument("-o", "--output", required=True, metavar="INV.safetensors|OUTDIR",
+                   help="inversion file to write; with several images, a folder that gets one IMAGE-NAME.safetensors each")
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="images inverted together, one UNet call per step for all (default 4; same results as one by "
+                        "one, to float rounding; images of different sizes go to different batches)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile (slow first calls; faster on GPUs for long runs; same "
+                        "results to rounding)")
     _add_model_args(p, DEFAULT_MODEL)
     _add_inversion_args(p, d)
     p.add_argument("--method", default=d.method, metavar="METHOD",
@@ -315,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_pipe(args, model: str):
     from .models import load_pipeline
 
-    return load_pipeline(model, device=args.device, dtype=args.dtype)
+    return load_pipeline(model, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
+                         compile=getattr(args, "compile", False))
 
 
 def _inversion_config(args, method: str):
@@ -327,37 +343,67 @@ def _inversion_config(args, method: str):
                            optimize_pooled=args.optimize_pooled)
 
 
+def _invert_outputs(args) -> list[str]:
+    """The inversion file of each image: -o itself for one image; for several, -o is a folder
+    and each gets its image's name (with -2, -3, ... where names repeat)."""
+    if len(args.image) == 1:
+        return [args.output]
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NulltextError(f"-o {args.output} is a file; with {len(args.image)} images, -o names a folder "
+                            f"for their inversion files")
+    seen: dict[str, int] = {}
+    out = []
+    for image in args.image:
+        stem = os.path.splitext(os.path.basename(image))[0] or "image"
+        seen[stem] = seen.get(stem, 0) + 1
+        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+        out.append(os.path.join(args.output, f"{name}.safetensors"))
+    return out
+
+
 def cmd_invert(args) -> int:
-    from .config import InversionConfig
     from .files import check_writable
     from .image import load_image
-    from .inversion import invert_image
+    from .inversion import invert_many
 
     config = _inversion_config(args, args.method)
-    check_writable(args.output, args.force)
-    source = load_image(args.image)  # fail on a bad image before loading a model
+    prompts = args.prompt
+    if len(prompts) not in (1, len(args.image)):
+        raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
+    prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
+    outputs = _invert_outputs(args)
+    for output in outputs:
+        check_writable(output, args.force)
+    sources = [load_image(image) for image in args.image]  # fail on a bad image before loading a model
     pipe = _load_pipe(args, args.model)
-    inv = invert_image(pipe, source, args.prompt, config, progress=not args.quiet)
-    inv.save(args.output, force=args.force, reproducible=args.reproducible)
-    opt = inv.meta.get("optimisation")
-    w, h = inv.image_size
-    line = f"inverted {args.image} ({inv.method}) at {w}x{h} in {sum(inv.meta['timings'].values()):.1f}s"
-    if opt:
-        line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
-                 f"final loss {opt['losses_after'][-1]:.3g}")
-    else:
-        line += f": {inv.num_steps} steps, no optimisation"
-    if args.check:
-        from .image import preprocess, psnr
-        from .inversion import reconstruct
 
-        target = preprocess(source.image, inv.image_size, inv.config.crop, pipe.size_multiple)
-        with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
-            warnings.simplefilter("ignore", NulltextWarning)
-            image = reconstruct(pipe, inv, progress=not args.quiet)
-        line += f", reconstruction PSNR {psnr(image, target):.2f} dB"
-    print(line)
-    print(f"wrote {args.output}")
+    def done(index: int, inv) -> None:  # each file is written as soon as its batch is done
+        name, output = args.image[index], outputs[index]
+        inv.save(output, force=args.force, reproducible=args.reproducible)
+        opt = inv.meta.get("optimisation")
+        w, h = inv.image_size
+        seconds = sum(inv.meta["timings"].values())
+        line = f"inverted {name} ({inv.method}) at {w}x{h} in {seconds:.1f}s"
+        if inv.meta.get("batch_size", 1) > 1:
+            line = f"inverted {name} ({inv.method}) at {w}x{h} in a batch of {inv.meta['batch_size']} ({seconds:.1f}s)"
+        if opt:
+            line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
+                     f"final loss {opt['losses_after'][-1]:.3g}")
+        else:
+            line += f": {inv.num_steps} steps, no optimisation"
+        if args.check:
+            from .image import preprocess, psnr
+            from .inversion import reconstruct
+
+            target = preprocess(sources[index].image, inv.image_size, inv.config.crop, pipe.size_multiple)
+            with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
+                warnings.simplefilter("ignore", NulltextWarning)
+                image = reconstruct(pipe, inv, progress=not args.quiet)
+            line += f", reconstruction PSNR {psnr(image, target):.2f} dB"
+        print(line)
+        print(f"wrote {output}", flush=True)
+
+    invert_many(pipe, sources, prompts, config, batch_size=args.batch_size, progress=not args.quiet, on_result=done)
     return 0
 
 

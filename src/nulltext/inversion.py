@@ -317,6 +317,7 @@ def invert_many(
     batch_size: int = 4,
     progress: bool = True,
     loss_scaling: bool | None = None,
+    on_result: Callable[[int, Inversion], None] | None = None,
 ) -> list[Inversion]:
     """Invert several images (paths or PIL images), each described by its prompt (one string for
     all, or one per image), ``batch_size`` at a time: one :class:`Inversion` per image, in order.
@@ -326,7 +327,8 @@ def invert_many(
     inversion :func:`invert_image` gives it alone (to float rounding). A batch holds images whose
     preprocessed sizes match; images of other sizes go to other batches (their order in the
     result is kept). ``loss_scaling`` (None: on for fp16 models) scales the optimisation's loss
-    by a power of two so its gradient survives fp16 (see :func:`optimize_null_text_batch`)."""
+    by a power of two so its gradient survives fp16 (see :func:`optimize_null_text_batch`).
+    ``on_result(i, inversion)`` is called for image i as soon as its batch is done (e.g. to save it)."""
     from . import image as image_mod
     from .config import OPTIMISED
     from .errors import NulltextError
@@ -373,6 +375,8 @@ def invert_many(
                 batch = items[start:start + batch_size]
                 for item, inv in zip(batch, _invert_batch(pipe, batch, null0, config, progress, loss_scaling)):
                     out[item.index] = inv
+                    if on_result is not None:
+                        on_result(item.index, inv)
                 outer.update(len(batch))
     outer.close()
     return out
