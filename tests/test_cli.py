@@ -493,3 +493,46 @@ def test_words_the_tokenizer_splits_are_named_in_one_warning(tmp_path):
     r = invert(tmp_path / "photo.png", tmp_path / "y.safetensors")  # every word known: no warning
     assert_ok(r)
     assert warning_lines(r) == []
+
+
+def test_several_images_in_batches_one_file_each(tmp_path):
+    """Three images (two named alike), one prompt each, batches of 2: one inversion file per image
+    in the -o folder, each with its own prompt and image, the same as inverting it alone."""
+    from nulltext import Inversion
+
+    (tmp_path / "a").mkdir()
+    paths = [tmp_path / "cat.png", tmp_path / "dog.png", tmp_path / "a" / "cat.png"]
+    for seed, path in enumerate(paths):
+        make_photo(seed=seed).save(path)
+    prompts = ["a cat sitting next to a mirror", "a dog", "a cat"]
+    out = tmp_path / "invs"
+    args = [x for p in prompts for x in ("--prompt", p)]
+    r = run_cli("invert", *paths, *args, "-o", out, "--batch-size", "2", "--low-memory", *FAST)
+    assert_ok(r)
+    files = [out / "cat.safetensors", out / "dog.safetensors", out / "cat-2.safetensors"]
+    assert sorted(out.iterdir()) == sorted(files)
+    assert r.stdout.count("in a batch of 2") == 2 and r.stdout.count("wrote ") == 3
+    invs = [Inversion.load(f) for f in files]
+    assert [inv.prompt for inv in invs] == prompts
+    alone = tmp_path / "alone.safetensors"
+    assert_ok(invert(paths[1], alone, prompt="a dog"))
+    import torch
+
+    torch.testing.assert_close(invs[1].null_embeddings, Inversion.load(alone).null_embeddings, rtol=0, atol=1e-3)
+    assert invs[1].meta["image"]["sha256"] == Inversion.load(alone).meta["image"]["sha256"]
+    # rerun: the files exist, nothing is overwritten without --force
+    assert_refused(run_cli("invert", *paths, *args, "-o", out, *FAST), match="already exists")
+
+
+def test_several_images_refusals(tmp_path):
+    paths = [tmp_path / "x.png", tmp_path / "y.png"]
+    for path in paths:
+        make_photo().save(path)
+    assert_refused(run_cli("invert", *paths, "--prompt", "a", "--prompt", "b", "--prompt", "c", "-o", tmp_path / "o",
+                           *FAST), match="2 images need one --prompt each (or one for all), got 3")
+    (tmp_path / "file").write_text("x")
+    assert_refused(run_cli("invert", *paths, "--prompt", "a", "-o", tmp_path / "file", *FAST),
+                   match="is a file; with 2 images, -o names a folder")
+    assert_refused(run_cli("invert", *paths, "--prompt", "a", "-o", tmp_path / "o", "--batch-size", "0", *FAST),
+                   prefix="nulltext invert: error:")
+    assert not (tmp_path / "o").exists()
