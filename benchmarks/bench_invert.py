@@ -1,34 +1,36 @@
-"""Cost of one null-text inversion, phase by phase: wall time, UNet forward and backward passes,
-peak memory. The models have RANDOM weights (seeded, built offline, nothing is downloaded): this
-measures cost, not quality.
+"""Cost of null-text inversion per configuration: model shape, dtype, batch size, compiled UNet,
+low-memory mode, and the release's loop for comparison. The models have RANDOM weights (seeded,
+built offline, nothing is downloaded): this measures cost, not quality.
 
-Model sizes (--model-size, several allowed):
+Each configuration inverts B synthetic images with nulltext.invert_many (early stop off, so every
+timestep runs exactly --inner-steps Adam iterations and runs compare) and prints per phase (encode,
+DDIM inversion, null-text optimisation) the wall time, the UNet calls (forwards, rows through the
+UNet, forwards with gradient = backwards), images per minute and peak memory (RSS on a CPU,
+torch.cuda.max_memory_allocated on a GPU). An untimed warm-up (a short inversion of the same
+shapes; for --compile, the compilation) runs first. The script exits with status 1 if the UNet
+calls differ from the documented structure or a model weight has requires_grad or a .grad.
+
+Model shapes (random weights):
   tiny   nulltext's own tiny model (load_pipeline("tiny"))
-  small  UNet (64, 128, 256) x 2 layers, cross-attention 256; 4-layer CLIP text encoder of width 256;
-         SD-shaped VAE with (32, 64, 128, 128) channels
-  sd15   the real Stable Diffusion 1.5 layer sizes: UNet (320, 640, 1280, 1280), SD VAE, CLIP ViT-L/14
-         text encoder (12 layers, width 768)
-small and sd15 are built with the real component classes, written with save_pretrained and loaded
-back with nulltext.load_pipeline(folder), the path a real checkpoint takes (--direct skips the
-save/load and wraps the components in nulltext.models.Pipeline instead).
+  small  UNet (64, 128, 256) x 2 layers, cross-attention 256; 4-layer CLIP text encoder of width 256
+  sd15   Stable Diffusion 1.5's layer sizes: UNet (320, 640, 1280, 1280), SD VAE, CLIP ViT-L/14 text encoder
+  sdxl   SDXL base's layer sizes: UNet (320, 640, 1280) with 1/2/10 transformer layers, CLIP ViT-L and
+         OpenCLIP ViT-bigG text encoders, the SD VAE; the time ids and pooled embedding as SDXL's
+small/sd15/sdxl are built with the real diffusers/transformers classes; by default written with
+save_pretrained and loaded with nulltext.load_pipeline(folder), the path a real checkpoint takes;
+--direct builds them in memory on the device (faster for the large shapes, no fingerprint).
 
-The phases mirror nulltext.invert_image and nulltext.reconstruct (the same library functions in the
-same order, with the call counter pipe.calls reset in between):
-  encode          preprocess, VAE encode, text encoder for the prompt and for ""
-  DDIM inversion  the pivot trajectory: T conditional UNet forwards
-  optimisation    optimize_null_text: per timestep 1 conditional forward (no grad), one forward +
-                  backward per Adam iteration, 1 unconditional forward for the guided step
-  reconstruction  reconstruct_latent: T guided steps, each one batched forward of 2 rows
-  decode          VAE decode of the reconstructed latent
-An untimed warm-up (one forward, one batched forward, one forward + backward) runs first. The script
-exits with status 1 if the counted UNet passes differ from that structure or if any model weight has
-requires_grad or a .grad after the run.
+A configuration is MODEL/DTYPE/bB[/low-memory][/compile][/release], e.g. sd15/bf16/b4; without
+--config the product of --model-size, --dtype and --batch-size is run. "release" runs the
+authors' loop instead of nulltext's, image by image: UNet weights left trainable (their gradients
+computed at every backward, as the release does), and the guided step re-running the UNet on
+[uncond, cond] at the end of each timestep.
 
 Examples:
     python benchmarks/bench_invert.py --model-size tiny --size 64
-    python benchmarks/bench_invert.py --model-size tiny small --size 128 --json out/bench.json
-    python benchmarks/bench_invert.py --model-size sd15 --size 512 --steps 2 --inner-steps 2
-    python benchmarks/bench_invert.py --model-size sd15 --device cuda --dtype fp16   # full T=50 x 10
+    python benchmarks/bench_invert.py --config small/fp32/b1/release small/fp32/b1 small/fp32/b4 --size 64 --steps 20
+    python benchmarks/bench_invert.py --config sd15/bf16/b1 sd15/bf16/b4 sd15/fp16/b1/low-memory --device cuda --direct
+    benchmarks/gpu_check.sh          # the GPU rows of benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -42,25 +44,28 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import nulltext  # noqa: E402
 from nulltext import ddim  # noqa: E402
 from nulltext.config import InversionConfig  # noqa: E402
-from nulltext.errors import NulltextError  # noqa: E402
-from nulltext.image import decode, encode, preprocess  # noqa: E402
-from nulltext.inversion import Inversion, optimize_null_text, reconstruct_latent  # noqa: E402
-from nulltext.text import encode_prompt  # noqa: E402
+from nulltext.errors import NulltextError, NulltextWarning  # noqa: E402
+from nulltext.image import encode, preprocess  # noqa: E402
+from nulltext.inversion import invert_many  # noqa: E402
+from nulltext.text import encode_null, encode_prompt  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a wooden table"
-BUILD_VERSION = 1  # bump when SIZES or build_components change (new cache folder)
+BUILD_VERSION = 2  # bump when SIZES or build_components change (new cache folder)
 
-# Layer sizes of the random models. sd15: the configs of Stable Diffusion 1.5
-# (unet/, vae/ and text_encoder/config.json of runwayml/stable-diffusion-v1-5).
+# Layer sizes of the random models: sd15 and sdxl are the configs of Stable Diffusion 1.5 and SDXL base 1.0
 SIZES = {
     "small": dict(
         unet=dict(sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
@@ -78,17 +83,29 @@ SIZES = {
         vae=dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   projection_dim=768, hidden_act="quick_gelu")),
+    "sdxl": dict(
+        unet=dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                  use_linear_projection=True, norm_num_groups=32, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+        vae=dict(sample_size=1024, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  projection_dim=768, hidden_act="quick_gelu"),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu")),
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # models
 
-def build_components(size: str, seed: int, tokenizer_folder: str):
-    """Random-weight (tokenizer, text_encoder, vae, unet) of the given layer sizes, seeded.
+def build_components(size: str, seed: int, tokenizer_folder: str) -> dict:
+    """Random-weight components of the given layer sizes, seeded, on the current default device.
     ``tokenizer_folder`` receives nulltext's CLIP tokenizer (model_max_length 77)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from nulltext.tiny import SPECIAL_BOS, SPECIAL_EOS, write_tokenizer
 
@@ -96,14 +113,23 @@ def build_components(size: str, seed: int, tokenizer_folder: str):
     write_tokenizer(tokenizer_folder)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
     vocab = tokenizer.get_vocab()
+
+    def text_config(kw):
+        return CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=vocab[SPECIAL_BOS], eos_token_id=vocab[SPECIAL_EOS],
+                              pad_token_id=vocab[SPECIAL_EOS], **kw)
+
+    out = {"tokenizer": tokenizer}
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), max_position_embeddings=tokenizer.model_max_length, bos_token_id=vocab[SPECIAL_BOS],
-        eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS], **spec["text"]))
+    out["text_encoder"] = CLIPTextModel(text_config(spec["text"]))
+    if "text_2" in spec:
+        out["tokenizer_2"] = tokenizer
+        out["text_encoder_2"] = CLIPTextModelWithProjection(text_config(spec["text_2"]))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        **spec["vae"])
+    out["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                               scaling_factor=0.13025 if size == "sdxl" else 0.18215,
+                               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                               **spec["vae"])
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     # as nulltext.tiny does: keep the random UNet's noise predictions in a trained model's range
@@ -111,11 +137,14 @@ def build_components(size: str, seed: int, tokenizer_folder: str):
     with torch.no_grad():
         unet.conv_out.weight.mul_(0.3)
         unet.conv_out.bias.mul_(0.3)
-    return tokenizer, text_encoder, vae, unet
+    out["unet"] = unet
+    return out
 
 
 def build_model_folder(size: str, folder: str, seed: int) -> str:
-    """Write a diffusers-format folder (tokenizer/, text_encoder/, vae/, unet/, scheduler/)."""
+    """Write a diffusers-format folder through diffusers' own pipeline class."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     from nulltext.ddim import make_scheduler
     from nulltext.hub import quiet_loading
 
@@ -123,152 +152,147 @@ def build_model_folder(size: str, folder: str, seed: int) -> str:
     tmp = folder + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _, text_encoder, vae, unet = build_components(size, seed, os.path.join(tmp, "tokenizer"))
-    text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
-    vae.save_pretrained(os.path.join(tmp, "vae"))
-    unet.save_pretrained(os.path.join(tmp, "unet"))
-    make_scheduler().save_pretrained(os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline",
-                   "note": f"nulltext benchmark model '{size}' (seed {seed}): RANDOM weights",
-                   "tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"],
-                   "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-                   "scheduler": ["diffusers", "DDIMScheduler"]}, f, indent=2)
+    parts = build_components(size, seed, os.path.join(tmp, "_tokenizer"))
+    shutil.rmtree(os.path.join(tmp, "_tokenizer"))
+    if size == "sdxl":
+        pipe = StableDiffusionXLPipeline(scheduler=make_scheduler(), force_zeros_for_empty_prompt=True, **parts)
+    else:
+        pipe = StableDiffusionPipeline(scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    pipe.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
     return folder
 
 
-def direct_pipeline(size: str, seed: int, device: str, dtype: str):
-    """The components wrapped in nulltext.models.Pipeline without save/load (--direct)."""
-    from nulltext.models import Pipeline, make_scheduler, model_fingerprint, resolve_device, resolve_dtype
+def direct_pipeline(size: str, seed: int, device: str, dtype: str, low_memory: bool, compile: bool):
+    """The components built on the device and wrapped in nulltext.models.Pipeline (--direct)."""
+    from nulltext.models import SDXL, Pipeline, make_scheduler, resolve_device, resolve_dtype
 
     dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, text_encoder, vae, unet = build_components(size, seed, os.path.join(tmp, "tokenizer"))
-    for m in (text_encoder, vae, unet):  # as load_pipeline does
-        m.requires_grad_(False)
-        m.eval()
-        m.to(dev, torch_dtype)
-    return Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=make_scheduler(),
-                    model_id=f"bench-{size}", device=dev, dtype=torch_dtype,
-                    fingerprint=model_fingerprint(unet, vae, text_encoder, tokenizer))
+    with tempfile.TemporaryDirectory() as tmp, torch.device(dev):
+        parts = build_components(size, seed, os.path.join(tmp, "tokenizer"))
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):  # as load_pipeline does
+        if name in parts:
+            parts[name].requires_grad_(False).eval().to(dev, torch_dtype)
+    if size == "sdxl" and torch_dtype == torch.float16:
+        parts["vae"].to(torch.float32)
+    pipe = Pipeline(scheduler=make_scheduler(), model_id=f"bench-{size}", device=dev, dtype=torch_dtype,
+                    family=SDXL if size == "sdxl" else "stable-diffusion", force_zeros_for_empty_prompt=size == "sdxl",
+                    **parts)
+    if low_memory:
+        pipe.enable_low_memory()
+    if compile:
+        pipe.enable_compile()
+    return pipe
 
 
-def get_pipeline(size: str, args) -> tuple[object, dict]:
+def get_pipeline(size: str, dtype: str, low_memory: bool, compile: bool, args) -> tuple[object, dict]:
     """(pipeline, how it was made: load path and seconds)."""
-    info: dict = {}
+    t0 = time.perf_counter()
+    kw = dict(device=args.device, dtype=dtype, low_memory=low_memory, compile=compile)
     if size == "tiny":
-        t0 = time.perf_counter()
-        pipe = nulltext.load_pipeline("tiny", device=args.device, dtype=args.dtype)
-        info.update(load_path="nulltext.load_pipeline('tiny') (built into nulltext's cache on first use)",
-                    build_s=0.0, load_s=time.perf_counter() - t0)
-        return pipe, info
+        pipe = nulltext.load_pipeline("tiny", **kw)
+        return pipe, dict(load_path="nulltext.load_pipeline('tiny')", build_s=0.0, load_s=time.perf_counter() - t0)
     if args.direct:
-        t0 = time.perf_counter()
-        pipe = direct_pipeline(size, args.seed, args.device, args.dtype)
-        info.update(load_path="built in memory and wrapped in nulltext.models.Pipeline (--direct: no save/load)",
-                    build_s=time.perf_counter() - t0, load_s=0.0)
-        return pipe, info
-    tmp = None
-    if args.cache_dir:
-        folder = os.path.join(os.path.abspath(args.cache_dir), f"{size}-seed{args.seed}-v{BUILD_VERSION}")
-    else:
-        tmp = tempfile.mkdtemp(prefix=f"nulltext-bench-{size}-")
-        folder = os.path.join(tmp, "model")
+        pipe = direct_pipeline(size, args.seed, args.device, dtype, low_memory, compile)
+        return pipe, dict(load_path="built on the device, wrapped in nulltext.models.Pipeline (--direct)",
+                          build_s=time.perf_counter() - t0, load_s=0.0)
+    root = os.path.abspath(args.cache_dir) if args.cache_dir else os.path.join(tempfile.gettempdir(), "nulltext-bench")
+    folder = os.path.join(root, f"{size}-seed{args.seed}-v{BUILD_VERSION}")
+    reused = os.path.isfile(os.path.join(folder, "model_index.json"))
+    if not reused:
+        build_model_folder(size, folder, args.seed)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe = nulltext.load_pipeline(folder, **kw)
+    return pipe, dict(load_path=f"save_pretrained ({'reused' if reused else 'built'}) then nulltext.load_pipeline",
+                      build_s=build_s, load_s=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the release's loop (for comparison; the authors' structure, written from docs/algorithm.md)
+
+def release_invert(pipe, image, config: InversionConfig) -> dict:
+    """One image the release's way: DDIM inversion one conditional forward per step; per timestep
+    the conditional prediction without gradient, then per Adam iteration an unconditional forward
+    and a backward that also computes the (never used) UNet weight gradients, and at the end a
+    guided step that runs the UNet again on [uncond, cond]. Returns the phase times."""
+    times = {}
+    t0 = time.perf_counter()
+    pixels = preprocess(image, config.size, multiple=pipe.size_multiple)
+    z0 = encode(pipe, pixels)
+    cond, null = encode_prompt(pipe, PROMPT), encode_null(pipe)
+    schedule = pipe.schedule(config.num_steps)
+    times["encode_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pivots = ddim.invert(pipe.eps, z0, cond, schedule)
+    _sync(pipe)
+    times["ddim_inversion_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    T, w = schedule.num_steps, config.guidance_scale
+    pipe.unet.requires_grad_(True)  # the release never freezes the UNet
     try:
-        t0 = time.perf_counter()
-        reused = os.path.isfile(os.path.join(folder, "model_index.json"))
-        if not reused:
-            build_model_folder(size, folder, args.seed)
-        build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pipe = nulltext.load_pipeline(folder, device=args.device, dtype=args.dtype)
-        load_s = time.perf_counter() - t0
+        z_bar = pivots[-1]
+        for i, t in enumerate(schedule.timesteps):
+            null = null.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([null], lr=config.lr * (1.0 - i / 100.0))
+            with torch.no_grad():
+                eps_cond = pipe.eps(z_bar, t, cond)
+            for _ in range(config.num_inner_steps):
+                eps_uncond = pipe.eps(z_bar, t, null)
+                z_prev = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
+                loss = F.mse_loss(z_prev, pivots[T - i - 1])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if loss.item() < config.early_stop_epsilon + i * config.early_stop_slope:
+                    break
+            with torch.no_grad():
+                z_bar = ddim.guided_step(pipe.eps, schedule, z_bar, t, null.detach(), cond, w)
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    info.update(load_path=("save_pretrained into " + ("the cache folder (reused: built by an earlier run)" if reused
-                                                      else "a folder") + ", then nulltext.load_pipeline(folder)"),
-                folder=None if tmp else folder, build_s=build_s, load_s=load_s)
-    return pipe, info
+        pipe.unet.requires_grad_(False)
+        pipe.unet.zero_grad(set_to_none=True)
+    _sync(pipe)
+    times["optimisation_s"] = time.perf_counter() - t0
+    return times
 
 
 # ----------------------------------------------------------------------------------------------
 # measuring
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
+def _sync(pipe) -> None:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(pipe) -> str:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return "torch.cuda.max_memory_allocated"
+    try:  # Linux >= 4.0: reset the peak-RSS mark to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
+        return "peak RSS, reset per configuration"
     except OSError:
-        return False
+        return "peak RSS of the process so far"
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads); CPU time / wall time well below the thread count
-    means the cores were shared with something else."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+def _peak_mb(pipe) -> float:
+    if pipe.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes of the machine have used since boot (Linux /proc/stat; None
-    elsewhere)."""
+    """CPU seconds all processes of the machine have used since boot (Linux /proc/stat)."""
     try:
         with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+            v = [int(x) for x in f.readline().split()[1:8]]
     except (OSError, ValueError):
         return None
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """How many cores the rest of the machine keeps busy, sampled over ``seconds`` while this
-    process is idle."""
-    b0 = machine_busy_seconds()
-    time.sleep(seconds)
-    b1 = machine_busy_seconds()
-    return None if b0 is None or b1 is None else (b1 - b0) / seconds
-
-
-class Phase:
-    """Wall time, UNet calls (pipe.calls, reset on entry), peak memory and CPU use of one phase."""
-
-    def __init__(self, pipe, name: str, rows: list, per_phase_rss: bool):
-        self.pipe, self.name, self.rows, self.per_phase_rss = pipe, name, rows, per_phase_rss
-
-    def __enter__(self):
-        self.cuda = self.pipe.device.type == "cuda"
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        elif self.per_phase_rss:
-            _reset_peak_rss()
-        self.pipe.calls.reset()
-        self.cpu0, self.machine0 = _cpu_seconds(), machine_busy_seconds()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - self.t0
-        cpu_s = _cpu_seconds() - self.cpu0
-        machine1 = machine_busy_seconds()
-        # cores kept busy by other processes meanwhile (contention makes every figure slower)
-        others = None if machine1 is None or self.machine0 is None else max(
-            0.0, (machine1 - self.machine0 - cpu_s) / max(seconds, 1e-9))
-        c = self.pipe.calls
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:  # Linux reports KiB
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.rows.append(dict(phase=self.name, seconds=seconds, unet_forwards=c.forward, unet_rows=c.forward_rows,
-                              unet_backwards=c.with_grad, peak_mb=peak, cpu_s=cpu_s, other_cores=others))
-        return False
 
 
 def synthetic_photo(size: tuple[int, int], seed: int):
@@ -282,187 +306,117 @@ def synthetic_photo(size: tuple[int, int], seed: int):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def warm_up(pipe, z: torch.Tensor, emb: torch.Tensor) -> float:
-    """One no-grad forward, one batch-2 forward, one forward + backward: first-call costs (kernel
-    selection, allocator growth) stay out of the phases. Returns the seconds taken."""
-    t0 = time.perf_counter()
-    t = int(pipe.scheduler.config.num_train_timesteps) // 2
-    with torch.no_grad():
-        pipe.eps(z, t, emb)
-        pipe.eps(torch.cat([z, z]), t, torch.cat([emb, emb]))
-    e = emb.detach().clone().requires_grad_(True)
-    pipe.eps(z, t, e).square().mean().backward()
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
-    pipe.calls.reset()
-    return time.perf_counter() - t0
-
-
-def weight_report(pipe) -> dict:
-    """Parameters of the UNet, VAE and text encoder that require or hold a gradient."""
-    out = {}
-    for name, m in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-        params = list(m.named_parameters())
-        out[name] = dict(tensors=len(params), params=sum(p.numel() for _, p in params),
-                         requires_grad=[n for n, p in params if p.requires_grad],
-                         with_grad=[n for n, p in params if p.grad is not None])
+def weight_problems(pipe) -> list[str]:
+    out = []
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        m = getattr(pipe, name, None)
+        if m is None:
+            continue
+        bad = [n for n, p in m.named_parameters() if p.requires_grad or p.grad is not None]
+        if bad:
+            out.append(f"{name}: {len(bad)} parameter(s) require or hold a gradient, e.g. {bad[:2]}")
     return out
 
 
-def run(size: str, args) -> dict:
-    failures: list[str] = []
-    pipe, made = get_pipeline(size, args)
+def parse_config(text: str) -> dict:
+    parts = text.split("/")
+    if len(parts) < 3 or parts[0] not in ("tiny", *SIZES) or parts[1] not in ("fp32", "fp16", "bf16") \
+            or not parts[2].startswith("b") or not parts[2][1:].isdigit() or int(parts[2][1:]) < 1:
+        raise argparse.ArgumentTypeError(f"a configuration is MODEL/DTYPE/bB[/low-memory][/compile][/release], "
+                                         f"got {text!r}")
+    flags = set(parts[3:])
+    if flags - {"low-memory", "compile", "release"}:
+        raise argparse.ArgumentTypeError(f"unknown flags {sorted(flags - {'low-memory', 'compile', 'release'})}")
+    return dict(model=parts[0], dtype=parts[1], batch=int(parts[2][1:]), low_memory="low-memory" in flags,
+                compile="compile" in flags, release="release" in flags, name=text)
+
+
+def run(cfg: dict, pipes: dict, args) -> dict:
+    key = (cfg["model"], cfg["dtype"], cfg["low_memory"], cfg["compile"])
+    if key not in pipes:
+        pipes.clear()  # one model in memory at a time
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pipes[key] = get_pipeline(cfg["model"], cfg["dtype"], cfg["low_memory"], cfg["compile"], args)
+    pipe, made = pipes[key]
     side = (args.size, args.size) if args.size else pipe.native_size
-    cfg = InversionConfig(num_steps=args.steps, num_inner_steps=args.inner_steps, size=side,
-                          guidance_scale=args.guidance)
-    photo = synthetic_photo(side, args.seed)
-    per_phase_rss = pipe.device.type != "cuda" and _reset_peak_rss()
-    weights_before = weight_report(pipe)
+    B, T, K = cfg["batch"], args.steps, args.inner_steps
+    # early stop off: exactly K iterations per timestep, so runs compare
+    config = InversionConfig(num_steps=T, num_inner_steps=K, size=side, early_stop_epsilon=0.0, early_stop_slope=0.0)
+    images = [synthetic_photo(side, args.seed + b) for b in range(B)]
 
-    # warm-up at the phase shapes (latent of this size, text-embedding width of this model)
-    with torch.no_grad():
-        z_warm = torch.randn(1, 4, side[1] // pipe.vae_scale_factor, side[0] // pipe.vae_scale_factor,
-                             generator=torch.Generator().manual_seed(args.seed)).to(pipe.device)
-        emb_warm = encode_prompt(pipe, "")
-    warm_s = warm_up(pipe, z_warm, emb_warm) if args.warmup else 0.0
+    # warm-up: the same shapes for a step (and, compiled, the compilation)
+    t0 = time.perf_counter()
+    warm = InversionConfig(num_steps=2, num_inner_steps=1, size=side)
+    if cfg["release"]:
+        release_invert(pipe, images[0], warm)
+    else:
+        invert_many(pipe, images, [PROMPT] * B, warm, batch_size=B, progress=False)
+    _sync(pipe)
+    warm_s = time.perf_counter() - t0
 
-    rows: list[dict] = []
-    progress = not args.quiet
-    with Phase(pipe, "encode", rows, per_phase_rss):
-        pixels = preprocess(photo, side, multiple=pipe.size_multiple)
-        z0 = encode(pipe, pixels)
-        cond, null0 = encode_prompt(pipe, PROMPT), encode_prompt(pipe, "")
-        schedule = pipe.schedule(cfg.num_steps)
-    with Phase(pipe, "DDIM inversion", rows, per_phase_rss):
-        pivots = ddim.invert(pipe.eps, z0, cond, schedule)
-    with Phase(pipe, "null-text optimisation", rows, per_phase_rss):
-        result = optimize_null_text(pipe.eps, pivots, cond, null0, schedule, cfg, progress=progress)
-    inversion = Inversion(latent_T=pivots[-1].detach().float().cpu(),
-                          null_embeddings=result.null_embeddings.detach().float().cpu(),
-                          prompt=PROMPT, config=cfg)
-    with Phase(pipe, "reconstruction", rows, per_phase_rss):
-        z_rec = reconstruct_latent(pipe, inversion, progress=progress)
-    with Phase(pipe, "decode", rows, per_phase_rss):
-        decode(pipe, z_rec)
-    by = {r["phase"]: r for r in rows}
+    memory = _reset_peak(pipe)
+    pipe.calls.reset()
+    busy0, cpu0 = machine_busy_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    if cfg["release"]:
+        per_image = [release_invert(pipe, image, config) for image in images]
+        phases = {k: sum(p[k] for p in per_image) for k in per_image[0]}
+    else:
+        invs = invert_many(pipe, images, [PROMPT] * B, config, batch_size=B, progress=not args.quiet)
+        timings = invs[0].meta["timings"]
+        phases = {"encode_s": sum(inv.meta["timings"]["encode_s"] for inv in invs),
+                  "ddim_inversion_s": timings["ddim_inversion_s"], "optimisation_s": timings["optimisation_s"]}
+        bad = [i for i, inv in enumerate(invs) if not torch.isfinite(inv.null_embeddings).all()]
+        if bad:
+            raise NulltextError(f"non-finite null embeddings for images {bad}")
+    _sync(pipe)
+    total = time.perf_counter() - t0
+    peak = _peak_mb(pipe)
+    busy1, cpu1 = machine_busy_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu_s) / total)
 
-    # ---- call structure: expected vs counted
-    T, iters = cfg.num_steps, sum(result.iterations)
-    enc, piv, opt, rec = by["encode"], by["DDIM inversion"], by["null-text optimisation"], by["reconstruction"]
-    structure = [
-        # (what, expected, counted)
-        ("encode: UNet forwards", 0, enc["unet_forwards"]),
-        ("DDIM inversion: forwards (T pivots)", T, piv["unet_forwards"]),
-        ("DDIM inversion: forwards with grad", 0, piv["unet_backwards"]),
-        ("optimisation: forwards (T cond + iterations + T final uncond)", T + iters + T, opt["unet_forwards"]),
-        ("optimisation: forwards with grad = backwards (one per iteration)", iters, opt["unet_backwards"]),
-        ("optimisation: rows (batch 1 throughout)", T + iters + T, opt["unet_rows"]),
-        ("inversion total: T pivot + T cond + iterations + T final uncond", T + T + iters + T,
-         piv["unet_forwards"] + opt["unet_forwards"]),
-        ("reconstruction: forwards (T, batched uncond+cond)", T, rec["unet_forwards"]),
-        ("reconstruction: rows (2 per forward)", 2 * T, rec["unet_rows"]),
-        ("reconstruction: forwards with grad", 0, rec["unet_backwards"]),
-    ]
-    failures += [f"{what}: expected {e}, counted {c}" for what, e, c in structure if e != c]
-    contended = [r["phase"] for r in rows if (r["other_cores"] or 0) > 0.25 and r["seconds"] >= 2]
-
-    # ---- weights never get gradients
-    weights = weight_report(pipe)
-    for name in weights:
-        for key in ("requires_grad", "with_grad"):
-            bad = sorted(set(weights_before[name][key] + weights[name][key]))
-            if bad:
-                failures.append(f"{name}: {len(bad)} parameter(s) with {key}, e.g. {bad[:3]}")
-
-    # ---- per-call costs and the extrapolation to the release defaults (T = 50, 10 iterations)
-    fwd1 = piv["seconds"] / T  # one batch-1 forward (+ an inverse DDIM step, negligible)
-    per_iter = (opt["seconds"] - 2 * T * fwd1) / iters if iters else float("nan")  # fwd + bwd + Adam
-    fwd2 = rec["seconds"] / T  # one batch-2 forward (+ a DDIM step)
-    full_T, full_iters = 50, 50 * 10
-    extrap_inversion = enc["seconds"] + full_T * fwd1 + 2 * full_T * fwd1 + full_iters * per_iter
-    extrap_reconstruction = full_T * fwd2 + by["decode"]["seconds"]
-
-    return dict(
-        model=size, device=str(pipe.device), dtype=pipe.dtype_name, size=f"{side[0]}x{side[1]}",
-        latent=f"{side[0] // pipe.vae_scale_factor}x{side[1] // pipe.vae_scale_factor}", steps=T,
-        inner_steps=cfg.num_inner_steps, guidance=cfg.guidance_scale, iterations=iters,
-        iterations_per_step=result.iterations, threads=torch.get_num_threads(), **made,
-        params_m={k: v["params"] / 1e6 for k, v in weights.items()},
-        warmup_s=warm_s, phases=rows,
-        peak_memory=("torch.cuda.max_memory_allocated, reset per phase" if pipe.device.type == "cuda" else
-                     "peak RSS (getrusage ru_maxrss), " + ("reset per phase via /proc/self/clear_refs"
-                                                           if per_phase_rss else "process peak so far")),
-        structure=[dict(what=w, expected=e, counted=c) for w, e, c in structure],
-        weights={k: dict(tensors=v["tensors"], requires_grad=len(v["requires_grad"]), with_grad=len(v["with_grad"]))
-                 for k, v in weights.items()},
-        forward_s=fwd1, forward_backward_s=per_iter, forward_batch2_s=fwd2,
-        extrapolated_full=dict(inversion_s=extrap_inversion, reconstruction_s=extrap_reconstruction,
-                               note="extrapolation to T=50 x 10 iterations (no early stop) at this size, "
-                                    "from the per-call times above; not a measurement"),
-        reconstruction_latent_mse=float(((z_rec.float().cpu() - z0.float().cpu()) ** 2).mean()),
-        finite=bool(torch.isfinite(z_rec).all()), contended_phases=contended, failures=failures)
+    c = pipe.calls
+    if cfg["release"]:  # per image: T pivots; per timestep 1 cond, K with grad, 1 forward of 2 rows
+        expected = dict(forwards=B * (T + T * (K + 2)), rows=B * (T + T * (K + 1) + 2 * T), backwards=B * T * K)
+    else:  # per batch: T pivots; per timestep 1 cond, K with grad, 1 uncond, each of B rows
+        expected = dict(forwards=T + T * (K + 2), rows=B * (T + T * (K + 2)), backwards=T * K)
+    counted = dict(forwards=c.forward, rows=c.forward_rows, backwards=c.with_grad)
+    failures = [f"UNet {k}: expected {expected[k]}, counted {counted[k]}" for k in expected if expected[k] != counted[k]]
+    failures += weight_problems(pipe)
+    return dict(config=cfg["name"], model=cfg["model"], dtype=cfg["dtype"], batch=B, low_memory=cfg["low_memory"],
+                compile=cfg["compile"], release=cfg["release"], device=str(pipe.device),
+                size=f"{side[0]}x{side[1]}", steps=T, inner_steps=K, warmup_s=warm_s, **made,
+                phases=phases, total_s=total, seconds_per_image=total / B, images_per_minute=60 * B / total,
+                peak_mb=peak, memory=memory, unet=counted, cpu_s=cpu_s, other_cores=others,
+                params_m={n: sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6
+                          for n in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None},
+                failures=failures)
 
 
 # ----------------------------------------------------------------------------------------------
 # printing
 
-def print_run(r: dict) -> None:
-    p = r["params_m"]
-    print(f"\n=== {r['model']}: UNet {p['unet']:.1f} M, VAE {p['vae']:.1f} M, text encoder {p['text_encoder']:.1f} M "
-          f"params; image {r['size']} (latent {r['latent']}); {r['device']} {r['dtype']}, {r['threads']} threads")
-    print(f"model: {r['load_path']}; build {r['build_s']:.1f} s, load {r['load_s']:.1f} s; "
-          f"warm-up {r['warmup_s']:.1f} s")
-    print(f"settings: T={r['steps']}, inner-steps<={r['inner_steps']}, guidance {r['guidance']}; "
-          f"{r['iterations']} Adam iterations in all")
-    print(f"{'phase':<24}{'seconds':>10}{'UNet fwd':>10}{'rows':>7}{'with grad':>11}{'peak MB':>10}"
-          f"{'CPU/wall':>10}{'others':>8}")
-    for row in r["phases"]:
-        util = row["cpu_s"] / row["seconds"] if row["seconds"] > 0 else float("nan")
-        others = "" if row["other_cores"] is None else format(row["other_cores"], ".2f")
-        print(f"{row['phase']:<24}{row['seconds']:>10.2f}{row['unet_forwards']:>10}{row['unet_rows']:>7}"
-              f"{row['unet_backwards']:>11}{row['peak_mb']:>10.0f}{util:>10.2f}{others:>8}")
-    print(f"(with grad = forwards that build a graph, each followed by one backward; peak MB: {r['peak_memory']}; "
-          f"CPU/wall: this process's CPU seconds per wall second; others: cores other processes kept busy)")
-    print("UNet call structure (expected vs counted; the conditional prediction is computed once per timestep "
-          "and reused for the final guided step):")
-    for s in r["structure"]:
-        mark = "ok" if s["expected"] == s["counted"] else "MISMATCH"
-        print(f"  {s['what']:<68} expected {s['expected']:>5}  counted {s['counted']:>5}  {mark}")
-    w = r["weights"]
-    ok = all(v["requires_grad"] == 0 and v["with_grad"] == 0 for v in w.values())
-    print("UNet weights never get gradients: " + ("yes" if ok else "NO") + " (" + ", ".join(
-        f"{k} {v['tensors']} tensors: {v['requires_grad']} requires_grad, {v['with_grad']} with .grad"
-        for k, v in w.items()) + ")")
-    e = r["extrapolated_full"]
-    print(f"per UNet forward (batch 1) {r['forward_s'] * 1e3:.1f} ms; per Adam iteration (forward + backward + "
-          f"step) {r['forward_backward_s'] * 1e3:.1f} ms; per batched guided forward (2 rows) "
-          f"{r['forward_batch2_s'] * 1e3:.1f} ms")
-    print(f"EXTRAPOLATED (not measured) to T=50 x 10 iterations at {r['size']}: inversion {e['inversion_s']:.0f} s, "
-          f"reconstruction {e['reconstruction_s']:.0f} s")
-    if r["contended_phases"]:
-        print(f"WARNING: other processes used the CPU during {', '.join(r['contended_phases'])}: "
-              f"those times are inflated (see the 'others' column)")
-    print(f"reconstruction latent MSE vs z0 {r['reconstruction_latent_mse']:.3g} (random weights: a sanity "
-          f"figure, not quality); finite: {r['finite']}")
+HEAD = ("| configuration | device | image | T x K | encode s | DDIM inv. s | optimisation s | total s | s/image "
+        "| images/min | UNet fwd / rows / bwd | peak MB |")
 
 
-def print_table(results: list[dict]) -> None:
-    print("\nSummary")
-    head = (f"{'model':<7}{'size':>9}{'dev/dtype':>12}{'T x in':>8}{'phase':>24}{'s':>9}{'fwd':>6}{'bwd':>6}"
-            f"{'peak MB':>9}")
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        for i, row in enumerate(r["phases"]):
-            first = i == 0
-            print(f"{r['model'] if first else '':<7}{r['size'] if first else '':>9}"
-                  f"{(r['device'] + '/' + r['dtype']) if first else '':>12}"
-                  f"{(str(r['steps']) + 'x' + str(r['inner_steps'])) if first else '':>8}"
-                  f"{row['phase']:>24}{row['seconds']:>9.2f}{row['unet_forwards']:>6}{row['unet_backwards']:>6}"
-                  f"{row['peak_mb']:>9.0f}")
-        print(f"{'':<36}{'per fwd / fwd+bwd+Adam':>24}{r['forward_s']:>9.3f}{r['forward_backward_s']:>12.3f}")
-        print(f"{'':<36}{'EXTRAPOLATED T=50 x 10':>24}{r['extrapolated_full']['inversion_s']:>9.0f}"
-              f"  (inversion, s; not measured)")
+def row_markdown(r: dict) -> str:
+    p = r["phases"]
+    u = r["unet"]
+    return (f"| {r['config']} | {r['device']} | {r['size']} | {r['steps']} x {r['inner_steps']} | "
+            f"{p['encode_s']:.2f} | {p['ddim_inversion_s']:.2f} | {p['optimisation_s']:.2f} | {r['total_s']:.2f} | "
+            f"{r['seconds_per_image']:.2f} | {r['images_per_minute']:.2f} | {u['forwards']} / {u['rows']} / "
+            f"{u['backwards']} | {r['peak_mb']:.0f} |")
+
+
+def markdown(results: list[dict], env: dict, skipped: list[str]) -> str:
+    columns = HEAD.count("|") - 1
+    lines = [f"Environment: {', '.join(f'{k} {v}' for k, v in env.items())}", "", HEAD, "|" + "---|" * columns]
+    lines += [row_markdown(r) for r in results]
+    lines += [f"| {name} | not measured (skipped: out of time) |" + " |" * (columns - 2) for name in skipped]
+    return "\n".join(lines) + "\n"
 
 
 def environment() -> dict:
@@ -476,8 +430,8 @@ def environment() -> dict:
     except OSError:
         pass
     env = dict(python=platform.python_version(), torch=torch.__version__, diffusers=diffusers.__version__,
-               transformers=transformers.__version__, nulltext=nulltext.__version__, cpu=cpu,
-               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads())
+               transformers=transformers.__version__, cpu=cpu, cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads())
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
@@ -485,56 +439,94 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-size", nargs="+", default=["tiny"], choices=["tiny", "small", "sd15"],
-                   help="one or more model sizes (default: tiny)")
+    p.add_argument("--config", nargs="+", type=parse_config, metavar="MODEL/DTYPE/bB[/FLAGS]",
+                   help="configurations to run (default: --model-size x --dtype x --batch-size)")
+    p.add_argument("--model-size", nargs="+", default=["tiny"], choices=["tiny", *SIZES])
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[1])
     p.add_argument("--size", type=int, default=None,
-                   help="image side in pixels (default: the model's native size: tiny 128, small 256, sd15 512)")
+                   help="image side in pixels (default: the model's native size: tiny 128, small 256, sd15 512, "
+                        "sdxl 1024)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50, the release's)")
-    p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per timestep at most (default 10)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per timestep, all run (default 10)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic image")
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="keep the built small/sd15 model folders here and reuse them (default: a temporary folder)")
-    p.add_argument("--direct", action="store_true",
-                   help="small/sd15: wrap the built components in nulltext.models.Pipeline without save/load")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="skip the untimed warm-up forward/backward before the phases")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic images")
+    p.add_argument("--cache-dir", metavar="DIR", help="keep the built model folders here (default: the temp folder)")
+    p.add_argument("--direct", action="store_true", help="build small/sd15/sdxl on the device, no save/load")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="start no configuration after this many seconds (the rest are reported as not measured)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", NulltextWarning)  # the CPU half-precision warning: known here
+    configs = args.config or [parse_config(f"{m}/{d}/b{b}") for m in args.model_size for d in args.dtype
+                              for b in args.batch_size]
     env = environment()
-    busy = busy_cores()
-    env["other_busy_cores_at_start"] = None if busy is None else round(busy, 2)
     print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    if busy is not None and busy > 0.3:
-        print(f"WARNING: other processes keep {busy:.1f} core(s) busy: they will slow these figures down "
-              f"(torch threads contend badly); benchmark on an idle machine", file=sys.stderr)
-    results = []
-    try:
-        for size in args.model_size:
-            r = run(size, args)
-            results.append(r)
-            print_run(r)
-    except NulltextError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_table(results)
+    print(HEAD)
+    start, results, skipped, pipes = time.perf_counter(), [], [], {}
+    for cfg in configs:
+        if args.deadline is not None and time.perf_counter() - start > args.deadline:
+            skipped.append(cfg["name"])
+            continue
+        try:
+            r = run(cfg, pipes, args)
+        except NulltextError as e:
+            print(f"{cfg['name']}: error: {e}", file=sys.stderr)
+            return 2
+        except torch.cuda.OutOfMemoryError:
+            print(f"{cfg['name']}: out of GPU memory", file=sys.stderr)
+            skipped.append(cfg["name"] + " (out of memory)")
+            pipes.clear()
+            torch.cuda.empty_cache()
+            continue
+        results.append(r)
+        print(row_markdown(r), flush=True)
+        if r["other_cores"] is not None and r["other_cores"] > 0.25:
+            print(f"  WARNING: other processes kept {r['other_cores']:.2f} cores busy: this row is slowed",
+                  file=sys.stderr)
+    for name in skipped:
+        print(f"{name}: not measured (past --deadline)")
+    print(f"peak memory: {results[0]['memory'] if results else '-'}; UNet fwd / rows / bwd: forward calls, rows through "
+          f"the UNet, forwards with gradient (one backward each)")
+    for r in results:
+        if r["release"] or r["batch"] == 1:
+            continue
+        base = next((b for b in results if b["model"] == r["model"] and b["dtype"] == r["dtype"] and b["batch"] == 1
+                     and b["low_memory"] == r["low_memory"] and b["compile"] == r["compile"] and not b["release"]),
+                    None)
+        rel = next((b for b in results if b["model"] == r["model"] and b["release"] and b["dtype"] == r["dtype"]), None)
+        if base:
+            print(f"{r['config']}: {r['images_per_minute'] / base['images_per_minute']:.2f}x the images per minute "
+                  f"of {base['config']}")
+        if rel:
+            print(f"{r['config']}: {r['total_s'] / (rel['seconds_per_image'] * r['batch']):.2f}x the release's time for "
+                  f"{r['batch']} images ({rel['config']})")
+    for r in results:
+        rel = next((b for b in results if b["model"] == r["model"] and b["release"] and b["dtype"] == r["dtype"]), None)
+        if rel and r["batch"] == 1 and not r["release"]:
+            print(f"{r['config']}: {r['seconds_per_image'] / rel['seconds_per_image']:.2f}x the release's time per "
+                  f"image ({rel['config']})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), results=results),
-                      f, indent=2)
-        print(f"\nwrote {args.json}")
-    failures = [f"{r['model']}: {msg}" for r in results for msg in r["failures"]]
+            json.dump(dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), results=results,
+                           skipped=skipped), f, indent=2)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, env, skipped))
+        print(f"wrote {args.markdown}")
+    failures = [f"{r['config']}: {msg}" for r in results for msg in r["failures"]]
     if failures:
-        print("\nFAILED CHECKS:\n  " + "\n  ".join(failures), file=sys.stderr)
+        print("FAILED CHECKS:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print("\nall checks passed: UNet call structure as expected; no model weight requires or holds a gradient")
+    print("all checks passed: UNet calls as documented; no model weight requires or holds a gradient")
     return 0
 
 

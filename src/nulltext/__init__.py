@@ -21,6 +21,7 @@ _EXPORTS = {
     "Inversion": ("storage", "Inversion"),
     "invert": ("inversion", "invert_image"),
     "invert_image": ("inversion", "invert_image"),
+    "invert_many": ("inversion", "invert_many"),
     "reconstruct": ("inversion", "reconstruct"),
     "EditResult": ("editing", "EditResult"),
     "attention_maps": ("editing", "attention_maps"),
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .config import EditConfig, InversionConfig, SchedulerConfig
     from .editing import EditResult, attention_maps, edit
     from .errors import NulltextError, NulltextWarning
-    from .inversion import invert_image, reconstruct
+    from .inversion import invert_image, invert_many, reconstruct
     from .inversion import invert_image as invert
     from .models import load_pipeline
     from .storage import Inversion

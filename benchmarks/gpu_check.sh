@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/RESULTS.md in one command, under 8 minutes on one H100 or H200:
+# null-text inversion of random-weight models of Stable Diffusion 1.5's shape at 512x512 (T = 50 x 10
+# Adam iterations, early stop off: the paper's setting) in fp32, bf16 and fp16, batches of 1 and 4, and
+# --low-memory; SDXL's shape at 1024x1024 (T = 10 x 10, enough for its time per iteration and its
+# peak memory) in bf16 and fp16 with --low-memory. Writes $OUT_DIR/gpu_check.{json,md} (default out/).
+#
+#     benchmarks/gpu_check.sh                 # PYTHON=/path/to/python to choose the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT_DIR:-out}
+PY=${PYTHON:-python}
+mkdir -p "$OUT_DIR"
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA GPU visible to torch')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+start=$(date +%s)
+# sd15 shape: at most 5 minutes of configurations (a configuration past the deadline is reported as not measured)
+"$PY" benchmarks/bench_invert.py --device cuda --direct -q --deadline 240 --steps 50 --inner-steps 10 \
+    --config sd15/bf16/b1 sd15/bf16/b4 sd15/fp16/b1 sd15/fp16/b1/low-memory sd15/fp16/b4 sd15/fp32/b1 \
+             sd15/bf16/b1/low-memory sd15/bf16/b1/compile \
+    --json "$OUT_DIR/gpu_check_sd15.json" --markdown "$OUT_DIR/gpu_check_sd15.md"
+left=$(( 420 - ($(date +%s) - start) ))
+# sdxl shape with what is left of 7 minutes
+"$PY" benchmarks/bench_invert.py --device cuda --direct -q --deadline $(( left > 30 ? left - 30 : 0 )) \
+    --steps 10 --inner-steps 10 \
+    --config sdxl/bf16/b1 sdxl/fp16/b1/low-memory sdxl/bf16/b1/low-memory sdxl/bf16/b4 \
+    --json "$OUT_DIR/gpu_check_sdxl.json" --markdown "$OUT_DIR/gpu_check_sdxl.md"
+"$PY" - "$OUT_DIR" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+parts = [json.load(open(os.path.join(out, f"gpu_check_{k}.json"))) for k in ("sd15", "sdxl")]
+json.dump({"runs": parts}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
+with open(os.path.join(out, "gpu_check.md"), "w") as f:
+    for k in ("sd15", "sdxl"):
+        f.write(open(os.path.join(out, f"gpu_check_{k}.md")).read() + "\n")
+print(f"wrote {out}/gpu_check.json and {out}/gpu_check.md")
+PY
+echo "gpu_check.sh: $(( $(date +%s) - start )) s"
