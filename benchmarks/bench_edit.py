@@ -50,10 +50,7 @@ def synthetic_inversion(pipe, size: tuple[int, int], steps: int, seed: int) -> I
 
 
 def measure(pipe, fn):
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    bench_invert._reset_peak_rss()
+    bench_invert._reset_peak(pipe)
     pipe.calls.reset()
     t0 = time.perf_counter()
     out = fn()
@@ -79,8 +76,7 @@ def main() -> int:
     args = p.parse_args()
     if max(args.targets) > len(TARGETS):
         p.error(f"at most {len(TARGETS)} targets")
-    pipe, how = bench_invert.get_pipeline(args.model_size, args) if args.model_size != "tiny" else (
-        nulltext.load_pipeline("tiny", device=args.device, dtype=args.dtype), {})
+    pipe, how = bench_invert.get_pipeline(args.model_size, args.dtype, False, False, args)
     inv = synthetic_inversion(pipe, (args.size, args.size), args.steps, args.seed)
     T = args.steps
     reconstruct_latent(pipe, synthetic_inversion(pipe, (args.size, args.size), 1, args.seed), progress=False)  # warm-up

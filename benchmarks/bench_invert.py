@@ -398,7 +398,7 @@ def run(cfg: dict, pipes: dict, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # printing
 
-HEAD = ("| configuration | device | image | T x K | encode s | DDIM inv. s | optimisation s | total s | s/image "
+HEAD = ("| configuration | device | image | T x K | warm-up s | encode s | DDIM inv. s | optimisation s | total s | s/image "
         "| images/min | UNet fwd / rows / bwd | peak MB |")
 
 
@@ -406,7 +406,7 @@ def row_markdown(r: dict) -> str:
     p = r["phases"]
     u = r["unet"]
     return (f"| {r['config']} | {r['device']} | {r['size']} | {r['steps']} x {r['inner_steps']} | "
-            f"{p['encode_s']:.2f} | {p['ddim_inversion_s']:.2f} | {p['optimisation_s']:.2f} | {r['total_s']:.2f} | "
+            f"{r['warmup_s']:.1f} | {p['encode_s']:.2f} | {p['ddim_inversion_s']:.2f} | {p['optimisation_s']:.2f} | {r['total_s']:.2f} | "
             f"{r['seconds_per_image']:.2f} | {r['images_per_minute']:.2f} | {u['forwards']} / {u['rows']} / "
             f"{u['backwards']} | {r['peak_mb']:.0f} |")
 
@@ -491,8 +491,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     for name in skipped:
         print(f"{name}: not measured (past --deadline)")
-    print(f"peak memory: {results[0]['memory'] if results else '-'}; UNet fwd / rows / bwd: forward calls, rows through "
-          f"the UNet, forwards with gradient (one backward each)")
+    print(f"warm-up: an untimed 2-step inversion of the same shapes (with --compile: the compilation); peak memory: "
+          f"{results[0]['memory'] if results else '-'}; UNet fwd / rows / bwd: forward calls, rows through the UNet, "
+          f"forwards with gradient (one backward each)")
     for r in results:
         if r["release"] or r["batch"] == 1:
             continue

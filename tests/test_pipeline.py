@@ -207,7 +207,7 @@ def test_fingerprint_is_computed_on_the_cpu(tiny_pipe, monkeypatch):
 
 
 def test_half_precision_on_a_cpu_warns(nulltext_cache):
-    with pytest.warns(NulltextWarning, match="bf16 on a CPU is about 10x slower than fp32"):
+    with pytest.warns(NulltextWarning, match="bf16 on a CPU is slower than fp32"):
         pipe = load_pipeline("tiny", device="cpu", dtype="bf16")
     assert pipe.dtype == torch.bfloat16
     with warnings.catch_warnings():

@@ -457,7 +457,11 @@ def cmd_info(args) -> int:
           + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
-    print(f"precision      {m.get('dtype')} on {m.get('device')}")
+    print(f"family         {m.get('family', 'stable-diffusion')}, predicts {m.get('prediction_type', 'epsilon')}")
+    scales = opt.get("loss_scales")
+    print(f"precision      {m.get('dtype')} on {m.get('device')}"
+          + (f", loss scaled by 2^{int(math.log2(min(scales)))} to 2^{int(math.log2(max(scales)))}" if scales else "")
+          + (f", in a batch of {m['batch_size']}" if m.get("batch_size", 1) > 1 else ""))
     timings = m.get("timings", {})
     if timings:
         print("timings        " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))

@@ -102,9 +102,11 @@ def optimize_null_text_batch(
         # 1. start from the previous timestep's optimised embedding (the first from N0)
         params = [n.detach().clone().requires_grad_(True) for n in nulls]
         # 2. Adam on N only; lr decays linearly with the timestep index (the release's
-        #    lr*(1 - i/100); past 100 steps the denominator is T, so lr stays positive)
+        #    lr*(1 - i/100); past 100 steps the denominator is T, so lr stays positive). One
+        #    optimiser over the B embeddings is B optimisers: Adam's state is per tensor, and a
+        #    tensor without a gradient (an image that stopped) is skipped
         lr = config.lr * (1.0 - i / max(config.lr_decay_steps, T))
-        optimizers = [torch.optim.Adam([p], lr=lr) for p in params]
+        optimizer = torch.optim.Adam(params, lr=lr)
         # 3. the conditional prediction once, without gradient (reused for the final step below)
         with torch.no_grad():
             eps_cond = eps_fn(z_bar, t, cond)
@@ -146,8 +148,8 @@ def optimize_null_text_batch(
                     params[b].grad.div_(s)
                     scales[b] = s
                     ddim.check_finite(params[b].grad, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
+            optimizer.step()
             for k, b in enumerate(active):
-                optimizers[b].step()
                 iterations[b] = j + 1
                 if j == 0:
                     first[b] = values[k]

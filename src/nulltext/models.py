@@ -325,8 +325,9 @@ def load_pipeline(
     torch_dtype = resolve_dtype(dtype)
     if dev.type == "cpu" and torch_dtype in (torch.float16, torch.bfloat16):
         name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-        warnings.warn(f"dtype {name} on a CPU is about 10x slower than fp32 (CPUs lack fast half-precision "
-                      f"kernels); use fp32 there", NulltextWarning, stacklevel=2)
+        warnings.warn(f"dtype {name} on a CPU is slower than fp32 (CPUs lack fast half-precision kernels: "
+                      f"about 2x for an inversion); half precision is for GPUs, use fp32 here",
+                      NulltextWarning, stacklevel=2)
     model_id = model
     source = model
     vocabulary = None
