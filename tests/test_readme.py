@@ -63,6 +63,8 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     shutil.copytree(os.path.join(REPO, "examples"), d / "examples")
     make_photo(96, 80).save(d / "photo.jpg")
+    for seed, name in enumerate(("a.jpg", "b.jpg"), start=1):  # the batch example's images
+        make_photo(96, 80, seed=seed).save(d / name)
     return d
 
 
@@ -98,3 +100,4 @@ def test_the_readme_python_example_runs(workdir, monkeypatch):
     exec(compile(code.replace('"CompVis/stable-diffusion-v1-4"', '"tiny"'), README, "exec"), namespace)
     assert namespace["image"].size == namespace["inv"].image_size
     assert len(namespace["result"].edits) == 1 and namespace["maps"].maps.ndim == 4
+    assert [inv.prompt for inv in namespace["invs"]] == ["a cat", "a dog"]
