@@ -495,6 +495,7 @@ def test_words_the_tokenizer_splits_are_named_in_one_warning(tmp_path):
     assert warning_lines(r) == []
 
 
+@pytest.mark.slow
 def test_several_images_in_batches_one_file_each(tmp_path):
     """Three images (two named alike), one prompt each, batches of 2: one inversion file per image
     in the -o folder, each with its own prompt and image, the same as inverting it alone."""
