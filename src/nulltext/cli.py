@@ -189,7 +189,7 @@ def _edit_config(args):
                       blend_source=_words(blend[0]) if blend[0] else (),
                       blend_target=_words(blend[1]) if blend[1] else (),
                       blend_subtract=args.blend_subtract, blend_threshold=args.blend_threshold,
-                      sdedit_strength=args.strength)
+                      sdedit_strength=args.strength, mask_mode=getattr(args, "mask_mode", "intersect"))
 
 
 def _add_input_args(p: argparse.ArgumentParser, d) -> None:
@@ -269,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_args(p, e)
     p.add_argument("--attention", action="store_true",
                    help="also write OUTDIR/attention.png: each token's cross-attention map, per prompt")
+    p.add_argument("--mask", metavar="MASK.png",
+                   help="where the edit may change the image: white = editable, black = kept (the photo's size or "
+                        "the inverted size); outside it every edited image keeps the reconstruction's pixels")
+    p.add_argument("--mask-mode", choices=["intersect", "replace"], default="intersect",
+                   help="with --blend: the mask intersects the blend words' region (default) or replaces it")
     _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -617,16 +622,25 @@ def cmd_edit(args) -> int:
     for path in paths:
         check_writable(path, args.force)
     targets = list(args.target)
+    mask = None
+    if args.mask:
+        from .image import read_mask
+
+        mask = read_mask(args.mask)  # a missing, unreadable or all-black mask fails before any model work
 
     def check(pipe, prompt, num_steps, latent_hw):
         validate(pipe, prompt, targets, config, num_steps, latent_hw)
 
     pipe, inv = _source(args, check)
+    if args.mask:
+        from .editing import edit_mask
+
+        mask = edit_mask(inv, mask)  # the photo's or the inverted size
     stores, size = [], None
     if args.attention:
         store, size = attention_store(pipe, tuple(inv.latent_T.shape[-2:]), config)
         stores = [store]
-    result = edit(pipe, inv, targets, config, stores=stores, progress=not args.quiet)
+    result = edit(pipe, inv, targets, config, stores=stores, progress=not args.quiet, mask=mask)
     labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, targets)]
     pictures = [*result.images, side_by_side(result.images, labels)]
     if args.attention:

@@ -135,6 +135,7 @@ class InversionConfig:
 
 
 EDIT_MODES = ("auto", "replace", "refine")
+MASK_MODES = ("intersect", "replace")
 EDIT_METHODS = ("p2p", "sdedit")
 
 
@@ -184,6 +185,9 @@ class EditConfig:
     # latent); when the UNet has none at that size, the nearest size it has
     blend_factor: int = 4
     sdedit_strength: float = 0.6  # ours: fraction of the steps SDEdit re-denoises with the target
+    # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
+    # without blend words the mask alone is the blend
+    mask_mode: str = "intersect"
 
     def __post_init__(self) -> None:
         if isinstance(self.reweight, dict):
@@ -203,6 +207,8 @@ class EditConfig:
     def validate(self) -> None:
         if self.method not in EDIT_METHODS:
             raise NulltextError(f"unknown edit method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        if self.mask_mode not in MASK_MODES:
+            raise NulltextError(f"unknown mask mode {self.mask_mode!r}; choose one of {', '.join(MASK_MODES)}")
         if self.mode not in EDIT_MODES:
             raise NulltextError(f"unknown mode {self.mode!r}; choose one of {', '.join(EDIT_MODES)}")
         if isinstance(self.cross_replace, dict):

@@ -219,24 +219,34 @@ def build_cross_alphas(num_steps: int, num_targets: int, num_keys: int, default,
 class LocalBlend:
     """Keep the latent of the source outside the region of the chosen words (docs/algorithm.md section 4.5).
 
-    ``words``: (1+n, K) one-hot over the chosen words' tokens (row 0 the source's words);
-    ``subtract``: the same for words whose region is removed from the edit, or None.
-    ``size``: (h, w) of the cross-attention layers the mask is built from (1/4 of the latent in
-    the release: 16x16 for a 512 image), ``places`` where those layers may sit."""
+    ``words``: (1+n, K) one-hot over the chosen words' tokens (row 0 the source's words), or None
+    for a user mask alone; ``subtract``: the same for words whose region is removed from the edit,
+    or None. ``size``: (h, w) of the cross-attention layers the mask is built from (1/4 of the
+    latent in the release: 16x16 for a 512 image), ``places`` where those layers may sit.
+    ``user_mask``: (1, 1, H, W) boolean at the latent's size, True where the user allows edits;
+    ``user_mode`` "intersect" (the words' mask AND the user's) or "replace" (the user's alone)."""
 
-    def __init__(self, words: Tensor, size: tuple[int, int], start_step: int, threshold: float = 0.3,
+    def __init__(self, words: Tensor | None, size: tuple[int, int], start_step: int, threshold: float = 0.3,
                  subtract: Tensor | None = None, subtract_threshold: float = 0.3,
-                 places: Sequence[str] = ("down", "up")) -> None:
+                 places: Sequence[str] = ("down", "up"), user_mask: Tensor | None = None,
+                 user_mode: str = "intersect") -> None:
+        if words is None and user_mask is None:
+            raise ValueError("a local blend needs words or a user mask")
         self.words, self.subtract = words, subtract
         self.size, self.start_step = tuple(size), start_step
         self.threshold, self.subtract_threshold = threshold, subtract_threshold
         self.places = tuple(places)
+        self.user_mask, self.user_mode = user_mask, user_mode
         # the cross-attention accumulated so far (after edits, as the release), of the layers at ``size``
         self.store = AttentionStore(cross=True, self_attn=False, max_queries=size[0] * size[1])
         self.last_mask: Tensor | None = None
 
+    @property
+    def needs_attention(self) -> bool:
+        return self.words is not None and not (self.user_mask is not None and self.user_mode == "replace")
+
     def uses(self, site: Site) -> bool:
-        return site.is_cross and site.size == self.size and site.place in self.places
+        return self.needs_attention and site.is_cross and site.size == self.size and site.place in self.places
 
     def active(self, step: int) -> bool:
         # the release counts calls after each step and blends once the count exceeds start_blend
@@ -254,7 +264,7 @@ class LocalBlend:
         return mask[:1] | mask  # OR with the source row's mask
 
     def mask(self, latent_hw: tuple[int, int]) -> Tensor:
-        """(1+n, 1, H, W) boolean mask from the maps accumulated so far."""
+        """(1+n, 1, H, W) boolean mask of the words, from the maps accumulated so far."""
         names = [n for n, s in self.store.sites.items() if self.uses(s)]
         h, w = self.size
         maps = torch.cat([self.store.maps(n) for n in names], dim=1)  # (rows, heads*layers, Q, K)
@@ -268,7 +278,14 @@ class LocalBlend:
         if not self.active(step):
             self.last_mask = None
             return z_targets
-        mask = self.mask(z_targets.shape[-2:])[1:].to(z_targets.dtype)  # (n, 1, H, W)
+        n = z_targets.shape[0]
+        if not self.needs_attention:
+            mask = self.user_mask.to(z_targets.device).expand(n, -1, -1, -1)
+        else:
+            mask = self.mask(z_targets.shape[-2:])[1:]  # (n, 1, H, W)
+            if self.user_mask is not None:
+                mask = mask & self.user_mask.to(mask.device)
+        mask = mask.to(z_targets.dtype)
         self.last_mask = mask
         return z_source + mask * (z_targets - z_source)
 

@@ -172,7 +172,10 @@ def blend_size(sites, latent_hw: tuple[int, int], factor: int) -> tuple[int, int
 
 
 def _local_blend(tokenizer, source: str, targets: list[str], config: EditConfig, num_steps: int,
-                 size: tuple[int, int]) -> LocalBlend:
+                 size: tuple[int, int], user_mask: Tensor | None = None) -> LocalBlend:
+    if not config.blend:  # a user mask alone
+        return LocalBlend(None, size=size, start_step=int(config.blend_start * num_steps), user_mask=user_mask,
+                          user_mode="replace")
     L = tokenizer.model_max_length
     prompts = [source, *targets]
     words = torch.zeros(len(prompts), L)
@@ -199,12 +202,15 @@ def _local_blend(tokenizer, source: str, targets: list[str], config: EditConfig,
                 subtract[r, pos] = 1.0
     return LocalBlend(words, size=size, start_step=int(config.blend_start * num_steps),
                       threshold=config.blend_threshold, subtract=subtract,
-                      subtract_threshold=config.blend_subtract_threshold)
+                      subtract_threshold=config.blend_subtract_threshold, user_mask=user_mask,
+                      user_mode=config.mask_mode)
 
 
 def build_controller(pipe, source: str, targets: list[str], config: EditConfig, num_steps: int,
-                     latent_hw: tuple[int, int], stores: Sequence[AttentionStore] = ()) -> tuple[P2PController, list[str]]:
-    """The Prompt-to-Prompt controller of an edit, and the mode used for each target."""
+                     latent_hw: tuple[int, int], stores: Sequence[AttentionStore] = (),
+                     user_mask: Tensor | None = None) -> tuple[P2PController, list[str]]:
+    """The Prompt-to-Prompt controller of an edit, and the mode used for each target.
+    ``user_mask``: (1, 1, h, w) boolean at the latent size, where edits may happen."""
     tok = pipe.tokenizer
     modes = resolve_modes(tok, source, targets, config.mode)
     cross = _cross_edit(tok, source, targets, modes)
@@ -216,7 +222,9 @@ def build_controller(pipe, source: str, targets: list[str], config: EditConfig, 
     blend = None
     if config.blend:
         size = blend_size(attention_sites(pipe.unet, latent_hw), latent_hw, config.blend_factor)
-        blend = _local_blend(tok, source, targets, config, num_steps, size)
+        blend = _local_blend(tok, source, targets, config, num_steps, size, user_mask)
+    elif user_mask is not None:
+        blend = _local_blend(tok, source, targets, config, num_steps, (1, 1), user_mask)
     controller = P2PController(cross, alphas, self_steps=self_steps, self_max_keys=config.self_max_keys,
                                local_blend=blend, stores=stores)
     return controller, modes
@@ -282,7 +290,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
 
 @torch.no_grad()
 def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
-                       progress: bool = False) -> Iterator[EditStep]:
+                       progress: bool = False, user_mask: Tensor | None = None) -> Iterator[EditStep]:
     """SDEdit from an inversion (paper 5.2): the targets branch off the inverted trajectory at
     ``strength`` (the fraction of the T steps re-denoised with the target prompt) and are
     denoised with their prompt and the inversion's N_t. The branch point is the reconstruction's
@@ -299,41 +307,63 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
                                  None if corr is None else corr[i])
         if z_tgt is not None:
             z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+            if user_mask is not None:  # outside the mask, the targets follow the source
+                m = user_mask.to(z_tgt)
+                z_tgt = z_src + m * (z_tgt - z_src)
         ddim.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
 
 
+def edit_mask(inversion, mask) -> Tensor:
+    """A user's mask (see :func:`nulltext.image.load_mask`) at the inversion's image size."""
+    from .image import load_mask
+
+    original = inversion.meta.get("image", {}).get("original_size")
+    return load_mask(mask, inversion.image_size, tuple(original) if original else None, inversion.config.crop)
+
+
 def edit_progressive(pipe, inversion, targets: Sequence[str], config: EditConfig | None = None,
-                     stores: Sequence[AttentionStore] = (), progress: bool = False) -> Iterator[EditStep]:
+                     stores: Sequence[AttentionStore] = (), progress: bool = False, mask=None) -> Iterator[EditStep]:
     """Edit ``inversion`` towards each target prompt; yields an :class:`EditStep` per step."""
+    from .image import latent_mask
+
     config = config or EditConfig()
     targets = _check_prompts(pipe.tokenizer, inversion.prompt, targets)
+    latent_hw = tuple(inversion.latent_T.shape[-2:])
+    user = None if mask is None else latent_mask(edit_mask(inversion, mask), latent_hw)
     if config.method == "sdedit":
-        yield from sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress)
+        yield from sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress, user)
         return
-    controller, _ = build_controller(pipe, inversion.prompt, targets, config, inversion.num_steps,
-                                     tuple(inversion.latent_T.shape[-2:]), stores)
+    controller, _ = build_controller(pipe, inversion.prompt, targets, config, inversion.num_steps, latent_hw,
+                                     stores, user)
     yield from run_controlled(pipe, inversion, targets, controller, progress)
 
 
 def edit(pipe, inversion, targets: Sequence[str] | str, config: EditConfig | None = None,
-         stores: Sequence[AttentionStore] = (), progress: bool = True, decode: bool = True) -> EditResult:
+         stores: Sequence[AttentionStore] = (), progress: bool = True, decode: bool = True, mask=None) -> EditResult:
     """Edit an inversion with one or more target prompts.
 
     Returns the reconstruction (row 0, identical to :func:`nulltext.reconstruct`) and one edited
     image per target. ``stores``: :class:`AttentionStore` objects that record the attention maps
-    the UNet used (after edits)."""
+    the UNet used (after edits). ``mask``: where the edit may change the image (white; a path, PIL
+    image or (H, W) array at the photo's or the inverted size, see :func:`nulltext.image.load_mask`).
+    It becomes the local blend (``config.mask_mode``: intersected with the blend words' mask, or
+    replacing it), and each edited image keeps the reconstruction's pixels outside it."""
+    from .image import composite, latent_mask
     from .image import decode as decode_latents
 
     config = config or EditConfig()
     targets = _check_prompts(pipe.tokenizer, inversion.prompt, targets)
     _warn_words(pipe, inversion.prompt, targets)
+    latent_hw = tuple(inversion.latent_T.shape[-2:])
+    pixels = None if mask is None else edit_mask(inversion, mask)
+    user = None if pixels is None else latent_mask(pixels, latent_hw)
     if config.method == "sdedit":
         modes = ["sdedit"] * len(targets)
-        steps = sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress)
+        steps = sdedit_progressive(pipe, inversion, targets, config.sdedit_strength, progress, user)
     else:
         controller, modes = build_controller(pipe, inversion.prompt, targets, config, inversion.num_steps,
-                                             tuple(inversion.latent_T.shape[-2:]), stores)
+                                             latent_hw, stores, user)
         steps = run_controlled(pipe, inversion, targets, controller, progress)
     last = None
     for last in steps:
@@ -343,6 +373,8 @@ def edit(pipe, inversion, targets: Sequence[str] | str, config: EditConfig | Non
     if decode:
         # the source row alone, as reconstruct() decodes it, so its pixels match too
         result.images = decode_latents(pipe, last.source) + decode_latents(pipe, last.targets)
+        if pixels is not None:  # the VAE's decoder reaches across the mask's edge: paste the outside back
+            result.images = [result.images[0], *(composite(im, result.images[0], pixels) for im in result.images[1:])]
     return result
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
@@ -197,6 +198,70 @@ def encode(pipe, img: Image.Image) -> Tensor:
 def decode(pipe, z: Tensor) -> list[Image.Image]:
     x = _vae_run(pipe, lambda z: pipe.vae.decode(z).sample, z / pipe.vae.config.scaling_factor, "decoding")
     return tensor_to_pil(x)
+
+
+def read_mask(path) -> Image.Image:
+    """A mask file as a one-channel image, with a clear error for a missing, unreadable or
+    all-black one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NulltextError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            out = img.convert("L")
+    except Image.DecompressionBombError:
+        raise NulltextError(f"mask {path} is too large to open safely") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise NulltextError(f"cannot read the mask {path} as an image ({e.__class__.__name__})") from None
+    if not (np.asarray(out) >= 128).any():
+        raise NulltextError(f"the mask {path} has no white (editable) pixels: the edit could change nothing")
+    return out
+
+
+def load_mask(mask, size: tuple[int, int], original_size: tuple[int, int] | None = None,
+              crop=(0, 0, 0, 0)) -> Tensor:
+    """A user's edit mask as an (H, W) boolean tensor at the inverted image's ``size`` (width,
+    height): True (white, values >= 128) where the edit may change the image. ``mask``: a path, a
+    PIL image, or an (H, W) array or tensor (numbers in [0, 1] or [0, 255], or booleans). It must
+    have the inverted size, or the original photo's (``original_size``), in which case it is cut and
+    resized as the photo was (``crop``, centre crop, nearest-neighbour resize)."""
+    if isinstance(mask, (str, os.PathLike)):
+        mask = read_mask(mask)
+    if isinstance(mask, Image.Image):
+        img = mask.convert("L")
+    else:
+        arr = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask)
+        if arr.ndim != 2:
+            raise NulltextError(f"a mask must be one channel (H, W), got shape {arr.shape}")
+        if arr.dtype == bool or (arr.size and float(arr.max()) <= 1.0):
+            arr = arr.astype(np.float64) * 255
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    width, height = size
+    if img.size != (width, height):
+        if original_size is None or tuple(img.size) != tuple(original_size):
+            expected = f"{width}x{height} (the inverted size)"
+            if original_size is not None:
+                expected += f" or {original_size[0]}x{original_size[1]} (the photo's)"
+            raise NulltextError(f"the mask is {img.size[0]}x{img.size[1]} pixels; it must be {expected}")
+        img = preprocess(img, (width, height), crop, multiple=1, resample=Image.Resampling.NEAREST)
+    out = torch.from_numpy(np.asarray(img) >= 128)
+    if not out.any():
+        raise NulltextError("the mask has no white (editable) pixels: the edit could change nothing")
+    return out
+
+
+def latent_mask(mask: Tensor, latent_hw: tuple[int, int]) -> Tensor:
+    """(1, 1, h, w) boolean: a latent cell is editable where any of its pixels is."""
+    m = F.interpolate(mask[None, None].float(), size=tuple(latent_hw), mode="area")
+    return m > 0
+
+
+def composite(edited: Image.Image, source: Image.Image, mask: Tensor) -> Image.Image:
+    """``edited`` where ``mask`` (H, W) is True, ``source`` elsewhere, pixel for pixel."""
+    keep = mask.cpu().numpy()[..., None]
+    return Image.fromarray(np.where(keep, np.asarray(edited), np.asarray(source)))
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
