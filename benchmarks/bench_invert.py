@@ -359,11 +359,13 @@ def run(cfg: dict, pipes: dict, args) -> dict:
     pipe.calls.reset()
     busy0, cpu0 = machine_busy_seconds(), resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
+    retries = 0
     if cfg["release"]:
         per_image = [release_invert(pipe, image, config) for image in images]
         phases = {k: sum(p[k] for p in per_image) for k in per_image[0]}
     else:
         invs = invert_many(pipe, images, [PROMPT] * B, config, batch_size=B, progress=not args.quiet)
+        retries = sum(invs[0].meta["optimisation"].get("retries", []))  # fp16 overflows computed again
         timings = invs[0].meta["timings"]
         phases = {"encode_s": sum(inv.meta["timings"]["encode_s"] for inv in invs),
                   "ddim_inversion_s": timings["ddim_inversion_s"], "optimisation_s": timings["optimisation_s"]}
@@ -380,15 +382,16 @@ def run(cfg: dict, pipes: dict, args) -> dict:
     c = pipe.calls
     if cfg["release"]:  # per image: T pivots; per timestep 1 cond, K with grad, 1 forward of 2 rows
         expected = dict(forwards=B * (T + T * (K + 2)), rows=B * (T + T * (K + 1) + 2 * T), backwards=B * T * K)
-    else:  # per batch: T pivots; per timestep 1 cond, K with grad, 1 uncond, each of B rows
-        expected = dict(forwards=T + T * (K + 2), rows=B * (T + T * (K + 2)), backwards=T * K)
+    else:  # per batch: T pivots; per timestep 1 cond, K with grad, 1 uncond, each of B rows (+ fp16 retries)
+        expected = dict(forwards=T + T * (K + 2) + retries, rows=B * (T + T * (K + 2) + retries),
+                        backwards=T * K + retries)
     counted = dict(forwards=c.forward, rows=c.forward_rows, backwards=c.with_grad)
     failures = [f"UNet {k}: expected {expected[k]}, counted {counted[k]}" for k in expected if expected[k] != counted[k]]
     failures += weight_problems(pipe)
     return dict(config=cfg["name"], model=cfg["model"], dtype=cfg["dtype"], batch=B, low_memory=cfg["low_memory"],
                 compile=cfg["compile"], release=cfg["release"], device=str(pipe.device),
                 size=f"{side[0]}x{side[1]}", steps=T, inner_steps=K, warmup_s=warm_s, **made,
-                phases=phases, total_s=total, seconds_per_image=total / B, images_per_minute=60 * B / total,
+                phases=phases, retries=retries, total_s=total, seconds_per_image=total / B, images_per_minute=60 * B / total,
                 peak_mb=peak, memory=memory, unet=counted, cpu_s=cpu_s, other_cores=others,
                 params_m={n: sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e6
                           for n in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None},
@@ -415,8 +418,24 @@ def markdown(results: list[dict], env: dict, skipped: list[str]) -> str:
     columns = HEAD.count("|") - 1
     lines = [f"Environment: {', '.join(f'{k} {v}' for k, v in env.items())}", "", HEAD, "|" + "---|" * columns]
     lines += [row_markdown(r) for r in results]
-    lines += [f"| {name} | not measured (skipped: out of time) |" + " |" * (columns - 2) for name in skipped]
+    lines += [f"| {name} | {why} |" + " |" * (columns - 2) for name, why in skipped]
     return "\n".join(lines) + "\n"
+
+
+def write_outputs(args, env, argv, results, skipped, quiet=False) -> None:
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), results=results,
+                           skipped=skipped), f, indent=2)
+        if not quiet:
+            print(f"wrote {args.json}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, env, skipped))
+        if not quiet:
+            print(f"wrote {args.markdown}")
 
 
 def environment() -> dict:
@@ -468,29 +487,33 @@ def main(argv=None) -> int:
     env = environment()
     print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(HEAD)
-    start, results, skipped, pipes = time.perf_counter(), [], [], {}
+    start, results, skipped, pipes, errors = time.perf_counter(), [], [], {}, 0
     for cfg in configs:
         if args.deadline is not None and time.perf_counter() - start > args.deadline:
-            skipped.append(cfg["name"])
+            skipped.append((cfg["name"], "not measured: past --deadline"))
             continue
         try:
             r = run(cfg, pipes, args)
-        except NulltextError as e:
-            print(f"{cfg['name']}: error: {e}", file=sys.stderr)
-            return 2
         except torch.cuda.OutOfMemoryError:
             print(f"{cfg['name']}: out of GPU memory", file=sys.stderr)
-            skipped.append(cfg["name"] + " (out of memory)")
+            skipped.append((cfg["name"], "out of GPU memory"))
             pipes.clear()
             torch.cuda.empty_cache()
             continue
+        except (NulltextError, RuntimeError) as e:  # e.g. a NaN in fp16: the other rows still count
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            print(f"{cfg['name']}: error: {reason}", file=sys.stderr)
+            skipped.append((cfg["name"], f"error: {reason}"))
+            errors += 1
+            continue
         results.append(r)
         print(row_markdown(r), flush=True)
+        write_outputs(args, env, argv, results, skipped, quiet=True)  # a run cut short keeps its rows
         if r["other_cores"] is not None and r["other_cores"] > 0.25:
             print(f"  WARNING: other processes kept {r['other_cores']:.2f} cores busy: this row is slowed",
                   file=sys.stderr)
-    for name in skipped:
-        print(f"{name}: not measured (past --deadline)")
+    for name, why in skipped:
+        print(f"{name}: {why}")
     print(f"warm-up: an untimed 2-step inversion of the same shapes (with --compile: the compilation); peak memory: "
           f"{results[0]['memory'] if results else '-'}; UNet fwd / rows / bwd: forward calls, rows through the UNet, "
           f"forwards with gradient (one backward each)")
@@ -512,21 +535,13 @@ def main(argv=None) -> int:
         if rel and r["batch"] == 1 and not r["release"]:
             print(f"{r['config']}: {r['seconds_per_image'] / rel['seconds_per_image']:.2f}x the release's time per "
                   f"image ({rel['config']})")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), results=results,
-                           skipped=skipped), f, indent=2)
-        print(f"wrote {args.json}")
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(markdown(results, env, skipped))
-        print(f"wrote {args.markdown}")
+    write_outputs(args, env, argv, results, skipped)
     failures = [f"{r['config']}: {msg}" for r in results for msg in r["failures"]]
     if failures:
         print("FAILED CHECKS:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
+    if errors:
+        return 2
     print("all checks passed: UNet calls as documented; no model weight requires or holds a gradient")
     return 0
 

@@ -6,33 +6,37 @@
 # peak memory) in bf16 and fp16 with --low-memory. Writes $OUT_DIR/gpu_check.{json,md} (default out/).
 #
 #     benchmarks/gpu_check.sh                 # PYTHON=/path/to/python to choose the interpreter
-set -euo pipefail
+set -uo pipefail  # a failed part still leaves the others' figures
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-out}
 PY=${PYTHON:-python}
 mkdir -p "$OUT_DIR"
-"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA GPU visible to torch')"
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA GPU visible to torch')" || exit 2
+rc=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 start=$(date +%s)
-# sd15 shape: at most 5 minutes of configurations (a configuration past the deadline is reported as not measured)
+# sd15 shape: no configuration starts after 4 minutes (the rest are reported as not measured); the
+# rows the targets name come first, each pipeline's rows together
 "$PY" benchmarks/bench_invert.py --device cuda --direct -q --deadline 240 --steps 50 --inner-steps 10 \
-    --config sd15/bf16/b1 sd15/bf16/b4 sd15/fp16/b1 sd15/fp16/b1/low-memory sd15/fp16/b4 sd15/fp32/b1 \
-             sd15/bf16/b1/low-memory sd15/bf16/b1/compile \
-    --json "$OUT_DIR/gpu_check_sd15.json" --markdown "$OUT_DIR/gpu_check_sd15.md"
+    --config sd15/bf16/b1 sd15/bf16/b4 sd15/fp16/b1/low-memory sd15/fp16/b1 sd15/fp16/b4 \
+             sd15/bf16/b1/compile sd15/bf16/b1/low-memory sd15/fp32/b1 \
+    --json "$OUT_DIR/gpu_check_sd15.json" --markdown "$OUT_DIR/gpu_check_sd15.md" || rc=$?
 left=$(( 420 - ($(date +%s) - start) ))
 # sdxl shape with what is left of 7 minutes
 "$PY" benchmarks/bench_invert.py --device cuda --direct -q --deadline $(( left > 30 ? left - 30 : 0 )) \
     --steps 10 --inner-steps 10 \
     --config sdxl/bf16/b1 sdxl/fp16/b1/low-memory sdxl/bf16/b1/low-memory sdxl/bf16/b4 \
-    --json "$OUT_DIR/gpu_check_sdxl.json" --markdown "$OUT_DIR/gpu_check_sdxl.md"
+    --json "$OUT_DIR/gpu_check_sdxl.json" --markdown "$OUT_DIR/gpu_check_sdxl.md" || rc=$?
 "$PY" - "$OUT_DIR" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-parts = [json.load(open(os.path.join(out, f"gpu_check_{k}.json"))) for k in ("sd15", "sdxl")]
-json.dump({"runs": parts}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
+parts = {k: os.path.join(out, f"gpu_check_{k}") for k in ("sd15", "sdxl")}
+runs = {k: json.load(open(p + ".json")) if os.path.exists(p + ".json") else None for k, p in parts.items()}
+json.dump({"runs": runs}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 with open(os.path.join(out, "gpu_check.md"), "w") as f:
-    for k in ("sd15", "sdxl"):
-        f.write(open(os.path.join(out, f"gpu_check_{k}.md")).read() + "\n")
+    for k, p in parts.items():
+        f.write(open(p + ".md").read() + "\n" if os.path.exists(p + ".md") else f"{k}: no figures (the run failed)\n\n")
 print(f"wrote {out}/gpu_check.json and {out}/gpu_check.md")
 PY
-echo "gpu_check.sh: $(( $(date +%s) - start )) s"
+echo "gpu_check.sh: $(( $(date +%s) - start )) s, exit $rc"
+exit $rc

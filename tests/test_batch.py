@@ -142,3 +142,47 @@ def test_one_prompt_for_all_and_results_delivered_as_each_batch_finishes(tiny_pi
     # batches: images 0-1, then 2 (the rest of the 64x64 group), then 3 (64x32)
     assert [i for i, _ in seen] == [0, 1, 2, 3]
     assert all(invs[i] is inv for i, inv in seen)
+
+
+class _Overflowing(torch.autograd.Function):
+    """Identity forward; backward turns into infinities where the incoming gradient of row 0 is
+    above ``limit``: an fp16 overflow, on one image of the batch only."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        if g[0].abs().max() > ctx.limit:
+            g[0] = float("inf")
+        return g, None
+
+
+def test_loss_scaling_is_exact_and_backs_off_only_the_image_that_overflowed():
+    """Scaling by powers of two changes nothing in float64 (the same embeddings bit for bit); an
+    image whose scaled gradient overflows is computed again at a smaller scale, its batch-mates
+    keep theirs, and the results still equal the unscaled ones."""
+    B, T, K = 3, 5, 3
+    schedule, eps, pivots, cond, null0 = _fake_problem(B, T)
+    cfg = InversionConfig(num_steps=T, num_inner_steps=K, early_stop_epsilon=0.0, early_stop_slope=0.0, lr=0.05)
+    plain = optimize_null_text_batch(eps, pivots, cond, null0, schedule, cfg)
+    scaled = optimize_null_text_batch(eps, pivots, cond, null0, schedule, cfg, loss_scaling=True)
+    for a, b in zip(plain, scaled):
+        assert torch.equal(a.null_embeddings, b.null_embeddings)
+        assert all(s == 2.0 ** round(torch.tensor(s).log2().item()) for s in b.loss_scales)
+    assert plain[0].retries == [0] * T
+
+    def overflowing_eps(z, t, emb):
+        out = eps(z, t, emb)
+        return _Overflowing.apply(out, 1e-3) if torch.is_grad_enabled() and emb.requires_grad else out
+
+    backed = optimize_null_text_batch(overflowing_eps, pivots, cond, null0, schedule, cfg, loss_scaling=True)
+    assert sum(backed[0].retries) > 0
+    for a, b in zip(plain, backed):
+        torch.testing.assert_close(a.null_embeddings, b.null_embeddings, rtol=0, atol=1e-12)
+    # image 0 runs at a smaller scale than without overflows; images 1 and 2 keep theirs
+    assert backed[0].loss_scales[-1] < scaled[0].loss_scales[-1]
+    assert backed[1].loss_scales == scaled[1].loss_scales and backed[2].loss_scales == scaled[2].loss_scales

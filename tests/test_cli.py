@@ -294,16 +294,23 @@ def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_invert_refuses_a_directory_as_output(tmp_path):
+def test_invert_into_a_folder(tmp_path):
+    """-o naming an existing folder, or ending in a separator, gets IMAGE-NAME.safetensors inside it
+    (as cp does); a folder is never replaced by a file."""
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
     out.mkdir()
-    r = invert(tmp_path / "photo.png", out)
-    assert_refused(r, match="directory")
-    assert out.is_dir() and list(out.iterdir()) == []
-    r = invert(tmp_path / "photo.png", out, "--force")  # --force does not replace a folder either
-    assert_refused(r, match="directory")
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert_ok(invert(tmp_path / "photo.png", out))
+    assert out.is_dir() and [p.name for p in out.iterdir()] == ["photo.safetensors"]
+    assert_ok(invert(tmp_path / "photo.png", str(tmp_path / "new") + os.sep))
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["photo.safetensors"]
+
+
+def test_several_images_with_clashing_names_get_distinct_files(tmp_path):
+    from nulltext.cli import _invert_outputs, build_parser
+
+    args = build_parser().parse_args(["invert", "x/a.png", "y/a.jpg", "a-2.png", "A.png", "--prompt", "p", "-o", "o"])
+    assert _invert_outputs(args) == [os.path.join("o", f"{n}.safetensors") for n in ("a", "a-2", "a-2-2", "A-3")]
 
 
 def test_invert_refuses_a_decompression_bomb(tmp_path):

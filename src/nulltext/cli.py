@@ -349,21 +349,27 @@ def _inversion_config(args, method: str):
 
 
 def _invert_outputs(args) -> list[str]:
-    """The inversion file of each image: -o itself for one image; for several, -o is a folder
-    and each gets its image's name (with -2, -3, ... where names repeat)."""
-    if len(args.image) == 1:
-        return [args.output]
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise NulltextError(f"-o {args.output} is a file; with {len(args.image)} images, -o names a folder "
-                            f"for their inversion files")
-    seen: dict[str, int] = {}
-    out = []
+    """The inversion file of each image: -o itself for one image (unless it is a folder or ends
+    in a separator); otherwise -o is a folder and each file gets its image's name, with -2, -3,
+    ... added until no two images share a file."""
+    out = args.output
+    as_folder = len(args.image) > 1 or os.path.isdir(out) or out.endswith((os.sep, "/"))
+    if not as_folder:
+        return [out]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NulltextError(f"-o {out} is a file; with {len(args.image)} images, -o names a folder for their "
+                            f"inversion files")
+    used: set[str] = set()
+    paths = []
     for image in args.image:
         stem = os.path.splitext(os.path.basename(image))[0] or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
-        out.append(os.path.join(args.output, f"{name}.safetensors"))
-    return out
+        name, n = stem, 1
+        while name.casefold() in used:  # case-insensitive file systems too
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.casefold())
+        paths.append(os.path.join(out, f"{name}.safetensors"))
+    return paths
 
 
 def cmd_invert(args) -> int:
@@ -379,7 +385,8 @@ def cmd_invert(args) -> int:
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
-    sources = [load_image(image) for image in args.image]  # fail on a bad image before loading a model
+    for image in args.image:  # fail on a bad image before loading a model (decoded one at a time, not kept)
+        load_image(image)
     pipe = _load_pipe(args, args.model)
 
     def done(index: int, inv) -> None:  # each file is written as soon as its batch is done
@@ -400,7 +407,7 @@ def cmd_invert(args) -> int:
             from .image import preprocess, psnr
             from .inversion import reconstruct
 
-            target = preprocess(sources[index].image, inv.image_size, inv.config.crop, pipe.size_multiple)
+            target = preprocess(load_image(name).image, inv.image_size, inv.config.crop, pipe.size_multiple)
             with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
                 warnings.simplefilter("ignore", NulltextWarning)
                 image = reconstruct(pipe, inv, progress=not args.quiet)
@@ -408,7 +415,14 @@ def cmd_invert(args) -> int:
         print(line)
         print(f"wrote {output}", flush=True)
 
-    invert_many(pipe, sources, prompts, config, batch_size=args.batch_size, progress=not args.quiet, on_result=done)
+    try:
+        invert_many(pipe, list(args.image), prompts, config, batch_size=args.batch_size, progress=not args.quiet,
+                    on_result=done)
+    except Exception as e:
+        if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise NulltextError(f"--compile failed on this machine ({reason}); run without --compile") from None
+        raise
     return 0
 
 
@@ -757,15 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     except NulltextError as e:
         print(f"nulltext: error: {e}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("nulltext: error: out of memory; try fewer --target prompts, a smaller --size or --dtype fp16",
-              file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
-        if "out of memory" not in str(e).lower():
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
+        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
             raise
-        print("nulltext: error: out of memory; try fewer --target prompts, a smaller --size or --dtype fp16",
-              file=sys.stderr)
+        hint = ("a smaller --batch-size, --low-memory, a smaller --size or --dtype bf16" if args.command == "invert"
+                else "fewer --target prompts, a smaller --size or --dtype bf16")
+        print(f"nulltext: error: out of memory; try {hint}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # e.g. `nulltext info x | head`
         sys.stderr.close()

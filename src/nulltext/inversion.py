@@ -40,6 +40,9 @@ class NullTextResult:
     # fp16 loss scaling: the power of two the loss was multiplied by at each timestep's last
     # iteration (empty when the loss was not scaled)
     loss_scales: list[float] = dataclasses.field(default_factory=list)
+    # fp16 loss scaling: iterations of the batch computed again after an overflow, per timestep
+    # (each one more forward and backward of the batch's active rows)
+    retries: list[int] = dataclasses.field(default_factory=list)
 
 
 # callback(i, j, loss, lr) after each Adam iteration j of timestep i
@@ -95,6 +98,8 @@ def optimize_null_text_batch(
     results = [NullTextResult(null_embeddings=torch.empty(0), iterations=[], losses_first=[], losses_last=[],
                               losses_after=[], lrs=[]) for _ in range(B)]
     stored: list[list[Tensor]] = [[] for _ in range(B)]
+    scales = [1.0] * B  # the loss scale last applied to each image
+    backoff = [1.0] * B  # each image's standing back-off after overflows (powers of two)
     bar = tqdm(total=B * T * config.num_inner_steps, desc="null-text optimisation", unit="it",
                disable=not progress, leave=False)
     for i, t in enumerate(schedule.timesteps):
@@ -113,7 +118,7 @@ def optimize_null_text_batch(
         threshold = config.early_stop_epsilon + i * config.early_stop_slope
         active = list(range(B))
         iterations, first, last = [0] * B, [float("nan")] * B, [float("nan")] * B
-        scales = [1.0] * B
+        retries = 0
         # 4. up to num_inner_steps Adam iterations, each image until its own early stop
         for j in range(config.num_inner_steps):
             if not active:
@@ -121,7 +126,6 @@ def optimize_null_text_batch(
             rows = None if len(active) == B else torch.tensor(active, device=z_bar.device)
             z_a, ec_a, tgt_a = ((z_bar, eps_cond, target) if rows is None else
                                 (z_bar[rows], eps_cond[rows], target[rows]))
-            scale = None
             for _ in range(_MAX_BACKOFFS + 1):
                 eps_uncond = eps_fn(z_a, t, torch.cat([params[b] for b in active]))
                 z_prev = ddim.step(schedule, z_a, eps_uncond + w * (ec_a - eps_uncond), t)
@@ -129,25 +133,30 @@ def optimize_null_text_batch(
                 losses = diff.pow(2).flatten(1).mean(1)  # (A,): each image's MSE
                 for p in params:
                     p.grad = None
-                if loss_scaling:
-                    scale = _loss_scales(diff) if scale is None else scale / _BACKOFF
-                    (losses * scale).sum().backward()
-                    grads_ok = all(bool(torch.isfinite(params[b].grad).all()) for b in active)
-                    if grads_ok or not bool(torch.isfinite(losses).all()):
-                        break
-                else:
+                if not loss_scaling:
                     losses.sum().backward()  # image b's gradient is its own loss's: the images are independent
                     break
+                # each image's scale: the power of two for its gradient, times its own back-off
+                scale = _loss_scales(diff) * torch.tensor([backoff[b] for b in active], device=diff.device)
+                (losses * scale).sum().backward()
+                bad = ~torch.isfinite(torch.stack([params[b].grad for b in active]).flatten(1)).all(1)
+                if not bool(bad.any()) or not bool(torch.isfinite(losses).all()):
+                    break
+                for k in bad.nonzero().flatten().tolist():  # only the images that overflowed back off
+                    backoff[active[k]] /= _BACKOFF
+                retries += 1
             values = losses.tolist()
             for k, b in enumerate(active):
                 if not math.isfinite(values[k]):
                     raise NonFiniteError(f"the null-text optimisation's loss is not finite at timestep {t} (step {i + 1} "
                                          f"of {T}); in fp16 this is an overflow in the model: use --dtype bf16 or fp32")
-                if scale is not None:
-                    s = float(scale[k])
-                    params[b].grad.div_(s)
-                    scales[b] = s
-                    ddim.check_finite(params[b].grad, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
+            if loss_scaling:
+                applied = scale.tolist()
+                for k, b in enumerate(active):
+                    params[b].grad.div_(applied[k])  # exact: a power of two
+                    scales[b] = applied[k]
+                grads = torch.stack([params[b].grad for b in active])
+                ddim.check_finite(grads, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
             optimizer.step()
             for k, b in enumerate(active):
                 iterations[b] = j + 1
@@ -175,6 +184,7 @@ def optimize_null_text_batch(
             result.losses_last.append(last[b])
             result.losses_after.append(after[b])
             result.lrs.append(lr)
+            result.retries.append(retries)
             if loss_scaling:
                 result.loss_scales.append(scales[b])
         bar.set_postfix(t=t, loss=f"{max(after):.2e}")
@@ -214,13 +224,15 @@ def optimize_global_null_text(
     schedule: Schedule,
     config: InversionConfig,
     progress: bool = False,
+    loss_scaling: bool = False,
 ) -> NullTextResult:
     """The paper's "global null-text" ablation: one embedding N shared by all timesteps.
 
     The release has no code for it; ours: ``num_inner_steps`` sweeps over the T timesteps, each
     timestep one Adam step (learning rate ``config.lr``) on the guided step from zbar_t to its
     pivot, zbar following the current N. Same iteration budget as null-text inversion (T x inner
-    steps). Diagnostics: per timestep, the loss of the first and of the last sweep."""
+    steps). Diagnostics: per timestep, the loss of the first and of the last sweep.
+    ``loss_scaling``: as :func:`optimize_null_text_batch` (without back-off: an overflow is an error)."""
     T = schedule.num_steps
     w = config.guidance_scale
     null = null0.detach().clone().requires_grad_(True)
@@ -237,12 +249,18 @@ def optimize_global_null_text(
                 eps_cond = eps_fn(z_bar, t, cond)
             eps_uncond = eps_fn(z_bar, t, null)
             z_prev = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
-            loss = F.mse_loss(z_prev, pivots[T - i - 1])
+            diff = z_prev - pivots[T - i - 1]
+            loss = diff.pow(2).mean()
             optimizer.zero_grad()
-            loss.backward()
+            scale = float(_loss_scales(diff.flatten()[None])[0]) if loss_scaling else 1.0
+            (loss * scale).backward()
+            if loss_scaling:
+                null.grad.div_(scale)
+            ddim.check_finite(null.grad, "the global null-text gradient", t, i, T)
             optimizer.step()
             losses.append(loss.item())
             z_bar = z_prev.detach()
+            ddim.check_finite(z_bar, "the global null-text optimisation", t, i, T)
             bar.update()
         if sweep == 0:
             first = losses
@@ -255,6 +273,7 @@ def optimize_global_null_text(
         z_bar = pivots[-1]
         for i, t in enumerate(schedule.timesteps):
             z_bar = ddim.guided_step(eps_fn, schedule, z_bar, t, null, cond, w)
+            ddim.check_finite(z_bar, "the global null-text optimisation", t, i, T)
             after.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
     return NullTextResult(null_embeddings=null, iterations=[config.num_inner_steps] * T, losses_first=first,
                           losses_last=last, losses_after=after, lrs=[config.lr] * T)
@@ -272,6 +291,7 @@ def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tens
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
             z_bar = ddim.step(schedule, z, ddim.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
+            ddim.check_finite(z_bar, "Direct Inversion", t, i, T)
             corr = pivots[T - i - 1] - z_bar
             out.append(corr)
             # continue from z_bar + corr (= z*_{t-1} up to rounding), as the replay will: the source
@@ -300,11 +320,12 @@ def invert_image(
 
 @dataclass
 class _Prepared:
-    """One image ready to invert: its source, preprocessed pixels, latent and prompt embedding."""
+    """One image ready to invert: what its file records of the photo, its latent and prompt
+    embedding (the decoded photo itself is not kept: many photos can be queued)."""
 
     index: int
-    source: object
-    pixels: object
+    image_meta: dict
+    size: tuple[int, int]  # preprocessed (width, height)
     z0: Tensor
     prompt: str
     cond: Tensor
@@ -368,7 +389,11 @@ def invert_many(
                                      pipe.size_multiple)
         pixels = image_mod.preprocess(source.image, size=size, crop=config.crop, multiple=pipe.size_multiple)
         z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
-        item = _Prepared(index, source, pixels, z0, prompt, encode_prompt(pipe, prompt), time.perf_counter() - t0)
+        image_meta = {"sha256": source.sha256, "name": source.name, "original_size": list(source.image.size),
+                      "original_mode": source.original_mode}
+        item = _Prepared(index, image_meta, tuple(pixels.size), z0, prompt, encode_prompt(pipe, prompt),
+                         time.perf_counter() - t0)
+        del source, pixels
         groups.setdefault(tuple(z0.shape), []).append(item)
     out: list[Inversion | None] = [None] * len(images)
     with pipe.compiled():
@@ -387,6 +412,15 @@ def invert_many(
 def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: InversionConfig, progress: bool,
                   loss_scaling: bool) -> list[Inversion]:
     """Invert the images of one batch (same latent size) together."""
+    try:
+        return _invert_batch_unchecked(pipe, batch, null0, config, progress, loss_scaling)
+    except NonFiniteError as e:
+        names = ", ".join(item.image_meta.get("name") or f"image {item.index + 1}" for item in batch)
+        raise NonFiniteError(f"{e} (inverting {names})") from None
+
+
+def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config: InversionConfig, progress: bool,
+                            loss_scaling: bool) -> list[Inversion]:
     B = len(batch)
     z0 = torch.cat([item.z0 for item in batch])
     cond = torch.cat([item.cond for item in batch])  # (B, L, d)
@@ -415,7 +449,7 @@ def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: Inversion
         nulls = [r.null_embeddings for r in results]
     elif method == "global-nti":  # one embedding per image: the images are optimised one after another
         results = [optimize_global_null_text(eps_fn, [p[b:b + 1] for p in pivots], cond[b:b + 1], null0, schedule,
-                                             config, progress=progress) for b in range(B)]
+                                             config, progress=progress, loss_scaling=loss_scaling) for b in range(B)]
         nulls = [r.null_embeddings for r in results]  # each (1, L, d)
     elif method == "npi":  # Negative-Prompt Inversion: N_t = C, no optimisation
         nulls = [item.cond for item in batch]
@@ -441,9 +475,8 @@ def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: Inversion
             "num_steps": config.num_steps,
             "guidance_scale": config.guidance_scale,
             "prompt": item.prompt,
-            "image": {"sha256": item.source.sha256, "name": item.source.name,
-                      "original_size": list(item.source.image.size), "original_mode": item.source.original_mode},
-            "preprocessing": {"size": list(item.pixels.size), "crop": list(config.crop), "resample": "bicubic"},
+            "image": dict(item.image_meta),
+            "preprocessing": {"size": list(item.size), "crop": list(config.crop), "resample": "bicubic"},
             "config": config.to_dict(),
             # the DDIM inversion and optimisation times are the whole batch's
             "timings": {"encode_s": item.encode_s, "ddim_inversion_s": ddim_s, "optimisation_s": optimisation_s},
@@ -462,6 +495,7 @@ def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: Inversion
             }
             if r.loss_scales:
                 meta["optimisation"]["loss_scales"] = r.loss_scales
+                meta["optimisation"]["retries"] = r.retries
         out.append(Inversion(latent_T=latent_T[b:b + 1].detach().float().cpu(),
                              null_embeddings=nulls[b].detach().float().cpu(), prompt=item.prompt, config=config,
                              meta=meta,
