@@ -322,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
+    p = sub.add_parser("serve", help="start the web UI: invert, edit, brush a mask, see attention maps in the browser",
+                       description="Serve nulltext's web UI (Gradio; pip install 'nulltext[ui]') on HOST:PORT. "
+                                   "Its Invert and Edit events are also API endpoints, /invert and /edit, for "
+                                   "gradio_client.", epilog=EPILOG_MODEL)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--max-pixels", type=_positive_int, default=4096 * 4096,
+                   help="largest photo accepted, in pixels (default 4096x4096)")
+    _add_model_args(p, DEFAULT_MODEL)
+
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
@@ -747,7 +758,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
+def cmd_serve(args) -> int:
+    from .ui import require_gradio, serve
+
+    require_gradio()  # before minutes of model loading
+    pipe = _load_pipe(args, args.model)
+    print(f"nulltext: serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    serve(pipe, host=args.host, port=args.port, max_pixels=args.max_pixels, quiet=True)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
             "eval": cmd_eval, "info": cmd_info}
 
 

@@ -74,7 +74,9 @@ def load_image(path) -> ImageSource:
         rgb = to_rgb(img)
     except Image.DecompressionBombError:
         raise NulltextError(f"image {path} is too large to open safely (Pillow's decompression-bomb limit)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
     if min(rgb.size) < MIN_SIDE:
         raise NulltextError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels; "

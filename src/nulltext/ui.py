@@ -1,0 +1,371 @@
+"""The web UI (``nulltext serve``): Gradio over nulltext's public API.
+
+Upload a photo and its caption, invert it (a live progress bar of the DDIM inversion and the
+optimisation), edit it with target prompts and the command line's controls, brush a mask of the
+region to edit, look at any word's cross-attention map, download the inversion file and the
+images, or upload a saved inversion to edit it again. The Invert and Edit events are API
+endpoints, ``/invert`` and ``/edit``, that ``gradio_client.Client`` calls (README lists their
+parameters). Each browser session keeps its own files in its own temporary folder, removed when
+the session ends; model work goes through Gradio's queue one job at a time.
+"""
+
+# no `from __future__ import annotations`: Gradio finds its gr.Request parameters by their annotations
+import atexit
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+
+import numpy as np
+
+from .errors import NulltextError
+
+MAX_UPLOAD = "25mb"  # per uploaded file, enforced by Gradio before any handler runs
+MAX_PIXELS = 4096 * 4096  # photos above this many pixels are refused
+
+
+def require_gradio():
+    try:
+        import gradio as gr
+    except ImportError:
+        raise NulltextError("the web UI needs Gradio: pip install 'nulltext[ui]'") from None
+    return gr
+
+
+class Session:
+    """One browser session's files: a private temporary folder, removed when the session ends."""
+
+    def __init__(self, root: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="session-", dir=root)
+
+    def path(self, name: str) -> str:
+        # a fresh name per result: a download never shows an older result of the same session
+        stem, ext = os.path.splitext(name)
+        return os.path.join(self.dir, f"{stem}-{uuid.uuid4().hex[:8]}{ext}")
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+)+[\\/]?")
+
+
+def scrub(message: str) -> str:
+    """The message without server paths: each absolute path becomes its last part."""
+    return _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "file", message)
+
+
+def _words(text: str | None) -> tuple[str, ...]:
+    return tuple(w for w in re.split(r"[\s,]+", text or "") if w)
+
+
+def _reweight(text: str | None) -> tuple[tuple[str, float], ...]:
+    pairs = []
+    for item in _words(text):
+        word, sep, factor = item.partition("=")
+        try:
+            pairs.append((word, float(factor)))
+        except ValueError:
+            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}") from None
+        if not sep or not word:
+            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}")
+    return tuple(pairs)
+
+
+def _targets(text: str | None) -> list[str]:
+    targets = [t.strip() for t in (text or "").splitlines() if t.strip()]
+    if not targets:
+        raise NulltextError("write at least one target prompt (one per line)")
+    return targets
+
+
+def _file_path(value) -> str | None:
+    """A Gradio file value (a path, or a dict/object with one) as a path."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return value.get("path") or value.get("name")
+    return getattr(value, "path", None) or getattr(value, "name", None)
+
+
+class App:
+    """The handlers, over one loaded pipeline. ``max_pixels``: the largest photo accepted."""
+
+    def __init__(self, pipe, max_pixels: int = MAX_PIXELS) -> None:
+        self.pipe = pipe
+        self.max_pixels = max_pixels
+        self.root = tempfile.mkdtemp(prefix="nulltext-serve-")
+        atexit.register(shutil.rmtree, self.root, True)
+        self.lock = threading.Lock()  # one model job at a time, whatever the queue settings
+        self.sessions: dict[str, Session] = {}  # browser session id -> its files
+
+    def session(self, state: Session | None, key: str | None = None) -> Session:
+        """The session's files: the state's, else the one of this browser session, else new."""
+        if state is None:
+            state = self.sessions.get(key) if key else None
+        if state is None:
+            state = Session(self.root)
+        if key:
+            self.sessions[key] = state
+        return state
+
+    def end(self, key: str | None) -> None:
+        """A browser session ended (its page closed): its files go at once."""
+        session = self.sessions.pop(key, None) if key else None
+        if session is not None:
+            session.close()
+
+    def _run(self, fn, *args):
+        gr = require_gradio()
+        try:
+            with self.lock:
+                return fn(*args)
+        except NulltextError as e:
+            raise gr.Error(scrub(str(e)), print_exception=False) from None
+
+    # --- invert
+    def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None):
+        return self._run(self._invert, photo, prompt, steps, guidance, inner_steps, size, state, key)
+
+    def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
+        from .config import InversionConfig
+        from .image import load_image
+        from .inversion import invert_image, reconstruct
+
+        session = self.session(state, key)
+        path = _file_path(photo)
+        if not path:
+            raise NulltextError("upload a photo first")
+        if not (prompt or "").strip():
+            raise NulltextError("write a caption of the photo (the source prompt of every edit)")
+        source = load_image(path)
+        w, h = source.image.size
+        if w * h > self.max_pixels:
+            raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
+        config = InversionConfig(num_steps=int(steps), guidance_scale=float(guidance),
+                                 num_inner_steps=int(inner_steps), size=int(size) if size else None)
+        inv = invert_image(self.pipe, source, prompt.strip(), config, progress=True)
+        name = os.path.splitext(os.path.basename(path))[0] or "photo"
+        inv_path = session.path(f"{name}.safetensors")
+        inv.save(inv_path)
+        recon_path = session.path("reconstruction.png")
+        reconstruct(self.pipe, inv, progress=True).save(recon_path)
+        return inv_path, recon_path, session
+
+    # --- edit
+    def edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
+             reweight, strength, mask, mask_mode, state, key=None):
+        return self._run(self._edit, inversion, targets, method, mode, cross_replace, self_replace, blend_source,
+                         blend_target, reweight, strength, mask, mask_mode, state, key)
+
+    def _load(self, inversion):
+        from .storage import Inversion
+
+        path = _file_path(inversion)
+        if not path:
+            raise NulltextError("invert a photo first, or upload a saved inversion file")
+        return Inversion.load(path, pipe=self.pipe)
+
+    def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
+              reweight, strength, mask, mask_mode, state, key):
+        from .config import EditConfig
+        from .editing import edit
+
+        session = self.session(state, key)
+        inv = self._load(inversion)
+        targets = _targets(targets)
+        src, tgt = _words(blend_source), _words(blend_target)
+        config = EditConfig(method=method or "p2p", mode=mode or "auto", cross_replace=float(cross_replace),
+                            self_replace=float(self_replace), blend_source=src, blend_target=tgt,
+                            reweight=_reweight(reweight), sdedit_strength=float(strength),
+                            mask_mode=mask_mode or "intersect")
+        mask_path = _file_path(mask)
+        result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
+        out = []
+        for k, (image, label) in enumerate(zip(result.images, [f"reconstruction: {inv.prompt}",
+                                                               *(f"{m}: {t}" for m, t in zip(result.modes, targets))])):
+            path = session.path("reconstruction.png" if k == 0 else f"edit-{k}.png")
+            image.save(path)
+            out.append((path, label))
+        return out, session
+
+    # --- attention
+    def attention(self, inversion, targets, word, state, key=None):
+        return self._run(self._attention, inversion, targets, word, state, key)
+
+    def _attention(self, inversion, targets, word, state, key):
+        from .editing import attention_maps
+        from .visual import attention_grid
+
+        session = self.session(state, key)
+        inv = self._load(inversion)
+        targets = [t.strip() for t in (targets or "").splitlines() if t.strip()]
+        am = attention_maps(self.pipe, inv, targets, progress=True)
+        maps, tokens = am.maps, am.tokens
+        word = (word or "").strip().lower()
+        if word:
+            rows, picked = [], []
+            for r, toks in enumerate(tokens):
+                ks = [k for k, tok in enumerate(toks) if tok.replace("</w>", "").lower() == word]
+                if ks:
+                    rows.append(r)
+                    picked.append(ks)
+            if not rows:
+                raise NulltextError(f"the word {word!r} is in none of the prompts")
+            import torch
+
+            sub = torch.zeros(len(rows), *maps.shape[1:3], max(len(ks) for ks in picked))
+            for i, ks in enumerate(picked):  # the word's tokens (a word the tokenizer splits has several)
+                sub[i, ..., : len(ks)] = maps[rows[i]][..., ks].float().cpu()
+            maps = sub
+            tokens = [[tokens[r][k] for k in ks] for r, ks in zip(rows, picked)]
+            images = [am.images[r] for r in rows]
+        else:
+            images = am.images
+        path = session.path("attention.png")
+        attention_grid(maps, tokens, images).save(path)
+        return path, session
+
+    # --- the brush
+    def mask_from_brush(self, editor, state, key=None):
+        """The brushed strokes (any layer's non-transparent pixels) as a white-on-black mask PNG."""
+        from PIL import Image
+
+        session = self.session(state, key)
+        if not editor or not editor.get("layers"):
+            return None, session
+        alpha = None
+        for layer in editor["layers"]:
+            arr = np.asarray(layer)
+            a = arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[-1] == 4 else arr.any(-1) if arr.ndim == 3 else arr > 0
+            alpha = a if alpha is None else alpha | a
+        if alpha is None or not alpha.any():
+            return None, session
+        path = session.path("mask.png")
+        Image.fromarray(np.where(alpha, 255, 0).astype(np.uint8), mode="L").save(path)
+        return path, session
+
+
+def close_session(state) -> None:
+    if isinstance(state, Session):
+        state.close()
+
+
+def build_app(pipe, max_pixels: int = MAX_PIXELS):
+    """The Gradio Blocks of the UI over a loaded pipeline (see :func:`serve`)."""
+    gr = require_gradio()
+    app = App(pipe, max_pixels)
+    model = getattr(pipe, "model_id", "model")
+    with gr.Blocks(title="nulltext", delete_cache=(3600, 3600)) as demo:
+        state = gr.State(None, delete_callback=close_session)
+        gr.Markdown(f"# nulltext\nEdit a real photo with text: null-text inversion and Prompt-to-Prompt on "
+                    f"**{model}**. 1. Upload a photo and describe it, invert. 2. Rewrite the caption as target "
+                    f"prompts, edit.")
+        with gr.Row():
+            with gr.Column():
+                # a file, not an image component: a file that is not an image reaches the handler, which
+                # says so in one line (an image component fails before it, with a traceback in the log)
+                photo = gr.File(label="Photo", type="filepath", elem_id="photo")
+                caption = gr.Textbox(label="Caption of the photo", placeholder="a cat sitting next to a mirror",
+                                     elem_id="caption")
+                with gr.Accordion("Inversion options", open=False):
+                    steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps")
+                    guidance = gr.Number(value=7.5, label="Guidance scale", minimum=0.01)
+                    inner = gr.Slider(0, 50, value=10, step=1, label="Adam iterations per step at most")
+                    size = gr.Number(value=0, precision=0, minimum=0,
+                                     label="Size: the long side in pixels (0: the model's native size)")
+                invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
+                inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
+                                    file_types=[".safetensors"], elem_id="inversion")
+            with gr.Column():
+                recon = gr.Image(label="Reconstruction", type="filepath", interactive=False, elem_id="reconstruction")
+                brush = gr.ImageEditor(label="Optional: brush the region the edit may change", type="numpy",
+                                       sources=[], layers=False, transforms=(), elem_id="brush",
+                                       brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
+                mask = gr.Image(label="Edit mask (white = may change; or upload one)", type="filepath",
+                                image_mode="L", sources=["upload"], elem_id="mask")
+        with gr.Row():
+            with gr.Column():
+                targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
+                                     placeholder="a tiger sitting next to a mirror")
+                with gr.Accordion("Edit options", open=False):
+                    method = gr.Radio(["p2p", "sdedit"], value="p2p", label="Method")
+                    mode = gr.Dropdown(["auto", "replace", "refine"], value="auto", label="Mode")
+                    cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replaced for this fraction of steps")
+                    self_ = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replaced for this fraction of steps")
+                    blend_src = gr.Textbox(label="Local blend: words of the caption whose region may change")
+                    blend_tgt = gr.Textbox(label="Local blend: words of the targets whose region may change")
+                    reweight = gr.Textbox(label="Reweight: word=factor, ... (e.g. fluffy=2)")
+                    strength = gr.Slider(0, 1, value=0.6, step=0.05, label="SDEdit strength")
+                    mask_mode = gr.Radio(["intersect", "replace"], value="intersect",
+                                         label="With local-blend words, the mask intersects or replaces their region")
+                edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
+            with gr.Column():
+                gallery = gr.Gallery(label="Reconstruction and edits", columns=3, elem_id="gallery")
+        with gr.Row():
+            word = gr.Textbox(label="Cross-attention map of the word (empty: every token)", elem_id="word")
+            attn_btn = gr.Button("Show attention", elem_id="attention-button")
+        attn = gr.Image(label="Cross-attention", type="filepath", interactive=False, elem_id="attention")
+
+        # Gradio passes the request (its session id) and a progress bar that follows tqdm's
+        def invert(photo, prompt, steps, guidance, inner_steps, size, state, request: gr.Request,
+                   progress=gr.Progress(track_tqdm=True)):
+            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash)
+
+        def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
+                 strength, mask, mask_mode, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
+                            reweight, strength, mask, mask_mode, state, request.session_hash)
+
+        def attention(inversion, targets, word, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            return app.attention(inversion, targets, word, state, request.session_hash)
+
+        def mask_from_brush(editor, state, request: gr.Request):
+            return app.mask_from_brush(editor, state, request.session_hash)
+
+        def end(request: gr.Request):
+            app.end(request.session_hash)
+
+        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, state], [inversion, recon, state],
+                         api_name="invert")
+        edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
+                              strength, mask, mask_mode, state], [gallery, state], api_name="edit")
+        attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention")
+
+        def show_photo(photo):
+            from PIL import Image, UnidentifiedImageError
+
+            path = _file_path(photo)
+            if not path:
+                return None
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+                gr.Warning("this file is not an image nulltext can read")
+                return None
+            if w * h > app.max_pixels:
+                gr.Warning(f"the photo is {w}x{h} pixels; at most {app.max_pixels:,} pixels are accepted")
+                return None
+            return {"background": path, "layers": [], "composite": path}
+
+        photo.change(show_photo, photo, brush, queue=False, api_visibility="private")
+        brush.change(mask_from_brush, [brush, state], [mask, state], queue=False, api_visibility="private")
+        demo.unload(end)
+    demo.queue(default_concurrency_limit=1)
+    demo.nulltext_app = app
+    return demo
+
+
+def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX_PIXELS, block: bool = True,
+          quiet: bool = False):
+    """Start the UI on ``host:port`` (loopback by default). Returns the Blocks; with ``block``
+    waits until interrupted."""
+    demo = build_app(pipe, max_pixels)
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=True,
+                prevent_thread_lock=not block, quiet=quiet)
+    return demo
