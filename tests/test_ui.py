@@ -1,0 +1,236 @@
+"""The web UI (nulltext serve) on the demo model: its /invert and /edit API endpoints from
+gradio_client, two clients at once, bad uploads, and the whole page in a real headless browser
+(Debian's chromium driven by Playwright), which also takes README's screenshot."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from nulltext import Inversion, NulltextWarning, load_pipeline  # noqa: E402
+from nulltext.ui import build_app, scrub  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RED = os.path.join(REPO, "examples", "red_circle.png")
+CAPTION = "a red circle on a blue background"
+FAST = (10, 7.5, 2, 0)  # steps, guidance, Adam iterations, size (0: native)
+MAX_PIXELS = 150 * 150
+EDIT_DEFAULTS = ("p2p", "auto", 0.8, 0.4, "", "", "", 0.6, None, "intersect")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NulltextWarning)
+        pipe = load_pipeline("demo", device="cpu")
+    demo = build_app(pipe, max_pixels=MAX_PIXELS)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                max_file_size="25mb")
+    yield {"url": f"http://127.0.0.1:{port}/", "app": demo.nulltext_app, "tmp": tmp_path_factory.mktemp("ui")}
+    demo.close()
+
+
+def _scene(tmp, name, colour):
+    """The example scene with its circle recoloured (another photo for the second client)."""
+    arr = np.asarray(Image.open(RED).convert("RGB")).copy()
+    red = (arr[..., 0] > 150) & (arr[..., 1] < 100)
+    arr[red] = colour
+    path = tmp / name
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def test_the_api_lists_invert_and_edit(server):
+    api = Client(server["url"], verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/invert", "/edit", "/attention"} <= set(api)
+    names = [p["parameter_name"] for p in api["/invert"]["parameters"]]
+    assert names == ["photo", "prompt", "steps", "guidance", "inner_steps", "size"]
+    names = [p["parameter_name"] for p in api["/edit"]["parameters"]]
+    assert names == ["inversion", "targets", "method", "mode", "cross_replace", "self_replace", "blend_source",
+                     "blend_target", "reweight", "strength", "mask", "mask_mode"]
+
+
+def test_two_clients_invert_and_edit_at_once(server):
+    """Each client gets the inversion of its own photo and prompt and the edit of its own target,
+    with the jobs queued one at a time on the model."""
+    jobs = {"red": (RED, CAPTION, "a green circle on a blue background"),
+            "yellow": (_scene(server["tmp"], "yellow.png", (230, 220, 40)), "a yellow circle on a blue background",
+                       "a yellow square on a blue background")}
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            photo, caption, target = jobs[name]
+            client = Client(server["url"], verbose=False)
+            inv, recon = client.predict(handle_file(photo), caption, *FAST, api_name="/invert")
+            gallery = client.predict(handle_file(inv), target, *EDIT_DEFAULTS, api_name="/edit")
+            results[name] = (Inversion.load(inv), recon, gallery)
+        except Exception as e:  # reported below, with the thread's name
+            errors.append(f"{name}: {e!r}")
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for name, (photo, caption, target) in jobs.items():
+        inv, recon, gallery = results[name]
+        assert inv.prompt == caption and inv.meta["image"]["name"] == os.path.basename(photo)
+        assert Image.open(recon).size == inv.image_size
+        assert [g["caption"] for g in gallery] == [f"reconstruction: {caption}", f"replace: {target}"]
+    # different photos, different files: neither client got the other's
+    assert not np.array_equal(np.asarray(Image.open(results["red"][1])), np.asarray(Image.open(results["yellow"][1])))
+
+
+def test_bad_uploads_are_refused_and_the_server_keeps_serving(server):
+    from gradio_client.exceptions import AppError
+
+    client = Client(server["url"], verbose=False)
+    text = server["tmp"] / "notes.txt"
+    text.write_text("not a photo")
+    with pytest.raises(AppError, match="cannot read notes.txt as an image") as info:
+        client.predict(handle_file(str(text)), CAPTION, *FAST, api_name="/invert")
+    assert str(server["tmp"]) not in str(info.value)  # no server path in the message
+    big = server["tmp"] / "big.png"
+    Image.new("RGB", (160, 160), (0, 0, 200)).save(big)
+    with pytest.raises(AppError, match="the photo is 160x160 pixels; at most 22,500 pixels are accepted"):
+        client.predict(handle_file(str(big)), CAPTION, *FAST, api_name="/invert")
+    with pytest.raises(AppError, match="invert a photo first, or upload a saved inversion file"):
+        client.predict(None, "", *EDIT_DEFAULTS, api_name="/edit")
+    inv, _ = client.predict(handle_file(RED), CAPTION, *FAST, api_name="/invert")  # still serving
+    assert Inversion.load(inv).prompt == CAPTION
+
+
+def test_an_edit_with_a_mask_keeps_the_outside(server):
+    client = Client(server["url"], verbose=False)
+    inv, _ = client.predict(handle_file(RED), CAPTION, *FAST, api_name="/invert")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    path = server["tmp"] / "mask.png"
+    Image.fromarray(mask).save(path)
+    args = list(EDIT_DEFAULTS)
+    args[8] = handle_file(str(path))
+    gallery = client.predict(handle_file(inv), "a green circle on a blue background", *args, api_name="/edit")
+    recon, edited = (np.asarray(Image.open(g["image"]).convert("RGB")) for g in gallery)
+    assert np.array_equal(edited[:, 32:], recon[:, 32:])
+
+
+def test_messages_carry_no_server_paths():
+    assert scrub("cannot read /tmp/gradio/abc123/notes.txt as an image") == "cannot read notes.txt as an image"
+    assert scrub("mask not found: /srv/x/m.png, try again") == "mask not found: m.png, try again"
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_the_page_in_a_headless_browser(server):
+    """Upload the example, invert (the progress bar shows the optimisation), edit, look at a word's
+    attention map; save the screenshot README shows; closing the page removes the session's files."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    app = server["app"]
+    before = set(app.sessions)  # the API clients' sessions of the tests above
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(server["url"])
+        page.locator("#photo input[type=file]").set_input_files(RED)
+        page.locator("#caption textarea").fill(CAPTION)
+        page.locator("#invert-button").click()
+        # the live progress of tqdm's bars, with its counts, while the inversion runs
+        page.get_by_text("null-text optimisation").first.wait_for(timeout=120_000)
+        page.locator("#reconstruction img").wait_for(timeout=180_000)
+        sessions = list(set(app.sessions) - before)
+        assert len(sessions) == 1 and os.listdir(app.sessions[sessions[0]].dir)  # this page's own files
+        page.locator("#targets textarea").fill("a green circle on a blue background")
+        page.locator("#edit-button").click()
+        page.locator("#gallery img").nth(1).wait_for(timeout=180_000)
+        page.locator("#word textarea").fill("circle")
+        page.locator("#attention-button").click()
+        page.locator("#attention img").wait_for(timeout=180_000)
+        time.sleep(1)  # the last images finish drawing
+        shot = server["tmp"] / "ui.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("NULLTEXT_UPDATE_SCREENSHOT"):
+            shutil.copy(shot, os.path.join(REPO, "docs", "ui.png"))
+        session_dir = app.sessions[sessions[0]].dir
+        page.close()
+        for _ in range(50):  # the page's unload event reaches the server
+            if not os.path.exists(session_dir):
+                break
+            time.sleep(0.2)
+        browser.close()
+    assert Image.open(shot).size[0] == 1280
+    assert not os.path.exists(session_dir) and sessions[0] not in app.sessions
+
+
+def test_a_brushed_stroke_becomes_the_mask(server):
+    """The image editor's layers (RGBA strokes) -> a white-on-black mask PNG in the session's folder."""
+    app = server["app"]
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[10:20, 5:30] = (255, 0, 255, 255)
+    path, session = app.mask_from_brush({"background": None, "layers": [layer], "composite": None}, None)
+    mask = np.asarray(Image.open(path))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+    assert (mask == 255).sum() == 10 * 25 and mask[10:20, 5:30].all()
+    assert os.path.dirname(path) == session.dir
+    assert app.mask_from_brush({"background": None, "layers": [], "composite": None}, session)[0] is None
+    session.close()
+    assert not os.path.exists(session.dir)
+
+
+def test_nulltext_serve_starts_on_the_loopback(tmp_path):
+    """The command line: binds 127.0.0.1 by default and answers HTTP."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from nulltext.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", "serve", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    assert r.status == 200 and "nulltext" in r.read().decode()
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.5)
+        else:
+            pytest.fail("nulltext serve did not answer within 2 minutes")
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert f"serving tiny on http://127.0.0.1:{port}" in out
