@@ -3,6 +3,7 @@ gradio_client, two clients at once, bad uploads, and the whole page in a real he
 (Debian's chromium driven by Playwright), which also takes README's screenshot."""
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -76,6 +77,8 @@ def test_two_clients_invert_and_edit_at_once(server):
             "yellow": (_scene(server["tmp"], "yellow.png", (230, 220, 40)), "a yellow circle on a blue background",
                        "a yellow square on a blue background")}
     results, errors = {}, []
+    app = server["app"]
+    before = set(app.sessions)
 
     def run(name):
         try:
@@ -97,9 +100,15 @@ def test_two_clients_invert_and_edit_at_once(server):
         inv, recon, gallery = results[name]
         assert inv.prompt == caption and inv.meta["image"]["name"] == os.path.basename(photo)
         assert Image.open(recon).size == inv.image_size
-        assert [g["caption"] for g in gallery] == [f"reconstruction: {caption}", f"replace: {target}"]
+        assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {caption}", f"replace: {target}"]
     # different photos, different files: neither client got the other's
     assert not np.array_equal(np.asarray(Image.open(results["red"][1])), np.asarray(Image.open(results["yellow"][1])))
+    # two sessions, each with its own folder holding its own files
+    new = [app.sessions[k] for k in set(app.sessions) - before]
+    assert len(new) == 2 and new[0].dir != new[1].dir
+    for session in new:
+        (key,) = session.sources  # the one photo this session inverted
+        assert os.path.dirname(session.sources[key]) == session.dir
 
 
 def test_bad_uploads_are_refused_and_the_server_keeps_serving(server):
@@ -110,15 +119,21 @@ def test_bad_uploads_are_refused_and_the_server_keeps_serving(server):
     text.write_text("not a photo")
     with pytest.raises(AppError, match="cannot read notes.txt as an image") as info:
         client.predict(handle_file(str(text)), CAPTION, *FAST, api_name="/invert")
-    assert str(server["tmp"]) not in str(info.value)  # no server path in the message
+    assert not re.search(r"(?<![\w.])/\w", str(info.value)), str(info.value)  # no server path in the message
     big = server["tmp"] / "big.png"
     Image.new("RGB", (160, 160), (0, 0, 200)).save(big)
     with pytest.raises(AppError, match="the photo is 160x160 pixels; at most 22,500 pixels are accepted"):
         client.predict(handle_file(str(big)), CAPTION, *FAST, api_name="/invert")
     with pytest.raises(AppError, match="invert a photo first, or upload a saved inversion file"):
         client.predict(None, "", *EDIT_DEFAULTS, api_name="/edit")
+    args = list(EDIT_DEFAULTS)
+    args[8] = handle_file(str(text))  # a mask that is not an image
     inv, _ = client.predict(handle_file(RED), CAPTION, *FAST, api_name="/invert")  # still serving
     assert Inversion.load(inv).prompt == CAPTION
+    with pytest.raises(AppError, match="cannot read the mask notes.txt as an image"):
+        client.predict(handle_file(inv), "a green circle on a blue background", *args, api_name="/edit")
+    with pytest.raises(AppError, match="outside this server's limits"):
+        client.predict(handle_file(RED), CAPTION, 10, 7.5, 2, 4000, api_name="/invert")
 
 
 def test_an_edit_with_a_mask_keeps_the_outside(server):
@@ -131,13 +146,15 @@ def test_an_edit_with_a_mask_keeps_the_outside(server):
     args = list(EDIT_DEFAULTS)
     args[8] = handle_file(str(path))
     gallery = client.predict(handle_file(inv), "a green circle on a blue background", *args, api_name="/edit")
-    recon, edited = (np.asarray(Image.open(g["image"]).convert("RGB")) for g in gallery)
+    source, recon, edited = (np.asarray(Image.open(g["image"]).convert("RGB")) for g in gallery)
+    assert np.array_equal(source, np.asarray(Image.open(RED).convert("RGB")))  # 64x64: inverted as it is
     assert np.array_equal(edited[:, 32:], recon[:, 32:])
 
 
 def test_messages_carry_no_server_paths():
     assert scrub("cannot read /tmp/gradio/abc123/notes.txt as an image") == "cannot read notes.txt as an image"
     assert scrub("mask not found: /srv/x/m.png, try again") == "mask not found: m.png, try again"
+    assert scrub("use p2p/sdedit or 0.5/1") == "use p2p/sdedit or 0.5/1"  # not paths
 
 
 def _chromium():
@@ -171,7 +188,7 @@ def test_the_page_in_a_headless_browser(server):
         assert len(sessions) == 1 and os.listdir(app.sessions[sessions[0]].dir)  # this page's own files
         page.locator("#targets textarea").fill("a green circle on a blue background")
         page.locator("#edit-button").click()
-        page.locator("#gallery img").nth(1).wait_for(timeout=180_000)
+        page.locator("#gallery img").nth(2).wait_for(timeout=180_000)  # source, reconstruction, edit
         page.locator("#word textarea").fill("circle")
         page.locator("#attention-button").click()
         page.locator("#attention img").wait_for(timeout=180_000)

@@ -655,6 +655,11 @@ def cmd_edit(args) -> int:
 
     def check(pipe, prompt, num_steps, latent_hw):
         validate(pipe, prompt, targets, config, num_steps, latent_hw)
+        if mask is not None and not _is_inversion_path(args.input):  # the mask's size, before the inversion
+            from .image import load_image, load_mask
+
+            f = pipe.vae_scale_factor
+            load_mask(mask, (latent_hw[1] * f, latent_hw[0] * f), load_image(args.input).image.size, args.crop)
 
     pipe, inv = _source(args, check)
     if args.mask:
@@ -763,8 +768,12 @@ def cmd_serve(args) -> int:
 
     require_gradio()  # before minutes of model loading
     pipe = _load_pipe(args, args.model)
-    print(f"nulltext: serving {args.model} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    serve(pipe, host=args.host, port=args.port, max_pixels=args.max_pixels, quiet=True)
+    try:
+        serve(pipe, host=args.host, port=args.port, max_pixels=args.max_pixels, quiet=True,
+              on_start=lambda: print(f"nulltext: serving {args.model} on http://{args.host}:{args.port} "
+                                     f"(Ctrl-C to stop)", flush=True))
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        raise NulltextError(f"cannot serve on {args.host}:{args.port} ({str(e).strip().splitlines()[0][:160]})") from None
     return 0
 
 

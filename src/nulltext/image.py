@@ -202,6 +202,15 @@ def decode(pipe, z: Tensor) -> list[Image.Image]:
     return tensor_to_pil(x)
 
 
+def _mask_gray(img: Image.Image) -> Image.Image:
+    """One channel; where the image has transparency, transparent pixels are black (kept)."""
+    gray = img.convert("L")
+    if "A" in img.getbands() or "transparency" in img.info:
+        alpha = np.asarray(img.convert("RGBA"))[..., 3]
+        gray = Image.fromarray(np.where(alpha >= 128, np.asarray(gray), 0).astype(np.uint8), mode="L")
+    return gray
+
+
 def read_mask(path) -> Image.Image:
     """A mask file as a one-channel image, with a clear error for a missing, unreadable or
     all-black one."""
@@ -212,7 +221,7 @@ def read_mask(path) -> Image.Image:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
-            out = img.convert("L")
+            out = _mask_gray(img)
     except Image.DecompressionBombError:
         raise NulltextError(f"mask {path} is too large to open safely") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -232,7 +241,7 @@ def load_mask(mask, size: tuple[int, int], original_size: tuple[int, int] | None
     if isinstance(mask, (str, os.PathLike)):
         mask = read_mask(mask)
     if isinstance(mask, Image.Image):
-        img = mask.convert("L")
+        img = _mask_gray(mask)
     else:
         arr = np.asarray(mask.detach().cpu() if isinstance(mask, Tensor) else mask)
         if arr.ndim != 2:
@@ -241,13 +250,14 @@ def load_mask(mask, size: tuple[int, int], original_size: tuple[int, int] | None
             arr = arr.astype(np.float64) * 255
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
     width, height = size
-    if img.size != (width, height):
-        if original_size is None or tuple(img.size) != tuple(original_size):
-            expected = f"{width}x{height} (the inverted size)"
-            if original_size is not None:
-                expected += f" or {original_size[0]}x{original_size[1]} (the photo's)"
-            raise NulltextError(f"the mask is {img.size[0]}x{img.size[1]} pixels; it must be {expected}")
+    if original_size is not None and tuple(img.size) == tuple(original_size):
+        # drawn on the photo (also when the photo has the inverted size: a crop still applies)
         img = preprocess(img, (width, height), crop, multiple=1, resample=Image.Resampling.NEAREST)
+    elif img.size != (width, height):
+        expected = f"{width}x{height} (the inverted size)"
+        if original_size is not None:
+            expected += f" or {original_size[0]}x{original_size[1]} (the photo's)"
+        raise NulltextError(f"the mask is {img.size[0]}x{img.size[1]} pixels; it must be {expected}")
     out = torch.from_numpy(np.asarray(img) >= 128)
     if not out.any():
         raise NulltextError("the mask has no white (editable) pixels: the edit could change nothing")

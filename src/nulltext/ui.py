@@ -37,8 +37,12 @@ def require_gradio():
 class Session:
     """One browser session's files: a private temporary folder, removed when the session ends."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, key: str | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="session-", dir=root)
+        self.key = key
+        self.closed = False
+        # (image sha256, size, crop) -> the photo as inverted (shown beside the edits)
+        self.sources: dict[tuple, str] = {}
 
     def path(self, name: str) -> str:
         # a fresh name per result: a download never shows an older result of the same session
@@ -46,10 +50,11 @@ class Session:
         return os.path.join(self.dir, f"{stem}-{uuid.uuid4().hex[:8]}{ext}")
 
     def close(self) -> None:
+        self.closed = True
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+)+[\\/]?")
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+)+[\\/]?")
 
 
 def scrub(message: str) -> str:
@@ -102,20 +107,24 @@ class App:
         atexit.register(shutil.rmtree, self.root, True)
         self.lock = threading.Lock()  # one model job at a time, whatever the queue settings
         self.sessions: dict[str, Session] = {}  # browser session id -> its files
+        self.sessions_lock = threading.Lock()
 
     def session(self, state: Session | None, key: str | None = None) -> Session:
-        """The session's files: the state's, else the one of this browser session, else new."""
-        if state is None:
-            state = self.sessions.get(key) if key else None
-        if state is None:
-            state = Session(self.root)
-        if key:
-            self.sessions[key] = state
-        return state
+        """The session's files: the state's, else the one of this browser session, else new (a
+        session whose page closed starts afresh)."""
+        with self.sessions_lock:
+            if state is None or state.closed or not os.path.isdir(state.dir):
+                state = self.sessions.get(key) if key else None
+            if state is None or state.closed or not os.path.isdir(state.dir):
+                state = Session(self.root, key)
+            if key:
+                self.sessions[key] = state
+            return state
 
     def end(self, key: str | None) -> None:
         """A browser session ended (its page closed): its files go at once."""
-        session = self.sessions.pop(key, None) if key else None
+        with self.sessions_lock:
+            session = self.sessions.pop(key, None) if key else None
         if session is not None:
             session.close()
 
@@ -126,10 +135,39 @@ class App:
                 return fn(*args)
         except NulltextError as e:
             raise gr.Error(scrub(str(e)), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # logged in full on the server; the page gets one line without paths
+            import traceback
+
+            traceback.print_exc()
+            if "out of memory" in str(e).lower():
+                raise gr.Error("out of memory: try a smaller size, or fewer target prompts", print_exception=False) from None
+            raise gr.Error(f"the job failed ({type(e).__name__}: {scrub(str(e).strip().splitlines()[0][:160]) if str(e).strip() else ''})",
+                           print_exception=False) from None
 
     # --- invert
     def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None):
+        gr = require_gradio()
+        try:  # the size from the header, before decoding anything (and outside the model's lock)
+            self.check_photo(_file_path(photo))
+        except NulltextError as e:
+            raise gr.Error(scrub(str(e)), print_exception=False) from None
         return self._run(self._invert, photo, prompt, steps, guidance, inner_steps, size, state, key)
+
+    def check_photo(self, path: str | None) -> tuple[int, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        if not path:
+            raise NulltextError("upload a photo first")
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            raise NulltextError(f"cannot read {os.path.basename(path)} as an image (not an image format Pillow knows)") from None
+        if w * h > self.max_pixels:
+            raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
+        return w, h
 
     def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
         from .config import InversionConfig
@@ -142,13 +180,22 @@ class App:
             raise NulltextError("upload a photo first")
         if not (prompt or "").strip():
             raise NulltextError("write a caption of the photo (the source prompt of every edit)")
+        self.check_photo(path)
         source = load_image(path)
-        w, h = source.image.size
-        if w * h > self.max_pixels:
-            raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
         config = InversionConfig(num_steps=int(steps), guidance_scale=float(guidance),
                                  num_inner_steps=int(inner_steps), size=int(size) if size else None)
+        from .image import output_size
+
+        w, h = output_size(config.size, source.image.size, config.crop, self.pipe.native_size, self.pipe.size_multiple)
+        if w * h > self.max_pixels or min(w, h) < self.pipe.size_multiple:
+            raise NulltextError(f"inverting at {w}x{h} pixels is outside this server's limits (sides of at least "
+                                f"{self.pipe.size_multiple}, at most {self.max_pixels:,} pixels)")
         inv = invert_image(self.pipe, source, prompt.strip(), config, progress=True)
+        from .image import preprocess
+
+        shown = session.path("source.png")
+        preprocess(source.image, inv.image_size, inv.config.crop, self.pipe.size_multiple).save(shown)
+        session.sources[(inv.meta["image"]["sha256"], inv.image_size, tuple(inv.config.crop))] = shown
         name = os.path.splitext(os.path.basename(path))[0] or "photo"
         inv_path = session.path(f"{name}.safetensors")
         inv.save(inv_path)
@@ -186,6 +233,10 @@ class App:
         mask_path = _file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []
+        source = session.sources.get((inv.meta.get("image", {}).get("sha256", ""), inv.image_size,
+                                      tuple(inv.config.crop)))
+        if source and os.path.exists(source):  # the photo, where this session inverted it
+            out.append((source, "source"))
         for k, (image, label) in enumerate(zip(result.images, [f"reconstruction: {inv.prompt}",
                                                                *(f"{m}: {t}" for m, t in zip(result.modes, targets))])):
             path = session.path("reconstruction.png" if k == 0 else f"edit-{k}.png")
@@ -206,11 +257,13 @@ class App:
         targets = [t.strip() for t in (targets or "").splitlines() if t.strip()]
         am = attention_maps(self.pipe, inv, targets, progress=True)
         maps, tokens = am.maps, am.tokens
-        word = (word or "").strip().lower()
+        word = (word or "").strip()
         if word:
+            from .alignment import word_positions
+
             rows, picked = [], []
-            for r, toks in enumerate(tokens):
-                ks = [k for k, tok in enumerate(toks) if tok.replace("</w>", "").lower() == word]
+            for r, prompt in enumerate(am.prompts):
+                ks = word_positions(self.pipe.tokenizer, prompt, word)  # a split word: all its tokens
                 if ks:
                     rows.append(r)
                     picked.append(ks)
@@ -219,7 +272,7 @@ class App:
             import torch
 
             sub = torch.zeros(len(rows), *maps.shape[1:3], max(len(ks) for ks in picked))
-            for i, ks in enumerate(picked):  # the word's tokens (a word the tokenizer splits has several)
+            for i, ks in enumerate(picked):
                 sub[i, ..., : len(ks)] = maps[rows[i]][..., ks].float().cpu()
             maps = sub
             tokens = [[tokens[r][k] for k in ks] for r, ks in zip(rows, picked)]
@@ -251,6 +304,7 @@ class App:
 
 
 def close_session(state) -> None:
+    """Gradio's end of a session's state (an hour after its page closed, or at shutdown)."""
     if isinstance(state, Session):
         state.close()
 
@@ -261,7 +315,8 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
     app = App(pipe, max_pixels)
     model = getattr(pipe, "model_id", "model")
     with gr.Blocks(title="nulltext", delete_cache=(3600, 3600)) as demo:
-        state = gr.State(None, delete_callback=close_session)
+        state = gr.State(None, delete_callback=lambda s: (app.end(s.key) if isinstance(s, Session) else None,
+                                                          close_session(s)))
         gr.Markdown(f"# nulltext\nEdit a real photo with text: null-text inversion and Prompt-to-Prompt on "
                     f"**{model}**. 1. Upload a photo and describe it, invert. 2. Rewrite the caption as target "
                     f"prompts, edit.")
@@ -276,7 +331,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                     steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps")
                     guidance = gr.Number(value=7.5, label="Guidance scale", minimum=0.01)
                     inner = gr.Slider(0, 50, value=10, step=1, label="Adam iterations per step at most")
-                    size = gr.Number(value=0, precision=0, minimum=0,
+                    size = gr.Number(value=0, precision=0, minimum=0, maximum=4096,
                                      label="Size: the long side in pixels (0: the model's native size)")
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
@@ -286,8 +341,9 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                 brush = gr.ImageEditor(label="Optional: brush the region the edit may change", type="numpy",
                                        sources=[], layers=False, transforms=(), elem_id="brush",
                                        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
-                mask = gr.Image(label="Edit mask (white = may change; or upload one)", type="filepath",
-                                image_mode="L", sources=["upload"], elem_id="mask")
+                # a file, as the photo: a bad upload reaches the handler's one-line message
+                mask = gr.File(label="Edit mask (white = may change): from the brush, or upload one", type="filepath",
+                               elem_id="mask")
         with gr.Row():
             with gr.Column():
                 targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
@@ -305,7 +361,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                                          label="With local-blend words, the mask intersects or replaces their region")
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
-                gallery = gr.Gallery(label="Reconstruction and edits", columns=3, elem_id="gallery")
+                gallery = gr.Gallery(label="Source, reconstruction and edits", columns=3, elem_id="gallery")
         with gr.Row():
             word = gr.Textbox(label="Cross-attention map of the word (empty: every token)", elem_id="word")
             attn_btn = gr.Button("Show attention", elem_id="attention-button")
@@ -330,11 +386,12 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
         def end(request: gr.Request):
             app.end(request.session_hash)
 
+        model = dict(concurrency_id="model", concurrency_limit=1)  # one queue for every job on the model
         invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, state], [inversion, recon, state],
-                         api_name="invert")
+                         api_name="invert", **model)
         edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
-                              strength, mask, mask_mode, state], [gallery, state], api_name="edit")
-        attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention")
+                              strength, mask, mask_mode, state], [gallery, state], api_name="edit", **model)
+        attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention", **model)
 
         def show_photo(photo):
             from PIL import Image, UnidentifiedImageError
@@ -362,10 +419,23 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
 
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX_PIXELS, block: bool = True,
-          quiet: bool = False):
+          quiet: bool = False, on_start=None):
     """Start the UI on ``host:port`` (loopback by default). Returns the Blocks; with ``block``
-    waits until interrupted."""
+    waits until interrupted. ``on_start()`` is called once the server listens. Errors reach the
+    page as nulltext's one-line messages only (``show_error`` off: no raw exception text)."""
+    import signal
+    import sys
+
     demo = build_app(pipe, max_pixels)
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=True,
-                prevent_thread_lock=not block, quiet=quiet)
+    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=False,
+                prevent_thread_lock=True, quiet=quiet)
+    if on_start is not None:
+        on_start()
+    if block:
+        # SIGTERM ends like Ctrl-C: the temporary folders go (atexit)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
     return demo
