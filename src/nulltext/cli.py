@@ -322,6 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
+    p = sub.add_parser("batch", help="run a manifest of jobs (photo, caption, edits), resumable, on one or many "
+                       "processes (accelerate launch)",
+                       description="Invert (and edit) every job of a JSONL or CSV manifest: columns image, prompt, "
+                                   "optional id, targets ('|'-separated or a JSON list), blend ('SRC TGT'), mask, "
+                                   "reweight, and any of steps, guidance, inner_steps, size, method, seed, lr, "
+                                   "early_stop, mode, cross_replace, self_replace, edit_method, strength, mask_mode, "
+                                   "blend_threshold overriding the options below. Writes OUTDIR/<id>-<key>/ per job "
+                                   "and OUTDIR/summary.csv; a rerun skips finished jobs. Under accelerate launch the "
+                                   "jobs are split between the processes.", epilog=EPILOG_MODEL)
+    p.add_argument("manifest", metavar="MANIFEST", help=".jsonl or .csv, relative paths resolved against its folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="images inverted together where jobs share a size and settings (default 4)")
+    _add_inversion_args(p, d)
+    p.add_argument("--inversion-method", default=d.method, metavar="METHOD", help="inversion method (default nti)")
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
+    _add_edit_args(p, e, method_flag="--edit-method")
+    _add_model_args(p, DEFAULT_MODEL)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-job lines")
+
     p = sub.add_parser("serve", help="start the web UI: invert, edit, brush a mask, see attention maps in the browser",
                        description="Serve nulltext's web UI (Gradio; pip install 'nulltext[ui]') on HOST:PORT. "
                                    "Its Invert and Edit events are also API endpoints, /invert and /edit, for "
@@ -763,6 +783,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import batch, process_state, read_jobs
+
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NulltextError(f"output {args.output} is a file; -o takes a folder")
+    jobs = read_jobs(args.manifest, _inversion_config(args, args.inversion_method), _edit_config(args))
+    if not jobs:
+        raise NulltextError(f"{args.manifest} has no jobs")
+    state = process_state()
+    pipe = _load_pipe(args, args.model)
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    done = batch(pipe, jobs, args.output, args.batch_size, progress=not args.quiet, log=log, state=state)
+    if done is None:  # not the main process: the main one reports
+        return 0
+    rows, skipped = done
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f" ({skipped} by an earlier run)" if skipped else "")
+          + (f", {len(failed)} failed:" if failed else ""))
+    for r in failed:
+        print(f"  {r['id']}: {r['reason']}")
+    print(f"wrote {os.path.join(args.output, 'summary.csv')}")
+    return 1 if failed else 0
+
+
 def cmd_serve(args) -> int:
     from .ui import require_gradio, serve
 
@@ -777,7 +821,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
+COMMANDS = {"batch": cmd_batch, "serve": cmd_serve, "invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
             "eval": cmd_eval, "info": cmd_info}
 
 

@@ -1,0 +1,135 @@
+"""``nulltext batch``: a manifest of jobs on the tiny model. A broken job is recorded and the rest
+run; a rerun skips finished jobs; a kill loses only the jobs in flight; two accelerate processes do
+each job exactly once, with the outputs of a single process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import make_photo
+from nulltext import Inversion
+
+pytestmark = pytest.mark.slow
+
+OPTS = ["--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "3", "--inner-steps", "1", "-q"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _batch(manifest, out, *extra, timeout=600):
+    return subprocess.run([sys.executable, "-m", "nulltext", "batch", str(manifest), "-o", str(out), *OPTS, *extra],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _manifest(tmp_path, n=6, broken=True):
+    jobs = []
+    for i in range(n):
+        make_photo(64, 64, seed=i).save(tmp_path / f"p{i}.png")
+        job = {"id": f"job{i}", "image": f"p{i}.png", "prompt": "a cat sitting next to a mirror"}
+        if i % 2 == 0:
+            job["targets"] = ["a dog sitting next to a mirror"]
+        jobs.append(job)
+    if broken:
+        jobs[3]["image"] = "missing.png"
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return path
+
+
+def _results(out):
+    found = {}
+    for folder in os.listdir(out):
+        path = os.path.join(out, folder, "result.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found[folder] = json.load(f)
+    return found
+
+
+def test_a_broken_job_is_recorded_and_the_others_run(tmp_path):
+    manifest, out = _manifest(tmp_path), tmp_path / "out"
+    r = _batch(manifest, out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "5 of 6 jobs done, 1 failed:" in r.stdout and "job3: image not found" in r.stdout
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["id"] for row in rows] == [f"job{i}" for i in range(6)]
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed", "ok", "ok"]
+    assert rows[3]["reason"].startswith("image not found") and rows[0]["recon_psnr"]
+    for i in (0, 2, 4):  # the jobs with a target have their edit
+        folder = out / rows[i]["folder"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "edit-1-a-dog-sitting-next-to-a-mirror.png", "inversion.safetensors", "reconstruction.png", "result.json"]
+    assert Inversion.load(out / rows[1]["folder"] / "inversion.safetensors").prompt == "a cat sitting next to a mirror"
+    # a rerun skips the finished jobs (their results untouched) and tries the broken one again
+    before = {k: v["finished"] for k, v in _results(out).items() if v["status"] == "ok"}
+    r = _batch(manifest, out)
+    assert r.returncode == 1 and "5 of 6 jobs done (5 by an earlier run), 1 failed:" in r.stdout
+    after = _results(out)
+    assert all(after[k]["finished"] == t for k, t in before.items())
+    # a job whose input changed is a new job (the key hashes the photo's bytes, not its name)
+    make_photo(64, 64, seed=99).save(tmp_path / "p1.png")
+    r = _batch(manifest, out)
+    assert "5 of 6 jobs done (4 by an earlier run), 1 failed:" in r.stdout
+
+
+def test_killed_mid_run_and_rerun_finishes_without_redoing_work(tmp_path):
+    manifest, out = _manifest(tmp_path, broken=False), tmp_path / "out"
+    slow = ["--steps", "12", "--inner-steps", "3", "--batch-size", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", "batch", str(manifest), "-o", str(out), *OPTS, *slow],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if len(_results(out)) >= 2 if out.exists() else False:
+                break
+            assert proc.poll() is None, "the batch ended before it could be killed"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    first = _results(out)
+    assert 2 <= len(first) < 6
+    r = _batch(manifest, out, *slow)
+    assert r.returncode == 0, r.stdout + r.stderr
+    final = _results(out)
+    assert len(final) == 6 and all(v["status"] == "ok" for v in final.values())
+    assert all(final[k]["finished"] == v["finished"] and final[k]["pid"] == v["pid"] for k, v in first.items())
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []  # the killed run's temporary files are gone, no partial output remains
+    for folder in final:
+        Inversion.load(out / folder / "inversion.safetensors")
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate's launcher is not installed beside this python")
+def test_two_accelerate_processes_do_each_job_once_as_one_process_would(tmp_path):
+    manifest, one, two = _manifest(tmp_path, broken=False), tmp_path / "one", tmp_path / "two"
+    assert _batch(manifest, one, "--batch-size", "1").returncode == 0
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # accelerate's --cpu launcher starts several processes through mpirun only; --multi_gpu starts them
+    # with torchrun, and without a GPU accelerate joins them over gloo on the CPU
+    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nulltext", "batch", str(manifest),
+                        "-o", str(two), *OPTS, "--batch-size", "1"], env=_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = _results(two)
+    assert len(results) == 6 and len({v["pid"] for v in results.values()}) == 2  # both processes worked
+    assert r.stdout.count("6 of 6 jobs done") == 1  # one summary, by the main process
+    for folder in results:
+        a = Inversion.load(one / folder / "inversion.safetensors")
+        b = Inversion.load(two / folder / "inversion.safetensors")
+        assert torch.equal(a.latent_T, b.latent_T) and torch.equal(a.null_embeddings, b.null_embeddings)
