@@ -133,3 +133,35 @@ def test_two_accelerate_processes_do_each_job_once_as_one_process_would(tmp_path
         a = Inversion.load(one / folder / "inversion.safetensors")
         b = Inversion.load(two / folder / "inversion.safetensors")
         assert torch.equal(a.latent_T, b.latent_T) and torch.equal(a.null_embeddings, b.null_embeddings)
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate's launcher is not installed beside this python")
+def test_eval_on_two_accelerate_processes_records_each_sample_once(tmp_path):
+    from nulltext.evaluation import load_done
+
+    lines = ["id,image,prompt,target,blend"]
+    for i in range(3):
+        make_photo(seed=i).save(tmp_path / f"img{i}.png")
+        lines.append(f"s{i},img{i}.png,a cat sitting next to a mirror,a dog sitting next to a mirror,cat dog")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    common = ["--methods", "npi,nti", "--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "3",
+              "--inner-steps", "1", "-q"]
+    one = subprocess.run([sys.executable, "-m", "nulltext", "eval", str(manifest), "-o", str(tmp_path / "one"),
+                          *common], env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nulltext", "eval", str(manifest),
+                          "-o", str(tmp_path / "two"), *common], env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    lines = (tmp_path / "two" / "results.jsonl").read_text().splitlines()
+    keys = [(json.loads(x)["id"], json.loads(x)["method"]) for x in lines]
+    assert sorted(keys) == sorted((f"s{i}", m) for i in range(3) for m in ("npi", "nti"))  # each exactly once
+    a, b = load_done(str(tmp_path / "one" / "results.jsonl")), load_done(str(tmp_path / "two" / "results.jsonl"))
+    for key in a:
+        assert a[key]["recon_psnr"] == b[key]["recon_psnr"] and a[key]["bg_psnr"] == b[key]["bg_psnr"]
+    assert (tmp_path / "two" / "results.csv").read_text().count("\n") == 7  # header + 6 rows, by the main process
+    assert two.stdout.count("| npi | 3 | 0 |") == 1

@@ -758,9 +758,14 @@ def cmd_eval(args) -> int:
 
         models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device),
                               lpips=args.lpips)
+    from .batch import process_state
+
+    state = process_state()  # one process, or those of accelerate launch: the samples are split
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    rows = evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models)
+    rows = evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models, state=state)
+    if rows is None:  # not the main process: the main one reports
+        return 0
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
         print(f.read().split("\n\n")[0])
     skipped = []

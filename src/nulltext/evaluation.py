@@ -353,55 +353,74 @@ def load_done(results_path: str) -> dict[tuple[str, str], dict]:
 
 
 def _append(path: str, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # one write of one line in append mode: lines of several processes never interleave
+    data = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, config: InversionConfig,
              edit_config: EditConfig, log: Callable[[str], None] = print,
-             models: ModelMetrics | None = None) -> list[dict]:
+             models: ModelMetrics | None = None, state=None) -> list[dict] | None:
     """Run every (sample, method) not yet recorded in ``out_dir/results.jsonl``; write the CSV and
-    the markdown summary; return all rows."""
+    the markdown summary; return all rows. With accelerate's ``state`` (``PartialState``) of
+    several processes, the pairs to run are split between them, each appends its rows, and the
+    main process writes the tables and returns the rows (the others return None)."""
     os.makedirs(out_dir, exist_ok=True)
     results = os.path.join(out_dir, "results.jsonl")
-    done = load_done(results)
+    main = state is None or state.is_main_process
     # a torn last line would glue onto the next append: start on a fresh line
-    if os.path.exists(results) and os.path.getsize(results):
+    if main and os.path.exists(results) and os.path.getsize(results):
         with open(results, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 with open(results, "a", encoding="utf-8") as g:
                     g.write("\n")
+    if state is not None:
+        state.wait_for_everyone()
+    done = load_done(results)
     methods = list(dict.fromkeys(methods))
     total = len(samples) * len(methods)
-    k = 0
-    rows = []
-    for sample in samples:
-        for method in methods:
-            k += 1
-            key = settings_key(pipe, sample, method, config, edit_config, models)
-            old = done.get((sample.id, method))
-            if old is not None and old.get("status") == "ok" and old.get("settings") == key:
+    pairs = [(k, sample, method) for k, (sample, method) in
+             enumerate(((s, m) for s in samples for m in methods), start=1)]
+    todo = []
+    for k, sample, method in pairs:
+        key = settings_key(pipe, sample, method, config, edit_config, models)
+        old = done.get((sample.id, method))
+        if old is not None and old.get("status") == "ok" and old.get("settings") == key:
+            if main:
                 log(f"[{k}/{total}] {sample.id} {method}: recorded, skipped")
-                rows.append(old)
-                continue
-            row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
-                   "target": sample.targets[0] if sample.targets else "", "settings": key}
-            try:
-                row.update(evaluate_sample(pipe, sample, method, config, edit_config, models), status="ok", reason="")
-                log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
-                    + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
-            except Exception as e:  # any failure of one sample is recorded; the run goes on
-                reason = _one_line(e)
-                if "out of memory" in reason.lower() and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                row.update(status="failed", reason=reason)
-                log(f"[{k}/{total}] {sample.id} {method}: FAILED: {reason}")
-            _append(results, row)
-            done[(sample.id, method)] = row
-            rows.append(row)
+            continue
+        todo.append((k, sample, method, key))
+    if state is not None:
+        with state.split_between_processes(todo) as mine:
+            mine = list(mine)
+    else:
+        mine = todo
+    for k, sample, method, key in mine:
+        row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
+               "target": sample.targets[0] if sample.targets else "", "settings": key}
+        try:
+            row.update(evaluate_sample(pipe, sample, method, config, edit_config, models), status="ok", reason="")
+            log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
+                + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
+        except Exception as e:  # any failure of one sample is recorded; the run goes on
+            reason = _one_line(e)
+            if "out of memory" in reason.lower() and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            row.update(status="failed", reason=reason)
+            log(f"[{k}/{total}] {sample.id} {method}: FAILED: {reason}")
+        _append(results, row)
+    if state is not None:
+        state.wait_for_everyone()
+        if not main:
+            return None
+    done = load_done(results)
+    rows = [done[(s.id, m)] for s in samples for m in methods if (s.id, m) in done]
     write_tables(rows, methods, out_dir)  # this run's samples and methods only
     return rows
 
