@@ -294,6 +294,7 @@ def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_invert_into_a_folder(tmp_path):
     """-o naming an existing folder, or ending in a separator, gets IMAGE-NAME.safetensors inside it
     (as cp does); a folder is never replaced by a file."""

@@ -46,6 +46,7 @@ def test_outside_the_mask_the_edit_is_the_reconstruction(tiny_pipe, inv):
     assert not np.array_equal(free[keep], recon[keep])
 
 
+@pytest.mark.slow
 def test_latents_follow_the_source_outside_the_mask_once_the_blend_starts(tiny_pipe, inv):
     pixels = load_mask(_half_mask(), inv.image_size)
     cells = latent_mask(pixels, tuple(inv.latent_T.shape[-2:]))[0, 0]  # (h, w)
@@ -56,6 +57,7 @@ def test_latents_follow_the_source_outside_the_mask_once_the_blend_starts(tiny_p
         assert same == (step.index + 1 > int(0.5 * T)), step.index
 
 
+@pytest.mark.slow
 def test_mask_intersects_or_replaces_the_blend_words(tiny_pipe, inv):
     """With blend words, "intersect" blends only where both the words' mask and the user's allow,
     "replace" uses the user's mask alone."""
@@ -96,24 +98,21 @@ def test_bad_masks_are_refused(inv, tmp_path):
         EditConfig(mask_mode="union")
 
 
-def test_cli_edit_with_a_mask(tmp_path):
-    from test_cli import FAST, assert_ok, assert_refused, invert, run_cli
+@pytest.mark.slow
+def test_cli_edit_with_a_mask(tiny_pipe, inv, tmp_path):
+    from test_cli import assert_ok, assert_refused, run_cli
 
-    photo, inv_path = tmp_path / "photo.png", tmp_path / "photo.safetensors"
-    make_photo().save(photo)
-    assert_ok(invert(photo, inv_path, prompt=PROMPT))
-    mask = Image.fromarray(_half_mask())
-    mask.save(tmp_path / "mask.png")
+    inv_path = tmp_path / "photo.safetensors"
+    inv.save(inv_path)
+    Image.fromarray(_half_mask()).save(tmp_path / "mask.png")
     out = tmp_path / "out"
-    assert_ok(run_cli("edit", inv_path, "--target", SWAP, "--mask", tmp_path / "mask.png", "-o", out, "-q"))
+    assert_ok(run_cli("edit", inv_path, "--target", SWAP, "--mask", tmp_path / "mask.png", "-o", out, "-q",
+                      "--model", "tiny"))
     recon = np.asarray(Image.open(out / "reconstruction.png"))
     edited = np.asarray(Image.open(out / "edit-1-a-dog-sitting-next-to-a-mirror.png"))
     keep = _half_mask() < 128
     assert np.array_equal(edited[keep], recon[keep]) and not np.array_equal(edited, recon)
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
-    assert_refused(run_cli("edit", inv_path, "--target", SWAP, "--mask", tmp_path / "black.png", "-o", tmp_path / "o2"),
-                   match="has no white (editable) pixels")
     Image.fromarray(np.full((30, 40), 255, np.uint8)).save(tmp_path / "small.png")
     assert_refused(run_cli("edit", inv_path, "--target", SWAP, "--mask", tmp_path / "small.png", "-o", tmp_path / "o3",
-                           *FAST[:2]), match="the mask is 40x30 pixels")
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+                           "--model", "tiny"), match="the mask is 40x30 pixels; it must be 64x64 (the inverted size) or 96x80")
+    assert not (tmp_path / "o3").exists()

@@ -45,7 +45,8 @@ def readme_commands() -> list[str]:
 
 def offline(command: str) -> str:
     """The command with ``--model tiny`` where it would load a model from the hub (the default one
-    or a hub id): edits and maps of an inversion file load the model recorded in it."""
+    or a hub id), inverting in 10 steps: edits and maps of an inversion file load the model and
+    the steps recorded in it."""
     words = shlex.split(command)
     if "--model" in words:
         i = words.index("--model") + 1
@@ -55,6 +56,8 @@ def offline(command: str) -> str:
                 words[words.index("--size") + 1] = "128"
     elif words[1] in TAKES_MODEL and not words[2].endswith(".safetensors"):
         words += ["--model", "tiny"]
+    if words[1] == "invert" and words[words.index("--model") + 1] == "tiny" and "--steps" not in words:
+        words += ["--steps", "10"]  # the random stand-in model needs no 50 steps to show the command runs
     return shlex.join(words)
 
 

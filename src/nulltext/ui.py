@@ -328,7 +328,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                 caption = gr.Textbox(label="Caption of the photo", placeholder="a cat sitting next to a mirror",
                                      elem_id="caption")
                 with gr.Accordion("Inversion options", open=False):
-                    steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps")
+                    steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps", elem_id="steps")
                     guidance = gr.Number(value=7.5, label="Guidance scale", minimum=0.01)
                     inner = gr.Slider(0, 50, value=10, step=1, label="Adam iterations per step at most")
                     size = gr.Number(value=0, precision=0, minimum=0, maximum=4096,
