@@ -83,6 +83,7 @@ def _tiny_images():
 PROMPTS = ["a photo of a cat", "a red circle", "a dog", "a photo of a tree"]
 
 
+@pytest.mark.slow
 def test_invert_many_equals_inverting_each_image_alone(tiny_pipe):
     """On the tiny model: same iterations, z_T, null embeddings and reconstruction per image, with
     mixed sizes grouped and images stopping early at different steps. The null embeddings agree to

@@ -533,6 +533,7 @@ def test_several_images_in_batches_one_file_each(tmp_path):
     assert_refused(run_cli("invert", *paths, *args, "-o", out, *FAST), match="already exists")
 
 
+@pytest.mark.slow
 def test_several_images_refusals(tmp_path):
     paths = [tmp_path / "x.png", tmp_path / "y.png"]
     for path in paths:
