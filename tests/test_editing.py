@@ -213,3 +213,14 @@ def test_non_square_edit_with_local_blend(tiny_pipe):
     assert steps[-1].targets.shape == (1, 4, 12, 16)
     assert steps[-1].mask.shape == (1, 1, 12, 16)
     assert torch.equal(steps[-1].source, recon)
+
+
+def test_reweight_pairs_of_the_web_ui_and_batch_manifests():
+    from nulltext.config import parse_reweight
+
+    assert parse_reweight("fluffy=2 smiling=-0.5") == (("fluffy", 2.0), ("smiling", -0.5))
+    assert parse_reweight("fluffy=2, smiling=5") == (("fluffy", 2.0), ("smiling", 5.0))
+    assert parse_reweight("") == () and parse_reweight(None) == ()
+    for bad in ("fluffy", "=2", "fluffy=big"):
+        with pytest.raises(NulltextError, match="reweight takes word=factor pairs"):
+            parse_reweight(bad)

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .config import EditConfig, InversionConfig
+from .config import EditConfig, InversionConfig, parse_reweight
 from .errors import NulltextError
 from .files import atomic_write
 
@@ -119,11 +119,7 @@ def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig) -> list[J
                     raise NulltextError(f"blend takes two word lists, 'SRC TGT', got {row['blend']!r}")
                 edit_kw["blend_source"], edit_kw["blend_target"] = tuple(blend[0].split(",")), tuple(blend[1].split(","))
             if row.get("reweight"):
-                pairs = []
-                for item in str(row["reweight"]).replace(",", " ").split():
-                    word, _, factor = item.partition("=")
-                    pairs.append((word, float(factor)))
-                edit_kw["reweight"] = tuple(pairs)
+                edit_kw["reweight"] = parse_reweight(str(row["reweight"]))
             job.inversion = dataclasses.replace(inversion, **inv_kw)
             job.edit = dataclasses.replace(edit, **edit_kw)
         except (NulltextError, ValueError, TypeError) as e:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from .errors import NulltextError
@@ -257,3 +258,22 @@ def parse_size(text: str) -> tuple[int, int] | int:
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def parse_reweight(text: str | None) -> tuple[tuple[str, float], ...]:
+    """'fluffy=2 smiling=5' or 'fluffy=2, smiling=5' -> (("fluffy", 2.0), ("smiling", 5.0)): the
+    reweight pairs of the web UI and of batch manifests (the command line's --reweight takes
+    comma-separated phrases)."""
+    pairs = []
+    for item in re.split(r"[\s,]+", text or ""):
+        if not item:
+            continue
+        word, sep, factor = item.partition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = None
+        if not sep or not word or value is None:
+            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}")
+        pairs.append((word, value))
+    return tuple(pairs)

@@ -252,7 +252,7 @@ def optimize_global_null_text(
             diff = z_prev - pivots[T - i - 1]
             loss = diff.pow(2).mean()
             optimizer.zero_grad()
-            scale = float(_loss_scales(diff.flatten()[None])[0]) if loss_scaling else 1.0
+            scale = float(_loss_scales(diff)[0]) if loss_scaling else 1.0
             (loss * scale).backward()
             if loss_scaling:
                 null.grad.div_(scale)

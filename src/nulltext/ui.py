@@ -66,19 +66,6 @@ def _words(text: str | None) -> tuple[str, ...]:
     return tuple(w for w in re.split(r"[\s,]+", text or "") if w)
 
 
-def _reweight(text: str | None) -> tuple[tuple[str, float], ...]:
-    pairs = []
-    for item in _words(text):
-        word, sep, factor = item.partition("=")
-        try:
-            pairs.append((word, float(factor)))
-        except ValueError:
-            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}") from None
-        if not sep or not word:
-            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}")
-    return tuple(pairs)
-
-
 def _targets(text: str | None) -> list[str]:
     targets = [t.strip() for t in (text or "").splitlines() if t.strip()]
     if not targets:
@@ -219,7 +206,7 @@ class App:
 
     def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
               reweight, strength, mask, mask_mode, state, key):
-        from .config import EditConfig
+        from .config import EditConfig, parse_reweight
         from .editing import edit
 
         session = self.session(state, key)
@@ -228,7 +215,7 @@ class App:
         src, tgt = _words(blend_source), _words(blend_target)
         config = EditConfig(method=method or "p2p", mode=mode or "auto", cross_replace=float(cross_replace),
                             self_replace=float(self_replace), blend_source=src, blend_target=tgt,
-                            reweight=_reweight(reweight), sdedit_strength=float(strength),
+                            reweight=parse_reweight(reweight), sdedit_strength=float(strength),
                             mask_mode=mask_mode or "intersect")
         mask_path = _file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
@@ -394,19 +381,13 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
         attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention", **model)
 
         def show_photo(photo):
-            from PIL import Image, UnidentifiedImageError
-
             path = _file_path(photo)
             if not path:
                 return None
             try:
-                with Image.open(path) as img:
-                    w, h = img.size
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-                gr.Warning("this file is not an image nulltext can read")
-                return None
-            if w * h > app.max_pixels:
-                gr.Warning(f"the photo is {w}x{h} pixels; at most {app.max_pixels:,} pixels are accepted")
+                app.check_photo(path)  # the header only: a non-image or an oversized photo gets a warning
+            except NulltextError as e:
+                gr.Warning(scrub(str(e)))
                 return None
             return {"background": path, "layers": [], "composite": path}
 
