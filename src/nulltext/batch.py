@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from .config import EditConfig, InversionConfig, parse_reweight
 from .errors import NulltextError
 from .files import atomic_write
+from .text import check_prompt
 
 # manifest columns that override the command's options, with their config field and type
 INVERSION_OPTIONS = {"steps": ("num_steps", int), "guidance": ("guidance_scale", float),
@@ -76,11 +77,32 @@ def _rows(path: str) -> list[dict]:
                     try:
                         row = json.loads(line)
                     except ValueError as e:
-                        row = {"__error__": f"line {n} is not JSON ({e.msg})"}
+                        row = {"__error__": f"line {n} is not JSON ({getattr(e, 'msg', e)})"}
+                    except RecursionError:
+                        row = {"__error__": f"line {n} is nested too deeply"}
                     rows.append(row if isinstance(row, dict) else {"__error__": f"line {n} is not a JSON object"})
             return rows
     except (OSError, UnicodeDecodeError) as e:
         raise NulltextError(f"cannot read the manifest {path} ({e.__class__.__name__})") from None
+    except csv.Error as e:
+        raise NulltextError(f"cannot read the manifest {path} as CSV ({e})") from None
+
+
+def _cast(name: str, cast, value):
+    """A manifest cell as the option's type, with a message naming the column."""
+    kind = {int: "an integer", float: "a number", str: "text"}[cast]
+    try:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ValueError
+        if cast is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            value = int(value)
+        if cast is str and not isinstance(value, str):
+            raise ValueError
+        return cast(value.strip() if isinstance(value, str) else value)
+    except (ValueError, TypeError, OverflowError):
+        raise NulltextError(f"{name} must be {kind}, got {value!r}"[:200]) from None
 
 
 def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig) -> list[Job]:
@@ -93,26 +115,35 @@ def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig) -> list[J
         try:
             if "__error__" in row:
                 raise NulltextError(row["__error__"])
+            if None in row:  # a CSV row with more cells than the header has columns
+                raise NulltextError(f"row {n} has more cells than the header has columns")
             unknown = sorted(set(row) - KNOWN)
             if unknown:
                 raise NulltextError(f"unknown column(s) {', '.join(unknown)}")
             image, prompt = row.get("image"), row.get("prompt") or row.get("caption")
             if not image or not prompt:
                 raise NulltextError("a job needs an image and a prompt")
+            if not isinstance(image, str) or not isinstance(prompt, str):
+                raise NulltextError("image and prompt must be text")
             job.image = image if os.path.isabs(image) else os.path.join(root, image)
-            job.prompt = str(prompt)
+            job.prompt = check_prompt(prompt)
             targets = row.get("targets", row.get("target")) or []
-            job.targets = [t.strip() for t in (targets.split("|") if isinstance(targets, str) else targets)
-                           if str(t).strip()]
+            if isinstance(targets, str):
+                targets = targets.split("|")
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise NulltextError("targets must be text ('a | b') or a list of texts")
+            job.targets = [check_prompt(t.strip(), "target prompt") for t in targets if t.strip()]
             if row.get("mask"):
+                if not isinstance(row["mask"], str):
+                    raise NulltextError("mask must be a path")
                 job.mask = row["mask"] if os.path.isabs(row["mask"]) else os.path.join(root, row["mask"])
             inv_kw, edit_kw = {}, {}
             for name, (attr, cast) in INVERSION_OPTIONS.items():
                 if row.get(name) not in (None, ""):
-                    inv_kw[attr] = cast(row[name])
+                    inv_kw[attr] = _cast(name, cast, row[name])
             for name, (attr, cast) in EDIT_OPTIONS.items():
                 if row.get(name) not in (None, ""):
-                    edit_kw[attr] = cast(row[name])
+                    edit_kw[attr] = _cast(name, cast, row[name])
             blend = str(row.get("blend") or "").split()
             if blend:
                 if len(blend) != 2:

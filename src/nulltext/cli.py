@@ -6,11 +6,13 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from . import __version__
-from .errors import NulltextError, NulltextWarning
+from .errors import NulltextError, NulltextWarning, Terminated
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
                 "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
@@ -407,12 +409,15 @@ def cmd_invert(args) -> int:
     from .files import check_writable
     from .image import load_image
     from .inversion import invert_many
+    from .text import check_prompt
 
     config = _inversion_config(args, args.method)
     prompts = args.prompt
     if len(prompts) not in (1, len(args.image)):
         raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
     prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
+    for prompt in prompts:
+        check_prompt(prompt)
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
@@ -589,9 +594,12 @@ def _source(args, check=None):
     from .image import load_image
     from .inversion import invert_image
 
-    if not args.prompt:
+    if args.prompt is None:
         raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
                             f"file made by nulltext invert)")
+    from .text import check_prompt
+
+    check_prompt(args.prompt)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
     config = _inversion_config(args, args.inversion_method)
@@ -642,9 +650,12 @@ def _slug(text: str, n: int = 40) -> str:
 def _validate_edit_prompts(args) -> None:
     if not args.target:
         raise NulltextError("no target prompt given: pass at least one --target TEXT")
+    from .text import check_prompt
+
     for t in args.target:
         if not t.strip():
             raise NulltextError("--target must not be empty")
+        check_prompt(t, "target prompt")
 
 
 def cmd_edit(args) -> int:
@@ -834,6 +845,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"nulltext: warning: {message}", file=sys.stderr)
 
 
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -845,6 +860,11 @@ def main(argv: list[str] | None = None) -> int:
     from .files import written
 
     written.clear()
+    # SIGTERM and SIGHUP stop a command as Ctrl-C does: the file being written is removed
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, _terminate)
     try:
         return COMMANDS[args.command](args)
     except NulltextError as e:
@@ -864,15 +884,20 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"nulltext: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        if args.command == "eval":
-            print("nulltext: interrupted; the samples recorded so far are kept, rerun to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
+        if args.command in ("eval", "batch"):
+            print(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
+                  f"kept, rerun to resume", file=sys.stderr)
         elif written:
-            print(f"nulltext: interrupted; wrote {', '.join(written)} (complete) before the interruption, "
+            print(f"nulltext: {what}; wrote {', '.join(written)} (complete) before the interruption, "
                   f"nothing else", file=sys.stderr)
         else:
-            print("nulltext: interrupted; nothing was written", file=sys.stderr)
-        return 130
+            print(f"nulltext: {what}; nothing was written", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _quiet_libraries() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim")
 OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-text optimisation
 
+
+# the largest side nulltext inverts at, in pixels (SDXL's native side is 1024; 4096 needs a 512x512
+# latent, far past what any of these models was trained for)
+MAX_SIZE = 4096
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -109,20 +114,27 @@ class InversionConfig:
                 f"steps must be at most {self.scheduler.num_train_timesteps} (the scheduler's "
                 f"training timesteps), got {self.num_steps}"
             )
+        for name, value in (("guidance", self.guidance_scale), ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
+                            ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")
         if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 0:
             raise NulltextError(f"inner-steps must be a non-negative integer, got {self.num_inner_steps!r}")
-        if self.early_stop_epsilon < 0:
-            raise NulltextError(f"early-stop must be non-negative, got {self.early_stop_epsilon!r}")
+        if self.early_stop_epsilon < 0 or self.early_stop_slope < 0:
+            raise NulltextError(f"early-stop and early-stop-slope must be non-negative, got "
+                                f"{self.early_stop_epsilon!r} and {self.early_stop_slope!r}")
         if not self.lr > 0:
             raise NulltextError(f"lr must be positive, got {self.lr!r}")
         if not self.lr_decay_steps > 0:
             raise NulltextError(f"lr-decay-steps must be positive, got {self.lr_decay_steps!r}")
-        if isinstance(self.size, bool) or (isinstance(self.size, int) and self.size <= 0) or (
-                self.size is not None and not isinstance(self.size, int)
-                and (len(self.size) != 2 or min(self.size) <= 0)):
-            raise NulltextError(f"size must be positive, got {self.size!r}")
+        sizes = [self.size] if isinstance(self.size, int) else self.size
+        if self.size is not None and (isinstance(self.size, (bool, str)) or len(sizes) not in (1, 2) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in sizes) or min(sizes) <= 0):
+            raise NulltextError(f"size must be N or (W, H) in pixels, positive integers, got {self.size!r}")
+        if self.size is not None and max(sizes) > MAX_SIZE:
+            raise NulltextError(f"size {self.size!r} is too large: at most {MAX_SIZE} pixels a side")
         if len(self.crop) != 4 or min(self.crop) < 0:
             raise NulltextError(f"crop must be four non-negative integers L,R,T,B, got {self.crop!r}")
         if self.method not in METHODS:
@@ -257,6 +269,8 @@ def parse_size(text: str) -> tuple[int, int] | int:
         raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
     if len(parts) not in (1, 2) or min(parts) <= 0:
         raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
+    if max(parts) > MAX_SIZE:
+        raise NulltextError(f"size {text!r} is too large: at most {MAX_SIZE} pixels a side")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 

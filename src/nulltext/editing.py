@@ -27,6 +27,7 @@ from .controllers import (SOURCE, TARGET, AttentionStore, Controller, CrossEdit,
                           Refine, Replace, Reweight, build_cross_alphas, schedule_bounds)
 from .errors import NulltextError
 from .processors import attention_sites, installed
+from .text import check_prompt
 
 
 @dataclass
@@ -67,8 +68,7 @@ def _check_prompts(tokenizer, source: str, targets: Sequence[str]) -> list[str]:
     if not targets:
         raise NulltextError("no target prompt given: pass at least one --target")
     for t in targets:
-        if not isinstance(t, str) or not t.strip():
-            raise NulltextError(f"target prompts must be non-empty text, got {t!r}")
+        check_prompt(t, "target prompt")
     for p in (source, *targets):
         alignment.check_length(tokenizer, p)
     return targets

@@ -12,3 +12,11 @@ class NulltextWarning(UserWarning):
 class NonFiniteError(NulltextError):
     """A NaN or infinity appeared in the model's numbers (in half precision: an overflow); the
     message names the step where it first appeared."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) arrived: the command stops as on Ctrl-C, cleaning up what it was writing."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(signum)
+        self.signum = signum

@@ -1,8 +1,16 @@
-"""Writing outputs safely: never half a file, never over an existing one unless asked."""
+"""Writing outputs safely: never half a file, never over an existing one unless asked.
+
+Every output is written to a hidden temporary file beside it (``.NAME.PID.XXXXXXXX.tmp.EXT``) and
+renamed into place when complete. An interruption (Ctrl-C, SIGTERM) removes the temporary file; a
+kill that gives no chance to clean up leaves it, and the next write into that folder removes the
+temporaries of processes that no longer run."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
 import tempfile
 from collections.abc import Callable
 
@@ -28,14 +36,47 @@ def check_writable(path, force: bool = False) -> str:
         raise NulltextError(f"output {path} is a directory; give a file name")
     if os.path.exists(path) and not force:
         raise NulltextError(f"output {path} already exists; use --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(path) or "."  # as the user wrote it, for the messages
     while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
-        parent = os.path.dirname(parent)
+        parent = os.path.dirname(parent) or "."
     if not os.path.isdir(parent):
         raise NulltextError(f"cannot write {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise NulltextError(f"cannot write {path}: no permission to write in {parent}")
+    try:  # a real file, not os.access: read-only mounts, immutable folders and root's rights answer truly
+        fd, probe = tempfile.mkstemp(prefix=".nulltext-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NulltextError(f"cannot write {path}: cannot create files in {parent} "
+                            f"({e.strerror or e.__class__.__name__})") from None
     return path
+
+
+_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp(\.\w+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list[str]:
+    """Remove the temporary files that killed nulltext processes left in ``folder`` (those whose
+    process no longer runs); returns their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), ".*.tmp*")):
+        m = _TEMP.match(os.path.basename(path))
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str:
@@ -46,9 +87,15 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+        remove_stale_temporaries(folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}", dir=folder)
         os.close(fd)
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, NulltextError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # writers that wrap the OS error (safetensors' SafetensorError, ...)
+            raise OSError(errno.EIO, _first_line(e)) from None
         # mkstemp creates 0600; the output gets the permissions of any file the user writes
         os.chmod(tmp, 0o666 & ~UMASK)
         if os.path.exists(path) and not force:  # appeared while we worked
@@ -61,6 +108,11 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
 
 
 def image_format(path) -> str:

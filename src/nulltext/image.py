@@ -7,6 +7,8 @@ import hashlib
 import io
 import math
 import os
+import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import NulltextError
+from .errors import NulltextError, NulltextWarning
 
 MIN_SIDE = 64  # pixels; smaller inputs carry too little detail for an 8x-downsampling VAE
 
@@ -55,32 +57,49 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def read_input(path, what: str) -> bytes:
+    """The bytes of a user's input file, with one clear error for what is not a readable regular
+    file (missing, a folder, a pipe or device, which could block or never end, no permission)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NulltextError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise NulltextError(f"expected {'an' if what[0] in 'aeiou' else 'a'} {what} file, got a directory: {path}")
+    if not os.path.isfile(path):
+        raise NulltextError(f"{what} {path} is not a regular file (a pipe, socket or device)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise NulltextError(f"cannot read {what} {path} ({e.strerror or e.__class__.__name__})") from None
+
+
 def load_image(path) -> ImageSource:
     """Open an image file as RGB, with a clear error for anything that is not a usable image."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NulltextError(f"image not found: {path}")
-    if os.path.isdir(path):
-        raise NulltextError(f"expected an image file, got a directory: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_input(path, "image")
     if not data:
         raise NulltextError(f"image file is empty: {path}")
     try:
         img = Image.open(io.BytesIO(data))
+        frames = getattr(img, "n_frames", 1)
         img = ImageOps.exif_transpose(img)  # phone photos stored sideways come out upright
         img.load()
         mode = img.mode
         rgb = to_rgb(img)
     except Image.DecompressionBombError:
-        raise NulltextError(f"image {path} is too large to open safely (Pillow's decompression-bomb limit)") from None
+        raise NulltextError(f"image {path} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
+                            f"Pillow's decompression-bomb limit)") from None
     except UnidentifiedImageError:
         raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
     if min(rgb.size) < MIN_SIDE:
         raise NulltextError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels; "
                             f"nulltext needs at least {MIN_SIDE} pixels on each side")
+    if frames > 1:
+        warnings.warn(f"{os.path.basename(path)} has {frames} frames; nulltext inverts the first",
+                      NulltextWarning, stacklevel=2)
     return ImageSource(rgb, hashlib.sha256(data).hexdigest(), os.path.basename(path), mode)
 
 
@@ -215,16 +234,15 @@ def read_mask(path) -> Image.Image:
     """A mask file as a one-channel image, with a clear error for a missing, unreadable or
     all-black one."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise NulltextError(f"mask not found: {path}")
+    data = read_input(path, "mask")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
             out = _mask_gray(img)
     except Image.DecompressionBombError:
         raise NulltextError(f"mask {path} is too large to open safely") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise NulltextError(f"cannot read the mask {path} as an image ({e.__class__.__name__})") from None
     if not (np.asarray(out) >= 128).any():
         raise NulltextError(f"the mask {path} has no white (editable) pixels: the edit could change nothing")

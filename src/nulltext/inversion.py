@@ -64,6 +64,23 @@ def _loss_scales(diff: Tensor) -> Tensor:
     return torch.where(torch.isfinite(scale) & (g > 0), scale, torch.ones_like(scale))
 
 
+# a timestep's optimisation diverged when the loss of the step it took is this many times the loss it
+# started from (and above the early-stop threshold): Adam made the fit worse, not better
+DIVERGENCE_FACTOR = 2.0
+
+
+def diverged_steps(losses_first, losses_after, config: InversionConfig) -> list[int]:
+    """Indices of the timesteps whose optimisation diverged: the loss after the step taken with the
+    optimised N_t exceeds ``DIVERGENCE_FACTOR`` times the loss at its first iteration and the
+    early-stop threshold of that timestep. Timesteps without iterations (NaN first loss) are not."""
+    out = []
+    for i, (first, after) in enumerate(zip(losses_first, losses_after)):
+        threshold = config.early_stop_epsilon + i * config.early_stop_slope
+        if math.isfinite(first) and after > DIVERGENCE_FACTOR * first and after > threshold:
+            out.append(i)
+    return out
+
+
 def optimize_null_text_batch(
     eps_fn: EpsFn,
     pivots: list[Tensor],
@@ -355,10 +372,12 @@ def invert_many(
     from . import image as image_mod
     from .config import OPTIMISED
     from .errors import NulltextError
-    from .text import encode_null, encode_prompt, warn_split_words
+    from .text import check_prompt, encode_null, encode_prompt, warn_split_words
 
     images = list(images)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    for prompt in prompts:
+        check_prompt(prompt)
     if not images:
         raise NulltextError("no images to invert")
     if len(prompts) != len(images):
@@ -496,6 +515,16 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
             if r.loss_scales:
                 meta["optimisation"]["loss_scales"] = r.loss_scales
                 meta["optimisation"]["retries"] = r.retries
+            bad = diverged_steps(r.losses_first, r.losses_after, config)
+            meta["optimisation"]["diverged_steps"] = bad
+            if bad:
+                i = bad[0]
+                name = item.image_meta.get("name", "")
+                name = "the image" if name.startswith("<") or not name else name
+                warnings.warn(f"the null-text optimisation of {name} diverged at "
+                              f"{len(bad)} of {config.num_steps} steps (first at step {i + 1}: the loss rose from "
+                              f"{r.losses_first[i]:.3g} to {r.losses_after[i]:.3g}); the reconstruction may be poor: "
+                              f"try a lower --lr", NulltextWarning, stacklevel=2)
         out.append(Inversion(latent_T=latent_T[b:b + 1].detach().float().cpu(),
                              null_embeddings=nulls[b].detach().float().cpu(), prompt=item.prompt, config=config,
                              meta=meta,

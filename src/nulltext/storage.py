@@ -128,28 +128,79 @@ def _config_from_dict(d: dict) -> InversionConfig:
     return InversionConfig(**d)
 
 
+# far above what nulltext writes (SDXL at 1024 px, 50 steps, Direct Inversion: about 50 MiB; metadata:
+# tens of kB), far below what could exhaust a machine
+MAX_FILE_BYTES = 1 << 30
+MAX_META_CHARS = 1 << 22
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else e.__class__.__name__
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_meta(path: str, meta: dict) -> None:
+    """The metadata fields nulltext reads have the types it writes (a file's header is user input)."""
+    def bad(field: str):
+        return NulltextError(f"{path} has damaged metadata ({field})")
+
+    for key in ("model", "prompt", "method"):
+        if not isinstance(meta[key], str):
+            raise bad(key)
+    if not _is_int(meta["num_steps"]) or not 1 <= meta["num_steps"] <= 10000:
+        raise bad("num_steps")
+    if isinstance(meta["guidance_scale"], bool) or not isinstance(meta["guidance_scale"], (int, float)):
+        raise bad("guidance_scale")
+    for key in ("model_fingerprint", "scheduler", "image", "preprocessing", "config"):
+        if not isinstance(meta[key], dict):
+            raise bad(key)
+    if not isinstance(meta.get("family", ""), str):
+        raise bad("family")
+    pre = meta["preprocessing"]
+    size, crop = pre.get("size"), pre.get("crop", [0, 0, 0, 0])
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= 1 << 16 for v in size)):
+        raise bad("preprocessing size")
+    if not (isinstance(crop, list) and len(crop) == 4 and all(_is_int(v) and v >= 0 for v in crop)):
+        raise bad("preprocessing crop")
+
+
 def load_inversion(path, pipe=None) -> Inversion:
     """Read and validate an inversion file. With ``pipe``, also check it fits that model."""
     from safetensors import safe_open
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise NulltextError(f"inversion file not found: {path}")
+    if not os.path.isfile(path):
+        raise NulltextError(f"{path} is not an inversion file (a directory, pipe or device)")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise NulltextError(f"{path} is {size / 2**20:.0f} MiB, larger than any inversion file "
+                            f"(at most {MAX_FILE_BYTES // 2**20} MiB); it is not one")
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # truncated, not safetensors, unreadable
+    except OSError as e:
+        raise NulltextError(f"cannot read {path} ({e.strerror or e.__class__.__name__})") from None
+    except Exception as e:  # truncated, not safetensors (safetensors' own errors)
         raise NulltextError(f"{path} is not a readable inversion file (damaged or not safetensors: "
                             f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
     if "nulltext" not in header:
         raise NulltextError(f"{path} has no nulltext metadata; it was not written by nulltext invert")
+    if len(header["nulltext"]) > MAX_META_CHARS:
+        raise NulltextError(f"{path} has {len(header['nulltext'])} characters of metadata, more than nulltext "
+                            f"writes (at most {MAX_META_CHARS}); it was altered")
     try:
         doc = json.loads(header["nulltext"])
         version, meta, sums = int(doc["format_version"]), doc["meta"], doc["tensors_sha256"]
         if doc["format"] != FORMAT or not isinstance(meta, dict) or not isinstance(sums, dict):
             raise ValueError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError):
         raise NulltextError(f"{path} has damaged or foreign nulltext metadata") from None
     if version < 1:
         raise NulltextError(f"{path} has an invalid format version {version}")
@@ -168,14 +219,14 @@ def load_inversion(path, pipe=None) -> Inversion:
             raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected float32")
         if sums.get(name) != _sha256(tensors[name]):
             raise NulltextError(f"{path}: tensor {name} does not match its checksum; the file was altered or damaged")
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise NulltextError(f"{path}: tensor {name} holds NaN or infinite values; the inversion is unusable")
     latent, nulls = tensors["latent_T"], tensors["null_embeddings"]
     extra = sorted(set(tensors) - {"latent_T", "null_embeddings", "corrections"})
     if extra:
         raise NulltextError(f"{path} holds tensors nulltext does not know: {', '.join(extra)}")
-    try:
-        T = int(meta["num_steps"])
-    except (TypeError, ValueError):
-        raise NulltextError(f"{path} has damaged metadata (num_steps)") from None
+    _check_meta(path, meta)
+    T = meta["num_steps"]
     if latent.ndim != 4 or latent.shape[0] != 1:
         raise NulltextError(f"{path}: latent_T has shape {tuple(latent.shape)}, expected (1, C, h, w)")
     if nulls.ndim != 3 or nulls.shape[0] not in (T, 1):
@@ -190,8 +241,8 @@ def load_inversion(path, pipe=None) -> Inversion:
                             f"({T}, {', '.join(map(str, latent.shape[1:]))})")
     try:
         config = _config_from_dict(meta["config"])
-    except (TypeError, KeyError, NulltextError) as e:
-        raise NulltextError(f"{path} has an invalid inversion config ({e})") from None
+    except (TypeError, KeyError, ValueError, AttributeError, NulltextError) as e:
+        raise NulltextError(f"{path} has an invalid inversion config ({_first_line(e)})") from None
     if config.method != meta.get("method") or config.num_steps != T or \
             config.guidance_scale != meta.get("guidance_scale"):
         raise NulltextError(f"{path} has inconsistent metadata (method, steps or guidance)")
