@@ -25,6 +25,7 @@ OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-t
 MAX_SIZE = 4096
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -43,6 +44,30 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"  # diffusers' DDIM default, the one the release ran with
     prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (SD 1.x), v_prediction (SD 2.x 768)
     rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (isinstance(self.num_train_timesteps, int) and not isinstance(self.num_train_timesteps, bool)
+                and 1 <= self.num_train_timesteps <= 100_000):
+            raise NulltextError(f"scheduler num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
+        if not (number(self.beta_start) and number(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
+            raise NulltextError(f"scheduler betas must satisfy 0 < beta_start <= beta_end < 1, got "
+                                f"{self.beta_start!r} and {self.beta_end!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise NulltextError(f"scheduler beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
+        if not all(isinstance(v, bool) for v in (self.clip_sample, self.set_alpha_to_one, self.rescale_betas_zero_snr)):
+            raise NulltextError("scheduler clip_sample, set_alpha_to_one and rescale_betas_zero_snr must be true or false")
+        if not (isinstance(self.steps_offset, int) and not isinstance(self.steps_offset, bool)
+                and 0 <= self.steps_offset < self.num_train_timesteps):
+            raise NulltextError(f"scheduler steps_offset must be a small non-negative integer, got {self.steps_offset!r}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise NulltextError(f"scheduler timestep spacing {self.timestep_spacing!r} is not one of "
+                                f"{', '.join(TIMESTEP_SPACINGS)}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise NulltextError(f"scheduler prediction type {self.prediction_type!r} is not one of "
+                                f"{', '.join(PREDICTION_TYPES)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,16 +94,17 @@ class SchedulerConfig:
                                 "inversion cannot reach abar = 0, which nulltext does not support")
         names = {f.name for f in dataclasses.fields(cls)} - {"clip_sample", "set_alpha_to_one"}
         known = {k: config[k] for k in names if config.get(k) is not None}
-        out = cls(**known)
         if config.get("trained_betas") is not None:
             raise NulltextError("the checkpoint's scheduler has trained_betas, which nulltext does not support")
-        if out.prediction_type not in PREDICTION_TYPES:
-            raise NulltextError(f"the checkpoint's scheduler predicts {out.prediction_type!r}; nulltext supports "
+        prediction = known.get("prediction_type", "epsilon")
+        if prediction not in PREDICTION_TYPES:
+            raise NulltextError(f"the checkpoint's scheduler predicts {prediction!r}; nulltext supports "
                                 f"{', '.join(PREDICTION_TYPES)}")
-        if out.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise NulltextError(f"the checkpoint's scheduler uses timestep spacing {out.timestep_spacing!r}; "
+        spacing = known.get("timestep_spacing", "leading")
+        if spacing not in TIMESTEP_SPACINGS:
+            raise NulltextError(f"the checkpoint's scheduler uses timestep spacing {spacing!r}; "
                                 f"nulltext supports {', '.join(TIMESTEP_SPACINGS)}")
-        return out
+        return cls(**known)
 
 
 @dataclass(frozen=True)

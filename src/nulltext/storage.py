@@ -143,6 +143,10 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:  # NaN is a number here: a timestep without iterations has a NaN first loss
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_meta(path: str, meta: dict) -> None:
     """The metadata fields nulltext reads have the types it writes (a file's header is user input)."""
     def bad(field: str):
@@ -160,12 +164,50 @@ def _check_meta(path: str, meta: dict) -> None:
             raise bad(key)
     if not isinstance(meta.get("family", ""), str):
         raise bad("family")
+    fp = meta["model_fingerprint"]
+    if not all(isinstance(fp.get(k, ""), str) for k in ("config_sha256", "weights_sample_sha256")) or not (
+            isinstance(fp.get("weights_mean_square", []), list) and all(_is_number(v) for v in fp.get("weights_mean_square", []))):
+        raise bad("model_fingerprint")
     pre = meta["preprocessing"]
     size, crop = pre.get("size"), pre.get("crop", [0, 0, 0, 0])
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= 1 << 16 for v in size)):
         raise bad("preprocessing size")
     if not (isinstance(crop, list) and len(crop) == 4 and all(_is_int(v) and v >= 0 for v in crop)):
         raise bad("preprocessing crop")
+
+
+def _check_info(path: str, meta: dict) -> None:
+    """What ``nulltext info`` shows has the types nulltext writes, or the file is refused as damaged."""
+    def bad(field: str):
+        return NulltextError(f"{path} has damaged metadata ({field})")
+
+    T = meta["num_steps"]
+    for key in ("family", "prediction_type", "dtype", "device"):
+        if key in meta and not isinstance(meta[key], str):
+            raise bad(key)
+    if "batch_size" in meta and (not _is_int(meta["batch_size"]) or meta["batch_size"] < 1):
+        raise bad("batch_size")
+    image = meta["image"]
+    if not all(isinstance(image.get(k, ""), str) for k in ("name", "sha256", "original_mode")) or not (
+            isinstance(image.get("original_size", []), list) and all(_is_int(v) for v in image.get("original_size", []))):
+        raise bad("image")
+    timings = meta.get("timings", {})
+    if not isinstance(timings, dict) or not all(_is_number(v) for v in timings.values()):
+        raise bad("timings")
+    opt = meta.get("optimisation", {})
+    if not isinstance(opt, dict):
+        raise bad("optimisation")
+    for key, value in opt.items():
+        if key == "diverged_steps":
+            ok = isinstance(value, list) and all(_is_int(v) and 0 <= v < T for v in value)
+        elif key == "iterations" or key == "retries":
+            ok = isinstance(value, list) and len(value) == T and all(_is_int(v) and v >= 0 for v in value)
+        else:
+            ok = isinstance(value, list) and len(value) == T and all(_is_number(v) for v in value)
+            if key == "loss_scales":
+                ok = ok and all(v > 0 for v in value)
+        if not ok:
+            raise bad(f"optimisation {key}")
 
 
 def load_inversion(path, pipe=None) -> Inversion:
@@ -250,6 +292,7 @@ def load_inversion(path, pipe=None) -> Inversion:
     if nulls.shape[0] != (T if per_step else 1) and not (T == 1):
         raise NulltextError(f"{path}: method {config.method!r} stores {'one null embedding per step' if per_step else 'one null embedding'}, "
                             f"but null_embeddings has shape {tuple(nulls.shape)}")
+    _check_info(path, meta)
     inv = Inversion(latent_T=latent, null_embeddings=nulls, prompt=meta["prompt"], config=config, meta=meta,
                     corrections=corrections)
     if pipe is not None:

@@ -1,0 +1,414 @@
+"""Property-based fuzzing (hypothesis) of what nulltext parses: token alignment and the Prompt-to-Prompt
+mappers, sizes, prompts and reweight pairs, batch manifests and inversion files. Each loader must
+answer any input with a result or a ``NulltextError``, never another exception, and within a time
+bound.
+
+CI runs the ``ci`` profile (a few hundred examples per property, derandomized so a run is
+reproducible); ``scripts/fuzz.py`` runs the ``campaign`` profile for as long as it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import signal
+import struct
+import time
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nulltext.errors import NulltextError  # noqa: E402
+
+settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 150)), deadline=None,
+                          derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("campaign", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 100_000)),
+                          deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("NULLTEXT_FUZZ_PROFILE", "ci"))
+
+TIME_BOUND = 5.0  # seconds any one input may take to be loaded or refused
+
+
+class Hang(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def within(seconds: float = TIME_BOUND):
+    """Fail (rather than hang) when the body runs longer than ``seconds``."""
+    def alarm(signum, frame):
+        raise Hang(f"took more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.monotonic() - start < seconds
+
+
+def one_line(e: Exception) -> str:
+    text = str(e)
+    assert text and "\n" not in text and "Traceback" not in text, repr(text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token alignment and mappers
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_pipe):
+    return tiny_pipe.tokenizer
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    from nulltext.tiny import WORDS
+
+    return sorted(set(WORDS))
+
+
+def lcs_length(x: list[int], y: list[int]) -> int:
+    """Longest common subsequence by brute force over x's subsequences (x is short)."""
+    best = 0
+    for r in range(len(x), 0, -1):
+        for idx in itertools.combinations(range(len(x)), r):
+            sub, it = [x[i] for i in idx], iter(y)
+            if all(any(v == w for w in it) for v in sub):
+                return r
+    return best
+
+
+short_ids = st.lists(st.integers(0, 4), max_size=7)
+
+
+@given(short_ids, short_ids)
+def test_align_pairs_equal_tokens_in_order_and_as_many_as_a_longest_common_subsequence(x, y):
+    from nulltext.alignment import align
+
+    out = align(x, y)
+    assert len(out) == len(y)
+    pairs = [(i, j) for j, i in enumerate(out) if i >= 0]
+    assert all(x[i] == y[j] for i, j in pairs)
+    assert [i for i, _ in pairs] == sorted({i for i, _ in pairs})  # strictly increasing: an alignment
+    assert len(pairs) == lcs_length(x, y)
+
+
+def _prompt(words_strategy):
+    return st.lists(words_strategy, min_size=1, max_size=12).map(" ".join)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_refine_mapper_takes_each_kept_token_from_an_equal_source_token(tok, vocab, data):
+    from nulltext.alignment import prompt_tokens, refinement_mapper
+
+    words = st.sampled_from(vocab)
+    source, target = data.draw(_prompt(words)), data.draw(_prompt(words))
+    mapper, alphas = refinement_mapper(tok, source, target)
+    x, y = prompt_tokens(tok, source), prompt_tokens(tok, target)
+    kept = [j for j in range(len(y)) if alphas[j] == 1]
+    assert all(x[int(mapper[j])] == y[j] for j in kept)
+    assert [int(mapper[j]) for j in kept] == sorted({int(mapper[j]) for j in kept})
+    assert torch.equal(mapper[len(y):], torch.arange(len(y), tok.model_max_length))  # past the end: itself
+    same, ones = refinement_mapper(tok, source, source)
+    assert torch.equal(same, torch.arange(tok.model_max_length)) and bool((ones == 1).all())
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_replace_mapper_is_identity_but_for_the_swapped_words(tok, vocab, data):
+    from nulltext.alignment import replacement_mapper, words
+
+    pieces = st.one_of(st.sampled_from(vocab), st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=9))
+    source = data.draw(st.lists(pieces, min_size=1, max_size=8))
+    swaps = data.draw(st.lists(st.tuples(st.integers(0, len(source) - 1), pieces), max_size=3))
+    target = list(source)
+    for k, w in swaps:
+        target[k] = w
+    try:
+        m = replacement_mapper(tok, " ".join(source), " ".join(target))
+    except NulltextError as e:
+        one_line(e)
+        assert "same number of tokens" in str(e)  # the only refusal: a swap changed the token count
+        return
+    L = tok.model_max_length
+    assert m.shape == (L, L)
+    assert torch.allclose(m.sum(1), torch.ones(L))  # every source token goes somewhere, in all
+    for a, b in zip(words(tok, " ".join(source)), words(tok, " ".join(target))):
+        block = m[list(a.positions)][:, list(b.positions)]
+        if len(a.positions) == len(b.positions):
+            assert torch.equal(block, torch.eye(len(a.positions)))  # token k -> token k
+        else:
+            assert torch.allclose(block, torch.full_like(block, 1 / len(b.positions)))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.text(max_size=80))
+def test_words_cover_a_prompts_tokens_and_are_found_where_they_are(tok, prompt):
+    from nulltext.alignment import prompt_tokens, word_positions, words
+
+    with within():
+        try:
+            ws = words(tok, prompt)
+        except NulltextError as e:
+            one_line(e)
+            return
+        assert [i for w in ws for i in w.ids] == prompt_tokens(tok, prompt)[1:-1]
+        for w in ws[:4]:
+            if w.key:
+                found = word_positions(tok, prompt, w.key)
+                same = {p for v in ws if v.key == w.key for p in v.positions}
+                assert set(found) <= same
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts, reweight pairs, sizes
+
+
+@given(st.text())
+def test_a_prompt_is_accepted_as_it_is_or_refused_in_one_line(text):
+    from nulltext.text import check_prompt
+
+    try:
+        assert check_prompt(text) is text
+    except NulltextError as e:
+        one_line(e)
+        assert not text.strip() or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+@given(st.text())
+def test_reweight_pairs_parse_to_a_valid_config_or_a_one_line_error(text):
+    from nulltext.config import EditConfig, parse_reweight
+
+    try:
+        pairs = parse_reweight(text)
+        config = EditConfig(reweight=pairs)
+    except NulltextError as e:
+        one_line(e)
+        return
+    assert all(math.isfinite(f) for _, f in config.reweight)
+
+
+@given(st.one_of(st.text(), st.from_regex(r"\A-?\d{1,6}(x-?\d{1,6})?\Z")))
+def test_a_size_is_valid_or_refused(text):
+    from nulltext.config import MAX_SIZE, InversionConfig, parse_size
+
+    try:
+        size = parse_size(text)
+    except NulltextError as e:
+        one_line(e)
+        return
+    values = [size] if isinstance(size, int) else list(size)
+    assert all(0 < v <= MAX_SIZE for v in values)
+    InversionConfig(size=size)  # and the config takes it
+
+
+@given(st.integers(1, 4096), st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([8, 16, 64]))
+def test_output_sizes_are_multiples_and_keep_the_aspect(n, w, h, multiple):
+    from nulltext.image import output_size
+
+    W, H = output_size(n, (w, h), multiple=multiple)
+    assert W % multiple == 0 and H % multiple == 0 and min(W, H) >= multiple
+    assert max(W, H) == max(multiple, round(n / multiple) * multiple) or abs(max(W, H) - n) <= multiple / 2
+    assert (W >= H) == (w >= h) or W == H
+    exact_short = n * min(w, h) / max(w, h)
+    assert abs(min(W, H) - max(exact_short, multiple)) <= multiple / 2 + 1e-9 or min(W, H) == multiple
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch manifests
+
+
+def _read(tmp_path, name: str, data: bytes):
+    from nulltext import EditConfig, InversionConfig
+    from nulltext.batch import read_jobs
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with within():
+        try:
+            return read_jobs(str(path), InversionConfig(), EditConfig())
+        except NulltextError as e:
+            one_line(e)
+            return None
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.binary(max_size=400), st.sampled_from(["jobs.jsonl", "jobs.csv"]))
+def test_any_bytes_as_a_manifest_give_jobs_or_one_error(tmp_path, data, name):
+    jobs = _read(tmp_path, name, data)
+    for job in jobs or []:
+        assert "\n" not in job.error and len(job.error) <= 200
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                        max_size=3),
+                           max_leaves=6)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(sorted(__import__("nulltext.batch", fromlist=["KNOWN"]).KNOWN) + ["extra"]),
+                       json_values, max_size=6))
+def test_any_values_in_a_jobs_columns_make_a_valid_job_or_a_reason(tmp_path, row):
+    jobs = _read(tmp_path, "jobs.jsonl", (json.dumps(row) + "\n").encode())
+    assert jobs is not None and len(jobs) == 1
+    job = jobs[0]
+    if job.error:
+        assert "\n" not in job.error
+    else:
+        job.inversion.validate()
+        job.edit.validate()
+        assert isinstance(job.prompt, str) and job.prompt.strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inversion files
+
+
+@pytest.fixture(scope="module")
+def valid_file(tmp_path_factory, tiny_pipe):
+    from conftest import make_photo
+
+    from nulltext import InversionConfig, invert_image
+
+    path = tmp_path_factory.mktemp("fuzz") / "valid.safetensors"
+    invert_image(tiny_pipe, make_photo(), "a cat sitting next to a mirror",
+                 InversionConfig(num_steps=3, num_inner_steps=1, size=64), progress=False).save(path)
+    return path.read_bytes()
+
+
+def _load(tmp_path, data: bytes, pipe=None):
+    from nulltext.storage import load_inversion
+
+    path = tmp_path / "fuzzed.safetensors"
+    path.write_bytes(data)
+    with within():
+        try:
+            return load_inversion(path, pipe=pipe)
+        except NulltextError as e:
+            one_line(e)
+            return None
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=2000),
+                 st.tuples(st.integers(0, 2**64 - 1), st.binary(max_size=300)).map(
+                     lambda t: struct.pack("<Q", t[0]) + t[1])))
+def test_random_bytes_are_refused_as_an_inversion_file(tmp_path, data):
+    assert _load(tmp_path, data) is None
+
+
+mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "delete"]), st.floats(0, 1),
+                               st.binary(min_size=1, max_size=8)), min_size=1, max_size=4)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(mutations)
+def test_mutated_files_load_or_are_refused(tmp_path, tiny_pipe, valid_file, ops):
+    data = bytearray(valid_file)
+    for op, where, payload in ops:
+        k = min(int(where * len(data)), max(len(data) - 1, 0))
+        if op == "flip" and data:
+            data[k] ^= payload[0] or 1
+        elif op == "cut":
+            del data[k:]
+        elif op == "insert":
+            data[k:k] = payload
+        elif op == "delete":
+            del data[k:k + len(payload)]
+    _load(tmp_path, bytes(data), pipe=tiny_pipe)
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_files_with_altered_metadata_load_and_show_or_are_refused(tmp_path, tiny_pipe, valid_file, capsys, data):
+    """A crafted header: any value of nulltext's metadata replaced by any JSON value. Loading (with
+    the model) and ``nulltext info`` answer with a result or one line."""
+    from nulltext.cli import main
+
+    n = struct.unpack("<Q", valid_file[:8])[0]
+    header = json.loads(valid_file[8:8 + n])
+    doc = json.loads(header["__metadata__"]["nulltext"])
+    paths = sorted(_leaves(doc), key=repr)
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(paths))
+        value = data.draw(json_values)
+        if not where:
+            doc = value
+            break
+        node = doc
+        try:
+            for key in where[:-1]:
+                node = node[key]
+            node[where[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            pass
+    header["__metadata__"]["nulltext"] = json.dumps(doc)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    blob = struct.pack("<Q", len(raw)) + raw + valid_file[8 + n:]
+    _load(tmp_path, blob, pipe=tiny_pipe)
+    capsys.readouterr()
+    with within():
+        code = main(["info", str(tmp_path / "fuzzed.safetensors")])
+    out, err = capsys.readouterr()
+    assert code in (0, 2) and "Traceback" not in err
+    assert (code == 0) == (err == ""), err
+
+
+# ---------------------------------------------------------------------------------------------------
+# No code from files
+
+
+def test_the_package_never_unpickles_or_evaluates():
+    """No pickle, no torch.load without weights_only=True, no eval/exec anywhere in the package."""
+    import ast
+    from pathlib import Path
+
+    import nulltext
+
+    root = Path(nulltext.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(m and m.split(".")[0] in ("pickle", "cPickle", "dill", "marshal", "shelve", "joblib")
+                       for m in mods):
+                    found.append(f"{path.name}:{node.lineno} imports {mods}")
+            elif isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name in ("eval", "exec", "compile") and isinstance(f, ast.Name):
+                    found.append(f"{path.name}:{node.lineno} calls {name}")
+                if name == "load" and isinstance(f, ast.Attribute) and getattr(f.value, "id", "") == "torch":
+                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                               for k in node.keywords)
+                    if not safe:
+                        found.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+    assert found == []
