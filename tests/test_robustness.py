@@ -76,6 +76,7 @@ class Ctx:
             except SystemExit as e:  # argparse's refusals
                 got = e.code
         out, err = self.capsys.readouterr()
+        self.out = out
         assert got == code, f"exit {got}, expected {code}\n{err}"
         assert "Traceback" not in out + err
         lines = [line for line in err.splitlines() if not line.startswith("nulltext: warning:")]
@@ -864,11 +865,13 @@ def _(c):
 
 @case("nan-during-edit")
 def _(c):
-    from nulltext import Inversion, edit
+    """A crafted file whose null embedding at step 3 is finite (1e38) but overflows the model."""
+    def overflow(t):
+        t["null_embeddings"] = t["null_embeddings"].clone()
+        t["null_embeddings"][2] = 1e38
 
-    inv = Inversion.load(c.inversion, pipe=c.pipe)
-    inv.null_embeddings[2] = 1e38  # finite in the file, overflowing in the model (as a crafted file could)
-    return error_of(edit, c.pipe, inv, [PROMPT], _edit_config(), exc=None)
+    name = _rewrite(c, "crafted.safetensors", overflow)
+    return c.refused("edit", name, "--target", PROMPT, "-o", "edits", "--device", "cpu", "-q")
 
 
 @case("loss-diverges")
@@ -878,6 +881,10 @@ def _(c):
     config = InversionConfig(num_steps=4, num_inner_steps=5, size=64, lr=500.0, early_stop_epsilon=0.0)
     inv, message = warnings_of(invert_image, c.pipe, make_photo(), PROMPT, config, progress=False)
     assert inv.meta["optimisation"]["diverged_steps"], inv.meta["optimisation"]
+    inv.save(c.root / "diverged.safetensors")
+    assert c.cli("info", "diverged.safetensors", code=0) == ""
+    first = inv.meta["optimisation"]["diverged_steps"][0] + 1
+    assert any(line.startswith(f"diverged       at step(s) {first}") for line in c.out.splitlines()), c.out
     normal, quiet = warnings_of(invert_image, c.pipe, make_photo(), PROMPT,
                                 InversionConfig(num_steps=4, num_inner_steps=2, size=64), progress=False)
     assert normal.meta["optimisation"]["diverged_steps"] == [] and quiet == ""
@@ -955,6 +962,18 @@ def _(c):
     return lines[-1]
 
 
+@pytest.mark.slow
+@case("ctrl-c-mid-edit")
+def _(c):
+    inv = c.inv_copy("x.safetensors")
+    targets = [f"a {w} sitting next to a mirror" for w in ("dog", "tiger", "lion", "fox", "bear", "wolf")]
+    args = ["edit", inv, *[a for t in targets for a in ("--target", t)], "-o", "edits", "--device", "cpu"]
+    code, lines = _signal_when(args, c.root, "editing", signal.SIGINT)
+    assert code == 130, (code, lines)
+    assert not (c.root / "edits").exists() or not any((c.root / "edits").iterdir())
+    return lines[-1]
+
+
 def _manifest(c, n: int = 3) -> str:
     lines = []
     for k in range(n):
@@ -976,6 +995,18 @@ def _(c):
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr  # the next run works and finishes every job
     assert len(list((c.root / "out").glob("*/result.json"))) == 3
+    return lines[-1]
+
+
+@pytest.mark.slow
+@case("sigterm-mid-batch")
+def _(c):
+    manifest = _manifest(c, 2)
+    args = ["batch", manifest, "-o", "out", "--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "4",
+            "--batch-size", "1", "--inner-steps", "400", "--early-stop", "0"]
+    code, lines = _signal_when(args, c.root, "jobs", signal.SIGTERM)
+    assert code == 143, (code, lines)
+    assert _leftovers(c.root / "out") == []
     return lines[-1]
 
 

@@ -327,9 +327,10 @@ def write_summary(out_dir: str, jobs: list[Job]) -> list[dict]:
 
 def process_state():
     """accelerate's PartialState (one process when not launched by accelerate)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not __import__("torch").cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def batch(pipe, jobs: list[Job], out_dir: str, batch_size: int = 4, progress: bool = True, log=print,

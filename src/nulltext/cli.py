@@ -523,6 +523,9 @@ def cmd_info(args) -> int:
     if opt.get("iterations"):
         its = opt["iterations"]
         print(f"iterations     {sum(its)} in all (max {c.num_inner_steps * len(its)})")
+        if opt.get("diverged_steps"):
+            print(f"diverged       at step(s) {', '.join(str(i + 1) for i in opt['diverged_steps'])} of {len(its)}: "
+                  f"the loss rose from where the step started (try a lower --lr)")
         print(f"\n{'i':>4} {'t':>5} {'iters':>5} {'lr':>9} {'loss first':>11} {'loss last':>11} {'loss after':>11}")
         timesteps = _timesteps(inv)
         for i, it in enumerate(its):
