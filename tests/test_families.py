@@ -276,8 +276,11 @@ def test_output_size_from_one_number_keeps_the_aspect_on_the_model_multiple():
     assert output_size(500, (1000, 100), multiple=64) == (512, 64)  # at least one multiple
     assert output_size(96, (120, 80), multiple=32) == (96, 64)
     assert output_size(96, (130, 80), crop=(10, 0, 0, 0), multiple=32) == (96, 64)  # the crop's aspect
-    with pytest.raises(NulltextError, match="size must be positive"):
-        InversionConfig(size=0)
+    for bad in (0, (512, 0), (512,), "512", True, 512.0):
+        with pytest.raises(NulltextError, match="size must be N or"):
+            InversionConfig(size=bad)
+    with pytest.raises(NulltextError, match="at most 4096"):
+        InversionConfig(size=(512, 8192))
 
 
 @pytest.mark.slow

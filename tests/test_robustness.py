@@ -765,12 +765,12 @@ def _ui_error(fn, *args, **kwargs) -> str:
     return e.value.message
 
 
-def _ui_invert(c, photo, prompt=PROMPT):
+def _ui_invert(c, photo, prompt=PROMPT, steps=4):
     from nulltext.ui import App
 
     app = App(c.pipe, max_pixels=512 * 512)
     try:
-        return _ui_error(app.invert, photo, prompt, 4, 7.5, 2, 64, None, key="matrix")
+        return _ui_error(app.invert, photo, prompt, steps, 7.5, 2, 64, None, key="matrix")
     finally:
         app.end("matrix")
 
@@ -815,6 +815,18 @@ def _(c):
 def _(c):
     pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.photo()), prompt="a cat\x07 next to a mirror")
+
+
+@case("ui-steps-missing")
+def _(c):
+    pytest.importorskip("gradio")
+    return _ui_invert(c, str(c.root / c.photo()), steps=None)  # an API client that leaves a number out
+
+
+@case("ui-steps-fractional")
+def _(c):
+    pytest.importorskip("gradio")
+    return _ui_invert(c, str(c.root / c.photo()), steps=2.5)
 
 
 @case("ui-edit-without-inversion")

@@ -155,9 +155,11 @@ class InversionConfig:
             raise NulltextError(f"lr must be positive, got {self.lr!r}")
         if not self.lr_decay_steps > 0:
             raise NulltextError(f"lr-decay-steps must be positive, got {self.lr_decay_steps!r}")
-        sizes = [self.size] if isinstance(self.size, int) else self.size
-        if self.size is not None and (isinstance(self.size, (bool, str)) or len(sizes) not in (1, 2) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in sizes) or min(sizes) <= 0):
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        sizes = [self.size] if whole(self.size) else list(self.size) if isinstance(self.size, (tuple, list)) else []
+        if self.size is not None and not (whole(self.size) or (len(sizes) == 2 and all(whole(v) for v in sizes))):
             raise NulltextError(f"size must be N or (W, H) in pixels, positive integers, got {self.size!r}")
         if self.size is not None and max(sizes) > MAX_SIZE:
             raise NulltextError(f"size {self.size!r} is too large: at most {MAX_SIZE} pixels a side")

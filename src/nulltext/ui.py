@@ -11,6 +11,7 @@ the session ends; model work goes through Gradio's queue one job at a time.
 
 # no `from __future__ import annotations`: Gradio finds its gr.Request parameters by their annotations
 import atexit
+import math
 import os
 import re
 import shutil
@@ -71,6 +72,19 @@ def _targets(text: str | None) -> list[str]:
     if not targets:
         raise NulltextError("write at least one target prompt (one per line)")
     return targets
+
+
+def _number(value, name: str, cast=float):
+    """A number from the page or an API client, or a one-line error naming the field."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or (cast is int and not number.is_integer()):
+            raise ValueError
+        return cast(number)
+    except (TypeError, ValueError, OverflowError):
+        raise NulltextError(f"{name} must be {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
 
 
 def _file_path(value) -> str | None:
@@ -169,8 +183,9 @@ class App:
             raise NulltextError("write a caption of the photo (the source prompt of every edit)")
         self.check_photo(path)
         source = load_image(path)
-        config = InversionConfig(num_steps=int(steps), guidance_scale=float(guidance),
-                                 num_inner_steps=int(inner_steps), size=int(size) if size else None)
+        config = InversionConfig(num_steps=_number(steps, "steps", int), guidance_scale=_number(guidance, "guidance"),
+                                 num_inner_steps=_number(inner_steps, "inner steps", int),
+                                 size=_number(size, "size", int) if size else None)
         from .image import output_size
 
         w, h = output_size(config.size, source.image.size, config.crop, self.pipe.native_size, self.pipe.size_multiple)
@@ -213,9 +228,11 @@ class App:
         inv = self._load(inversion)
         targets = _targets(targets)
         src, tgt = _words(blend_source), _words(blend_target)
-        config = EditConfig(method=method or "p2p", mode=mode or "auto", cross_replace=float(cross_replace),
-                            self_replace=float(self_replace), blend_source=src, blend_target=tgt,
-                            reweight=parse_reweight(reweight), sdedit_strength=float(strength),
+        config = EditConfig(method=method or "p2p", mode=mode or "auto",
+                            cross_replace=_number(cross_replace, "cross-attention replace"),
+                            self_replace=_number(self_replace, "self-attention replace"), blend_source=src,
+                            blend_target=tgt, reweight=parse_reweight(reweight),
+                            sdedit_strength=_number(strength, "SDEdit strength"),
                             mask_mode=mask_mode or "intersect")
         mask_path = _file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
