@@ -41,6 +41,24 @@ def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(*args) -> subprocess.CompletedProcess:
+    """``nulltext ARGS`` in this process (``nulltext.cli.main``, the command's own code path, without
+    the seconds of a new interpreter importing torch): for the many refusals, which exit early."""
+    import contextlib
+    import io
+    import warnings
+
+    from nulltext.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def invert(image, output, *extra, prompt: str = PROMPT) -> subprocess.CompletedProcess:
     return run_cli("invert", image, "--prompt", prompt, "-o", output, *FAST, *extra)
 
@@ -288,7 +306,7 @@ def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
     image = make_image(tmp_path)
     out = tmp_path / "out.safetensors"
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = run_cli("invert", image, "--prompt", PROMPT, "-o", out, *FAST, *extra)
+    r = run_main("invert", image, "--prompt", PROMPT, "-o", out, *FAST, *extra)
     assert_refused(r, prefix, match)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -357,7 +375,7 @@ def test_invert_converts_image_modes(tmp_path, name, save, modes):
     with Image.open(image) as img:
         assert img.mode in modes  # the test file really has that mode
     out = tmp_path / "out.safetensors"
-    r = invert(image, out)
+    r = run_main("invert", image, "--prompt", PROMPT, "-o", out, *FAST)
     assert_ok(r)
     assert r.stderr == "", describe(r)
     meta = load(out).meta
@@ -374,7 +392,7 @@ def test_long_prompt_warns_about_truncation(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
     prompt = "a cat " * 60
-    r = invert(tmp_path / "photo.png", out, prompt=prompt)
+    r = run_main("invert", tmp_path / "photo.png", "--prompt", prompt, "-o", out, *FAST)
     assert_ok(r)
     assert out.is_file()
     warns = warning_lines(r)
@@ -387,7 +405,7 @@ def test_long_prompt_warns_about_truncation(tmp_path):
 def test_guidance_1_warns_that_the_optimisation_has_no_effect(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
-    r = invert(tmp_path / "photo.png", out, "--guidance", "1")
+    r = run_main("invert", tmp_path / "photo.png", "--prompt", PROMPT, "-o", out, *FAST, "--guidance", "1")
     assert_ok(r)
     assert out.is_file()
     warns = warning_lines(r)
@@ -418,7 +436,7 @@ NOT_INVERSIONS = {
 def test_reconstruct_refuses_a_file_that_is_not_an_inversion(tmp_path, make_file, match):
     path = make_file(tmp_path)
     out = tmp_path / "out.png"
-    r = run_cli("reconstruct", path, "-o", out, "-q")
+    r = run_main("reconstruct", path, "-o", out, "-q")
     assert_refused(r, match=match)
     assert not out.exists()
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
-from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, invert, run_cli
+from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, invert, run_cli, run_main
 
 SWAP = "a dog sitting next to a mirror"
 QUIET = ["-q"]
@@ -105,7 +105,7 @@ BAD = [
 @pytest.mark.parametrize("extra,prefix,match", BAD, ids=[m for _, _, m in BAD])
 def test_edit_refuses_bad_input(files, tmp_path, extra, prefix, match):
     out = tmp_path / "out"
-    assert_refused(run_cli("edit", files["inv"], *extra, "-o", out, *QUIET), prefix=prefix, match=match)
+    assert_refused(run_main("edit", files["inv"], *extra, "-o", out, *QUIET), prefix=prefix, match=match)
     assert not out.exists()
 
 
