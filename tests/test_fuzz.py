@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from nulltext.errors import NulltextError  # noqa: E402
 
-settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 150)), deadline=None,
+settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 300)), deadline=None,
                           derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("campaign", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 100_000)),
                           deadline=None, suppress_health_check=[HealthCheck.too_slow])
