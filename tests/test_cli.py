@@ -63,6 +63,10 @@ def invert(image, output, *extra, prompt: str = PROMPT) -> subprocess.CompletedP
     return run_cli("invert", image, "--prompt", prompt, "-o", output, *FAST, *extra)
 
 
+def invert_main(image, output, *extra, prompt: str = PROMPT) -> subprocess.CompletedProcess:
+    return run_main("invert", image, "--prompt", prompt, "-o", output, *FAST, *extra)
+
+
 def describe(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
 
@@ -221,10 +225,10 @@ def test_invert_refuses_to_overwrite_without_force(e2e, tmp_path):
     target = tmp_path / "existing.safetensors"
     shutil.copyfile(e2e["inv"], target)
     before = target.read_bytes()
-    r = invert(e2e["photo"], target, prompt="a dog")
+    r = invert_main(e2e["photo"], target, prompt="a dog")
     assert_refused(r, match="--force")
     assert target.read_bytes() == before
-    r = invert(e2e["photo"], target, "--force", prompt="a dog")
+    r = invert_main(e2e["photo"], target, "--force", prompt="a dog")
     assert_ok(r)
     assert load(target).prompt == "a dog"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.safetensors"]  # no temporary left
@@ -234,10 +238,10 @@ def test_invert_refuses_to_overwrite_without_force(e2e, tmp_path):
 def test_reconstruct_refuses_to_overwrite_without_force(e2e, tmp_path):
     target = tmp_path / "existing.png"
     target.write_bytes(b"precious, not to be lost")
-    r = run_cli("reconstruct", e2e["inv"], "-o", target, "-q")
+    r = run_main("reconstruct", e2e["inv"], "-o", target, "-q")
     assert_refused(r, match="--force")
     assert target.read_bytes() == b"precious, not to be lost"
-    r = run_cli("reconstruct", e2e["inv"], "-o", target, "-q", "--force")
+    r = run_main("reconstruct", e2e["inv"], "-o", target, "-q", "--force")
     assert_ok(r)
     with Image.open(target) as img:
         assert (img.format, img.size, img.mode) == ("PNG", (64, 64), "RGB")
@@ -319,9 +323,9 @@ def test_invert_into_a_folder(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "out.safetensors"
     out.mkdir()
-    assert_ok(invert(tmp_path / "photo.png", out))
+    assert_ok(invert_main(tmp_path / "photo.png", out))
     assert out.is_dir() and [p.name for p in out.iterdir()] == ["photo.safetensors"]
-    assert_ok(invert(tmp_path / "photo.png", str(tmp_path / "new") + os.sep))
+    assert_ok(invert_main(tmp_path / "photo.png", str(tmp_path / "new") + os.sep))
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["photo.safetensors"]
 
 
@@ -456,7 +460,7 @@ def test_info_refuses_missing_and_foreign_files(tmp_path):
 def test_more_than_100_steps_inverts_and_reconstructs(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     out = tmp_path / "long.safetensors"
-    assert_ok(invert(tmp_path / "photo.png", out, "--steps", "120", "--inner-steps", "1"))
+    assert_ok(invert_main(tmp_path / "photo.png", out, "--steps", "120", "--inner-steps", "1"))
     inv = load(out)
     assert inv.num_steps == 120 and min(inv.meta["optimisation"]["lrs"]) > 0
 
@@ -508,15 +512,15 @@ def test_words_the_tokenizer_splits_are_named_in_one_warning(tmp_path):
     are cut into pieces: invert and edit run, and say which words."""
     make_photo().save(tmp_path / "photo.png")
     inv = tmp_path / "x.safetensors"
-    r = invert(tmp_path / "photo.png", inv, prompt="a zebroid sitting next to a mirror")
+    r = invert_main(tmp_path / "photo.png", inv, prompt="a zebroid sitting next to a mirror")
     assert_ok(r)
     warns = warning_lines(r)
     assert len(warns) == 1 and "'zebroid' (" in warns[0] and "several tokens" in warns[0], describe(r)
-    r = run_cli("edit", inv, "--target", "a zebroid sitting next to a mirror glimmers", "-o", tmp_path / "e", "-q")
+    r = run_main("edit", inv, "--target", "a zebroid sitting next to a mirror glimmers", "-o", tmp_path / "e", "-q")
     assert_ok(r)
     warns = warning_lines(r)  # the target's new word; the source's was named at its inversion
     assert len(warns) == 1 and "'glimmers' (" in warns[0] and "zebroid" not in warns[0], describe(r)
-    r = invert(tmp_path / "photo.png", tmp_path / "y.safetensors")  # every word known: no warning
+    r = invert_main(tmp_path / "photo.png", tmp_path / "y.safetensors")  # every word known: no warning
     assert_ok(r)
     assert warning_lines(r) == []
 
@@ -534,7 +538,7 @@ def test_several_images_in_batches_one_file_each(tmp_path):
     prompts = ["a cat sitting next to a mirror", "a dog", "a cat"]
     out = tmp_path / "invs"
     args = [x for p in prompts for x in ("--prompt", p)]
-    r = run_cli("invert", *paths, *args, "-o", out, "--batch-size", "2", "--low-memory", *FAST)
+    r = run_main("invert", *paths, *args, "-o", out, "--batch-size", "2", "--low-memory", *FAST)
     assert_ok(r)
     files = [out / "cat.safetensors", out / "dog.safetensors", out / "cat-2.safetensors"]
     assert sorted(out.iterdir()) == sorted(files)
@@ -542,13 +546,13 @@ def test_several_images_in_batches_one_file_each(tmp_path):
     invs = [Inversion.load(f) for f in files]
     assert [inv.prompt for inv in invs] == prompts
     alone = tmp_path / "alone.safetensors"
-    assert_ok(invert(paths[1], alone, prompt="a dog"))
+    assert_ok(invert_main(paths[1], alone, prompt="a dog"))
     import torch
 
     torch.testing.assert_close(invs[1].null_embeddings, Inversion.load(alone).null_embeddings, rtol=0, atol=1e-3)
     assert invs[1].meta["image"]["sha256"] == Inversion.load(alone).meta["image"]["sha256"]
     # rerun: the files exist, nothing is overwritten without --force
-    assert_refused(run_cli("invert", *paths, *args, "-o", out, *FAST), match="already exists")
+    assert_refused(run_main("invert", *paths, *args, "-o", out, *FAST), match="already exists")
 
 
 @pytest.mark.slow
@@ -556,11 +560,11 @@ def test_several_images_refusals(tmp_path):
     paths = [tmp_path / "x.png", tmp_path / "y.png"]
     for path in paths:
         make_photo().save(path)
-    assert_refused(run_cli("invert", *paths, "--prompt", "a", "--prompt", "b", "--prompt", "c", "-o", tmp_path / "o",
+    assert_refused(run_main("invert", *paths, "--prompt", "a", "--prompt", "b", "--prompt", "c", "-o", tmp_path / "o",
                            *FAST), match="2 images need one --prompt each (or one for all), got 3")
     (tmp_path / "file").write_text("x")
-    assert_refused(run_cli("invert", *paths, "--prompt", "a", "-o", tmp_path / "file", *FAST),
+    assert_refused(run_main("invert", *paths, "--prompt", "a", "-o", tmp_path / "file", *FAST),
                    match="is a file; with 2 images, -o names a folder")
-    assert_refused(run_cli("invert", *paths, "--prompt", "a", "-o", tmp_path / "o", "--batch-size", "0", *FAST),
+    assert_refused(run_main("invert", *paths, "--prompt", "a", "-o", tmp_path / "o", "--batch-size", "0", *FAST),
                    prefix="nulltext invert: error:")
     assert not (tmp_path / "o").exists()

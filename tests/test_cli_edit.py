@@ -1,5 +1,5 @@
-"""``nulltext edit`` and ``nulltext attention`` end to end in subprocesses on the tiny model, and
-the refusals users meet: each one line on stderr, exit 2, nothing written."""
+"""``nulltext edit`` and ``nulltext attention`` end to end (``nulltext.cli.main``, in this process) on
+the tiny model, and the refusals users meet: each one line on stderr, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
-from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, invert, run_cli, run_main
+from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, invert, run_main
 
 SWAP = "a dog sitting next to a mirror"
 QUIET = ["-q"]
@@ -20,16 +20,16 @@ def files(tmp_path_factory):
     photo = d / "photo.png"
     make_photo().save(photo)
     inv = d / "photo.safetensors"
-    r = invert(photo, inv)
+    r = run_main("invert", photo, "--prompt", PROMPT, "-o", inv, *FAST)
     assert r.returncode == 0, describe(r)
     recon = d / "recon.png"
-    assert_ok(run_cli("reconstruct", inv, "-o", recon, "-q"))
+    assert_ok(run_main("reconstruct", inv, "-o", recon, "-q"))
     return {"dir": d, "photo": photo, "inv": inv, "recon": recon}
 
 
 def test_edit_writes_reconstruction_edits_and_grid(files, tmp_path):
     out = tmp_path / "out"
-    r = run_cli("edit", files["inv"], "--target", SWAP, "--target", "a fluffy cat sitting next to a mirror",
+    r = run_main("edit", files["inv"], "--target", SWAP, "--target", "a fluffy cat sitting next to a mirror",
                 "--blend", "cat", "dog,cat", "--reweight", "fluffy=2", "-o", out, *QUIET)
     assert_ok(r)
     names = sorted(p.name for p in out.iterdir())
@@ -49,7 +49,7 @@ def test_edit_writes_reconstruction_edits_and_grid(files, tmp_path):
 @pytest.mark.slow
 def test_edit_from_an_image_inverts_first_and_can_keep_the_inversion(files, tmp_path):
     out, inv = tmp_path / "out", tmp_path / "kept.safetensors"
-    r = run_cli("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--save-inversion", inv,
+    r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--save-inversion", inv,
                 "--method", "sdedit", "--strength", "0.5", "-o", out, *FAST)
     assert_ok(r)
     assert inv.exists() and (out / "grid.png").exists()
@@ -61,7 +61,7 @@ def test_edit_from_an_image_inverts_first_and_can_keep_the_inversion(files, tmp_
 @pytest.mark.slow
 def test_attention_command_writes_a_grid_of_token_maps(files, tmp_path):
     out = tmp_path / "maps.png"
-    r = run_cli("attention", files["inv"], "--target", SWAP, "-o", out, "--cell", "64", *QUIET)
+    r = run_main("attention", files["inv"], "--target", SWAP, "-o", out, "--cell", "64", *QUIET)
     assert_ok(r)
     img = Image.open(out)
     # two rows (source and target), each the image and 9 tokens: <start> a cat sitting next to a mirror <end>
@@ -74,9 +74,9 @@ def test_edit_refuses_to_overwrite_without_force(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "grid.png").write_bytes(b"keep")
-    assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "-o", out, *QUIET), match="--force")
+    assert_refused(run_main("edit", files["inv"], "--target", SWAP, "-o", out, *QUIET), match="--force")
     assert (out / "grid.png").read_bytes() == b"keep" and len(list(out.iterdir())) == 1
-    assert_ok(run_cli("edit", files["inv"], "--target", SWAP, "-o", out, "--force", *QUIET))
+    assert_ok(run_main("edit", files["inv"], "--target", SWAP, "-o", out, "--force", *QUIET))
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +112,20 @@ def test_edit_refuses_bad_input(files, tmp_path, extra, prefix, match):
 @pytest.mark.slow
 def test_edit_refuses_an_inversion_made_with_another_model(files, other_model, tmp_path):
     out = tmp_path / "out"
-    assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "--model", other_model, "-o", out, *QUIET),
+    assert_refused(run_main("edit", files["inv"], "--target", SWAP, "--model", other_model, "-o", out, *QUIET),
                    match="does not match")
     assert not out.exists()
 
 
 def test_edit_of_an_image_needs_its_prompt(files, tmp_path):
-    assert_refused(run_cli("edit", files["photo"], "--target", SWAP, "-o", tmp_path / "o", *FAST),
+    assert_refused(run_main("edit", files["photo"], "--target", SWAP, "-o", tmp_path / "o", *FAST),
                    match="--prompt")
 
 
 @pytest.mark.slow
 def test_edit_with_attention_writes_the_maps_too(files, tmp_path):
     out = tmp_path / "out"
-    r = run_cli("edit", files["inv"], "--target", SWAP, "--attention", "-o", out, *QUIET)
+    r = run_main("edit", files["inv"], "--target", SWAP, "--attention", "-o", out, *QUIET)
     assert_ok(r)
     assert (out / "attention.png").exists() and f"wrote {out / 'attention.png'}" in r.stdout
     assert Image.open(out / "attention.png").height > Image.open(out / "grid.png").height  # two rows of maps
@@ -135,7 +135,7 @@ def test_edit_with_attention_writes_the_maps_too(files, tmp_path):
 def test_edit_of_an_image_checks_the_prompts_before_inverting(files, tmp_path):
     inv = tmp_path / "kept.safetensors"
     # the full 50-step inversion would take far longer than the refusal: nothing is inverted or kept
-    r = run_cli("edit", files["photo"], "--prompt", PROMPT, "--target", "a dog", "--mode", "replace",
+    r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", "a dog", "--mode", "replace",
                 "--save-inversion", inv, "-o", tmp_path / "o", "--model", "tiny", "--size", "64", "-q")
     assert_refused(r, match="same number of tokens")
     assert not inv.exists() and not (tmp_path / "o").exists()
@@ -143,9 +143,9 @@ def test_edit_of_an_image_checks_the_prompts_before_inverting(files, tmp_path):
 
 @pytest.mark.slow
 def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path):
-    assert_refused(run_cli("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--attention",
+    assert_refused(run_main("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--attention",
                            "-o", tmp_path / "o", *QUIET), match="--attention")
-    r = run_cli("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--blend", "cat", "dog",
+    r = run_main("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--blend", "cat", "dog",
                 "-o", tmp_path / "o2", *QUIET)
     assert_ok(r)
     assert "nulltext: warning: --blend apply to --method p2p only" in r.stderr
@@ -153,13 +153,13 @@ def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path
 
 @pytest.mark.slow
 def test_inversion_options_with_an_inversion_file_are_warned_and_ignored(files, tmp_path):
-    r = run_cli("edit", files["inv"], "--target", SWAP, "--steps", "7", "--inner-steps", "3",
+    r = run_main("edit", files["inv"], "--target", SWAP, "--steps", "7", "--inner-steps", "3",
                 "-o", tmp_path / "o", *QUIET)
     assert_ok(r)
     assert "nulltext: warning: --steps, --inner-steps apply to an IMAGE input only" in r.stderr
     # the file's own settings were used: the reconstruction row is the file's reconstruction
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "reconstruction.png")),
                           np.asarray(Image.open(files["recon"])))
-    quiet = run_cli("edit", files["inv"], "--target", SWAP, "-o", tmp_path / "o2", *QUIET)
+    quiet = run_main("edit", files["inv"], "--target", SWAP, "-o", tmp_path / "o2", *QUIET)
     assert_ok(quiet)
     assert "warning" not in quiet.stderr

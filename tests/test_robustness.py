@@ -306,14 +306,19 @@ def _(c):
 @case("prompt-empty")
 def _(c):
     c.photo()
-    return c.refused("invert", "photo.png", "--prompt", "", "-o", "out.safetensors", *FAST)
+    message = c.cli("invert", "photo.png", "--prompt", "", "-o", "out.safetensors", *FAST, code=0)
+    assert (c.root / "out.safetensors").is_file()  # an unconditional inversion
+    return message
 
 
 @case("prompt-whitespace")
 def _(c):
-    from nulltext import invert_image
+    from nulltext import InversionConfig, invert_image
 
-    return error_of(invert_image, c.pipe, make_photo(), " \t\n ")
+    inv, message = warnings_of(invert_image, c.pipe, make_photo(), " \t\n ",
+                               InversionConfig(num_steps=2, num_inner_steps=1, size=64), progress=False)
+    assert inv.prompt == " \t\n "
+    return message
 
 
 @case("prompt-control-character")
@@ -608,15 +613,26 @@ def _(c):
     c.photo()
     locked = c.root / "locked"
     locked.mkdir()
+    immutable = False
     if os.geteuid() == 0:  # root writes anywhere a mode forbids: an immutable folder refuses root too
-        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
-            pytest.skip("chattr +i is not available on this file system")
+        immutable = subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0
+        if not immutable:  # no chattr on this file system: the refusal is simulated for this folder
+            import tempfile
+
+            real = tempfile.mkstemp
+
+            def refuse(*args, dir=None, **kwargs):
+                if dir is not None and os.path.abspath(dir) == str(locked):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                return real(*args, dir=dir, **kwargs)
+
+            c.monkeypatch.setattr(tempfile, "mkstemp", refuse)
     else:
         os.chmod(locked, 0o555)
     try:
         return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "locked/out.safetensors", *FAST)
     finally:
-        if os.geteuid() == 0:
+        if immutable:
             subprocess.run(["chattr", "-i", str(locked)], check=True)
         os.chmod(locked, 0o755)
 
@@ -639,10 +655,12 @@ def _(c):
 
     real = safetensors.torch.save_file
 
+    from safetensors import SafetensorError
+
     def full_disk(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:  # half a file, then the disk is full
+        with open(filename, "wb") as f:  # half a file, then the disk is full: what safetensors raises then
             f.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     c.photo()
     c.monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
@@ -651,16 +669,39 @@ def _(c):
     return message
 
 
+@pytest.mark.slow
+@case("output-file-size-limit")
+def _(c):
+    """A real write failure from the operating system: the process may write at most 16 kB a file
+    (RLIMIT_FSIZE), less than the inversion file."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+    c.photo()
+    proc = subprocess.run([sys.executable, "-m", "nulltext", *_invert_args("photo.png")], cwd=c.root, env=_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in c.root.iterdir()) == ["photo.png"]
+    return proc.stderr.strip()
+
+
 @case("output-temporary-of-a-killed-run")
 def _(c):
     from nulltext.files import atomic_write
 
+    from nulltext.files import _host
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process id that no longer runs
-    stale = c.write(f".out.{dead.pid}.abcd1234.tmp.png", b"half a png")
-    mine = c.write(f".other.{os.getpid()}.abcd1234.tmp.png", b"this process is writing it")
+    stale = c.write(f".out.nulltext-{_host()}-{dead.pid}.abcd1234.tmp.png", b"half a png")
+    kept = [c.write(f".other.nulltext-{_host()}-{os.getpid()}.abcd1234.tmp.png", b"this process is writing it"),
+            c.write(f".out.nulltext-elsewhere-{dead.pid}.abcd1234.tmp.png", b"another machine's, on a shared disk"),
+            c.write(".bashrc.4242.bak.tmp", b"the user's own")]
     atomic_write("out.png", lambda tmp: Path(tmp).write_bytes(b"whole"))
-    assert not (c.root / stale).exists() and (c.root / mine).exists()
+    assert not (c.root / stale).exists() and all((c.root / k).exists() for k in kept)
     assert (c.root / "out.png").read_bytes() == b"whole"
     return ""
 
@@ -697,7 +738,14 @@ def _(c):
 
 @case("manifest-csv-nul")
 def _(c):
-    return _job_error(c, "image,prompt\nphoto.png,a cat\0\n", name="jobs.csv")
+    c.write("jobs.csv", b"image,prompt\nphoto.png,a cat\0\n")
+    return c.refused("batch", "jobs.csv", "-o", "out", *FAST[:4])
+
+
+@case("manifest-pipe")
+def _(c):
+    os.mkfifo(c.root / "jobs.jsonl")
+    return c.refused("batch", "jobs.jsonl", "-o", "out", *FAST[:4])
 
 
 @case("manifest-line-not-json")
@@ -796,6 +844,14 @@ def _(c):
 def _(c):
     pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.write("notes.png", b"not an image\n" * 10)))
+
+
+@case("ui-decompression-bomb")
+def _(c):
+    pytest.importorskip("gradio")
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
+    return _ui_invert(c, str(c.root / c.write("bomb.png", data)))
 
 
 @case("ui-too-many-pixels")
@@ -915,21 +971,21 @@ def _env() -> dict:
 
 
 def _signal_when(args, cwd: Path, marker: str, sig: int, timeout: float = 120) -> tuple[int, list[str]]:
-    """Start ``nulltext ARGS``, send ``sig`` once ``marker`` appears on its stderr (its progress
-    bars), and return its exit status and the stderr lines that are not progress bars."""
+    """Start ``nulltext ARGS``, send ``sig`` once ``marker`` appears in its output (stdout and
+    stderr, where the progress bars are), and return its exit status and nulltext's lines."""
     proc = subprocess.Popen([sys.executable, "-m", "nulltext", *map(str, args)], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = b""
     deadline = time.monotonic() + timeout
     while marker.encode() not in seen:
-        chunk = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(1)
+        chunk = proc.stdout.read1(4096)
         if not chunk or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"{marker!r} never appeared: {seen.decode(errors='replace')[-2000:]}")
         seen += chunk
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
-    text = (seen + err).decode(errors="replace")
+    rest, _ = proc.communicate(timeout=timeout)
+    text = (seen + rest).decode(errors="replace")
     lines = re.findall(r"nulltext: [^\r\n]*", text)  # (a progress bar may precede it on its line)
     assert "Traceback" not in text, text
     return proc.returncode, lines
@@ -983,29 +1039,38 @@ def _(c):
     code, lines = _signal_when(args, c.root, "editing", signal.SIGINT)
     assert code == 130, (code, lines)
     assert not (c.root / "edits").exists() or not any((c.root / "edits").iterdir())
+    assert c.cli("edit", inv, "--target", targets[0], "-o", "edits", "--device", "cpu", "-q", code=0) == ""
+    assert sorted(p.name for p in (c.root / "edits").iterdir()) == [
+        "edit-1-a-dog-sitting-next-to-a-mirror.png", "grid.png", "reconstruction.png"]  # the next run works
     return lines[-1]
 
 
-def _manifest(c, n: int = 3) -> str:
+def _manifest(c, n: int = 3, slow_after_first: bool = False) -> str:
     lines = []
     for k in range(n):
         c.photo(f"p{k}.png")
-        lines.append(json.dumps({"id": f"job{k}", "image": f"p{k}.png", "prompt": PROMPT}))
+        job = {"id": f"job{k}", "image": f"p{k}.png", "prompt": PROMPT}
+        if slow_after_first and k:  # the first job finishes at once, the others take minutes
+            job.update(inner_steps=400, early_stop=0)
+        lines.append(json.dumps(job))
     return c.write("jobs.jsonl", ("\n".join(lines) + "\n").encode())
 
 
 @pytest.mark.slow
 @case("ctrl-c-mid-batch")
 def _(c):
-    manifest = _manifest(c)
+    manifest = _manifest(c, slow_after_first=True)
     args = ["batch", manifest, "-o", "out", "--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "4",
-            "--batch-size", "1"]
-    code, lines = _signal_when([*args, "--inner-steps", "400", "--early-stop", "0"], c.root, "jobs", signal.SIGINT)
+            "--inner-steps", "2", "--batch-size", "1"]
+    code, lines = _signal_when(args, c.root, "job0: ok", signal.SIGINT)
     assert code == 130, (code, lines)
     assert _leftovers(c.root / "out") == []
-    rerun = subprocess.run([sys.executable, "-m", "nulltext", *args, "--inner-steps", "2", "-q"], cwd=c.root,
-                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr  # the next run works and finishes every job
+    assert len(list((c.root / "out").glob("*/result.json"))) == 1  # the finished job is kept
+    c.write(manifest, (c.root / manifest).read_bytes().replace(b', "inner_steps": 400, "early_stop": 0', b""))
+    rerun = subprocess.run([sys.executable, "-m", "nulltext", *args, "-q"], cwd=c.root, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr  # the next run works: it skips the finished job, does the others
+    assert "3 of 3 jobs done (1 by an earlier run)" in rerun.stdout, rerun.stdout
     assert len(list((c.root / "out").glob("*/result.json"))) == 3
     return lines[-1]
 
@@ -1032,7 +1097,9 @@ def _(c):
                                 *[a for a in FAST if a != "-q"][:-2], "--inner-steps", "200", "--early-stop", "0"],
                                c.root, "null-text optimisation", signal.SIGKILL)
     assert code == -signal.SIGKILL and lines == [] and not (c.root / "out.safetensors").exists()
-    c.write(".out.999999999.zzzz0000.tmp.safetensors", b"")  # as a kill during the write leaves it
+    from nulltext.files import _host
+
+    c.write(f".out.nulltext-{_host()}-999999999.zzzz0000.tmp.safetensors", b"")  # as a kill during a write leaves it
     proc = subprocess.run([sys.executable, "-m", "nulltext", *_invert_args("photo.png")], cwd=c.root, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import os
 import time
@@ -65,12 +66,18 @@ def _slug(text: str) -> str:
 
 
 def _rows(path: str) -> list[dict]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise NulltextError(f"manifest not found: {path}")
+    if not os.path.isfile(path):
+        raise NulltextError(f"manifest {path} is not a regular file (a folder, pipe or device)")
     try:
         with open(path, encoding="utf-8") as f:
             if path.lower().endswith(".csv"):
-                return [dict(r) for r in csv.DictReader(f)]
+                text = f.read()
+                if "\0" in text:  # (Python's csv module refuses it up to 3.10, reads it from 3.11)
+                    line = text[:text.index("\0")].count("\n") + 1
+                    raise NulltextError(f"cannot read the manifest {path} as CSV (line {line} holds a NUL character)")
+                return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
             rows = []
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -125,6 +132,8 @@ def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig) -> list[J
                 raise NulltextError("a job needs an image and a prompt")
             if not isinstance(image, str) or not isinstance(prompt, str):
                 raise NulltextError("image and prompt must be text")
+            if not prompt.strip():
+                raise NulltextError("a job needs an image and a prompt")
             job.image = image if os.path.isabs(image) else os.path.join(root, image)
             job.prompt = check_prompt(prompt)
             targets = row.get("targets", row.get("target")) or []
@@ -200,12 +209,11 @@ def done_result(out_dir: str, job: Job) -> dict | None:
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:
-    """Temporary files of writes a kill interrupted (atomic_write's ``.name.XXXX.tmp``)."""
-    for path in glob.glob(os.path.join(out_dir, "*", ".*.tmp*")):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+    """Temporary files of writes a kill interrupted, in the job folders (see files.atomic_write)."""
+    from .files import remove_stale_temporaries
+
+    for folder in [out_dir, *glob.glob(os.path.join(glob.escape(out_dir), "*", ""))]:
+        remove_stale_temporaries(folder)
 
 
 def run_jobs(pipe, jobs: list[Job], out_dir: str, batch_size: int = 4, progress: bool = True,

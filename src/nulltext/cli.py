@@ -416,8 +416,9 @@ def cmd_invert(args) -> int:
     if len(prompts) not in (1, len(args.image)):
         raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
     prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
-    for prompt in prompts:
-        check_prompt(prompt)
+    for prompt in prompts:  # control characters refused before any work (an empty prompt warns, at the inversion)
+        if prompt.strip():
+            check_prompt(prompt)
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
@@ -602,7 +603,8 @@ def _source(args, check=None):
                             f"file made by nulltext invert)")
     from .text import check_prompt
 
-    check_prompt(args.prompt)
+    if args.prompt.strip():  # (an empty one warns, at the inversion)
+        check_prompt(args.prompt)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
     config = _inversion_config(args, args.inversion_method)
@@ -864,10 +866,12 @@ def main(argv: list[str] | None = None) -> int:
 
     written.clear()
     # SIGTERM and SIGHUP stop a command as Ctrl-C does: the file being written is removed
+    # (only where the default would kill the process: `nohup nulltext ...` keeps ignoring SIGHUP)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            handlers[sig] = signal.signal(sig, _terminate)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                handlers[sig] = signal.signal(sig, _terminate)
     try:
         return COMMANDS[args.command](args)
     except NulltextError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
         if not (isinstance(self.num_train_timesteps, int) and not isinstance(self.num_train_timesteps, bool)
                 and 1 <= self.num_train_timesteps <= 100_000):
@@ -142,7 +143,7 @@ class InversionConfig:
             )
         for name, value in (("guidance", self.guidance_scale), ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
                             ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")

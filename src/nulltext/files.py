@@ -1,6 +1,6 @@
 """Writing outputs safely: never half a file, never over an existing one unless asked.
 
-Every output is written to a hidden temporary file beside it (``.NAME.PID.XXXXXXXX.tmp.EXT``) and
+Every output is written to a hidden temporary file beside it (``.NAME.nulltext-HOST-PID.XXXXXXXX.tmp.EXT``) and
 renamed into place when complete. An interruption (Ctrl-C, SIGTERM) removes the temporary file; a
 kill that gives no chance to clean up leaves it, and the next write into that folder removes the
 temporaries of processes that no longer run."""
@@ -11,6 +11,7 @@ import errno
 import glob
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -51,7 +52,12 @@ def check_writable(path, force: bool = False) -> str:
     return path
 
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp(\.\w+)?$")
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+# the temporary files atomic_write creates: .NAME.nulltext-HOST-PID.XXXXXXXX.tmp.EXT
+_TEMP = re.compile(r"^\..+\.nulltext-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp(\.\w+)?$")
 
 
 def _alive(pid: int) -> bool:
@@ -59,18 +65,20 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except (PermissionError, OverflowError):  # another user's process; a number no process has
+        return isinstance(pid, int) and pid < 1 << 31
     return True
 
 
 def remove_stale_temporaries(folder) -> list[str]:
-    """Remove the temporary files that killed nulltext processes left in ``folder`` (those whose
-    process no longer runs); returns their paths."""
+    """Remove the temporary files that killed nulltext processes of this machine left in ``folder``
+    (named by nulltext, with this host's name and the id of a process that no longer runs; a shared
+    folder's temporaries from other machines are left alone); returns their paths."""
     removed = []
-    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), ".*.tmp*")):
+    host = _host()
+    for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), ".*.nulltext-*.tmp*")):
         m = _TEMP.match(os.path.basename(path))
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
             try:
                 os.unlink(path)
                 removed.append(path)
@@ -88,14 +96,13 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=f".tmp{ext}", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.nulltext-{_host()}-{os.getpid()}.", suffix=f".tmp{ext}",
+                                   dir=folder)
         os.close(fd)
         try:
             write(tmp)
-        except (OSError, NulltextError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # writers that wrap the OS error (safetensors' SafetensorError, ...)
-            raise OSError(errno.EIO, _first_line(e)) from None
+        except Exception as e:
+            raise _os_error(e) or e
         # mkstemp creates 0600; the output gets the permissions of any file the user writes
         os.chmod(tmp, 0o666 & ~UMASK)
         if os.path.exists(path) and not force:  # appeared while we worked
@@ -110,9 +117,13 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
     return path
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else e.__class__.__name__
+def _os_error(e: Exception) -> OSError | None:
+    """The OS error inside a writer's own exception (safetensors reports a full disk as
+    ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')``)."""
+    if type(e).__name__ != "SafetensorError":
+        return None
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else OSError(errno.EIO, str(e).strip())
 
 
 def image_format(path) -> str:

@@ -82,7 +82,7 @@ def load_image(path) -> ImageSource:
         raise NulltextError(f"image file is empty: {path}")
     try:
         img = Image.open(io.BytesIO(data))
-        frames = getattr(img, "n_frames", 1)
+        frames, fmt = getattr(img, "n_frames", 1), img.format
         img = ImageOps.exif_transpose(img)  # phone photos stored sideways come out upright
         img.load()
         mode = img.mode
@@ -97,7 +97,7 @@ def load_image(path) -> ImageSource:
     if min(rgb.size) < MIN_SIDE:
         raise NulltextError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels; "
                             f"nulltext needs at least {MIN_SIDE} pixels on each side")
-    if frames > 1:
+    if frames > 1 and fmt != "MPO":  # (MPO: a phone photo with its depth map or gain map, not frames)
         warnings.warn(f"{os.path.basename(path)} has {frames} frames; nulltext inverts the first",
                       NulltextWarning, stacklevel=2)
     return ImageSource(rgb, hashlib.sha256(data).hexdigest(), os.path.basename(path), mode)

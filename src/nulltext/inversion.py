@@ -376,8 +376,8 @@ def invert_many(
 
     images = list(images)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-    for prompt in prompts:
-        check_prompt(prompt)
+    for prompt in dict.fromkeys(prompts):
+        check_prompt(prompt, empty="warn")
     if not images:
         raise NulltextError("no images to invert")
     if len(prompts) != len(images):

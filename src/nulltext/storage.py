@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -205,9 +206,13 @@ def _check_info(path: str, meta: dict) -> None:
         else:
             ok = isinstance(value, list) and len(value) == T and all(_is_number(v) for v in value)
             if key == "loss_scales":
-                ok = ok and all(v > 0 for v in value)
+                ok = ok and all(0 < v < math.inf for v in value)
         if not ok:
             raise bad(f"optimisation {key}")
+    if "iterations" in opt:
+        missing = [k for k in ("lrs", "losses_first", "losses_last", "losses_after") if k not in opt]
+        if missing:
+            raise bad(f"optimisation lacks {', '.join(missing)}")
 
 
 def load_inversion(path, pipe=None) -> Inversion:
@@ -229,7 +234,9 @@ def load_inversion(path, pipe=None) -> Inversion:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except OSError as e:
         raise NulltextError(f"cannot read {path} ({e.strerror or e.__class__.__name__})") from None
-    except Exception as e:  # truncated, not safetensors (safetensors' own errors)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # truncated, not safetensors: safetensors' errors (a Rust panic is a BaseException)
         raise NulltextError(f"{path} is not a readable inversion file (damaged or not safetensors: "
                             f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
     if "nulltext" not in header:

@@ -10,21 +10,24 @@ from torch import Tensor
 from .errors import NulltextError, NulltextWarning
 
 
-def check_prompt(prompt, what: str = "prompt") -> str:
-    """A prompt must be text with words in it and no control characters (tabs and line breaks
-    are whitespace); returns it unchanged. Any language and emoji are fine: CLIP's tokenizer
-    encodes every character."""
+def check_prompt(prompt, what: str = "prompt", empty: str = "refuse") -> str:
+    """A prompt must be text without control characters (tabs and line breaks are whitespace);
+    returns it unchanged. An empty (or all-whitespace) prompt is refused, or with ``empty="warn"``
+    (a caption to invert) accepted with a warning. Any language and emoji are fine: CLIP's
+    tokenizer encodes every character."""
     import unicodedata
 
     if not isinstance(prompt, str):
         raise NulltextError(f"{what} must be text, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise NulltextError(f"{what} is empty; describe the image in words" if what == "prompt"
-                            else f"{what} is empty")
     for k, c in enumerate(prompt):
         if c not in "\t\n\r" and unicodedata.category(c) == "Cc":
             raise NulltextError(f"{what} contains the control character U+{ord(c):04X} at position {k + 1}; "
                                 f"remove it")
+    if not prompt.strip():
+        if empty != "warn":
+            raise NulltextError(f"{what} is empty")
+        warnings.warn("the prompt is empty: the inversion is unconditional, and edits can only add words to it "
+                      "(--mode refine)", NulltextWarning, stacklevel=3)
     return prompt
 
 

@@ -164,7 +164,10 @@ class App:
         try:
             with Image.open(path) as img:
                 w, h = img.size
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        except Image.DecompressionBombError:
+            raise NulltextError(f"the photo claims more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's "
+                                f"decompression-bomb limit); at most {self.max_pixels:,} pixels are accepted") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
             raise NulltextError(f"cannot read {os.path.basename(path)} as an image (not an image format Pillow knows)") from None
         if w * h > self.max_pixels:
             raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
