@@ -129,7 +129,7 @@ def _config_from_dict(d: dict) -> InversionConfig:
     return InversionConfig(**d)
 
 
-# far above what nulltext writes (SDXL at 1024 px, 50 steps, Direct Inversion: about 50 MiB; metadata:
+# far above what nulltext writes (SDXL at 1024 px, 50 steps: about 32 MiB; metadata:
 # tens of kB), far below what could exhaust a machine
 MAX_FILE_BYTES = 1 << 30
 MAX_META_CHARS = 1 << 22
