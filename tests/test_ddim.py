@@ -105,3 +105,16 @@ def test_scheduler_config_is_a_parameter():
     s = make_scheduler(SchedulerConfig(steps_offset=0))
     s.set_timesteps(50)
     assert int(s.timesteps[0]) == 980
+
+
+@pytest.mark.parametrize("num_steps", [50, 61, 103])
+def test_trailing_spacing_gives_exactly_t_timesteps(num_steps):
+    """diffusers' "trailing" spacing returns T + 1 timesteps, the last -1, for T that do not divide
+    the training steps evenly (61, 103 of 1000); the schedule keeps the T valid ones."""
+    scheduler = make_scheduler(SchedulerConfig(timestep_spacing="trailing", steps_offset=0))
+    scheduler.set_timesteps(num_steps)
+    raw = [int(t) for t in scheduler.timesteps]
+    schedule = Schedule.from_scheduler(scheduler, num_steps)
+    assert len(schedule.timesteps) == num_steps and min(schedule.timesteps) >= 0
+    assert list(schedule.timesteps) == [t for t in raw if t >= 0][:num_steps]
+    assert schedule.timesteps[0] == 999 and list(schedule.timesteps) == sorted(schedule.timesteps, reverse=True)

@@ -129,10 +129,23 @@ def inversion_file(tmp_path_factory, tiny_pipe):
     return path
 
 
+@pytest.fixture(scope="module")
+def long_inversion(tmp_path_factory, tiny_pipe):
+    """80 steps, so that an edit of it runs for seconds (the signal cases interrupt it)."""
+    from nulltext import InversionConfig, invert_image
+
+    path = tmp_path_factory.mktemp("robustness") / "long.safetensors"
+    invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=80, size=64, method="ddim"),
+                 progress=False).save(path)
+    return path
+
+
 @pytest.fixture
-def ctx(tmp_path, tiny_pipe, inversion_file, capsys, monkeypatch):
+def ctx(tmp_path, tiny_pipe, inversion_file, capsys, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
-    return Ctx(tmp_path, tiny_pipe, inversion_file, capsys, monkeypatch)
+    c = Ctx(tmp_path, tiny_pipe, inversion_file, capsys, monkeypatch)
+    c.request = request
+    return c
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,16 +627,17 @@ def _(c):
     locked = c.root / "locked"
     locked.mkdir()
     immutable = False
-    if os.geteuid() == 0:  # root writes anywhere a mode forbids: an immutable folder refuses root too
+    if os.geteuid() == 0 and shutil.which("chattr"):  # root writes anywhere a mode forbids; not in an immutable folder
         immutable = subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0
-        if not immutable:  # no chattr on this file system: the refusal is simulated for this folder
+    if os.geteuid() == 0:
+        if not immutable:  # no chattr here (a container without the capability): the refusal is simulated
             import tempfile
 
             real = tempfile.mkstemp
 
             def refuse(*args, dir=None, **kwargs):
                 if dir is not None and os.path.abspath(dir) == str(locked):
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                    raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
                 return real(*args, dir=dir, **kwargs)
 
             c.monkeypatch.setattr(tempfile, "mkstemp", refuse)
@@ -700,6 +714,11 @@ def _(c):
     kept = [c.write(f".other.nulltext-{_host()}-{os.getpid()}.abcd1234.tmp.png", b"this process is writing it"),
             c.write(f".out.nulltext-elsewhere-{dead.pid}.abcd1234.tmp.png", b"another machine's, on a shared disk"),
             c.write(".bashrc.4242.bak.tmp", b"the user's own")]
+    hour_ago = time.time() - 3600
+    for name in [stale, *kept]:
+        os.utime(c.root / name, (hour_ago, hour_ago))
+    fresh = c.write(f".new.nulltext-{_host()}-{dead.pid}.abcd1234.tmp.png", b"minutes old: maybe being written")
+    kept.append(fresh)  # (by a process of another PID namespace under the same host name)
     atomic_write("out.png", lambda tmp: Path(tmp).write_bytes(b"whole"))
     assert not (c.root / stale).exists() and all((c.root / k).exists() for k in kept)
     assert (c.root / "out.png").read_bytes() == b"whole"
@@ -970,21 +989,34 @@ def _env() -> dict:
     return env
 
 
+def _default_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # as a terminal gives them, whatever pytest inherited
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _signal_when(args, cwd: Path, marker: str, sig: int, timeout: float = 120) -> tuple[int, list[str]]:
     """Start ``nulltext ARGS``, send ``sig`` once ``marker`` appears in its output (stdout and
     stderr, where the progress bars are), and return its exit status and nulltext's lines."""
+    import select
+
     proc = subprocess.Popen([sys.executable, "-m", "nulltext", *map(str, args)], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker.encode() not in seen:
-        chunk = proc.stdout.read1(4096)
-        if not chunk or time.monotonic() > deadline:
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_signals)
+    try:
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while marker.encode() not in seen:
+            left = deadline - time.monotonic()
+            ready = select.select([proc.stdout], [], [], max(left, 0))[0] if left > 0 else []
+            chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                raise AssertionError(f"{marker!r} never appeared: {seen.decode(errors='replace')[-2000:]}")
+            seen += chunk
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            raise AssertionError(f"{marker!r} never appeared: {seen.decode(errors='replace')[-2000:]}")
-        seen += chunk
-    proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=timeout)
+            proc.wait()
     text = (seen + rest).decode(errors="replace")
     lines = re.findall(r"nulltext: [^\r\n]*", text)  # (a progress bar may precede it on its line)
     assert "Traceback" not in text, text
@@ -1020,7 +1052,7 @@ def _(c):
 @pytest.mark.slow
 @case("sigterm-mid-edit")
 def _(c):
-    inv = c.inv_copy("x.safetensors")
+    inv = c.write("x.safetensors", c.request.getfixturevalue("long_inversion").read_bytes())
     targets = [f"a {w} sitting next to a mirror" for w in ("dog", "tiger", "lion", "fox", "bear", "wolf")]
     args = ["edit", inv, *[a for t in targets for a in ("--target", t)], "-o", "edits", "--device", "cpu"]
     code, lines = _signal_when(args, c.root, "editing", signal.SIGTERM)
@@ -1033,7 +1065,7 @@ def _(c):
 @pytest.mark.slow
 @case("ctrl-c-mid-edit")
 def _(c):
-    inv = c.inv_copy("x.safetensors")
+    inv = c.write("x.safetensors", c.request.getfixturevalue("long_inversion").read_bytes())
     targets = [f"a {w} sitting next to a mirror" for w in ("dog", "tiger", "lion", "fox", "bear", "wolf")]
     args = ["edit", inv, *[a for t in targets for a in ("--target", t)], "-o", "edits", "--device", "cpu"]
     code, lines = _signal_when(args, c.root, "editing", signal.SIGINT)
@@ -1099,7 +1131,8 @@ def _(c):
     assert code == -signal.SIGKILL and lines == [] and not (c.root / "out.safetensors").exists()
     from nulltext.files import _host
 
-    c.write(f".out.nulltext-{_host()}-999999999.zzzz0000.tmp.safetensors", b"")  # as a kill during a write leaves it
+    planted = c.write(f".out.nulltext-{_host()}-999999999.zzzz0000.tmp.safetensors", b"")  # as a kill mid-write leaves it
+    os.utime(c.root / planted, (time.time() - 3600,) * 2)  # (removed once ten minutes old)
     proc = subprocess.run([sys.executable, "-m", "nulltext", *_invert_args("photo.png")], cwd=c.root, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -213,7 +213,7 @@ def _remove_stale_temporaries(out_dir: str) -> None:
     from .files import remove_stale_temporaries
 
     for folder in [out_dir, *glob.glob(os.path.join(glob.escape(out_dir), "*", ""))]:
-        remove_stale_temporaries(folder)
+        remove_stale_temporaries(folder, min_age_s=0)  # before any process of this run writes
 
 
 def run_jobs(pipe, jobs: list[Job], out_dir: str, batch_size: int = 4, progress: bool = True,

@@ -417,8 +417,7 @@ def cmd_invert(args) -> int:
         raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
     prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
     for prompt in prompts:  # control characters refused before any work (an empty prompt warns, at the inversion)
-        if prompt.strip():
-            check_prompt(prompt)
+        check_prompt(prompt, empty="allow")
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
@@ -603,8 +602,7 @@ def _source(args, check=None):
                             f"file made by nulltext invert)")
     from .text import check_prompt
 
-    if args.prompt.strip():  # (an empty one warns, at the inversion)
-        check_prompt(args.prompt)
+    check_prompt(args.prompt, empty="allow")  # (an empty one warns, at the inversion)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
     config = _inversion_config(args, args.inversion_method)

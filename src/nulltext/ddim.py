@@ -35,8 +35,15 @@ class Schedule:
     def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
         """Read the schedule from a diffusers DDIMScheduler (calls its ``set_timesteps``)."""
         scheduler.set_timesteps(num_steps)
+        # diffusers' "trailing" spacing yields T + 1 timesteps, the last -1, for some T (61, 103, ...
+        # of 1000): the T valid ones are the schedule
+        timesteps = tuple(int(t) for t in scheduler.timesteps if int(t) >= 0)[:num_steps]
+        if len(timesteps) != num_steps:
+            from .errors import NulltextError
+
+            raise NulltextError(f"the scheduler gives {len(timesteps)} timesteps for {num_steps} steps")
         return cls(
-            timesteps=tuple(int(t) for t in scheduler.timesteps),
+            timesteps=timesteps,
             alphas_cumprod=scheduler.alphas_cumprod,
             final_alpha_cumprod=scheduler.final_alpha_cumprod,
             step_size=scheduler.config.num_train_timesteps // num_steps,

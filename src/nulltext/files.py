@@ -2,8 +2,9 @@
 
 Every output is written to a hidden temporary file beside it (``.NAME.nulltext-HOST-PID.XXXXXXXX.tmp.EXT``) and
 renamed into place when complete. An interruption (Ctrl-C, SIGTERM) removes the temporary file; a
-kill that gives no chance to clean up leaves it, and the next write into that folder removes the
-temporaries of processes that no longer run."""
+kill that gives no chance to clean up leaves it, and a later write into that folder removes the
+temporaries of this machine's processes that no longer run (once ten minutes old; nulltext batch
+removes them from its folders when it starts)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 
 from .errors import NulltextError
@@ -33,6 +35,8 @@ UMASK = _read_umask()
 def check_writable(path, force: bool = False) -> str:
     """Fail early (before hours of work) if ``path`` exists and ``force`` is not set."""
     path = os.fspath(path)
+    if not path:
+        raise NulltextError("the output path is empty")
     if os.path.isdir(path):
         raise NulltextError(f"output {path} is a directory; give a file name")
     if os.path.exists(path) and not force:
@@ -61,6 +65,8 @@ _TEMP = re.compile(r"^\..+\.nulltext-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[a-z0
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: never take one for dead
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,16 +76,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder) -> list[str]:
+# a temporary untouched this long whose process is gone is stale
+STALE_AFTER_S = 600
+
+
+def remove_stale_temporaries(folder, min_age_s: float = STALE_AFTER_S) -> list[str]:
     """Remove the temporary files that killed nulltext processes of this machine left in ``folder``
-    (named by nulltext, with this host's name and the id of a process that no longer runs; a shared
-    folder's temporaries from other machines are left alone); returns their paths."""
+    (named by nulltext, with this host's name and the id of a process that no longer runs, untouched
+    for ``min_age_s``; a shared folder's temporaries from other machines are left alone); returns
+    their paths."""
     removed = []
     host = _host()
     for path in glob.glob(os.path.join(glob.escape(os.fspath(folder)), ".*.nulltext-*.tmp*")):
         m = _TEMP.match(os.path.basename(path))
         if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-            try:
+            try:  # (a process of another PID namespace may share the host name: leave what is being written)
+                if time.time() - os.path.getmtime(path) < min_age_s:
+                    continue
                 os.unlink(path)
                 removed.append(path)
             except OSError:
@@ -122,8 +135,9 @@ def _os_error(e: Exception) -> OSError | None:
     ``SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')``)."""
     if type(e).__name__ != "SafetensorError":
         return None
-    m = re.search(r"os error (\d+)", str(e))
-    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else OSError(errno.EIO, str(e).strip())
+    m = re.search(r"os error (\d+)|code: (\d+)", str(e))
+    code = int(m.group(1) or m.group(2)) if m else None
+    return OSError(code, os.strerror(code)) if code else OSError(errno.EIO, str(e).strip())
 
 
 def image_format(path) -> str:

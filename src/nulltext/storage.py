@@ -199,6 +199,9 @@ def _check_info(path: str, meta: dict) -> None:
     if not isinstance(opt, dict):
         raise bad("optimisation")
     for key, value in opt.items():
+        if key not in ("iterations", "retries", "lrs", "losses_first", "losses_last", "losses_after", "loss_scales",
+                       "diverged_steps"):
+            continue  # what this version does not read (a later version's field) is left alone
         if key == "diverged_steps":
             ok = isinstance(value, list) and all(_is_int(v) and 0 <= v < T for v in value)
         elif key == "iterations" or key == "retries":

@@ -13,7 +13,7 @@ from .errors import NulltextError, NulltextWarning
 def check_prompt(prompt, what: str = "prompt", empty: str = "refuse") -> str:
     """A prompt must be text without control characters (tabs and line breaks are whitespace);
     returns it unchanged. An empty (or all-whitespace) prompt is refused, or with ``empty="warn"``
-    (a caption to invert) accepted with a warning. Any language and emoji are fine: CLIP's
+    (a caption to invert) accepted with a warning, or with ``empty="allow"`` accepted. Any language and emoji are fine: CLIP's
     tokenizer encodes every character."""
     import unicodedata
 
@@ -23,7 +23,7 @@ def check_prompt(prompt, what: str = "prompt", empty: str = "refuse") -> str:
         if c not in "\t\n\r" and unicodedata.category(c) == "Cc":
             raise NulltextError(f"{what} contains the control character U+{ord(c):04X} at position {k + 1}; "
                                 f"remove it")
-    if not prompt.strip():
+    if not prompt.strip() and empty != "allow":
         if empty != "warn":
             raise NulltextError(f"{what} is empty")
         warnings.warn("the prompt is empty: the inversion is unconditional, and edits can only add words to it "
