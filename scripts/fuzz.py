@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             code = proc.wait(timeout=share)
             status = "ok" if code == 0 else "FAILED"
         except subprocess.TimeoutExpired:  # its time is spent: did it save a failure meanwhile?
-            proc.terminate()
+            proc.kill()  # (not SIGTERM: nulltext's own commands under test would take it for a user's)
             proc.wait()
             code = subprocess.call(cmd, cwd=ROOT, env=dict(env, NULLTEXT_FUZZ_PROFILE="replay"))
             status = "ok (time spent)" if code == 0 else "FAILED"
