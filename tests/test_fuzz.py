@@ -445,3 +445,20 @@ def test_the_package_never_unpickles_or_evaluates():
     root = Path(nulltext.__file__).parent
     found = [f for path in sorted(root.rglob("*.py")) for f in unsafe(path.read_text(encoding="utf-8"), path.name)]
     assert len(list(root.rglob("*.py"))) > 20 and found == []
+
+
+@pytest.mark.slow
+def test_the_campaign_script_runs_the_properties_it_is_given(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(script), "--target", "sizes", "--examples", "20", "--minutes", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 of 2 properties held" in r.stdout
+    assert "test_a_size_is_valid_or_refused: ok" in r.stdout
+    bad = subprocess.run([sys.executable, str(script), "--minutes", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--minutes and --examples must be positive" in bad.stderr
