@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
-from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, invert, run_main
+from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, run_main
 
 SWAP = "a dog sitting next to a mirror"
 QUIET = ["-q"]

@@ -25,6 +25,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from nulltext.batch import KNOWN as MANIFEST_COLUMNS  # noqa: E402
 from nulltext.errors import NulltextError  # noqa: E402
 
 settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 300)), deadline=None,
@@ -267,7 +268,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(sorted(__import__("nulltext.batch", fromlist=["KNOWN"]).KNOWN) + ["extra"]),
+@given(st.dictionaries(st.sampled_from(sorted(MANIFEST_COLUMNS) + ["extra"]),
                        json_values, max_size=6))
 def test_any_values_in_a_jobs_columns_make_a_valid_job_or_a_reason(tmp_path, row):
     jobs = _read(tmp_path, "jobs.jsonl", (json.dumps(row) + "\n").encode())

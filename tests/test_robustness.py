@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,13 @@ import torch
 from PIL import Image
 
 from conftest import make_photo
+from test_cli import _bomb_png
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 PROMPT = "a cat sitting next to a mirror"
 FAST = ["--model", "tiny", "--device", "cpu", "--size", "64", "--steps", "4", "--inner-steps", "2", "-q"]
+# an inversion that optimises for minutes, with its progress bars (for the cases that signal it)
+LONG_INVERT = [*[a for a in FAST if a != "-q"][:-2], "--inner-steps", "200", "--early-stop", "0"]
 CASES: dict = {}
 
 
@@ -158,10 +160,6 @@ def _png(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _invert_args(image: str, *extra) -> list:
     return ["invert", image, "--prompt", PROMPT, "-o", "out.safetensors", *FAST, *extra]
 
@@ -225,9 +223,7 @@ def _(c):
 
 @case("image-decompression-bomb")
 def _(c):
-    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # claims 400 megapixels in a 60-byte file
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
-    return c.refused(*_invert_args(c.write("bomb.png", data)))
+    return c.refused(*_invert_args(c.write("bomb.png", _bomb_png())))  # 400 megapixels claimed in 60 bytes
 
 
 @case("image-1-pixel")
@@ -813,119 +809,88 @@ def _(c):
 # The web UI (the functions behind /invert and /edit, as the server calls them)
 
 
-@pytest.fixture
-def app(tiny_pipe, tmp_path):
-    pytest.importorskip("gradio")
+def _ui_error(c, event: str, *args) -> str:
+    """The message the page shows when the server's ``event`` function (App.invert, App.edit) is
+    called with ``args`` by a session of its own, on a server limited to 512x512 pixels."""
+    gr = pytest.importorskip("gradio")
     from nulltext.ui import App
 
-    a = App(tiny_pipe, max_pixels=512 * 512)
-    yield a
-    for key in list(a.sessions):
-        a.end(key)
-
-
-def _ui_error(fn, *args, **kwargs) -> str:
-    import gradio as gr
-
-    with pytest.raises(gr.Error) as e:
-        fn(*args, **kwargs)
-    return e.value.message
+    app = App(c.pipe, max_pixels=512 * 512)
+    try:
+        with pytest.raises(gr.Error) as e:
+            getattr(app, event)(*args, None, key="matrix")
+        return e.value.message
+    finally:
+        app.end("matrix")
 
 
 def _ui_invert(c, photo, prompt=PROMPT, steps=4):
-    from nulltext.ui import App
-
-    app = App(c.pipe, max_pixels=512 * 512)
-    try:
-        return _ui_error(app.invert, photo, prompt, steps, 7.5, 2, 64, None, key="matrix")
-    finally:
-        app.end("matrix")
+    return _ui_error(c, "invert", photo, prompt, steps, 7.5, 2, 64)
 
 
 def _ui_edit(c, inversion, targets=PROMPT, reweight=""):
-    from nulltext.ui import App
-
-    app = App(c.pipe, max_pixels=512 * 512)
-    try:
-        return _ui_error(app.edit, inversion, targets, "p2p", "auto", 0.8, 0.4, "", "", reweight, 0.6, None,
-                         "intersect", None, key="matrix")
-    finally:
-        app.end("matrix")
+    return _ui_error(c, "edit", inversion, targets, "p2p", "auto", 0.8, 0.4, "", "", reweight, 0.6, None, "intersect")
 
 
 @case("ui-no-photo")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, None)
 
 
 @case("ui-not-an-image")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.write("notes.png", b"not an image\n" * 10)))
 
 
 @case("ui-decompression-bomb")
 def _(c):
-    pytest.importorskip("gradio")
-    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
-    return _ui_invert(c, str(c.root / c.write("bomb.png", data)))
+    return _ui_invert(c, str(c.root / c.write("bomb.png", _bomb_png())))
 
 
 @case("ui-too-many-pixels")
 def _(c):
-    pytest.importorskip("gradio")
     Image.new("RGB", (3000, 2000)).save(c.root / "big.png")
     return _ui_invert(c, str(c.root / "big.png"))
 
 
 @case("ui-empty-caption")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.photo()), prompt="   ")
 
 
 @case("ui-control-character-caption")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.photo()), prompt="a cat\x07 next to a mirror")
 
 
 @case("ui-steps-missing")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.photo()), steps=None)  # an API client that leaves a number out
 
 
 @case("ui-steps-fractional")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_invert(c, str(c.root / c.photo()), steps=2.5)
 
 
 @case("ui-edit-without-inversion")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_edit(c, None)
 
 
 @case("ui-damaged-inversion-upload")
 def _(c):
-    pytest.importorskip("gradio")
     data = c.inversion.read_bytes()
     return _ui_edit(c, str(c.root / c.write("mine.safetensors", data[:1000])))
 
 
 @case("ui-no-targets")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_edit(c, str(c.inversion), targets="\n  \n")
 
 
 @case("ui-reweight-nan")
 def _(c):
-    pytest.importorskip("gradio")
     return _ui_edit(c, str(c.inversion), reweight="cat=nan")
 
 
@@ -1030,7 +995,7 @@ def _leftovers(root: Path) -> list[str]:
 def _interrupt_invert(c, sig: int) -> str:
     c.photo()
     code, lines = _signal_when(["invert", "photo.png", "--prompt", PROMPT, "-o", "out.safetensors",
-                                *[a for a in FAST if a != "-q"][:-2], "--inner-steps", "200", "--early-stop", "0"],
+                                *LONG_INVERT],
                                c.root, "null-text optimisation", sig)
     assert code == 128 + sig, (code, lines)
     assert not (c.root / "out.safetensors").exists() and _leftovers(c.root) == []
@@ -1126,7 +1091,7 @@ def _(c):
     killed runs left (one is planted: a kill lands in the middle of a write only rarely)."""
     c.photo()
     code, lines = _signal_when(["invert", "photo.png", "--prompt", PROMPT, "-o", "out.safetensors",
-                                *[a for a in FAST if a != "-q"][:-2], "--inner-steps", "200", "--early-stop", "0"],
+                                *LONG_INVERT],
                                c.root, "null-text optimisation", signal.SIGKILL)
     assert code == -signal.SIGKILL and lines == [] and not (c.root / "out.safetensors").exists()
     from nulltext.files import _host

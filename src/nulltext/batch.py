@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import EditConfig, InversionConfig, parse_reweight
-from .errors import NulltextError
+from .errors import NulltextError, one_line
 from .files import atomic_write
 from .text import check_prompt
 
@@ -163,7 +163,7 @@ def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig) -> list[J
             job.inversion = dataclasses.replace(inversion, **inv_kw)
             job.edit = dataclasses.replace(edit, **edit_kw)
         except (NulltextError, ValueError, TypeError) as e:
-            job.error = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            job.error = one_line(e)
         jobs.append(job)
     return jobs
 

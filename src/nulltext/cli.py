@@ -12,7 +12,7 @@ import threading
 import warnings
 
 from . import __version__
-from .errors import NulltextError, NulltextWarning, Terminated
+from .errors import NulltextError, NulltextWarning, Terminated, one_line
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
                 "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
@@ -456,8 +456,7 @@ def cmd_invert(args) -> int:
                     on_result=done)
     except Exception as e:
         if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise NulltextError(f"--compile failed on this machine ({reason}); run without --compile") from None
+            raise NulltextError(f"--compile failed on this machine ({one_line(e)}); run without --compile") from None
         raise
     return 0
 

@@ -21,6 +21,11 @@ METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim")
 OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-text optimisation
 
 
+def _finite(v) -> bool:
+    """A finite real number (a Python or numpy int or float; not a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 # the largest side nulltext inverts at, in pixels (SDXL's native side is 1024; 4096 needs a 512x512
 # latent, far past what any of these models was trained for)
 MAX_SIZE = 4096
@@ -47,13 +52,10 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        def number(v) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
         if not (isinstance(self.num_train_timesteps, int) and not isinstance(self.num_train_timesteps, bool)
                 and 1 <= self.num_train_timesteps <= 100_000):
             raise NulltextError(f"scheduler num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
-        if not (number(self.beta_start) and number(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
+        if not (_finite(self.beta_start) and _finite(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
             raise NulltextError(f"scheduler betas must satisfy 0 < beta_start <= beta_end < 1, got "
                                 f"{self.beta_start!r} and {self.beta_end!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -143,7 +145,7 @@ class InversionConfig:
             )
         for name, value in (("guidance", self.guidance_scale), ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
                             ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if not _finite(value):
                 raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")

@@ -1,5 +1,14 @@
 """Errors and warnings a user is meant to read: the CLI prints them as one line, no traceback."""
 
+from __future__ import annotations
+
+
+def one_line(e: BaseException, limit: int | None = 200) -> str:
+    """An exception's message as one line (its first, at most ``limit`` characters), or its class
+    name when it has none: what a one-line error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else e.__class__.__name__
+
 
 class NulltextError(Exception):
     """Bad input or a situation the user can fix; the message is one clear sentence."""

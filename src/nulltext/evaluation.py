@@ -30,17 +30,12 @@ import numpy as np
 import torch
 
 from .config import EditConfig, InversionConfig
-from .errors import NulltextError
+from .errors import NulltextError, one_line
 from .files import atomic_write
 
 METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "recon_lpips", "bg_psnr", "bg_ssim", "bg_mse", "bg_lpips",
            "clip_score", "structure_distance", "invert_s", "edit_s", "peak_mb")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else e.__class__.__name__
 
 
 class ModelMetrics:
@@ -71,7 +66,7 @@ class ModelMetrics:
                 self.clip = CLIPModel.from_pretrained(clip_model).eval().to(self.device)
                 self.clip_processor = CLIPProcessor.from_pretrained(clip_model)
             except Exception as e:  # missing files, no network, not a CLIP folder
-                raise NulltextError(f"could not load the CLIP model {clip_model!r} ({_one_line(e)})") from None
+                raise NulltextError(f"could not load the CLIP model {clip_model!r} ({one_line(e)})") from None
         if dino_model:
             from transformers import AutoImageProcessor, ViTModel
 
@@ -79,7 +74,7 @@ class ModelMetrics:
                 self.dino = ViTModel.from_pretrained(dino_model, add_pooling_layer=False).eval().to(self.device)
                 self.dino_processor = AutoImageProcessor.from_pretrained(dino_model)
             except Exception as e:
-                raise NulltextError(f"could not load the DINO model {dino_model!r} ({_one_line(e)})") from None
+                raise NulltextError(f"could not load the DINO model {dino_model!r} ({one_line(e)})") from None
 
     @torch.no_grad()
     def clip_score(self, image, text: str) -> float:
@@ -129,14 +124,14 @@ def load_lpips(net: str, device) -> Callable:
     try:
         import torchvision  # noqa: F401
     except Exception as e:  # missing, or a build that does not match the installed torch
-        raise NulltextError(f"LPIPS needs torchvision matching your torch ({_one_line(e)}); install it, "
+        raise NulltextError(f"LPIPS needs torchvision matching your torch ({one_line(e)}); install it, "
                             f"or leave out --lpips") from None
     try:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).eval().to(device)
     except Exception as e:  # typically: the backbone weights cannot be downloaded here
-        raise NulltextError(f"could not load LPIPS ({net}): {_one_line(e)}; torchvision downloads the "
+        raise NulltextError(f"could not load LPIPS ({net}): {one_line(e)}; torchvision downloads the "
                             f"backbone weights once into TORCH_HOME, which needs network access") from None
     return metric
 
@@ -409,7 +404,7 @@ def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, conf
             log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
                 + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
         except Exception as e:  # any failure of one sample is recorded; the run goes on
-            reason = _one_line(e)
+            reason = one_line(e)
             if "out of memory" in reason.lower() and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             row.update(status="failed", reason=reason)

@@ -69,10 +69,10 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a number no process id can be
         return False
-    except (PermissionError, OverflowError):  # another user's process; a number no process has
-        return isinstance(pid, int) and pid < 1 << 31
+    except PermissionError:  # another user's process
+        return True
     return True
 
 

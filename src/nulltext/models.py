@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .config import DEFAULT_MODEL, SchedulerConfig
 from .ddim import Schedule, make_scheduler  # noqa: F401  (make_scheduler: part of this module's API)
-from .errors import NulltextError, NulltextWarning
+from .errors import NulltextError, NulltextWarning, one_line
 from .hub import hub_unreachable, looks_like_path, quiet_loading
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -371,7 +371,7 @@ def load_pipeline(
     except NulltextError:
         raise
     except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        reason = one_line(e, limit=None)
         if offline:
             reason = "the hub is unreachable from here and the model is not in the local cache"
         if os.path.isdir(source):

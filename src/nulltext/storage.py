@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .config import InversionConfig, SchedulerConfig
-from .errors import NulltextError
+from .errors import NulltextError, one_line
 from .files import atomic_write
 
 FORMAT = "nulltext-inversion"
@@ -135,11 +135,6 @@ MAX_FILE_BYTES = 1 << 30
 MAX_META_CHARS = 1 << 22
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else e.__class__.__name__
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -148,56 +143,54 @@ def _is_number(v) -> bool:  # NaN is a number here: a timestep without iteration
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _damaged(path: str, field: str) -> NulltextError:
+    return NulltextError(f"{path} has damaged metadata ({field})")
+
+
 def _check_meta(path: str, meta: dict) -> None:
     """The metadata fields nulltext reads have the types it writes (a file's header is user input)."""
-    def bad(field: str):
-        return NulltextError(f"{path} has damaged metadata ({field})")
-
     for key in ("model", "prompt", "method"):
         if not isinstance(meta[key], str):
-            raise bad(key)
+            raise _damaged(path, key)
     if not _is_int(meta["num_steps"]) or not 1 <= meta["num_steps"] <= 10000:
-        raise bad("num_steps")
+        raise _damaged(path, "num_steps")
     if isinstance(meta["guidance_scale"], bool) or not isinstance(meta["guidance_scale"], (int, float)):
-        raise bad("guidance_scale")
+        raise _damaged(path, "guidance_scale")
     for key in ("model_fingerprint", "scheduler", "image", "preprocessing", "config"):
         if not isinstance(meta[key], dict):
-            raise bad(key)
+            raise _damaged(path, key)
     if not isinstance(meta.get("family", ""), str):
-        raise bad("family")
+        raise _damaged(path, "family")
     fp = meta["model_fingerprint"]
     if not all(isinstance(fp.get(k, ""), str) for k in ("config_sha256", "weights_sample_sha256")) or not (
             isinstance(fp.get("weights_mean_square", []), list) and all(_is_number(v) for v in fp.get("weights_mean_square", []))):
-        raise bad("model_fingerprint")
+        raise _damaged(path, "model_fingerprint")
     pre = meta["preprocessing"]
     size, crop = pre.get("size"), pre.get("crop", [0, 0, 0, 0])
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and 0 < v <= 1 << 16 for v in size)):
-        raise bad("preprocessing size")
+        raise _damaged(path, "preprocessing size")
     if not (isinstance(crop, list) and len(crop) == 4 and all(_is_int(v) and v >= 0 for v in crop)):
-        raise bad("preprocessing crop")
+        raise _damaged(path, "preprocessing crop")
 
 
 def _check_info(path: str, meta: dict) -> None:
     """What ``nulltext info`` shows has the types nulltext writes, or the file is refused as damaged."""
-    def bad(field: str):
-        return NulltextError(f"{path} has damaged metadata ({field})")
-
     T = meta["num_steps"]
     for key in ("family", "prediction_type", "dtype", "device"):
         if key in meta and not isinstance(meta[key], str):
-            raise bad(key)
+            raise _damaged(path, key)
     if "batch_size" in meta and (not _is_int(meta["batch_size"]) or meta["batch_size"] < 1):
-        raise bad("batch_size")
+        raise _damaged(path, "batch_size")
     image = meta["image"]
     if not all(isinstance(image.get(k, ""), str) for k in ("name", "sha256", "original_mode")) or not (
             isinstance(image.get("original_size", []), list) and all(_is_int(v) for v in image.get("original_size", []))):
-        raise bad("image")
+        raise _damaged(path, "image")
     timings = meta.get("timings", {})
     if not isinstance(timings, dict) or not all(_is_number(v) for v in timings.values()):
-        raise bad("timings")
+        raise _damaged(path, "timings")
     opt = meta.get("optimisation", {})
     if not isinstance(opt, dict):
-        raise bad("optimisation")
+        raise _damaged(path, "optimisation")
     for key, value in opt.items():
         if key not in ("iterations", "retries", "lrs", "losses_first", "losses_last", "losses_after", "loss_scales",
                        "diverged_steps"):
@@ -211,11 +204,11 @@ def _check_info(path: str, meta: dict) -> None:
             if key == "loss_scales":
                 ok = ok and all(0 < v < math.inf for v in value)
         if not ok:
-            raise bad(f"optimisation {key}")
+            raise _damaged(path, f"optimisation {key}")
     if "iterations" in opt:
         missing = [k for k in ("lrs", "losses_first", "losses_last", "losses_after") if k not in opt]
         if missing:
-            raise bad(f"optimisation lacks {', '.join(missing)}")
+            raise _damaged(path, f"optimisation lacks {', '.join(missing)}")
 
 
 def load_inversion(path, pipe=None) -> Inversion:
@@ -241,7 +234,7 @@ def load_inversion(path, pipe=None) -> Inversion:
         raise
     except BaseException as e:  # truncated, not safetensors: safetensors' errors (a Rust panic is a BaseException)
         raise NulltextError(f"{path} is not a readable inversion file (damaged or not safetensors: "
-                            f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
+                            f"{one_line(e)})") from None
     if "nulltext" not in header:
         raise NulltextError(f"{path} has no nulltext metadata; it was not written by nulltext invert")
     if len(header["nulltext"]) > MAX_META_CHARS:
@@ -294,7 +287,7 @@ def load_inversion(path, pipe=None) -> Inversion:
     try:
         config = _config_from_dict(meta["config"])
     except (TypeError, KeyError, ValueError, AttributeError, NulltextError) as e:
-        raise NulltextError(f"{path} has an invalid inversion config ({_first_line(e)})") from None
+        raise NulltextError(f"{path} has an invalid inversion config ({one_line(e)})") from None
     if config.method != meta.get("method") or config.num_steps != T or \
             config.guidance_scale != meta.get("guidance_scale"):
         raise NulltextError(f"{path} has inconsistent metadata (method, steps or guidance)")
