@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: install demo test test-fast test-weights clean
+.PHONY: install demo test test-fast test-weights lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 	@echo
 	@echo "Results are in $(OUT)/. To run nulltext yourself, activate its environment first:"
 	@echo "    . $(VENV)/bin/activate"
+
+# ruff over the code, tests, benchmarks and scripts (its settings are in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 
 # The full suite (what CI runs).
 test: install

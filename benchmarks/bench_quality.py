@@ -190,7 +190,7 @@ def main() -> int:
             rec = decode(pipe, reconstruct_latent(pipe, inv, progress=False))[0]
             recon.setdefault(label, []).append(psnr(rec, target))
             if method == "nti" and inner == 10:
-                nti, nti_rec = inv, rec
+                nti = inv
             if k < len(grid_rows) and (method == "ddim" or (method == "nti" and inner == 10)):
                 cell(k, rec, f"{method} {recon[label][-1]:.1f} dB")
         if "localisation" in args.sections:

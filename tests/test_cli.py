@@ -330,7 +330,8 @@ def test_invert_into_a_folder(tmp_path):
 
 
 def test_several_images_with_clashing_names_get_distinct_files(tmp_path):
-    from nulltext.cli import _invert_outputs, build_parser
+    from nulltext.cli import build_parser
+    from nulltext.cli.commands import _invert_outputs
 
     args = build_parser().parse_args(["invert", "x/a.png", "y/a.jpg", "a-2.png", "A.png", "--prompt", "p", "-o", "o"])
     assert _invert_outputs(args) == [os.path.join("o", f"{n}.safetensors") for n in ("a", "a-2", "a-2-2", "A-3")]

@@ -911,7 +911,7 @@ def _(c):
 
     c.photo()
     c.monkeypatch.setattr(type(c.pipe), "eps", overflowing)
-    c.monkeypatch.setattr("nulltext.cli._load_pipe", lambda args, model: c.pipe)
+    c.monkeypatch.setattr("nulltext.cli.commands._load_pipe", lambda args, model: c.pipe)
     return c.refused(*_invert_args("photo.png"))
 
 

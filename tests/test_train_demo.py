@@ -331,7 +331,9 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
     predictions are computed here, one row at a time, independently of the script's batched forward."""
     pipe = load_pipeline(str(straight / "model"), device="cpu")
     unet, text_encoder, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    ids = lambda s: tok([s], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    def ids(s):
+        return tok([s], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+
     empty_ids = ids("")
     rows = torch.stack([ids("a red circle on a blue background"), empty_ids, ids("a green square on a white background")])
     g = torch.Generator().manual_seed(1)
@@ -339,7 +341,9 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
     t = torch.tensor([20, 400, 980])
     drop = torch.tensor([False, True, False])
     with torch.no_grad():
-        pred = lambda i, r: unet(zt[i:i + 1], t[i:i + 1], encoder_hidden_states=text_encoder(r[None])[0]).sample[0]
+        def pred(i, r):
+            return unet(zt[i:i + 1], t[i:i + 1], encoder_hidden_states=text_encoder(r[None])[0]).sample[0]
+
         t_c = torch.stack([pred(i, rows[i]) for i in range(3)])
         t_u = torch.stack([pred(i, empty_ids) for i in range(3)])
     for k in (1.0, 2.0, 7.5):

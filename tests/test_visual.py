@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from nulltext.cli import _slug
+from nulltext.cli.commands import _slug
 from nulltext.visual import LINE_H, _font, labelled_grid, wrap_label
 
 LONG = "replace: a red circle on a blue background, watercolor painting with extraordinarily fine detail"

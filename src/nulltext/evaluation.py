@@ -288,8 +288,6 @@ def _peak_mb(pipe) -> float:
 def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig,
                     models: ModelMetrics | None = None) -> dict:
     """One (sample, method): a result row (status ok), or raises for the caller to record."""
-    from PIL import Image
-
     from .editing import edit, validate
     from .image import load_image, output_size, preprocess
     from .inversion import invert_image, reconstruct

@@ -3,9 +3,7 @@ with the release's DDIM scheduler, plus the ``eps`` callable the loops run on.""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -17,6 +15,7 @@ from torch import Tensor
 from .config import DEFAULT_MODEL, SchedulerConfig
 from .ddim import Schedule, make_scheduler  # noqa: F401  (make_scheduler: part of this module's API)
 from .errors import NulltextError, NulltextWarning, one_line
+from .fingerprint import fingerprints_match, model_fingerprint  # noqa: F401  (part of this module's API)
 from .hub import hub_unreachable, looks_like_path, quiet_loading
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -201,58 +200,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise NulltextError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def _config_dict(module) -> dict:
-    cfg = module.config if hasattr(module, "config") else {}
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    # private keys (_name_or_path, _diffusers_version, ...) and dtype bookkeeping say where and
-    # how it was loaded, not what the model is
-    skip = {"torch_dtype", "dtype", "transformers_version", "architectures"}
-    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
-
-
-def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None) -> dict:
-    """What identifies a model: configs, parameter names and shapes (hashed exactly), the
-    tokenizer's vocabulary, and the mean square of every weight tensor (compared with a tolerance,
-    so the same checkpoint in fp16/bf16 or on another device still matches)."""
-    h = hashlib.sha256()
-    weights = hashlib.sha256()
-    mean_squares: list[float] = []
-    modules = [("text_encoder", text_encoder), ("vae", vae), ("unet", unet)]
-    if text_encoder_2 is not None:
-        modules.append(("text_encoder_2", text_encoder_2))
-    for name, module in modules:
-        h.update(name.encode())
-        h.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())
-        for pname, p in module.state_dict().items():
-            h.update(f"{pname}:{tuple(p.shape)}".encode())
-            # on the CPU: float64 is missing on some devices (Apple's MPS), and the figures must not
-            # depend on the device's kernels
-            x = p.detach().cpu()
-            weights.update(x.flatten()[:: max(1, x.numel() // 64)].float().numpy().tobytes())
-            ms = x.double().pow(2).mean().item() if x.numel() else 0.0
-            mean_squares.append(float(f"{ms:.6g}"))
-    vocab = tokenizer.get_vocab()
-    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    h.update(str(tokenizer.model_max_length).encode())
-    return {"config_sha256": h.hexdigest(), "weights_sample_sha256": weights.hexdigest(),
-            "weights_mean_square": mean_squares}
-
-
-def fingerprints_match(a: dict, b: dict, rtol: float = 1e-2) -> tuple[bool, str]:
-    """(same model?, reason if not)."""
-    if a.get("config_sha256") != b.get("config_sha256"):
-        return False, "its architecture, configuration or tokenizer differ"
-    if a.get("weights_sample_sha256") == b.get("weights_sample_sha256"):
-        return True, ""
-    ma, mb = a.get("weights_mean_square", []), b.get("weights_mean_square", [])
-    if len(ma) != len(mb):
-        return False, "its weights differ"
-    for x, y in zip(ma, mb):
-        if not math.isclose(x, y, rel_tol=rtol, abs_tol=1e-12):
-            return False, "its weights differ"
-    return True, ""
 
 
 def read_model_index(source: str, local_only: bool) -> dict | None:

@@ -305,7 +305,7 @@ def load_inversion(path, pipe=None) -> Inversion:
 
 def check_fits(inv: Inversion, pipe, path="inversion") -> None:
     """Refuse an inversion made with another model (or whose shapes this model cannot take)."""
-    from .models import fingerprints_match
+    from .fingerprint import fingerprints_match
 
     family = inv.meta.get("family", "stable-diffusion")  # files from before families were recorded: SD
     if family != pipe.family:

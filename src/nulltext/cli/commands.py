@@ -1,0 +1,481 @@
+"""The commands: each ``cmd_NAME(args)`` runs ``nulltext NAME`` on parsed arguments and returns its
+exit status; errors the user can fix are raised as :class:`NulltextError` (one line, exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+
+from ..errors import NulltextError, NulltextWarning, one_line
+from .args import _edit_config, _inversion_config
+
+def _load_pipe(args, model: str):
+    from ..models import load_pipeline
+
+    return load_pipeline(model, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
+                         compile=getattr(args, "compile", False))
+
+
+def _invert_outputs(args) -> list[str]:
+    """The inversion file of each image: -o itself for one image (unless it is a folder or ends
+    in a separator); otherwise -o is a folder and each file gets its image's name, with -2, -3,
+    ... added until no two images share a file."""
+    out = args.output
+    as_folder = len(args.image) > 1 or os.path.isdir(out) or out.endswith((os.sep, "/"))
+    if not as_folder:
+        return [out]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NulltextError(f"-o {out} is a file; with {len(args.image)} images, -o names a folder for their "
+                            f"inversion files")
+    used: set[str] = set()
+    paths = []
+    for image in args.image:
+        stem = os.path.splitext(os.path.basename(image))[0] or "image"
+        name, n = stem, 1
+        while name.casefold() in used:  # case-insensitive file systems too
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.casefold())
+        paths.append(os.path.join(out, f"{name}.safetensors"))
+    return paths
+
+
+def cmd_invert(args) -> int:
+    from ..files import check_writable
+    from ..image import load_image
+    from ..inversion import invert_many
+    from ..text import check_prompt
+
+    config = _inversion_config(args, args.method)
+    prompts = args.prompt
+    if len(prompts) not in (1, len(args.image)):
+        raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
+    prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
+    for prompt in prompts:  # control characters refused before any work (an empty prompt warns, at the inversion)
+        check_prompt(prompt, empty="allow")
+    outputs = _invert_outputs(args)
+    for output in outputs:
+        check_writable(output, args.force)
+    for image in args.image:  # fail on a bad image before loading a model (decoded one at a time, not kept)
+        load_image(image)
+    pipe = _load_pipe(args, args.model)
+
+    def done(index: int, inv) -> None:  # each file is written as soon as its batch is done
+        name, output = args.image[index], outputs[index]
+        inv.save(output, force=args.force, reproducible=args.reproducible)
+        opt = inv.meta.get("optimisation")
+        w, h = inv.image_size
+        seconds = sum(inv.meta["timings"].values())
+        line = f"inverted {name} ({inv.method}) at {w}x{h} in {seconds:.1f}s"
+        if inv.meta.get("batch_size", 1) > 1:
+            line = f"inverted {name} ({inv.method}) at {w}x{h} in a batch of {inv.meta['batch_size']} ({seconds:.1f}s)"
+        if opt:
+            line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
+                     f"final loss {opt['losses_after'][-1]:.3g}")
+        else:
+            line += f": {inv.num_steps} steps, no optimisation"
+        if args.check:
+            from ..image import preprocess, psnr
+            from ..inversion import reconstruct
+
+            target = preprocess(load_image(name).image, inv.image_size, inv.config.crop, pipe.size_multiple)
+            with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
+                warnings.simplefilter("ignore", NulltextWarning)
+                image = reconstruct(pipe, inv, progress=not args.quiet)
+            line += f", reconstruction PSNR {psnr(image, target):.2f} dB"
+        print(line)
+        print(f"wrote {output}", flush=True)
+
+    try:
+        invert_many(pipe, list(args.image), prompts, config, batch_size=args.batch_size, progress=not args.quiet,
+                    on_result=done)
+    except Exception as e:
+        if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise NulltextError(f"--compile failed on this machine ({one_line(e)}); run without --compile") from None
+        raise
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from ..files import check_writable, image_format, save_image
+    from ..inversion import Inversion, reconstruct
+
+    check_writable(args.output, args.force)
+    image_format(args.output)
+    inv = Inversion.load(args.inversion)
+    pipe = _load_pipe(args, args.model or inv.meta["model"])
+    from ..storage import check_fits
+
+    check_fits(inv, pipe, args.inversion)
+    img = reconstruct(pipe, inv, progress=not args.quiet)
+    save_image(img, args.output, force=args.force)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from ..inversion import Inversion
+
+    if args.plot:
+        from ..files import check_writable, image_format
+
+        check_writable(args.plot, args.force)
+        if image_format(args.plot) != "PNG":
+            raise NulltextError(f"--plot writes PNG: give a .png name, not {args.plot}")
+    inv = Inversion.load(args.inversion)
+    m = inv.meta
+    if args.plot:
+        from ..plots import plot_losses
+
+        plot_losses(inv, args.plot, force=args.force)
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    c = inv.config
+    opt = m.get("optimisation", {})
+    w, h = inv.image_size
+    print(f"file           {args.inversion}")
+    print(f"format         nulltext-inversion v{m.get('format_version')}")
+    print(f"method         {m['method']}" + ("" if opt else "  (no optimisation)"))
+    print(f"model          {m['model']}  (config {m['model_fingerprint'].get('config_sha256', '?')[:12]})")
+    print(f"prompt         {inv.prompt!r}")
+    print(f"image          {m['image'].get('name')}  sha256 {m['image'].get('sha256', '?')[:16]}  "
+          f"original {'x'.join(map(str, m['image'].get('original_size', [])))} {m['image'].get('original_mode', '')}")
+    print(f"preprocessing  {w}x{h}, crop L,R,T,B = {','.join(map(str, c.crop))}")
+    print(f"latent_T       {tuple(inv.latent_T.shape)}   null_embeddings {tuple(inv.null_embeddings.shape)}"
+          + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
+    print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
+          f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
+    print(f"family         {m.get('family', 'stable-diffusion')}, predicts {m.get('prediction_type', 'epsilon')}")
+    scales = opt.get("loss_scales")
+    print(f"precision      {m.get('dtype')} on {m.get('device')}"
+          + (f", loss scaled by 2^{int(math.log2(min(scales)))} to 2^{int(math.log2(max(scales)))}" if scales else "")
+          + (f", in a batch of {m['batch_size']}" if m.get("batch_size", 1) > 1 else ""))
+    timings = m.get("timings", {})
+    if timings:
+        print("timings        " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))
+    if opt.get("iterations"):
+        its = opt["iterations"]
+        print(f"iterations     {sum(its)} in all (max {c.num_inner_steps * len(its)})")
+        if opt.get("diverged_steps"):
+            print(f"diverged       at step(s) {', '.join(str(i + 1) for i in opt['diverged_steps'])} of {len(its)}: "
+                  f"the loss rose from where the step started (try a lower --lr)")
+        print(f"\n{'i':>4} {'t':>5} {'iters':>5} {'lr':>9} {'loss first':>11} {'loss last':>11} {'loss after':>11}")
+        timesteps = _timesteps(inv)
+        for i, it in enumerate(its):
+            print(f"{i:>4} {timesteps[i]:>5} {it:>5} {opt['lrs'][i]:>9.2e} {opt['losses_first'][i]:>11.3e} "
+                  f"{opt['losses_last'][i]:>11.3e} {opt['losses_after'][i]:>11.3e}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _timesteps(inv) -> list[int]:
+    from ..ddim import Schedule
+    from ..ddim import make_scheduler
+
+    return list(Schedule.from_scheduler(make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
+
+
+def _is_inversion_path(path: str) -> bool:
+    return path.lower().endswith(".safetensors")
+
+
+def _warn_inversion_options_ignored(args) -> None:
+    """Inversion options given with an inversion file have no effect: say so instead of silently
+    using the file's settings."""
+    from ..config import InversionConfig
+
+    d = InversionConfig()
+    given = [flag for flag, value, default in (
+        ("--steps", args.steps, d.num_steps), ("--guidance", args.guidance, d.guidance_scale),
+        ("--inner-steps", args.inner_steps, d.num_inner_steps), ("--early-stop", args.early_stop, d.early_stop_epsilon),
+        ("--early-stop-slope", args.early_stop_slope, d.early_stop_slope), ("--lr", args.lr, d.lr),
+        ("--crop", tuple(args.crop), tuple(d.crop)), ("--inversion-method", args.inversion_method, d.method),
+        ("--seed", args.seed, d.seed), ("--optimize-pooled", args.optimize_pooled, d.optimize_pooled))
+        if value != default]
+    if given:
+        warnings.warn(f"{', '.join(given)} apply to an IMAGE input only; {args.input} already holds an "
+                      f"inversion made with its own settings (see nulltext info), so they are ignored",
+                      NulltextWarning)
+
+
+def _source(args, check=None):
+    """(pipe, inversion) from the INPUT argument: an inversion file (checked against the model and
+    the options), or an image inverted now with --prompt. ``check(pipe, prompt, num_steps,
+    latent_hw)`` validates the edit's prompts before any inversion work."""
+    from ..files import check_writable
+    from ..config import DEFAULT_MODEL
+    from ..storage import check_fits
+
+    if _is_inversion_path(args.input):
+        from ..inversion import Inversion
+
+        if args.save_inversion:
+            raise NulltextError("--save-inversion only applies to an IMAGE input")
+        inv = Inversion.load(args.input)
+        if args.prompt is not None and args.prompt != inv.prompt:
+            raise NulltextError(f"{args.input} inverts the prompt {inv.prompt!r}; the source prompt of an edit "
+                                f"is the inversion's (leave out --prompt)")
+        if args.size is not None and (args.size not in (inv.config.size, max(inv.image_size))
+                                      if isinstance(args.size, int) else tuple(args.size) != inv.image_size):
+            asked = args.size if isinstance(args.size, int) else "x".join(map(str, args.size))
+            raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
+                                f"not {asked}; invert the image again at that size")
+        _warn_inversion_options_ignored(args)  # after the refusals: an error is one line
+        pipe = _load_pipe(args, args.model or inv.meta["model"])
+        check_fits(inv, pipe, args.input)
+        if check is not None:
+            check(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]))
+        return pipe, inv
+    from ..image import load_image
+    from ..inversion import invert_image
+
+    if args.prompt is None:
+        raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
+                            f"file made by nulltext invert)")
+    from ..text import check_prompt
+
+    check_prompt(args.prompt, empty="allow")  # (an empty one warns, at the inversion)
+    if args.save_inversion:
+        check_writable(args.save_inversion, args.force)
+    config = _inversion_config(args, args.inversion_method)
+    image = load_image(args.input)
+    pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
+    if check is not None:
+        from ..image import output_size
+
+        w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
+        check(pipe, args.prompt, config.num_steps, (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
+    inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
+    if args.save_inversion:
+        inv.save(args.save_inversion, force=args.force)
+        print(f"wrote {args.save_inversion}")
+    return pipe, inv
+
+
+def _warn_ignored(args, config) -> None:
+    """Options the chosen method does not use are reported, not silently dropped."""
+    from ..config import EditConfig
+
+    d = EditConfig()
+    if config.method == "sdedit":
+        unused = [name for name, used in (
+            ("--mode", config.mode != d.mode), ("--cross-replace", config.cross_replace != d.cross_replace),
+            ("--self-replace", config.self_replace != d.self_replace), ("--reweight", bool(config.reweight)),
+            ("--blend", config.blend), ("--self-max-keys", config.self_max_keys != d.self_max_keys)) if used]
+        if unused:
+            warnings.warn(f"{', '.join(unused)} apply to --method p2p only; ignored with sdedit", NulltextWarning)
+    elif config.sdedit_strength != d.sdedit_strength:
+        warnings.warn("--strength applies to --method sdedit only; ignored", NulltextWarning)
+
+
+def _slug(text: str, n: int = 40) -> str:
+    """A file-name piece from a prompt: lower-case words joined by '-', whole words only, at most
+    ``n`` characters (a first word longer than that is kept, up to ``2 n``: file names have limits)."""
+    import re
+
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    out = ""
+    for word in words:
+        if out and len(out) + 1 + len(word) > n:
+            break
+        out = f"{out}-{word}" if out else word[: 2 * n]
+    return out or "edit"
+
+
+def _validate_edit_prompts(args) -> None:
+    if not args.target:
+        raise NulltextError("no target prompt given: pass at least one --target TEXT")
+    from ..text import check_prompt
+
+    for t in args.target:
+        if not t.strip():
+            raise NulltextError("--target must not be empty")
+        check_prompt(t, "target prompt")
+
+
+def cmd_edit(args) -> int:
+    from ..editing import attention_store, edit, maps_from_store, validate
+    from ..files import check_writable, save_image
+    from ..visual import attention_grid, side_by_side
+
+    _validate_edit_prompts(args)
+    config = _edit_config(args)
+    if args.attention and config.method != "p2p":
+        raise NulltextError("--attention records the maps of P2P edits; leave it out with --method sdedit")
+    _warn_ignored(args, config)
+    out = args.output
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NulltextError(f"output {out} is a file; -o takes a folder")
+    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(args.target, 1)] + ["grid.png"]
+    if args.attention:
+        names.append("attention.png")
+    paths = [os.path.join(out, n) for n in names]
+    for path in paths:
+        check_writable(path, args.force)
+    targets = list(args.target)
+    mask = None
+    if args.mask:
+        from ..image import read_mask
+
+        mask = read_mask(args.mask)  # a missing, unreadable or all-black mask fails before any model work
+
+    def check(pipe, prompt, num_steps, latent_hw):
+        validate(pipe, prompt, targets, config, num_steps, latent_hw)
+        if mask is not None and not _is_inversion_path(args.input):  # the mask's size, before the inversion
+            from ..image import load_image, load_mask
+
+            f = pipe.vae_scale_factor
+            load_mask(mask, (latent_hw[1] * f, latent_hw[0] * f), load_image(args.input).image.size, args.crop)
+
+    pipe, inv = _source(args, check)
+    if args.mask:
+        from ..editing import edit_mask
+
+        mask = edit_mask(inv, mask)  # the photo's or the inverted size
+    stores, size = [], None
+    if args.attention:
+        store, size = attention_store(pipe, tuple(inv.latent_T.shape[-2:]), config)
+        stores = [store]
+    result = edit(pipe, inv, targets, config, stores=stores, progress=not args.quiet, mask=mask)
+    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, targets)]
+    pictures = [*result.images, side_by_side(result.images, labels)]
+    if args.attention:
+        am = maps_from_store(pipe, stores[0], size, result.prompts, result.images)
+        pictures.append(attention_grid(am.maps, am.tokens, am.images))
+    for img, path in zip(pictures, paths):  # everything computed: write it all, each atomically
+        save_image(img, path, force=args.force)
+    for mode, t in zip(result.modes, targets):
+        print(f"{mode:>8}: {t}")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_attention(args) -> int:
+    from ..editing import attention_maps, validate
+    from ..files import check_writable, image_format, save_image
+    from ..visual import attention_grid
+
+    check_writable(args.output, args.force)
+    image_format(args.output)
+    if not 0.0 <= args.overlay <= 1.0:
+        raise NulltextError(f"--overlay must lie in [0, 1], got {args.overlay}")
+    config = _edit_config(args)
+    if config.method != "p2p":
+        raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
+    if not args.target and config.blend:
+        warnings.warn("--blend acts on edits; without --target it is ignored", NulltextWarning)
+    targets = list(args.target)
+
+    def check(pipe, prompt, num_steps, latent_hw):
+        if targets:
+            validate(pipe, prompt, targets, config, num_steps, latent_hw)
+
+    pipe, inv = _source(args, check)
+    am = attention_maps(pipe, inv, targets, config, progress=not args.quiet)
+    grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
+    save_image(grid, args.output, force=args.force)
+    print(f"cross-attention at {am.size[0]}x{am.size[1]} averaged over {inv.num_steps} steps")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..config import METHODS
+    from ..evaluation import evaluate, read_manifest
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise NulltextError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    config = _inversion_config(args, methods[0])
+    edit_config = _edit_config(args)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NulltextError(f"output {args.output} is a file; -o takes a folder")
+    samples = read_manifest(args.manifest, args.images_root)
+    if args.limit:
+        samples = samples[: args.limit]
+    if not samples:
+        raise NulltextError(f"{args.manifest} has no samples")
+    models = None
+    if args.clip_model or args.dino_model or args.lpips:  # their errors before the long model load
+        from ..evaluation import ModelMetrics
+        from ..models import resolve_device
+
+        models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device),
+                              lpips=args.lpips)
+    from ..batch import process_state
+
+    state = process_state()  # one process, or those of accelerate launch: the samples are split
+    pipe = _load_pipe(args, args.model)
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    rows = evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models, state=state)
+    if rows is None:  # not the main process: the main one reports
+        return 0
+    with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
+        print(f.read().split("\n\n")[0])
+    skipped = []
+    if not args.lpips:
+        skipped.append("LPIPS needs --lpips alex|vgg|squeeze (torchvision and its backbone weights)")
+    if not args.clip_model:
+        skipped.append("CLIP score needs --clip-model")
+    if not args.dino_model:
+        skipped.append("the DINO structure distance needs --dino-model")
+    if skipped:
+        print(f"note: {'; '.join(skipped)}")
+    for name in ("results.jsonl", "results.csv", "summary.md"):
+        print(f"wrote {os.path.join(args.output, name)}")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed and len(failed) == len(rows):
+        print(f"nulltext: error: every sample failed ({len(failed)} of {len(rows)}; first: "
+              f"{failed[0]['id']} {failed[0]['method']}: {failed[0]['reason']}); see "
+              f"{os.path.join(args.output, 'results.jsonl')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from ..batch import batch, process_state, read_jobs
+
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NulltextError(f"output {args.output} is a file; -o takes a folder")
+    jobs = read_jobs(args.manifest, _inversion_config(args, args.inversion_method), _edit_config(args))
+    if not jobs:
+        raise NulltextError(f"{args.manifest} has no jobs")
+    state = process_state()
+    pipe = _load_pipe(args, args.model)
+    log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    done = batch(pipe, jobs, args.output, args.batch_size, progress=not args.quiet, log=log, state=state)
+    if done is None:  # not the main process: the main one reports
+        return 0
+    rows, skipped = done
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} jobs done" + (f" ({skipped} by an earlier run)" if skipped else "")
+          + (f", {len(failed)} failed:" if failed else ""))
+    for r in failed:
+        print(f"  {r['id']}: {r['reason']}")
+    print(f"wrote {os.path.join(args.output, 'summary.csv')}")
+    return 1 if failed else 0
+
+
+def cmd_serve(args) -> int:
+    from ..ui import require_gradio, serve
+
+    require_gradio()  # before minutes of model loading
+    pipe = _load_pipe(args, args.model)
+    try:
+        serve(pipe, host=args.host, port=args.port, max_pixels=args.max_pixels, quiet=True,
+              on_start=lambda: print(f"nulltext: serving {args.model} on http://{args.host}:{args.port} "
+                                     f"(Ctrl-C to stop)", flush=True))
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        raise NulltextError(f"cannot serve on {args.host}:{args.port} ({str(e).strip().splitlines()[0][:160]})") from None
+    return 0
+
+
+COMMANDS = {"batch": cmd_batch, "serve": cmd_serve, "invert": cmd_invert, "reconstruct": cmd_reconstruct, "edit": cmd_edit, "attention": cmd_attention,
+            "eval": cmd_eval, "info": cmd_info}

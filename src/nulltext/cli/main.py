@@ -1,0 +1,83 @@
+"""``nulltext``'s entry point: parse, run the command, turn errors, signals and interruptions into
+one line and an exit status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import warnings
+
+from ..errors import NulltextError, NulltextWarning, Terminated
+from .args import build_parser
+from .commands import COMMANDS
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"nulltext: warning: {message}", file=sys.stderr)
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    warnings.showwarning = _show_warning
+    from ..files import written
+
+    written.clear()
+    # SIGTERM and SIGHUP stop a command as Ctrl-C does: the file being written is removed
+    # (only where the default would kill the process: `nohup nulltext ...` keeps ignoring SIGHUP)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                handlers[sig] = signal.signal(sig, _terminate)
+    try:
+        return COMMANDS[args.command](args)
+    except NulltextError as e:
+        print(f"nulltext: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
+        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
+            raise
+        hint = ("a smaller --batch-size, --low-memory, a smaller --size or --dtype bf16" if args.command == "invert"
+                else "fewer --target prompts, a smaller --size or --dtype bf16")
+        print(f"nulltext: error: out of memory; try {hint}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `nulltext info x | head`
+        sys.stderr.close()
+        return 0
+    except OSError as e:  # disk full, permissions, ... outside the atomic writes' own handling
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"nulltext: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
+        if args.command in ("eval", "batch"):
+            print(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
+                  f"kept, rerun to resume", file=sys.stderr)
+        elif written:
+            print(f"nulltext: {what}; wrote {', '.join(written)} (complete) before the interruption, "
+                  f"nothing else", file=sys.stderr)
+        else:
+            print(f"nulltext: {what}; nothing was written", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, load progress bars) is not for users of the CLI."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", category=NulltextWarning)
