@@ -176,34 +176,34 @@ def test_guidance_one_warns(tiny_pipe):
                                                                        guidance_scale=1.0, size=(64, 64)), progress=False)
 
 
-class _NoFloat64Param:
-    """A weight on a device without float64 (Apple's MPS): any arithmetic on it fails, only
-    ``.cpu()`` gives a tensor to compute with."""
+def test_fingerprint_uses_no_float64_and_matches_a_float64_reference(tiny_pipe, monkeypatch):
+    """The weights' statistics are computed where the weights are, without float64 (which Apple's
+    MPS lacks) and without copying them; they equal an independent float64 computation: the
+    samples exactly, the mean squares to float32 rounding."""
+    import hashlib
 
-    def __init__(self, t):
-        self.t, self.shape = t, t.shape
+    from nulltext.fingerprint import fingerprints_match, model_fingerprint
 
-    def detach(self):
-        return self
+    modules = (tiny_pipe.text_encoder, tiny_pipe.vae, tiny_pipe.unet)
+    weights, squares = hashlib.sha256(), []
+    for module in modules:
+        for p in module.state_dict().values():
+            weights.update(p.flatten()[:: max(1, p.numel() // 64)].float().numpy().tobytes())
+            squares.append(p.double().pow(2).mean().item() if p.numel() else 0.0)
 
-    def cpu(self):
-        return self.t
+    def no_float64(*args, **kwargs):
+        raise AssertionError("float64 used")
 
-    def numel(self):
-        return self.t.numel()
-
-    def __getattr__(self, name):  # flatten, double, float, pow, ...: not on this device
-        raise TypeError(f"cannot {name} on a device without float64")
-
-
-def test_fingerprint_is_computed_on_the_cpu(tiny_pipe, monkeypatch):
-    from nulltext.models import model_fingerprint
-
-    unet = tiny_pipe.unet
-    real = unet.state_dict()
-    monkeypatch.setattr(unet, "state_dict", lambda: {k: _NoFloat64Param(v) for k, v in real.items()})
-    fp = model_fingerprint(unet, tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer)
-    assert fp == tiny_pipe.fingerprint  # the same figures as from the CPU tensors themselves
+    monkeypatch.setattr(torch.Tensor, "double", no_float64)
+    fp = model_fingerprint(tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer)
+    assert fp == tiny_pipe.fingerprint
+    assert fp["weights_sample_sha256"] == weights.hexdigest()
+    assert len(fp["weights_mean_square"]) == len(squares)
+    for got, want in zip(fp["weights_mean_square"], squares):
+        assert got == pytest.approx(want, rel=2e-5, abs=1e-30)
+    # another model's statistics do not match
+    other = dict(fp, weights_sample_sha256="0" * 64, weights_mean_square=[v * 1.5 + 1e-3 for v in squares])
+    assert fingerprints_match(fp, other) == (False, "its weights differ")
 
 
 def test_half_precision_on_a_cpu_warns(nulltext_cache):
