@@ -10,6 +10,14 @@ def one_line(e: BaseException, limit: int | None = 200) -> str:
     return text.splitlines()[0][:limit] if text else e.__class__.__name__
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure: torch.cuda.OutOfMemoryError (a RuntimeError), the
+    CPU allocator's ("DefaultCPUAllocator: not enough memory") or MemoryError, MPS's "out of memory"."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and ("out of memory" in text
+                                                                            or "not enough memory" in text))
+
+
 class NulltextError(Exception):
     """Bad input or a situation the user can fix; the message is one clear sentence."""
 

@@ -15,12 +15,27 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from .errors import NulltextError
 
-# paths written by atomic_write in this process, in order: an interrupted command reports them
-written: list[str] = []
+# the list that atomic_write records its paths in, inside recording_writes(); None outside
+_recorder: ContextVar[list[str] | None] = ContextVar("nulltext_written", default=None)
+
+
+@contextmanager
+def recording_writes() -> Iterator[list[str]]:
+    """Inside: every path :func:`atomic_write` completes is appended, in order, to the list this
+    yields (a command reports them when it is interrupted). Scoped to the block and to its thread
+    or task, so two commands in one process (tests, the web UI's server) keep separate lists."""
+    paths: list[str] = []
+    token = _recorder.set(paths)
+    try:
+        yield paths
+    finally:
+        _recorder.reset(token)
 
 
 def _read_umask() -> int:
@@ -121,7 +136,8 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
         if os.path.exists(path) and not force:  # appeared while we worked
             raise NulltextError(f"output {path} already exists; use --force to overwrite it")
         os.replace(tmp, path)
-        written.append(path)
+        if (recorder := _recorder.get()) is not None:
+            recorder.append(path)
     except OSError as e:  # permission denied, disk full, ...
         raise NulltextError(f"cannot write {path} ({e.strerror or e})") from None
     finally:

@@ -9,7 +9,8 @@ import sys
 import threading
 import warnings
 
-from ..errors import NulltextError, NulltextWarning, Terminated
+from ..errors import NulltextError, NulltextWarning, Terminated, is_out_of_memory
+from ..files import recording_writes
 from .args import build_parser
 from .commands import COMMANDS
 
@@ -29,9 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     warnings.showwarning = _show_warning
-    from ..files import written
-
-    written.clear()
     # SIGTERM and SIGHUP stop a command as Ctrl-C does: the file being written is removed
     # (only where the default would kill the process: `nohup nulltext ...` keeps ignoring SIGHUP)
     handlers = {}
@@ -39,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
                 handlers[sig] = signal.signal(sig, _terminate)
+    written: list[str] = []  # the files this command completed, reported if it is interrupted
     try:
-        return COMMANDS[args.command](args)
+        with recording_writes() as written:
+            return COMMANDS[args.command](args)
     except NulltextError as e:
         print(f"nulltext: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
-        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
+        if not is_out_of_memory(e):
             raise
         hint = ("a smaller --batch-size, --low-memory, a smaller --size or --dtype bf16" if args.command == "invert"
                 else "fewer --target prompts, a smaller --size or --dtype bf16")
