@@ -203,17 +203,19 @@ def _warn_inversion_options_ignored(args) -> None:
                       NulltextWarning)
 
 
-def _source(args, check=None):
-    """(pipe, inversion) from the INPUT argument: an inversion file (checked against the model and
-    the options), or an image inverted now with --prompt. ``check(pipe, prompt, num_steps,
-    latent_hw)`` validates the edit's prompts before any inversion work."""
-    from ..files import check_writable
+def _source(args, make_plan):
+    """(pipe, inversion, plan) from the INPUT argument: an inversion file (checked against the model
+    and the options), or an image inverted now with --prompt. ``make_plan(pipe, prompt, num_steps,
+    latent_hw, image_size, original_size, crop)`` plans the edit (its checks) before any inversion work."""
     from ..config import DEFAULT_MODEL
+    from ..editing.planning import original_size
+    from ..files import check_writable
+    from ..image import load_image, output_size
+    from ..inversion import Inversion, invert_image
     from ..storage import check_fits
+    from ..text import check_prompt
 
     if _is_inversion_path(args.input):
-        from ..inversion import Inversion
-
         if args.save_inversion:
             raise NulltextError("--save-inversion only applies to an IMAGE input")
         inv = Inversion.load(args.input)
@@ -228,33 +230,27 @@ def _source(args, check=None):
         _warn_inversion_options_ignored(args)  # after the refusals: an error is one line
         pipe = _load_pipe(args, args.model or inv.meta["model"])
         check_fits(inv, pipe, args.input)
-        if check is not None:
-            check(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]))
-        return pipe, inv
-    from ..image import load_image
-    from ..inversion import invert_image
-
+        plan = make_plan(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]), inv.image_size,
+                         original_size(inv), inv.config.crop)
+        return pipe, inv, plan
     if args.prompt is None:
         raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
                             f"file made by nulltext invert)")
-    from ..text import check_prompt
-
     check_prompt(args.prompt, empty="allow")  # (an empty one warns, at the inversion)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
     config = _inversion_config(args, args.inversion_method)
-    image = load_image(args.input)
+    image = load_image(args.input)  # decoded once: checked here, inverted below
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
-    if check is not None:
-        from ..image import output_size
-
-        w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
-        check(pipe, args.prompt, config.num_steps, (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor))
+    w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
+    f = pipe.vae_scale_factor
+    plan = make_plan(pipe, args.prompt, config.num_steps, (h // f, w // f), (w, h), tuple(image.image.size),
+                     config.crop)
     inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
     if args.save_inversion:
         inv.save(args.save_inversion, force=args.force)
         print(f"wrote {args.save_inversion}")
-    return pipe, inv
+    return pipe, inv, plan
 
 
 def _warn_ignored(args, config) -> None:
@@ -287,69 +283,41 @@ def _slug(text: str, n: int = 40) -> str:
     return out or "edit"
 
 
-def _validate_edit_prompts(args) -> None:
-    if not args.target:
-        raise NulltextError("no target prompt given: pass at least one --target TEXT")
-    from ..text import check_prompt
-
-    for t in args.target:
-        if not t.strip():
-            raise NulltextError("--target must not be empty")
-        check_prompt(t, "target prompt")
-
-
 def cmd_edit(args) -> int:
-    from ..editing import attention_store, edit, maps_from_store, validate
+    from ..editing import edit, maps_from_store, plan, request
     from ..files import check_writable, save_image
     from ..visual import attention_grid, side_by_side
 
-    _validate_edit_prompts(args)
     config = _edit_config(args)
+    # every check that needs no model, the mask's decoding included, before loading one
+    req = request(args.target, config, mask=args.mask, what="--target")
     if args.attention and config.method != "p2p":
         raise NulltextError("--attention records the maps of P2P edits; leave it out with --method sdedit")
     _warn_ignored(args, config)
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):
         raise NulltextError(f"output {out} is a file; -o takes a folder")
-    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(args.target, 1)] + ["grid.png"]
+    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(req.targets, 1)] + ["grid.png"]
     if args.attention:
         names.append("attention.png")
     paths = [os.path.join(out, n) for n in names]
     for path in paths:
         check_writable(path, args.force)
-    targets = list(args.target)
-    mask = None
-    if args.mask:
-        from ..image import read_mask
 
-        mask = read_mask(args.mask)  # a missing, unreadable or all-black mask fails before any model work
+    def make_plan(pipe, prompt, num_steps, latent_hw, image_size, original_size, crop):
+        return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop,
+                    attention=args.attention)
 
-    def check(pipe, prompt, num_steps, latent_hw):
-        validate(pipe, prompt, targets, config, num_steps, latent_hw)
-        if mask is not None and not _is_inversion_path(args.input):  # the mask's size, before the inversion
-            from ..image import load_image, load_mask
-
-            f = pipe.vae_scale_factor
-            load_mask(mask, (latent_hw[1] * f, latent_hw[0] * f), load_image(args.input).image.size, args.crop)
-
-    pipe, inv = _source(args, check)
-    if args.mask:
-        from ..editing import edit_mask
-
-        mask = edit_mask(inv, mask)  # the photo's or the inverted size
-    stores, size = [], None
-    if args.attention:
-        store, size = attention_store(pipe, tuple(inv.latent_T.shape[-2:]), config)
-        stores = [store]
-    result = edit(pipe, inv, targets, config, stores=stores, progress=not args.quiet, mask=mask)
-    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, targets)]
+    pipe, inv, edit_plan = _source(args, make_plan)
+    result = edit(pipe, inv, edit_plan, progress=not args.quiet)
+    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, req.targets)]
     pictures = [*result.images, side_by_side(result.images, labels)]
     if args.attention:
-        am = maps_from_store(pipe, stores[0], size, result.prompts, result.images)
+        am = maps_from_store(pipe, edit_plan.attention, edit_plan.attention_size, result.prompts, result.images)
         pictures.append(attention_grid(am.maps, am.tokens, am.images))
     for img, path in zip(pictures, paths):  # everything computed: write it all, each atomically
         save_image(img, path, force=args.force)
-    for mode, t in zip(result.modes, targets):
+    for mode, t in zip(result.modes, req.targets):
         print(f"{mode:>8}: {t}")
     for path in paths:
         print(f"wrote {path}")
@@ -357,8 +325,10 @@ def cmd_edit(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from ..editing import attention_maps, validate
+    from ..editing import edit, maps_from_store, plan, request, run_controlled
+    from ..editing.planning import attention_store
     from ..files import check_writable, image_format, save_image
+    from ..image import decode
     from ..visual import attention_grid
 
     check_writable(args.output, args.force)
@@ -370,14 +340,23 @@ def cmd_attention(args) -> int:
         raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
     if not args.target and config.blend:
         warnings.warn("--blend acts on edits; without --target it is ignored", NulltextWarning)
-    targets = list(args.target)
+    req = request(args.target, config, what="--target") if args.target else None
 
-    def check(pipe, prompt, num_steps, latent_hw):
-        if targets:
-            validate(pipe, prompt, targets, config, num_steps, latent_hw)
+    def make_plan(pipe, prompt, num_steps, latent_hw, image_size, original_size, crop):
+        if req is None:  # the source prompt alone: only the store to check
+            return attention_store(pipe, latent_hw, config)
+        return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop, attention=True)
 
-    pipe, inv = _source(args, check)
-    am = attention_maps(pipe, inv, targets, config, progress=not args.quiet)
+    pipe, inv, edit_plan = _source(args, make_plan)
+    if req is None:
+        store, size = edit_plan
+        last = None
+        for last in run_controlled(pipe, inv, [], store, not args.quiet, desc="attention"):
+            pass
+        am = maps_from_store(pipe, store, size, [inv.prompt], decode(pipe, last.source))
+    else:
+        result = edit(pipe, inv, edit_plan, progress=not args.quiet)
+        am = maps_from_store(pipe, edit_plan.attention, edit_plan.attention_size, result.prompts, result.images)
     grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
     save_image(grid, args.output, force=args.force)
     print(f"cross-attention at {am.size[0]}x{am.size[1]} averaged over {inv.num_steps} steps")

@@ -1,0 +1,57 @@
+"""Cross-attention maps of each token, over the reconstruction and the edits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .. import alignment
+from ..config import EditConfig
+from ..controllers import AttentionStore
+from ..image import decode as decode_latents
+from .loops import edit, run_controlled
+from .planning import attention_store, plan_for, request
+
+
+
+
+@dataclass
+class AttentionMaps:
+    prompts: list[str]
+    tokens: list[list[str]]  # per prompt: decoded tokens incl. start and end
+    maps: Tensor  # (rows, h, w, K): averaged over steps, heads and layers at ``size``
+    size: tuple[int, int]
+    images: list  # reconstruction (and edits)
+
+
+def maps_from_store(pipe, store: AttentionStore, size: tuple[int, int], prompts: list[str],
+                    images: list) -> AttentionMaps:
+    """Average a filled :func:`attention_store` into per-token maps."""
+    places = ("down", "up")  # as the release's aggregate_attention; mid only if nothing else has that size
+    if not any(s.size == size and s.is_cross and s.place in places for s in store.sites.values()):
+        places = ("mid",)
+    maps = store.average(size, places=places)
+    tokens = [[pipe.tokenizer.decode([i]) for i in alignment.prompt_tokens(pipe.tokenizer, p)] for p in prompts]
+    return AttentionMaps(list(prompts), tokens, maps, size, images)
+
+
+def attention_maps(pipe, inversion, targets: Sequence[str] = (), config: EditConfig | None = None,
+                   progress: bool = True, size: tuple[int, int] | None = None) -> AttentionMaps:
+    """The cross-attention map of each token, averaged over the steps, heads and the layers at
+    ``size`` (default: the blend size, 16x16 for a 512 image as the release shows), for the
+    source prompt over its reconstruction and, with ``targets``, for each edit (the maps the
+    UNet used, after the edit's controllers)."""
+    config = config or EditConfig()
+    targets = list(targets)
+    if targets:
+        plan = plan_for(pipe, inversion, request(targets, config), attention=tuple(size) if size else True)
+        result = edit(pipe, inversion, plan, progress=progress)
+        return maps_from_store(pipe, plan.attention, plan.attention_size, result.prompts, result.images)
+    latent_hw = tuple(inversion.latent_T.shape[-2:])
+    store, size = attention_store(pipe, latent_hw, config, size)
+    last = None
+    for last in run_controlled(pipe, inversion, [], store, progress, desc="attention"):
+        pass
+    return maps_from_store(pipe, store, size, [inversion.prompt], decode_latents(pipe, last.source))

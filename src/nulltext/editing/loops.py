@@ -1,0 +1,191 @@
+"""Editing an inversion with text: the explicit loop over the denoising steps, running a checked
+:class:`~nulltext.editing.planning.EditPlan`.
+
+Every step runs two UNet passes, each a classifier-free-guidance batch [uncond..., cond...]:
+
+1. the **source** row, exactly as :func:`nulltext.inversion.reconstruct_latent` computes it (same
+   function, same batch shape, the layers' own processors producing the output), so the source
+   row *is* the reconstruction whatever the number of targets; its attention probabilities are
+   computed beside it for the controller;
+2. all **target** rows in one batch, with the controller replacing their attention maps.
+
+Then the local blend, if any. All rows start from z_T and use the inversion's N_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import ddim
+from ..config import EditConfig
+from ..controllers import SOURCE, TARGET, AttentionStore, Controller
+from ..image import composite, load_mask
+from ..image import decode as decode_latents
+from ..processors import installed
+from ..text import encode_prompt
+from .planning import EditPlan, original_size, plan_for, request
+
+
+@dataclass
+class EditStep:
+    """What the loop yields after each denoising step."""
+
+    index: int  # step index i, 0..T-1
+    timestep: int  # t_i (981 first for T = 50)
+    source: Tensor  # (1, C, h, w): the reconstruction's latent after this step
+    targets: Tensor  # (n, C, h, w): the edited latents after this step (after the local blend)
+    mask: Tensor | None = None  # (n, 1, h, w) local-blend mask used at this step, if any
+
+
+@dataclass
+class EditResult:
+    prompts: list[str]  # [source, *targets]
+    modes: list[str]  # the P2P mode used for each target ("replace" | "refine" | "sdedit")
+    latents: Tensor  # (1+n, C, h, w): z_0 of the reconstruction, then of each target
+    images: list = field(default_factory=list)  # PIL images, same order
+
+    @property
+    def reconstruction(self):
+        return self.images[0]
+
+    @property
+    def edits(self) -> list:
+        return self.images[1:]
+
+
+
+
+def _setup(pipe, inversion, targets):
+    schedule = pipe.schedule(inversion.num_steps)
+    cond_src = encode_prompt(pipe, inversion.prompt)  # (1, L, d), as reconstruct_latent
+    cond_tgt = torch.cat([encode_prompt(pipe, t) for t in targets]) if targets else None  # (n, L, d)
+    nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d), as reconstruct_latent
+    z_T = inversion.latent_T.to(pipe.device)  # (1, C, h, w)
+    # Direct Inversion's corrections act on the source branch only (Ju et al.), as in reconstruction
+    corr = inversion.step_corrections(pipe.device)  # (T, 1, C, h, w) or None
+    return schedule, cond_src, cond_tgt, nulls, z_T, corr
+
+
+@torch.no_grad()
+def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
+                   progress: bool = False, desc: str = "editing") -> Iterator[EditStep]:
+    """The edit loop with any controller installed (targets may be empty: source only).
+
+    The processors stay installed while the generator is suspended: run it to the end, or close
+    it (``contextlib.closing``) before using the UNet for anything else."""
+    schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
+    n, w = len(targets), inversion.config.guidance_scale
+    z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
+    with installed(pipe.unet, controller, tuple(z_src.shape[-2:])):
+        for i, t in enumerate(tqdm(schedule.timesteps, desc=desc, unit="step", disable=not progress, leave=False)):
+            controller.begin_step(i)
+            # 1. source row: the reconstruction's own computation
+            controller.phase = SOURCE
+            z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+                                     None if corr is None else corr[i])
+            mask = None
+            if n:
+                # 2. all targets in one batch, attention edited from the source's maps
+                controller.phase = TARGET
+                z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+                # 3. local blend
+                z_tgt = controller.end_step(z_src, z_tgt)
+                blend = getattr(controller, "local_blend", None)
+                mask = blend.last_mask if blend is not None else None
+            ddim.check_finite(torch.cat([z_src, z_tgt]), "editing", t, i, schedule.num_steps)
+            yield EditStep(i, t, z_src, z_tgt, mask)
+
+
+@torch.no_grad()
+def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
+                       progress: bool = False, user_mask: Tensor | None = None) -> Iterator[EditStep]:
+    """SDEdit from an inversion (paper 5.2): the targets branch off the inverted trajectory at
+    ``strength`` (the fraction of the T steps re-denoised with the target prompt) and are
+    denoised with their prompt and the inversion's N_t. The branch point is the reconstruction's
+    latent at that timestep, which null-text optimisation fits to the DDIM pivot z*_t (the file
+    does not store the pivots); strength 0 returns the reconstruction, 1 starts from z_T."""
+    schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
+    n, w, T = len(targets), inversion.config.guidance_scale, inversion.num_steps
+    start = T - int(round(strength * T))
+    z_tgt = None
+    for i, t in enumerate(tqdm(schedule.timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
+        if i == start:
+            z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
+        z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+                                 None if corr is None else corr[i])
+        if z_tgt is not None:
+            z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+            if user_mask is not None:  # outside the mask, the targets follow the source
+                m = user_mask.to(z_tgt)
+                z_tgt = z_src + m * (z_tgt - z_src)
+        ddim.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
+        yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
+
+
+def edit_mask(inversion, mask) -> Tensor:
+    """A user's mask (see :func:`nulltext.image.load_mask`) at the inversion's image size."""
+    return load_mask(mask, inversion.image_size, original_size(inversion), inversion.config.crop)
+
+
+def _check_plan(plan: EditPlan, inversion) -> None:
+    """A plan runs on the inversion it was made for (a programming error otherwise, not the user's)."""
+    if (plan.source, plan.num_steps, plan.latent_hw) != (inversion.prompt, inversion.num_steps,
+                                                         tuple(inversion.latent_T.shape[-2:])):
+        raise ValueError("this EditPlan was made for another inversion (prompt, steps or latent size differ)")
+    plan.start()
+
+
+def run(pipe, inversion, plan: EditPlan, progress: bool = False) -> Iterator[EditStep]:
+    """Run a checked plan on ``inversion``; yields an :class:`EditStep` per step."""
+    _check_plan(plan, inversion)
+    if plan.controller is None:
+        yield from sdedit_progressive(pipe, inversion, plan.targets, plan.config.sdedit_strength, progress,
+                                      plan.latent_mask)
+        return
+    yield from run_controlled(pipe, inversion, plan.targets, plan.controller, progress)
+
+
+def _plan(pipe, inversion, targets, config, stores, mask) -> EditPlan:
+    if isinstance(targets, EditPlan):
+        if config is not None or stores or mask is not None:
+            raise ValueError("an EditPlan carries its own config, stores and mask")
+        return targets
+    return plan_for(pipe, inversion, request(targets, config, mask), stores)
+
+
+def edit_progressive(pipe, inversion, targets: Sequence[str] | EditPlan, config: EditConfig | None = None,
+                     stores: Sequence[AttentionStore] = (), progress: bool = False, mask=None) -> Iterator[EditStep]:
+    """Edit ``inversion`` towards each target prompt (or run a plan made by
+    :func:`nulltext.editing.plan_for`); yields an :class:`EditStep` per step."""
+    yield from run(pipe, inversion, _plan(pipe, inversion, targets, config, stores, mask), progress)
+
+
+def edit(pipe, inversion, targets: Sequence[str] | str | EditPlan, config: EditConfig | None = None,
+         stores: Sequence[AttentionStore] = (), progress: bool = True, decode: bool = True, mask=None) -> EditResult:
+    """Edit an inversion with one or more target prompts (or run a plan made by
+    :func:`nulltext.editing.plan_for`, checked beforehand).
+
+    Returns the reconstruction (row 0, identical to :func:`nulltext.reconstruct`) and one edited
+    image per target. ``stores``: :class:`AttentionStore` objects that record the attention maps
+    the UNet used (after edits). ``mask``: where the edit may change the image (white; a path, PIL
+    image or (H, W) array at the photo's or the inverted size, see :func:`nulltext.image.load_mask`).
+    It becomes the local blend (``config.mask_mode``: intersected with the blend words' mask, or
+    replacing it), and each edited image keeps the reconstruction's pixels outside it."""
+    plan = _plan(pipe, inversion, targets, config, stores, mask)
+    last = None
+    for last in run(pipe, inversion, plan, progress):
+        pass
+    latents = torch.cat([last.source, last.targets])
+    result = EditResult(prompts=[inversion.prompt, *plan.targets], modes=list(plan.modes), latents=latents)
+    if decode:
+        # the source row alone, as reconstruct() decodes it, so its pixels match too
+        result.images = decode_latents(pipe, last.source) + decode_latents(pipe, last.targets)
+        if plan.mask is not None:  # the VAE's decoder reaches across the mask's edge: paste the outside back
+            result.images = [result.images[0],
+                             *(composite(im, result.images[0], plan.mask) for im in result.images[1:])]
+    return result

@@ -1,0 +1,310 @@
+"""Planning an edit: every check of an edit runs here once, before any sampling, and the result is
+an :class:`EditPlan` that the loops (:mod:`.loops`) run.
+
+Two stages, so that a command can fail before the work each needs:
+
+1. :func:`request` needs no model: the target prompts are text, the options are valid, the user's
+   mask is read and decoded (once);
+2. :func:`plan` needs the tokenizer and the UNet's layers, not the inversion: token counts, words
+   found in their prompts, the Prompt-to-Prompt mode of each target, the controller, the mask at
+   the image's size. :func:`plan_for` takes those facts from an inversion; the command line plans
+   an edit of a photo before inverting it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import alignment
+from ..config import EditConfig
+from ..controllers import (AttentionStore, CrossEdit, LocalBlend, P2PController, Refine, Replace, Reweight,
+                           build_cross_alphas, schedule_bounds)
+from ..errors import NulltextError
+from ..image import latent_mask, load_mask, read_mask
+from ..processors import attention_sites
+from ..text import check_prompt, warn_split_words
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """An edit's targets, options and mask, checked without a model (:func:`request`)."""
+
+    targets: tuple[str, ...]
+    config: EditConfig
+    mask: object = None  # the user's mask, decoded (a one-channel PIL image, an array or a tensor), or None
+
+
+@dataclass
+class EditPlan:
+    """An edit checked against a model, ready to run (:func:`plan`). The controller and the
+    attention stores keep the run's state: a plan runs once (:func:`nulltext.editing.edit` plans
+    each call afresh)."""
+
+    source: str  # the source prompt (the inversion's)
+    targets: list[str]
+    config: EditConfig
+    num_steps: int
+    latent_hw: tuple[int, int]
+    modes: list[str]  # per target: "replace" | "refine" | "sdedit"
+    controller: P2PController | None  # None for SDEdit
+    mask: Tensor | None = None  # (H, W) bool at the image's size: where the edit may change it
+    latent_mask: Tensor | None = None  # (1, 1, h, w) bool: the same at the latent's size
+    attention: AttentionStore | None = None  # records the cross-attention maps, when asked for
+    attention_size: tuple[int, int] | None = None
+    used: bool = False
+
+    def start(self) -> None:
+        """Mark the plan as running (its controller's state is this run's)."""
+        if self.used:
+            raise RuntimeError("an EditPlan runs once: plan the edit again to run it again")
+        self.used = True
+
+
+def request(targets: Sequence[str] | str, config: EditConfig | None = None, mask=None,
+            what: str = "target prompt") -> EditRequest:
+    """The checks of an edit that need no model: at least one target, each text without control
+    characters and not empty; the mask (a path is read and decoded here, once). ``what`` names a
+    target in messages (the command line says ``--target``)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise NulltextError("no target prompt given" + (f": pass at least one {what}" if what.startswith("-") else ""))
+    for t in targets:
+        check_prompt(t, what)
+    if isinstance(mask, (str, bytes)) or hasattr(mask, "__fspath__"):
+        mask = read_mask(mask)  # missing, unreadable or all black: refused before any model work
+    return EditRequest(tuple(targets), config or EditConfig(), mask)
+
+
+def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[int, int],
+         image_size: tuple[int, int] | None = None, original_size: tuple[int, int] | None = None,
+         crop=(0, 0, 0, 0), stores: Sequence[AttentionStore] = (), attention=None) -> EditPlan:
+    """Check ``req`` against the model and the inversion's facts (its source prompt, T, latent size,
+    image size, the photo's original size and crop, for a mask drawn on the photo) and build the
+    controller. ``stores``: attention stores to fill while editing (after the edit's changes);
+    ``attention``: True or a (h, w) size to record the cross-attention maps (:attr:`EditPlan.attention`)."""
+    targets, config = list(req.targets), req.config
+    for p in (source, *targets):
+        alignment.check_length(pipe.tokenizer, p)
+    # the targets' new words only: the source prompt's were named at its inversion
+    warn_split_words(pipe, targets, skip=source)
+    pixels = user = None
+    if req.mask is not None:
+        if image_size is None:
+            f = pipe.vae_scale_factor
+            image_size = (latent_hw[1] * f, latent_hw[0] * f)
+        pixels = load_mask(req.mask, image_size, original_size, crop)
+        user = latent_mask(pixels, latent_hw)
+    store = size = None
+    if attention:
+        if config.method != "p2p":
+            raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
+        store, size = attention_store(pipe, latent_hw, config, None if attention is True else attention)
+        stores = [*stores, store]
+    if config.method == "sdedit":
+        modes, controller = ["sdedit"] * len(targets), None
+    else:
+        controller, modes = build_controller(pipe, source, targets, config, num_steps, latent_hw, stores, user)
+    return EditPlan(source, targets, config, num_steps, tuple(latent_hw), modes, controller, pixels, user,
+                    store, size)
+
+
+def original_size(inversion) -> tuple[int, int] | None:
+    """The photo's size before preprocessing, as the inversion file records it."""
+    original = inversion.meta.get("image", {}).get("original_size")
+    return tuple(original) if original else None
+
+
+def plan_for(pipe, inversion, req: EditRequest, stores: Sequence[AttentionStore] = (), attention=None) -> EditPlan:
+    """:func:`plan` with the facts of ``inversion``."""
+    return plan(pipe, req, inversion.prompt, inversion.num_steps, tuple(inversion.latent_T.shape[-2:]),
+                inversion.image_size, original_size(inversion), inversion.config.crop, stores, attention)
+
+
+def validate(pipe, source: str, targets: Sequence[str], config: EditConfig, num_steps: int,
+             latent_hw: tuple[int, int]) -> list[str]:
+    """Every prompt error of an edit (empty targets, token counts, words missing from their
+    prompt) before any sampling; returns the mode of each target."""
+    return plan(pipe, request(targets, config), source, num_steps, latent_hw).modes
+
+
+def attention_store(pipe, latent_hw: tuple[int, int], config: EditConfig | None = None,
+                    size: tuple[int, int] | None = None) -> tuple[AttentionStore, tuple[int, int]]:
+    """A store of the cross-attention layers at ``size`` (default: the blend size, 16x16 for a
+    512 image as the release shows) and that size."""
+    config = config or EditConfig()
+    sites = attention_sites(pipe.unet, latent_hw)
+    size = tuple(size) if size else blend_size(sites, latent_hw, config.blend_factor)
+    if not any(s.size == size and s.is_cross for s in sites.values()):
+        have = sorted({s.size for s in sites.values() if s.is_cross})
+        raise NulltextError(f"no cross-attention layer at {size[0]}x{size[1]}; this UNet has "
+                            + ", ".join(f"{h}x{w}" for h, w in have))
+    return AttentionStore(cross=True, self_attn=False, max_queries=size[0] * size[1]), size
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller from prompts
+
+
+
+def _mappers(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[tuple[str, object]]:
+    """(mode, mapper) of each target, each mapper computed once: ``auto`` takes the word swap's
+    mapper where the prompts swap one for one (same tokens and words), else refine's."""
+    out = []
+    for t in targets:
+        if mode == "auto":
+            try:
+                out.append(("replace", alignment.replacement_mapper(tokenizer, source, t)))
+                continue
+            except NulltextError:
+                pass  # another token or word count: refine
+        kind = "refine" if mode == "auto" else mode
+        mapper = (alignment.replacement_mapper if kind == "replace" else alignment.refinement_mapper)(tokenizer, source, t)
+        out.append((kind, mapper))
+    return out
+
+
+def resolve_modes(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[str]:
+    """The mode of each target: ``auto`` picks replace for the same token count (and the same
+    number of words, so they can be swapped one for one), else refine."""
+    return [kind for kind, _ in _mappers(tokenizer, source, targets, mode)]
+
+
+class PerTarget(CrossEdit):
+    """Different edits for different target rows (e.g. ``auto`` picking replace for one target
+    and refine for another): edit r acts on row r."""
+
+    def __init__(self, edits: Sequence[CrossEdit]) -> None:
+        self.edits = list(edits)
+
+    def __call__(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return torch.cat([e(src, tgt[r:r + 1]) for r, e in enumerate(self.edits)])
+
+
+def _cross_edit(mappers: list[tuple[str, object]]) -> CrossEdit:
+    def one(kind: str, maps: list) -> CrossEdit:
+        if kind == "replace":
+            return Replace(torch.stack(maps))
+        return Refine(torch.stack([m for m, _ in maps]), torch.stack([a for _, a in maps]))
+
+    kinds = {kind for kind, _ in mappers}
+    if len(kinds) == 1:
+        return one(kinds.pop(), [m for _, m in mappers])
+    return PerTarget([one(kind, [m]) for kind, m in mappers])
+
+
+def _cross_overrides(tokenizer, targets: list[str], spec) -> tuple[object, list]:
+    if not isinstance(spec, dict):
+        return spec, []
+    default = (0.0, 1.0)  # the release's default when the dict names none
+    overrides = []
+    for word, value in spec.items():
+        if word in ("default", "default_"):
+            default = value
+            continue
+        found = False
+        for r, t in enumerate(targets):
+            pos = alignment.word_positions(tokenizer, t, word)
+            if pos:
+                overrides.append((r, pos, value))
+                found = True
+        if not found:
+            raise NulltextError(f"cross-replace word {word!r} is not in the target prompt"
+                                f"{'s' if len(targets) > 1 else ''} {', '.join(map(repr, targets))}")
+    return default, overrides
+
+
+def _equalizer(tokenizer, targets: list[str], reweight) -> Tensor:
+    L = tokenizer.model_max_length
+    eq = torch.ones(len(targets), L)
+    for word, factor in reweight:
+        found = False
+        for r, t in enumerate(targets):
+            pos = alignment.word_positions(tokenizer, t, word)
+            if pos:
+                eq[r, pos] = float(factor)
+                found = True
+        if not found:
+            raise NulltextError(f"reweight word {word!r} is not in the target prompt"
+                                f"{'s' if len(targets) > 1 else ''} {', '.join(map(repr, targets))}")
+    return eq
+
+
+def blend_size(sites, latent_hw: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Size of the cross-attention layers the blend mask is built from: latent / factor (the
+    release: 16x16 for a 64x64 latent) or, when no down/up cross-attention layer has that size,
+    the nearest size one has."""
+    sizes = sorted({s.size for s in sites.values() if s.is_cross and s.place in ("down", "up")})
+    if not sizes:
+        raise NulltextError("this UNet has no cross-attention layers to build a blend mask from")
+    want = (max(1, latent_hw[0] // factor), max(1, latent_hw[1] // factor))
+    if want in sizes:
+        return want
+    area = want[0] * want[1]
+    return min(sizes, key=lambda s: (abs(math.log(s[0] * s[1] / area)), s[0] * s[1]))
+
+
+def _local_blend(tokenizer, source: str, targets: list[str], config: EditConfig, num_steps: int,
+                 size: tuple[int, int], user_mask: Tensor | None = None) -> LocalBlend:
+    if not config.blend:  # a user mask alone
+        return LocalBlend(None, size=size, start_step=int(config.blend_start * num_steps), user_mask=user_mask,
+                          user_mode="replace")
+    L = tokenizer.model_max_length
+    prompts = [source, *targets]
+    words = torch.zeros(len(prompts), L)
+    for word in config.blend_source:
+        words[0, alignment.require_positions(tokenizer, source, word, "blend")] = 1.0
+    for word in config.blend_target:
+        found = False
+        for r, t in enumerate(targets, start=1):
+            pos = alignment.word_positions(tokenizer, t, word)
+            if pos:
+                words[r, pos] = 1.0
+                found = True
+        if not found:
+            raise NulltextError(f"blend word {word!r} is not in the target prompt"
+                                f"{'s' if len(targets) > 1 else ''} {', '.join(map(repr, targets))}")
+    subtract = None
+    if config.blend_subtract:
+        subtract = torch.zeros(len(prompts), L)
+        for word in config.blend_subtract:
+            hits = [(r, alignment.word_positions(tokenizer, p, word)) for r, p in enumerate(prompts)]
+            if not any(pos for _, pos in hits):
+                raise NulltextError(f"blend-subtract word {word!r} is in none of the prompts")
+            for r, pos in hits:
+                subtract[r, pos] = 1.0
+    return LocalBlend(words, size=size, start_step=int(config.blend_start * num_steps),
+                      threshold=config.blend_threshold, subtract=subtract,
+                      subtract_threshold=config.blend_subtract_threshold, user_mask=user_mask,
+                      user_mode=config.mask_mode)
+
+
+def build_controller(pipe, source: str, targets: list[str], config: EditConfig, num_steps: int,
+                     latent_hw: tuple[int, int], stores: Sequence[AttentionStore] = (),
+                     user_mask: Tensor | None = None) -> tuple[P2PController, list[str]]:
+    """The Prompt-to-Prompt controller of an edit, and the mode used for each target.
+    ``user_mask``: (1, 1, h, w) boolean at the latent size, where edits may happen."""
+    tok = pipe.tokenizer
+    mappers = _mappers(tok, source, targets, config.mode)
+    modes = [kind for kind, _ in mappers]
+    cross = _cross_edit(mappers)
+    if config.reweight:
+        cross = Reweight(_equalizer(tok, targets, config.reweight), prev=cross)
+    default, overrides = _cross_overrides(tok, targets, config.cross_replace)
+    alphas = build_cross_alphas(num_steps, len(targets), tok.model_max_length, default, overrides)
+    self_steps = schedule_bounds(config.self_replace, num_steps)
+    blend = None
+    if config.blend:
+        size = blend_size(attention_sites(pipe.unet, latent_hw), latent_hw, config.blend_factor)
+        blend = _local_blend(tok, source, targets, config, num_steps, size, user_mask)
+    elif user_mask is not None:
+        blend = _local_blend(tok, source, targets, config, num_steps, (1, 1), user_mask)
+    controller = P2PController(cross, alphas, self_steps=self_steps, self_max_keys=config.self_max_keys,
+                               local_blend=blend, stores=stores)
+    return controller, modes

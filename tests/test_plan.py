@@ -1,0 +1,146 @@
+"""An edit is planned once, in the library: each check runs once, each file is decoded once, and a
+bad edit fails before the model loads (checks without a model) or before the inversion runs
+(checks with one). ``nulltext edit`` and ``nulltext attention`` only call the plan."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nulltext.editing.planning as plan_mod
+import nulltext.image as image_mod
+from conftest import make_photo
+from nulltext.config import EditConfig
+from nulltext.editing import EditPlan, edit, plan_for, request
+from nulltext.errors import NulltextError
+from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, run_main
+
+SWAP = "a dog sitting next to a mirror"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    photo = d / "photo.png"
+    make_photo().save(photo)
+    mask = d / "mask.png"
+    m = np.zeros((80, 96), np.uint8)
+    m[20:60, 30:70] = 255
+    Image.fromarray(m).save(mask)
+    inv = d / "photo.safetensors"
+    r = run_main("invert", photo, "--prompt", PROMPT, "-o", inv, *FAST)
+    assert r.returncode == 0, describe(r)
+    return {"photo": photo, "mask": mask, "inv": inv}
+
+
+def _spy(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls[name].append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Calls of each check and decode on the edit's path, by name."""
+    out = collections.defaultdict(list)
+    for name in ("check_prompt", "read_mask", "load_mask", "warn_split_words", "build_controller"):
+        _spy(monkeypatch, plan_mod, name, out)
+    for name in ("replacement_mapper", "refinement_mapper"):
+        _spy(monkeypatch, plan_mod.alignment, name, out)
+    _spy(monkeypatch, image_mod, "read_input", out)  # every image file read (photo and mask)
+    return out
+
+
+def test_edit_of_an_inversion_checks_each_thing_once(files, tmp_path, calls):
+    targets = [SWAP, "a fluffy cat sitting next to a mirror"]
+    r = run_main("edit", files["inv"], *[a for t in targets for a in ("--target", t)], "--blend", "cat", "dog,cat",
+                 "--mask", files["mask"], "-o", tmp_path / "out", "-q")
+    assert_ok(r)
+    assert [a[0] for a in calls["check_prompt"]] == targets  # each target once
+    # auto mode: each target's mapper computed once (the swap's, or refine's where it cannot swap)
+    assert [a[2] for a in calls["replacement_mapper"]] == targets
+    assert [a[2] for a in calls["refinement_mapper"]] == targets[1:]
+    assert len(calls["build_controller"]) == 1
+    assert len(calls["warn_split_words"]) == 1
+    assert len(calls["read_mask"]) == 1 and len(calls["load_mask"]) == 1
+    assert [str(a[0]) for a in calls["read_input"]] == [str(files["mask"])]  # the mask file decoded once
+
+
+def test_edit_of_a_photo_decodes_it_once_and_plans_before_inverting(files, tmp_path, calls, monkeypatch):
+    import nulltext.inversion as inversion
+
+    order = []
+    real_invert, real_plan = inversion.invert_image, plan_mod.plan
+    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: order.append("invert") or real_invert(*a, **k))
+    monkeypatch.setattr("nulltext.editing.plan", lambda *a, **k: order.append("plan") or real_plan(*a, **k))
+    r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--mask", files["mask"],
+                 "-o", tmp_path / "out", *FAST)
+    assert_ok(r)
+    assert order == ["plan", "invert"]
+    assert sorted(str(a[0]) for a in calls["read_input"]) == sorted([str(files["photo"]), str(files["mask"])])
+    assert len(calls["replacement_mapper"]) == 1 and len(calls["build_controller"]) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target", "a dog\x00"], "--target contains the control character U+0000"),
+    (["--target", "   "], "--target is empty"),
+    ([], "no target prompt given: pass at least one --target"),
+])
+def test_checks_without_a_model_fail_before_it_loads(files, tmp_path, monkeypatch, extra, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("nulltext.cli.commands._load_pipe", no_model)
+    r = run_main("edit", files["photo"], "--prompt", PROMPT, *extra, "-o", tmp_path / "out", *FAST)
+    assert_refused(r, match=message)
+
+
+def test_a_mask_that_does_not_fit_fails_before_the_model_loads_when_unreadable_and_before_inverting(
+        files, tmp_path, monkeypatch):
+    import nulltext.inversion as inversion
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    monkeypatch.setattr("nulltext.cli.commands._load_pipe", lambda *a: (_ for _ in ()).throw(AssertionError))
+    assert_refused(run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--mask",
+                            tmp_path / "bad.png", "-o", tmp_path / "o", *FAST), match="cannot read the mask")
+    monkeypatch.undo()
+    Image.new("L", (33, 17), 255).save(tmp_path / "small.png")
+    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert_refused(run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--mask",
+                            tmp_path / "small.png", "-o", tmp_path / "o", *FAST), match="the mask is 33x17 pixels")
+
+
+def test_a_target_word_error_fails_before_the_inversion_runs(files, tmp_path, monkeypatch):
+    import nulltext.inversion as inversion
+
+    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--reweight", "tiger=2",
+                 "-o", tmp_path / "out", *FAST)
+    assert_refused(r, match="reweight word 'tiger' is not in the target prompt")
+
+
+def test_a_plan_runs_once_and_on_its_own_inversion(tiny_pipe, files):
+    from nulltext import Inversion
+
+    inv = Inversion.load(files["inv"], pipe=tiny_pipe)
+    p = plan_for(tiny_pipe, inv, request([SWAP], EditConfig()))
+    assert isinstance(p, EditPlan) and p.modes == ["replace"]
+    result = edit(tiny_pipe, inv, p, progress=False)
+    with pytest.raises(RuntimeError, match="runs once"):
+        edit(tiny_pipe, inv, p, progress=False)
+    # the same edit planned by edit() itself gives the same pixels
+    again = edit(tiny_pipe, inv, [SWAP], EditConfig(), progress=False)
+    assert np.array_equal(np.asarray(result.edits[0]), np.asarray(again.edits[0]))
+    other = plan_for(tiny_pipe, inv, request([SWAP]))
+    other.source = "a cat"
+    with pytest.raises(ValueError, match="another inversion"):
+        edit(tiny_pipe, inv, other, progress=False)
+    with pytest.raises(NulltextError, match="no target prompt given$"):
+        request([])
