@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .config import EditConfig, InversionConfig, parse_reweight
 from .errors import NulltextError, one_line
-from .files import atomic_write
+from .files import atomic_write, edit_file_name
 from .text import check_prompt
 
 # manifest columns that override the command's options, with their config field and type
@@ -291,7 +291,7 @@ def _finish(pipe, job: Job, inv, folder: str, preprocess, psnr, load_image, reco
         result = edit(pipe, inv, job.targets, job.edit, progress=False, mask=mask)
         images = result.images
         for k, (img, target) in enumerate(zip(images[1:], job.targets), 1):
-            save_image(img, os.path.join(folder, f"edit-{k}-{_slug(target)[:40]}.png"), force=True)
+            save_image(img, os.path.join(folder, edit_file_name(k, target)), force=True)
     else:
         images = [reconstruct(pipe, inv, progress=False)]
     edit_s = time.perf_counter() - t0

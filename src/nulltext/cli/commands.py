@@ -273,20 +273,6 @@ def _warn_ignored(args, config) -> None:
         warnings.warn("--strength applies to --method sdedit only; ignored", NulltextWarning)
 
 
-def _slug(text: str, n: int = 40) -> str:
-    """A file-name piece from a prompt: lower-case words joined by '-', whole words only, at most
-    ``n`` characters (a first word longer than that is kept, up to ``2 n``: file names have limits)."""
-    import re
-
-    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-    out = ""
-    for word in words:
-        if out and len(out) + 1 + len(word) > n:
-            break
-        out = f"{out}-{word}" if out else word[: 2 * n]
-    return out or "edit"
-
-
 def _validate_edit_prompts(args) -> None:
     if not args.target:
         raise NulltextError("no target prompt given: pass at least one --target TEXT")
@@ -300,7 +286,7 @@ def _validate_edit_prompts(args) -> None:
 
 def cmd_edit(args) -> int:
     from ..editing import attention_store, edit, maps_from_store, validate
-    from ..files import check_writable, save_image
+    from ..files import check_writable, edit_file_name, save_image
     from ..visual import attention_grid, side_by_side
 
     _validate_edit_prompts(args)
@@ -311,7 +297,7 @@ def cmd_edit(args) -> int:
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):
         raise NulltextError(f"output {out} is a file; -o takes a folder")
-    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(args.target, 1)] + ["grid.png"]
+    names = ["reconstruction.png"] + [edit_file_name(k, t) for k, t in enumerate(args.target, 1)] + ["grid.png"]
     if args.attention:
         names.append("attention.png")
     paths = [os.path.join(out, n) for n in names]
