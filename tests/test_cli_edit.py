@@ -163,3 +163,20 @@ def test_inversion_options_with_an_inversion_file_are_warned_and_ignored(files, 
     quiet = run_main("edit", files["inv"], "--target", SWAP, "-o", tmp_path / "o2", *QUIET)
     assert_ok(quiet)
     assert "warning" not in quiet.stderr
+
+
+def test_edit_and_batch_name_the_same_edit_the_same_file(files, tmp_path):
+    """One slug (files.slug) names both commands' edit images, punctuation, case and length alike."""
+    import json
+
+    target = "A Dog, sitting next to the MIRROR: watercolor painting by an old master!"
+    out = tmp_path / "edit"
+    assert_ok(run_main("edit", files["inv"], "--target", target, "-o", out, *QUIET))
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"id": "one", "image": str(files["photo"]), "prompt": PROMPT,
+                                                     "targets": [target]}) + "\n")
+    r = run_main("batch", tmp_path / "jobs.jsonl", "-o", tmp_path / "batch", *FAST)
+    assert_ok(r)
+    (folder,) = [p for p in (tmp_path / "batch").iterdir() if p.is_dir()]
+    edits = sorted(p.name for p in out.iterdir() if p.name.startswith("edit-"))
+    assert edits == ["edit-1-a-dog-sitting-next-to-the-mirror.png"]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("edit-")) == edits

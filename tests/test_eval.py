@@ -1,5 +1,5 @@
-"""``nulltext eval``: manifests (CSV, PIE-Bench JSON), the RLE masks, the tables, failures that do
-not stop the run, and resuming after a kill."""
+"""``nulltext eval``: manifests (CSV, PIE-Bench JSON through its adapter), the RLE masks, the
+tables, failures that do not stop the run, and resuming after a kill."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from conftest import make_photo
 from nulltext.errors import NulltextError
-from nulltext.evaluation import decode_rle, load_done, read_manifest
+from nulltext.evaluation import load_done
+from nulltext.pie_bench import decode_rle, read_mapping_file
 from test_cli import _env, assert_ok, describe, run_cli
 
 PROMPT = "a cat sitting next to a mirror"
@@ -34,19 +35,48 @@ def test_decode_rle_by_hand():
             decode_rle(bad, shape=(6, 6))
 
 
-def test_pie_bench_manifest(tmp_path):
-    (tmp_path / "annotation_images").mkdir()
-    doc = {"000000000001": {"image_path": "0_random_140/000000000001.jpg",
+def test_pie_bench_adapter_gives_manifest_rows_and_mask_images(tmp_path):
+    """A mapping file's sample becomes the row a manifest would hold: prompts without brackets, the
+    blended words as the blend, the RLE mask as a mask image (white = edited) over the photo."""
+    from PIL import Image
+
+    from nulltext.config import EditConfig, InversionConfig
+    from nulltext.jobs import jobs_from_rows
+
+    (tmp_path / "annotation_images" / "0_random_140").mkdir(parents=True)
+    make_photo(96, 80).save(tmp_path / "annotation_images" / "0_random_140" / "000000000001.png")
+    doc = {"000000000001": {"image_path": "0_random_140/000000000001.png",
                             "original_prompt": "a [cat] sitting next to a mirror",
                             "editing_prompt": "a [tiger] sitting next to a mirror", "blended_word": "cat tiger",
-                            "mask": [0, 10], "editing_type_id": "0"}}
+                            "mask": [200, 10], "editing_type_id": "0"}}
     (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
-    (s,) = read_manifest(str(tmp_path / "mapping_file.json"))
-    assert s.prompt == PROMPT and s.targets == ["a tiger sitting next to a mirror"]
-    assert s.blend == ("cat", "tiger") and s.mask == [0, 10]
-    assert s.image == str(tmp_path / "annotation_images" / "0_random_140" / "000000000001.jpg")
+    (row,) = read_mapping_file(str(tmp_path / "mapping_file.json"), str(tmp_path / "masks"))
+    assert row["prompt"] == PROMPT and row["targets"] == ["a tiger sitting next to a mirror"]
+    assert row["blend"] == "cat tiger"
+    assert row["image"] == str(tmp_path / "annotation_images" / "0_random_140" / "000000000001.png")
+    mask = np.asarray(Image.open(row["mask"])) >= 128
+    assert mask.shape == (80, 96) and np.array_equal(mask, decode_rle([200, 10], (80, 96)))
+    (job,) = jobs_from_rows([row], InversionConfig(), EditConfig(), str(tmp_path))
+    assert not job.error and job.mask == row["mask"]
+    assert job.edit.blend_source == ("cat",) and job.edit.blend_target == ("tiger",)
     with pytest.raises(NulltextError, match="not found"):
-        read_manifest(str(tmp_path / "nope.csv"))
+        read_mapping_file(str(tmp_path / "nope.json"), str(tmp_path / "masks"))
+
+
+def test_pie_bench_samples_that_cannot_be_adapted_fail_alone(tmp_path):
+    make_photo().save(tmp_path / "ok.png")
+    doc = {"bad-rle": {"image_path": "ok.png", "original_prompt": "a cat", "editing_prompt": "a dog",
+                       "blended_word": "cat dog", "mask": [0, 100, 7]},
+           "no-photo": {"image_path": "missing.png", "original_prompt": "a cat", "mask": [0, 1]},
+           "wrong-type": {"image_path": "ok.png", "original_prompt": 5},
+           "fine": {"image_path": "ok.png", "original_prompt": "a cat"}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(doc))
+    rows = read_mapping_file(str(tmp_path / "mapping_file.json"), str(tmp_path / "masks"))
+    assert [r["id"] for r in rows] == ["bad-rle", "no-photo", "wrong-type", "fine"]
+    assert rows[0]["__error__"].startswith("bad RLE mask")
+    assert rows[1]["__error__"].startswith("image not found")
+    assert "needs text fields" in rows[2]["__error__"]
+    assert "__error__" not in rows[3] and "mask" not in rows[3]
 
 
 def _manifest(tmp_path, n=3) -> str:
@@ -197,37 +227,70 @@ def test_eval_retries_failed_samples_and_recomputes_changed_settings(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ('{"image": 5, "prompt": "a cat"}\n', "text 'image' and 'prompt'"),
-    ('[1, 2]\n', "not an object"),
-    ('{"image": "a.png", "prompt": "a cat", "target": 3}\n', "'target' must be text"),
+    ('{"image": 5, "prompt": "a cat"}\n', "image and prompt must be text"),
+    ('[1, 2]\n', "line 2 is not a JSON object"),
+    ('{"image": "a.png", "prompt": "a cat", "target": 3}\n', "targets must be text"),
+    ('{"image": "a.png", "prompt": "a cat", "target": "a dog", "blend": "cat"}\n', "blend takes two word lists"),
+    ('{"id": "0001", "image": "b.png", "prompt": "a dog"}\n', "id '0001' is used by line 1 already"),
 ])
-def test_malformed_manifest_rows_are_one_clear_error(tmp_path, content, match):
+def test_a_malformed_manifest_line_is_that_samples_failure(tmp_path, content, match):
+    """The eval's reader is the runner's: a bad line is a failed job with its reason, the other lines
+    are read (not one error for the whole manifest)."""
+    from nulltext.config import EditConfig, InversionConfig
+    from nulltext.jobs import read_jobs
+
     path = tmp_path / "m.jsonl"
-    path.write_text(content)
-    with pytest.raises(NulltextError, match=match):
-        read_manifest(str(path))
-    path = tmp_path / "d.csv"
-    path.write_text("id,image,prompt\nx,a.png,a cat\nx,b.png,a dog\n")
-    with pytest.raises(NulltextError, match="more than once"):
-        read_manifest(str(path))
+    path.write_text('{"image": "a.png", "prompt": "a cat"}\n' + content)
+    good, bad = read_jobs(str(path), InversionConfig(), EditConfig())
+    assert not good.error and good.image == str(tmp_path / "a.png")
+    assert match in bad.error
+
+
+@pytest.mark.slow
+def test_eval_records_bad_lines_and_evaluates_the_others(tmp_path):
+    """A line that is not JSON and a blend that is not two word lists are recorded as those samples'
+    failures, with their reasons, and the good sample is evaluated (and a mask is a path)."""
+    from PIL import Image
+
+    make_photo().save(tmp_path / "img.png")
+    region = np.zeros((80, 96), np.uint8)
+    region[20:60, 30:70] = 255
+    Image.fromarray(region).save(tmp_path / "mask.png")
+    good = {"id": "good", "image": "img.png", "prompt": PROMPT, "target": "a dog sitting next to a mirror",
+            "blend": "cat dog", "mask": "mask.png"}
+    bad_blend = dict(good, id="blend", blend="cat")
+    (tmp_path / "m.jsonl").write_text(json.dumps(good) + '\n{"id": "torn", \n' + json.dumps(bad_blend) + "\n")
+    out = tmp_path / "out"
+    r = run_cli("eval", tmp_path / "m.jsonl", "--methods", "ddim", "-o", out, *FAST)
+    assert_ok(r)
+    rows = load_done(str(out / "results.jsonl"))
+    assert rows[("good", "ddim")]["status"] == "ok" and rows[("good", "ddim")]["bg_mse"] > 0
+    assert rows[("0002", "ddim")]["status"] == "failed" and "line 2 is not JSON" in rows[("0002", "ddim")]["reason"]
+    assert rows[("blend", "ddim")]["status"] == "failed"
+    assert rows[("blend", "ddim")]["reason"] == "blend takes two word lists, 'SRC TGT', got 'cat'"
+    assert "| ddim | 1 | 2 |" in (out / "summary.md").read_text()
 
 
 def test_mask_follows_the_image_crop_and_resize(tiny_pipe, tmp_path):
     """A mask over the right half of a 96x64 image, centre-cropped and resized to 64x64 like the image."""
     from nulltext.config import EditConfig, InversionConfig
-    from nulltext.evaluation import Sample, evaluate_sample
+    from nulltext.evaluation import evaluate_job
+    from nulltext.jobs import Job
+    from nulltext.pie_bench import mask_png
 
     make_photo(96, 64).save(tmp_path / "wide.png")
     rle = []
     for y in range(64):
         rle += [y * 96 + 48, 48]  # right half of each row
-    sample = Sample(id="w", image=str(tmp_path / "wide.png"), prompt=PROMPT,
-                    targets=["a dog sitting next to a mirror"], mask=rle)
-    row = evaluate_sample(tiny_pipe, sample, "ddim", InversionConfig(num_steps=2, size=(64, 64)), EditConfig())
+    (tmp_path / "mask.png").write_bytes(mask_png(rle, (96, 64)))
+    mask = str(tmp_path / "mask.png")
+    job = Job(1, "w", str(tmp_path / "wide.png"), PROMPT, ["a dog sitting next to a mirror"], mask,
+              InversionConfig(num_steps=2, size=(64, 64), method="ddim"), EditConfig())
+    row = evaluate_job(tiny_pipe, job)
     assert row["bg_mse"] > 0
     from nulltext.evaluation import background_mask
 
-    keep = background_mask(rle, (96, 64), (64, 64))
+    keep = background_mask(mask, (96, 64), (64, 64))
     # by hand: the centre crop keeps columns 16..79; the edit region starts at column 48 -> 32 after
     # the crop; PIE-Bench's decoder also marks the border rows (the border columns are cropped away)
     expected = np.zeros((64, 64), dtype=bool)
@@ -240,7 +303,9 @@ def test_lpips_columns_are_computed_on_the_right_images(tiny_pipe, tmp_path):
     backbone weights cannot be downloaded here: the reconstruction is compared with the input, and
     the edit's background (both images masked) as the background MSE is."""
     from nulltext.config import EditConfig, InversionConfig
-    from nulltext.evaluation import ModelMetrics, Sample, evaluate_sample
+    from nulltext.evaluation import ModelMetrics, evaluate_job
+    from nulltext.jobs import Job
+    from nulltext.pie_bench import mask_png
 
     import torch
 
@@ -253,14 +318,15 @@ def test_lpips_columns_are_computed_on_the_right_images(tiny_pipe, tmp_path):
     models = ModelMetrics()
     models.lpips = stand_in
     make_photo(seed=0).save(tmp_path / "a.png")
-    sample = Sample("a", str(tmp_path / "a.png"), PROMPT, ["a dog sitting next to a mirror"], ("cat", "dog"),
-                    mask=[100, 600])
-    cfg = InversionConfig(num_steps=4, num_inner_steps=2, size=(64, 64))
-    row = evaluate_sample(tiny_pipe, sample, "nti", cfg, EditConfig(), models)
+    (tmp_path / "mask.png").write_bytes(mask_png([100, 600], (96, 80)))
+    cfg = InversionConfig(num_steps=4, num_inner_steps=2, size=(64, 64), method="nti")
+    job = Job(1, "a", str(tmp_path / "a.png"), PROMPT, ["a dog sitting next to a mirror"], str(tmp_path / "mask.png"),
+              cfg, EditConfig(blend_source=("cat",), blend_target=("dog",)))
+    row = evaluate_job(tiny_pipe, job, models)
     assert len(calls) == 2 and calls[0][0] == (1, 3, 64, 64)
     assert row["bg_lpips"] == pytest.approx(row["bg_mse"], rel=1e-6)
     assert row["recon_lpips"] == pytest.approx(row["recon_mse"], rel=1e-6)
-    plain = evaluate_sample(tiny_pipe, sample, "nti", cfg, EditConfig(), None)
+    plain = evaluate_job(tiny_pipe, job, None)
     assert "recon_lpips" not in plain and "bg_lpips" not in plain
 
 

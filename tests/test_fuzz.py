@@ -25,7 +25,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from nulltext.batch import KNOWN as MANIFEST_COLUMNS  # noqa: E402
+from nulltext.jobs import COLUMNS as MANIFEST_COLUMNS  # noqa: E402
 from nulltext.errors import NulltextError  # noqa: E402
 
 settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 300)), deadline=None,
@@ -241,7 +241,7 @@ def test_output_sizes_are_multiples_and_keep_the_aspect(n, w, h, multiple):
 
 def _read(tmp_path, name: str, data: bytes):
     from nulltext import EditConfig, InversionConfig
-    from nulltext.batch import read_jobs
+    from nulltext.jobs import read_jobs
 
     path = tmp_path / name
     path.write_bytes(data)

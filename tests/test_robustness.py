@@ -727,7 +727,7 @@ def _(c):
 
 def _jobs(c, name: str, text: str | bytes):
     from nulltext import EditConfig, InversionConfig
-    from nulltext.batch import read_jobs
+    from nulltext.jobs import read_jobs
 
     c.write(name, text if isinstance(text, bytes) else text.encode())
     return read_jobs(name, InversionConfig(), EditConfig())
@@ -795,13 +795,12 @@ def _(c):
 
 @case("manifest-image-missing")
 def _(c):
-    from nulltext.batch import run_jobs
+    from nulltext.batch import batch
 
     (job,) = _jobs(c, "jobs.jsonl", '{"id": "one", "image": "nope.png", "prompt": "a cat"}\n')
-    job.key = "k"
-    (result,) = run_jobs(c.pipe, [job], "out", progress=False, log=lambda line: None)
+    (result,), _ = batch(c.pipe, [job], "out", progress=False, log=lambda line: None)
     assert result["status"] == "failed"
-    assert json.loads((c.root / "out" / "one-k" / "result.json").read_text())["status"] == "failed"
+    assert json.loads((c.root / "out" / f"one-{job.key}" / "result.json").read_text())["status"] == "failed"
     return result["reason"].replace(str(c.root), "…")
 
 

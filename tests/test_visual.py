@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from nulltext.cli.commands import _slug
+from nulltext.files import slug
 from nulltext.visual import LINE_H, _font, labelled_grid, wrap_label
 
 LONG = "replace: a red circle on a blue background, watercolor painting with extraordinarily fine detail"
@@ -41,11 +41,11 @@ def test_grid_grows_to_the_longest_caption():
 
 
 def test_output_names_are_cut_between_words():
-    name = _slug("a red circle on a blue background, watercolor painting")
+    name = slug("a red circle on a blue background, watercolor painting")
     assert name == "a-red-circle-on-a-blue-background"  # 33 characters: "-watercolor" would pass 40
     assert len(name) <= 40
     for word in name.split("-"):
         assert word in "a red circle on a blue background watercolor painting".split()
-    assert _slug("!!!") == "edit"
-    assert _slug("x" * 60) == "x" * 60  # one word longer than the limit stays whole
-    assert _slug("y" * 300) == "y" * 80  # up to twice the limit: file names have a maximum length
+    assert slug("!!!") == "edit"
+    assert slug("x" * 60) == "x" * 60  # one word longer than the limit stays whole
+    assert slug("y" * 300) == "y" * 80  # up to twice the limit: file names have a maximum length

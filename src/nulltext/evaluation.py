@@ -1,37 +1,32 @@
-"""``nulltext eval``: invert (and edit) every sample of a manifest with one or more methods and
-tabulate reconstruction and background-preservation metrics.
+"""``nulltext eval``: the job runner (:mod:`nulltext.jobs`) with a job that inverts (and edits) a
+sample with one inversion method and measures reconstruction and background preservation; the
+metrics and the tables are here.
 
-Manifests:
-- CSV or JSONL with ``image`` and ``prompt`` (``caption`` also accepted), optional ``id``,
-  ``target`` (several separated by ``|``), ``blend`` ("src_word tgt_word") and ``mask`` (PIE-Bench
-  run-length encoding as a JSON list);
-- PIE-Bench's ``mapping_file.json`` (Ju et al. 2024): ``{id: {image_path, original_prompt,
-  editing_prompt, blended_word, mask, ...}}``; the brackets PIE-Bench puts around edited words are
-  removed, images are looked up under ``annotation_images/`` beside the file (or ``--images-root``).
-
-Results are appended to ``OUTDIR/results.jsonl`` one line per (sample, method) as soon as they
-exist (flushed and synced), so a crash loses at most the sample in flight and a rerun skips every
-recorded pair. ``results.csv`` and ``summary.md`` are rewritten from it at the end.
+Every line of the manifest (CSV or JSONL as for ``nulltext batch``, or PIE-Bench's
+``mapping_file.json`` through :mod:`nulltext.pie_bench`) runs once per method. A sample's ``mask``
+marks the edited region: the background metrics are computed outside it (the edit itself is not
+masked, or those metrics would measure nothing). Each (sample, method) is recorded by the runner
+(``OUTDIR/records/``) and its row appended to ``OUTDIR/results.jsonl`` as soon as it exists
+(flushed and synced), so a crash loses at most the samples in flight and a rerun skips every
+recorded one. ``results.csv`` and ``summary.md`` are rewritten at the end.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .config import EditConfig, InversionConfig
 from .errors import NulltextError, one_line
 from .files import atomic_write
+from .jobs import Job, ResultStore, each, run
 
 METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "recon_lpips", "bg_psnr", "bg_ssim", "bg_mse", "bg_lpips",
            "clip_score", "structure_distance", "invert_s", "edit_s", "peak_mb")
@@ -137,108 +132,6 @@ def load_lpips(net: str, device) -> Callable:
 
 
 
-@dataclass
-class Sample:
-    id: str
-    image: str
-    prompt: str
-    targets: list[str] = field(default_factory=list)
-    blend: tuple[str, str] | None = None  # (source words, target words)
-    mask: object = None  # PIE-Bench RLE: [start, length, start, length, ...] over the image's pixels
-
-
-def _strip_brackets(text: str) -> str:
-    return " ".join(text.replace("[", " ").replace("]", " ").split())
-
-
-def read_manifest(path: str, images_root: str | None = None) -> list[Sample]:
-    """Samples of a CSV / JSONL manifest or a PIE-Bench mapping_file.json."""
-    if not os.path.isfile(path):
-        raise NulltextError(f"manifest not found: {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".json":
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-            if not isinstance(doc, dict):
-                raise ValueError("a PIE-Bench mapping file is a JSON object of samples")
-            root = images_root or (os.path.join(folder, "annotation_images")
-                                   if os.path.isdir(os.path.join(folder, "annotation_images")) else folder)
-            samples = []
-            for key, item in doc.items():
-                if not isinstance(item, dict) or not isinstance(item.get("image_path"), str) or not all(
-                        isinstance(item.get(k, ""), str) for k in ("original_prompt", "editing_prompt",
-                                                                   "blended_word")):
-                    raise ValueError(f"sample {key!r} needs text fields image_path, original_prompt, "
-                                     f"editing_prompt, blended_word")
-                blend = item.get("blended_word") or ""
-                words = blend.split()
-                samples.append(Sample(
-                    id=str(key), image=os.path.join(root, item.get("image_path", "")),
-                    prompt=_strip_brackets(item.get("original_prompt", "")),
-                    targets=[_strip_brackets(item["editing_prompt"])] if item.get("editing_prompt") else [],
-                    blend=(words[0], words[1]) if len(words) == 2 else None, mask=item.get("mask")))
-            return samples
-        rows: list[dict]
-        if ext == ".csv":
-            with open(path, encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
-        elif ext in (".jsonl", ".ndjson"):
-            with open(path, encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            raise ValueError("use a .csv, .jsonl or PIE-Bench .json manifest")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NulltextError(f"cannot read manifest {path}: {e}") from None
-    root = images_root or folder
-    samples: list[Sample] = []
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise NulltextError(f"{path}: row {n} is not an object with 'image' and 'prompt'")
-        image, prompt = row.get("image"), row.get("prompt") or row.get("caption")
-        if not isinstance(image, str) or not isinstance(prompt, str) or not image or not prompt:
-            raise NulltextError(f"{path}: row {n} needs text 'image' and 'prompt' fields")
-        targets = row.get("targets") or row.get("target") or []
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split("|") if t.strip()]
-        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-            raise NulltextError(f"{path}: row {n}: 'target' must be text (several separated by |) or a list")
-        blend = row.get("blend") or None
-        if isinstance(blend, str):
-            blend = tuple(blend.split()) if len(blend.split()) == 2 else None
-        mask = row.get("mask") or None
-        if isinstance(mask, str):
-            try:
-                mask = json.loads(mask)
-            except ValueError:
-                pass  # reported as that sample's failure
-        samples.append(Sample(id=str(row.get("id") or n), image=os.path.join(root, image), prompt=prompt,
-                              targets=list(targets), blend=blend, mask=mask))
-    ids = [x.id for x in samples]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise NulltextError(f"{path}: sample id {dup!r} appears more than once")
-    return samples
-
-
-def decode_rle(rle, shape: tuple[int, int] = (512, 512)) -> np.ndarray:
-    """PIE-Bench's run-length mask: pairs (start, length) over the flattened image; as its own
-    decoder, the one-pixel border is marked too. Raises ValueError on a malformed encoding."""
-    if not isinstance(rle, (list, tuple)) or len(rle) % 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rle):
-        raise ValueError("bad RLE mask: expected a flat list of non-negative integer (start, length) pairs")
-    n = shape[0] * shape[1]
-    flat = np.zeros(n, dtype=bool)
-    for start, length in zip(rle[0::2], rle[1::2]):
-        if start >= n:
-            raise ValueError(f"bad RLE mask: run starts at {start}, beyond {shape[0]}x{shape[1]}")
-        flat[start:min(n, start + length)] = True
-    mask = flat.reshape(shape)
-    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True
-    return mask
-
-
 def _to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
@@ -260,19 +153,13 @@ def image_metrics(a, b, keep: np.ndarray | None = None) -> tuple[float, float, f
     return psnr, ssim, mse
 
 
-def background_mask(rle, image_size: tuple[int, int], size: tuple[int, int], crop=(0, 0, 0, 0),
-                    multiple: int = 8) -> np.ndarray:
-    """Where the edit must keep the image: the complement of the RLE edit region decoded over the
-    original image (width, height) = ``image_size``, cropped and resized like the image
-    (nearest). (height, width) bool at ``size``."""
-    from PIL import Image
+def background_mask(mask, image_size: tuple[int, int], size: tuple[int, int], crop=(0, 0, 0, 0)) -> np.ndarray:
+    """Where the edit must keep the image: the complement of the edited region ``mask`` (a mask
+    image's path: white = edited; the photo's size ``image_size``, then cut and resized like the
+    photo, nearest; or the inverted size). (height, width) bool at ``size``."""
+    from .image import load_mask
 
-    from .image import preprocess
-
-    w, h = image_size
-    region = Image.fromarray(decode_rle(rle, (h, w)).astype(np.uint8) * 255)
-    region = preprocess(region, size, crop, multiple, resample=Image.Resampling.NEAREST)
-    return np.asarray(region) < 128
+    return ~load_mask(mask, size, image_size, crop).numpy()
 
 
 def _peak_mb(pipe) -> float:
@@ -285,39 +172,33 @@ def _peak_mb(pipe) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig,
-                    models: ModelMetrics | None = None) -> dict:
-    """One (sample, method): a result row (status ok), or raises for the caller to record."""
+def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
+    """One (sample, method): the metrics of a result row, or raises for the runner to record."""
     from .editing import edit, validate
     from .image import load_image, output_size, preprocess
     from .inversion import invert_image, reconstruct
 
-    source = load_image(sample.image)
-    cfg = dataclasses.replace(config, method=method)
+    source = load_image(job.image)
+    cfg, ec = job.inversion, job.edit
     size = output_size(cfg.size, source.image.size, cfg.crop, pipe.native_size, pipe.size_multiple)
-    keep = None
-    if sample.mask is not None:
-        keep = background_mask(sample.mask, source.image.size, size, cfg.crop, pipe.size_multiple)
-    ec = edit_config
-    if sample.targets:
-        if sample.blend:
-            ec = dataclasses.replace(ec, blend_source=(sample.blend[0],), blend_target=(sample.blend[1],))
+    keep = None if job.mask is None else background_mask(job.mask, source.image.size, size, cfg.crop)
+    if job.targets:
         f = pipe.vae_scale_factor
-        validate(pipe, sample.prompt, sample.targets[:1], ec, cfg.num_steps, (size[1] // f, size[0] // f))
+        validate(pipe, job.prompt, job.targets[:1], ec, cfg.num_steps, (size[1] // f, size[0] // f))
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     t0 = time.perf_counter()
-    inv = invert_image(pipe, source, sample.prompt, cfg, progress=False)
+    inv = invert_image(pipe, source, job.prompt, cfg, progress=False)
     row = {"invert_s": time.perf_counter() - t0}
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
-    if sample.targets:
+    if job.targets:
         t0 = time.perf_counter()
-        result = edit(pipe, inv, sample.targets[:1], ec, progress=False)
+        result = edit(pipe, inv, job.targets[:1], ec, progress=False)
         row["edit_s"] = time.perf_counter() - t0
         recon = result.reconstruction  # the edit's source row is the reconstruction, bit for bit
         row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep)
         if models is not None and models.clip is not None:
-            row["clip_score"] = models.clip_score(result.edits[0], sample.targets[0])
+            row["clip_score"] = models.clip_score(result.edits[0], job.targets[0])
         if models is not None and models.dino is not None:
             row["structure_distance"] = models.structure_distance(target, result.edits[0])
         if models is not None and models.lpips is not None and keep is not None:
@@ -332,7 +213,8 @@ def evaluate_sample(pipe, sample: Sample, method: str, config: InversionConfig, 
 
 
 def load_done(results_path: str) -> dict[tuple[str, str], dict]:
-    """Recorded rows by (sample id, method); a torn last line (crash mid-write) is ignored."""
+    """The rows of a ``results.jsonl`` by (sample id, method), the last of each; a torn line (a
+    crash mid-write) is ignored."""
     done = {}
     if os.path.exists(results_path):
         with open(results_path, encoding="utf-8") as f:
@@ -345,89 +227,54 @@ def load_done(results_path: str) -> dict[tuple[str, str], dict]:
     return done
 
 
-def _append(path: str, row: dict) -> None:
-    # one write of one line in append mode: lines of several processes never interleave
-    data = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# columns of a manifest that have no meaning in an evaluation: a line setting one fails (it is not
+# dropped silently)
+NOT_EVALUATED = {"method": "nulltext eval runs every sample with each of its --methods",
+                 "mask_mode": "nulltext eval does not mask the edit (its mask marks the region the background "
+                              "metrics leave out)"}
 
 
-def evaluate(pipe, samples: list[Sample], methods: list[str], out_dir: str, config: InversionConfig,
-             edit_config: EditConfig, log: Callable[[str], None] = print,
+def _metric_settings(models: ModelMetrics | None) -> list:
+    """What the metric models add to a job's key: a rerun with other metrics recomputes it."""
+    return [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None,
+            getattr(models, "lpips_net", None) if getattr(models, "lpips", None) is not None else None]
+
+
+def evaluate(pipe, jobs: list[Job], methods: list[str], out_dir: str, log: Callable[[str], None] = print,
              models: ModelMetrics | None = None, state=None) -> list[dict] | None:
-    """Run every (sample, method) not yet recorded in ``out_dir/results.jsonl``; write the CSV and
-    the markdown summary; return all rows. With accelerate's ``state`` (``PartialState``) of
-    several processes, the pairs to run are split between them, each appends its rows, and the
-    main process writes the tables and returns the rows (the others return None)."""
-    os.makedirs(out_dir, exist_ok=True)
-    results = os.path.join(out_dir, "results.jsonl")
-    main = state is None or state.is_main_process
-    # a torn last line would glue onto the next append: start on a fresh line
-    if main and os.path.exists(results) and os.path.getsize(results):
-        with open(results, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                with open(results, "a", encoding="utf-8") as g:
-                    g.write("\n")
-    if state is not None:
-        state.wait_for_everyone()
-    done = load_done(results)
+    """Run every (sample, method) not yet recorded, through the runner (split between
+    accelerate's processes where ``state`` has several); write the CSV and the markdown summary and
+    return this run's rows on the main process (None on the others)."""
     methods = list(dict.fromkeys(methods))
-    total = len(samples) * len(methods)
-    pairs = [(k, sample, method) for k, (sample, method) in
-             enumerate(((s, m) for s in samples for m in methods), start=1)]
-    todo = []
-    for k, sample, method in pairs:
-        key = settings_key(pipe, sample, method, config, edit_config, models)
-        old = done.get((sample.id, method))
-        if old is not None and old.get("status") == "ok" and old.get("settings") == key:
-            if main:
-                log(f"[{k}/{total}] {sample.id} {method}: recorded, skipped")
-            continue
-        todo.append((k, sample, method, key))
-    if state is not None:
-        with state.split_between_processes(todo) as mine:
-            mine = list(mine)
-    else:
-        mine = todo
-    for k, sample, method, key in mine:
-        row = {"id": sample.id, "method": method, "image": sample.image, "prompt": sample.prompt,
-               "target": sample.targets[0] if sample.targets else "", "settings": key}
-        try:
-            row.update(evaluate_sample(pipe, sample, method, config, edit_config, models), status="ok", reason="")
-            log(f"[{k}/{total}] {sample.id} {method}: PSNR {row['recon_psnr']:.2f} dB"
+    runs = []
+    for job in jobs:
+        refused = [f"column {c} does not apply: {why}" for c, why in NOT_EVALUATED.items() if c in job.columns]
+        for method in methods:
+            inversion = dataclasses.replace(job.inversion, method=method) if job.inversion else None
+            runs.append(dataclasses.replace(job, inversion=inversion, variant=method,
+                                            error=job.error or "; ".join(refused)))
+    number = {id(job): k for k, job in enumerate(runs, 1)}
+    total = len(runs)
+
+    def describe(job: Job, row: dict) -> str:
+        head = f"[{number[id(job)]}/{total}] {job.id} {job.variant}"
+        if row["status"] != "ok":
+            return f"{head}: FAILED: {row['reason']}"
+        return (f"{head}: PSNR {row['recon_psnr']:.2f} dB"
                 + (f", background PSNR {row['bg_psnr']:.2f} dB" if "bg_psnr" in row else ""))
-        except Exception as e:  # any failure of one sample is recorded; the run goes on
-            reason = one_line(e)
-            if "out of memory" in reason.lower() and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            row.update(status="failed", reason=reason)
-            log(f"[{k}/{total}] {sample.id} {method}: FAILED: {reason}")
-        _append(results, row)
-    if state is not None:
-        state.wait_for_everyone()
-        if not main:
-            return None
-    done = load_done(results)
-    rows = [done[(s.id, m)] for s in samples for m in methods if (s.id, m) in done]
+
+    def skipped(job: Job) -> None:
+        log(f"[{number[id(job)]}/{total}] {job.id} {job.variant}: recorded, skipped")
+
+    store = ResultStore(out_dir, per_job_folder=False, log="results.jsonl", fields=lambda job: {
+        "method": job.variant, "target": job.targets[0] if job.targets else ""})
+    done = run(runs, each(lambda job: evaluate_job(pipe, job, models)), store, pipe.fingerprint,
+               extra=_metric_settings(models), state=state, log=log, describe=describe, on_skip=skipped)
+    if done is None:
+        return None
+    rows = done[0]
     write_tables(rows, methods, out_dir)  # this run's samples and methods only
     return rows
-
-
-def settings_key(pipe, sample: Sample, method: str, config: InversionConfig, edit_config: EditConfig,
-                 models) -> str:
-    """What a recorded row was computed from: a rerun with other settings recomputes it."""
-    doc = {"model": pipe.fingerprint.get("config_sha256"), "weights": pipe.fingerprint.get("weights_sample_sha256"),
-           "inversion": dataclasses.replace(config, method=method).to_dict(), "edit": edit_config.to_dict(),
-           "sample": dataclasses.asdict(sample),
-           "metrics": [getattr(models, "clip", None) is not None, getattr(models, "dino", None) is not None]
-           + ([getattr(models, "lpips_net", "?")] if getattr(models, "lpips", None) is not None else [])}
-    # (the LPIPS backbone only when used, so keys recorded before LPIPS existed stay valid)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_tables(rows: list[dict], methods: list[str], out_dir: str) -> None:

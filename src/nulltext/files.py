@@ -156,6 +156,26 @@ def _os_error(e: Exception) -> OSError | None:
     return OSError(code, os.strerror(code)) if code else OSError(errno.EIO, str(e).strip())
 
 
+def slug(text: str, n: int = 40, default: str = "edit") -> str:
+    """The one file-name piece made from a prompt or a job id (``nulltext edit``'s and ``nulltext
+    batch``'s ``edit-N-<slug>.png``, batch's job folders): lower-case words of letters and digits
+    joined by '-', whole words only, at most ``n`` characters (a first word longer than that is kept,
+    up to ``2 n``: file names have limits); ``default`` when nothing is left."""
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    out = ""
+    for word in words:
+        if out and len(out) + 1 + len(word) > n:
+            break
+        out = f"{out}-{word}" if out else word[: 2 * n]
+    return out or default
+
+
+def edit_file_name(k: int, target: str) -> str:
+    """The image of the k-th edit (1, 2, ...) towards ``target``, as ``nulltext edit`` and ``nulltext
+    batch`` write it."""
+    return f"edit-{k}-{slug(target)}.png"
+
+
 def image_format(path) -> str:
     """Pillow format for an output image path (checked before any work is done)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()

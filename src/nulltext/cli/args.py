@@ -293,17 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="invert (and edit) every sample of a manifest with several methods; "
                        "tabulate the metrics",
-                       description="Evaluate inversion methods over a CSV/JSONL manifest (image, prompt, optional "
-                                   "target, blend, mask) or a PIE-Bench mapping_file.json. Writes "
-                                   "OUTDIR/results.jsonl (resumable: a rerun skips recorded samples), "
-                                   "OUTDIR/results.csv and OUTDIR/summary.md.", epilog=EPILOG_MODEL)
+                       description="Evaluate inversion methods over a CSV/JSONL manifest, read as nulltext batch "
+                                   "reads it (image, prompt, optional id, target, blend, mask: a mask image of the "
+                                   "edited region, and option columns), or a PIE-Bench mapping_file.json. A bad line "
+                                   "fails that sample alone. Writes OUTDIR/results.jsonl (resumable: a rerun skips "
+                                   "recorded samples), OUTDIR/results.csv and OUTDIR/summary.md.", epilog=EPILOG_MODEL)
     p.add_argument("manifest", metavar="MANIFEST", help=".csv, .jsonl or PIE-Bench mapping_file.json")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
     p.add_argument("--methods", default="nti", help="comma-separated inversion methods, e.g. nti,npi,direct "
                                                     "(default nti)")
     p.add_argument("--images-root", metavar="DIR",
-                   help="folder that relative image paths in the manifest are resolved against (default: the "
-                        "manifest's own folder; for a PIE-Bench mapping file, its annotation_images/ subfolder "
+                   help="folder that relative image paths in the manifest are resolved against, mask paths too "
+                        "(default: the manifest's own folder; for a PIE-Bench mapping file, its annotation_images/ subfolder "
                         "when there is one); absolute paths are used as they are")
     p.add_argument("--limit", type=_positive_int, help="only the first N samples")
     p.add_argument("--clip-model", metavar="MODEL", help="CLIP score of edits with this transformers CLIPModel "
@@ -322,12 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="run a manifest of jobs (photo, caption, edits), resumable, on one or many "
                        "processes (accelerate launch)",
                        description="Invert (and edit) every job of a JSONL or CSV manifest: columns image, prompt, "
-                                   "optional id, targets ('|'-separated or a JSON list), blend ('SRC TGT'), mask, "
-                                   "reweight, and any of steps, guidance, inner_steps, size, method, seed, lr, "
-                                   "early_stop, mode, cross_replace, self_replace, edit_method, strength, mask_mode, "
-                                   "blend_threshold overriding the options below. Writes OUTDIR/<id>-<key>/ per job "
-                                   "and OUTDIR/summary.csv; a rerun skips finished jobs. Under accelerate launch the "
-                                   "jobs are split between the processes.", epilog=EPILOG_MODEL)
+                                   "optional id, targets ('|'-separated or a JSON list), mask (a mask image), and "
+                                   "one column per inversion and edit option below, named as the flag with _ for - "
+                                   "(method for --inversion-method, edit_method for --edit-method; blend 'SRC TGT'), "
+                                   "overriding the option for that job. A bad line fails that job alone. Writes "
+                                   "OUTDIR/<id>-<key>/ per job and OUTDIR/summary.csv; a rerun skips finished jobs. "
+                                   "Under accelerate launch the jobs are split between the processes.",
+                       epilog=EPILOG_MODEL)
     p.add_argument("manifest", metavar="MANIFEST", help=".jsonl or .csv, relative paths resolved against its folder")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
     p.add_argument("--batch-size", type=_positive_int, default=4,

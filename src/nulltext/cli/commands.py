@@ -269,23 +269,9 @@ def _warn_ignored(args, config) -> None:
         warnings.warn("--strength applies to --method sdedit only; ignored", NulltextWarning)
 
 
-def _slug(text: str, n: int = 40) -> str:
-    """A file-name piece from a prompt: lower-case words joined by '-', whole words only, at most
-    ``n`` characters (a first word longer than that is kept, up to ``2 n``: file names have limits)."""
-    import re
-
-    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-    out = ""
-    for word in words:
-        if out and len(out) + 1 + len(word) > n:
-            break
-        out = f"{out}-{word}" if out else word[: 2 * n]
-    return out or "edit"
-
-
 def cmd_edit(args) -> int:
     from ..editing import edit, maps_from_store, plan, request
-    from ..files import check_writable, save_image
+    from ..files import check_writable, edit_file_name, save_image
     from ..visual import attention_grid, side_by_side
 
     config = _edit_config(args)
@@ -297,7 +283,7 @@ def cmd_edit(args) -> int:
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):
         raise NulltextError(f"output {out} is a file; -o takes a folder")
-    names = ["reconstruction.png"] + [f"edit-{k}-{_slug(t)}.png" for k, t in enumerate(req.targets, 1)] + ["grid.png"]
+    names = ["reconstruction.png"] + [edit_file_name(k, t) for k, t in enumerate(req.targets, 1)] + ["grid.png"]
     if args.attention:
         names.append("attention.png")
     paths = [os.path.join(out, n) for n in names]
@@ -364,9 +350,30 @@ def cmd_attention(args) -> int:
     return 0
 
 
+def _read_jobs(args, inversion, edit, root: str | None = None, limit: int | None = None, pie_bench: bool = False,
+               noun: str = "jobs"):
+    """The jobs of ``args.manifest`` (nulltext batch's and eval's one reader); with ``pie_bench``, a
+    PIE-Bench mapping file (.json) through its adapter, its masks written into OUTDIR/pie-bench-masks/
+    (batch reads a .json as JSONL, as it always has)."""
+    from ..jobs import jobs_from_rows, read_rows
+
+    path = args.manifest
+    if pie_bench and path.lower().endswith(".json"):
+        from ..pie_bench import read_mapping_file
+
+        rows = read_mapping_file(path, os.path.join(args.output, "pie-bench-masks"), root, limit)
+    else:
+        rows = read_rows(path)[:limit]
+    jobs = jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)))
+    if not jobs:
+        raise NulltextError(f"{path} has no {noun}")
+    return jobs
+
+
 def cmd_eval(args) -> int:
     from ..config import METHODS
-    from ..evaluation import evaluate, read_manifest
+    from ..evaluation import evaluate
+    from ..jobs import check_manifest, process_state
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -376,11 +383,7 @@ def cmd_eval(args) -> int:
     edit_config = _edit_config(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise NulltextError(f"output {args.output} is a file; -o takes a folder")
-    samples = read_manifest(args.manifest, args.images_root)
-    if args.limit:
-        samples = samples[: args.limit]
-    if not samples:
-        raise NulltextError(f"{args.manifest} has no samples")
+    check_manifest(args.manifest)
     models = None
     if args.clip_model or args.dino_model or args.lpips:  # their errors before the long model load
         from ..evaluation import ModelMetrics
@@ -388,12 +391,11 @@ def cmd_eval(args) -> int:
 
         models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device),
                               lpips=args.lpips)
-    from ..batch import process_state
-
-    state = process_state()  # one process, or those of accelerate launch: the samples are split
+    jobs = _read_jobs(args, config, edit_config, args.images_root, args.limit, pie_bench=True, noun="samples")
+    state = process_state()  # one process, or those of accelerate launch: the jobs are split
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    rows = evaluate(pipe, samples, methods, args.output, config, edit_config, log=log, models=models, state=state)
+    rows = evaluate(pipe, jobs, methods, args.output, log=log, models=models, state=state)
     if rows is None:  # not the main process: the main one reports
         return 0
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
@@ -419,13 +421,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from ..batch import batch, process_state, read_jobs
+    from ..batch import batch
+    from ..jobs import process_state
 
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise NulltextError(f"output {args.output} is a file; -o takes a folder")
-    jobs = read_jobs(args.manifest, _inversion_config(args, args.inversion_method), _edit_config(args))
-    if not jobs:
-        raise NulltextError(f"{args.manifest} has no jobs")
+    jobs = _read_jobs(args, _inversion_config(args, args.inversion_method), _edit_config(args))
     state = process_state()
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
