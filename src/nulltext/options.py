@@ -289,9 +289,9 @@ def options_table(cls) -> str:
                 flag += f", `{o.qualified}`"
         meaning = o.help
         if o.qualified:
-            meaning += f" ({o.qualified} {o.qualified_where})"
+            meaning += f" (`{o.qualified}` {o.qualified_where})"
         if o.methods:
-            meaning += f" ({', '.join(o.methods)} only)"
+            meaning += f" ({' and '.join(f'`{m}`' for m in o.methods)} only)"
         column = f"`{o.column}`" if o.column else ""
         lines.append(f"| {flag} | {o.describe_default()} | {column} | {meaning.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
