@@ -179,7 +179,7 @@ class InversionConfig:
     # (unet.config.sample_size * VAE scale factor: 512x512 for SD 1.x, as the release hard-codes).
     size: tuple[int, int] | int | None = option(
         None, flag="--size", metavar="N|WxH", parse=parse_size, column="size", cell=int, with_file="checked",
-        default_text="native (512x512 for SD 1.x)",
+        default_text="the model's native size, 512x512 for SD 1.x",
         help="size the image is inverted at: WxH pixels (the image centre-cropped to that aspect, then resized), "
              "or N for the long side with the short one following the image's aspect, rounded to the model's "
              "multiple (64 for SD); with an inversion file it must be the file's",

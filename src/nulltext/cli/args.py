@@ -4,7 +4,6 @@ from parsed arguments to the library's configs."""
 from __future__ import annotations
 
 import argparse
-import functools
 
 from .. import __version__
 from ..errors import NulltextError
@@ -25,13 +24,13 @@ def _argtype(parse):
     """An argparse type from a parser of nulltext.options: its NulltextError becomes argparse's
     one-line refusal ("argument --steps: must be positive, got 0"); a ValueError stays argparse's
     own ("invalid float value: 'x'"), so the type keeps the parser's name."""
-    @functools.wraps(parse)
     def argtype(text: str):
         try:
             return parse(text)
         except NulltextError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
+    argtype.__name__ = parse.__name__
     return argtype
 
 
