@@ -87,24 +87,25 @@ def test_every_field_but_the_scheduler_is_set_by_a_flag():
         assert flagged == {f.name for f in dataclasses.fields(config)} - {"scheduler"}
 
 
-def test_the_manifest_columns_are_those_batch_reads():
-    """Drop-in for batch's tables: the same columns, fields and casts (and blend, reweight)."""
-    from nulltext import batch
+# the columns nulltext batch has read (docs/cli.md, nulltext batch): manifest_columns replaces its tables
+COLUMNS = {"steps": "num_steps", "guidance": "guidance_scale", "inner_steps": "num_inner_steps", "size": "size",
+           "method": "method", "seed": "seed", "lr": "lr", "early_stop": "early_stop_epsilon", "mode": "mode",
+           "cross_replace": "cross_replace", "self_replace": "self_replace", "edit_method": "method",
+           "strength": "sdedit_strength", "mask_mode": "mask_mode", "blend_threshold": "blend_threshold",
+           "reweight": "reweight", "blend": ("blend_source", "blend_target")}
 
+
+def test_the_manifest_columns_are_those_batch_reads():
     columns = manifest_columns()
-    expected = {**batch.INVERSION_OPTIONS, **batch.EDIT_OPTIONS}
-    assert set(columns) == set(expected) | {"blend", "reweight"}
-    assert set(columns) | {"id", "image", "prompt", "caption", "targets", "target", "mask"} == batch.KNOWN
-    for column, (field, cast) in expected.items():
-        assert columns[column][0] == field
-        for cell in ("3", 3, 3.0, "x", 2.5, True, [1], " auto "):
-            try:
-                want = batch._cast(column, cast, cell)
-            except NulltextError as e:
-                with pytest.raises(NulltextError, match=re.escape(str(e))):
-                    columns[column][1](cell)
-            else:
-                assert columns[column][1](cell) == want
+    assert {column: field for column, (field, _) in columns.items()} == COLUMNS
+    steps, guidance, mode = columns["steps"][1], columns["guidance"][1], columns["mode"][1]
+    assert (steps("3"), steps(3.0), guidance("2.5"), guidance(3), mode(" auto ")) == (3, 3, 2.5, 3.0, "auto")
+    for parse, cell, message in ((steps, "x", "steps must be an integer, got 'x'"),
+                                 (steps, 2.5, "steps must be an integer, got 2.5"),
+                                 (guidance, True, "guidance must be a number, got True"),
+                                 (mode, 3, "mode must be text, got 3"), (guidance, [1], "guidance must be a number")):
+        with pytest.raises(NulltextError, match=re.escape(message)):
+            parse(cell)
     assert columns["blend"][1]("cat,mirror tiger") == (("cat", "mirror"), ("tiger",))
     assert columns["blend"][1]("  ") is None
     with pytest.raises(NulltextError, match="blend takes two word lists"):
@@ -112,6 +113,7 @@ def test_the_manifest_columns_are_those_batch_reads():
     assert columns["reweight"][1]("fluffy=2 smiling=5") == (("fluffy", 2.0), ("smiling", 5.0))
     assert row_overrides(EditConfig, {"blend": "cat tiger", "strength": 0.5, "mode": None}) == {
         "blend_source": ("cat",), "blend_target": ("tiger",), "sdedit_strength": 0.5}
+    assert row_overrides(InversionConfig, {"method": "npi", "steps": "", "edit_method": "sdedit"}) == {"method": "npi"}
 
 
 @pytest.mark.parametrize("argv, field, value", [
