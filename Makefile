@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: install demo test test-fast test-weights lint clean
+.PHONY: install demo test test-fast test-weights lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: install
 # ruff over the code, tests, benchmarks and scripts (its settings are in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts examples
+
+# docs/cli.md's option tables, regenerated from the configs' options (tests/test_options.py checks them).
+docs: install
+	$(PY) -m nulltext.cli.docs
 
 # The full suite (what CI runs).
 test: install

@@ -26,7 +26,8 @@ VALUES = {
     "mode": ("refine", "refine"), "cross_replace": ("cat=0.3,default=0.2:0.7", {"cat": 0.3, "default": [0.2, 0.7]}),
     "self_replace": ("0.2,0.6", [0.2, 0.6]), "self_max_keys": ("256", 256), "blend": (["cat", "dog"], "cat dog"),
     "blend_subtract": ("mirror", ["mirror"]), "blend_threshold": ("0.4", 0.4), "reweight": ("dog=2", "dog=2"),
-    "edit_method": ("sdedit", "sdedit"), "strength": ("0.5", 0.5),
+    "edit_method": ("sdedit", "sdedit"), "strength": ("0.5", 0.5), "lr_decay_steps": ("50", 50),
+    "blend_start": ("0.3", 0.3), "blend_subtract_threshold": ("0.5", 0.5), "blend_factor": ("2", 2),
 }
 
 

@@ -70,6 +70,38 @@ def test_the_api_lists_invert_and_edit(server):
                      "blend_target", "reweight", "strength", "mask", "mask_mode"]
 
 
+def test_only_the_photo_caption_inversion_and_targets_are_required(server):
+    """Every other parameter of /invert and /edit defaults to the configs' defaults (the widgets'
+    values), so gradio_client's short calls work."""
+    from nulltext.config import EditConfig, InversionConfig
+
+    api = Client(server["url"], verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    required = {ep: [p["parameter_name"] for p in api[ep]["parameters"] if not p["parameter_has_default"]]
+                for ep in ("/invert", "/edit")}
+    assert required == {"/invert": ["photo", "prompt"], "/edit": ["inversion", "targets"]}
+    defaults = {p["parameter_name"]: p["parameter_default"] for ep in ("/invert", "/edit")
+                for p in api[ep]["parameters"] if p["parameter_has_default"]}
+    d, e = InversionConfig(), EditConfig()
+    assert defaults == {"steps": d.num_steps, "guidance": d.guidance_scale, "inner_steps": d.num_inner_steps,
+                        "size": 0, "method": e.method, "mode": e.mode, "cross_replace": e.cross_replace,
+                        "self_replace": e.self_replace, "blend_source": "", "blend_target": "", "reweight": "",
+                        "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode}
+
+
+def test_the_short_calls_of_the_readme(server):
+    """README's gradio_client example: the photo and its caption, then the inversion and a target
+    (the demo model inverts 50 steps in seconds)."""
+    from nulltext.config import InversionConfig
+
+    client = Client(server["url"], verbose=False)
+    inv, recon = client.predict(handle_file(RED), CAPTION, api_name="/invert")
+    d = InversionConfig()
+    assert (Inversion.load(inv).num_steps, Inversion.load(inv).config.num_inner_steps) == (d.num_steps, d.num_inner_steps)
+    target = "a green circle on a blue background"
+    gallery = client.predict(handle_file(inv), target, api_name="/edit")
+    assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {CAPTION}", f"replace: {target}"]
+
+
 def test_two_clients_invert_and_edit_at_once(server):
     """Each client gets the inversion of its own photo and prompt and the edit of its own target,
     with the jobs queued one at a time on the model."""

@@ -6,10 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import re
 from dataclasses import dataclass, field
 
 from .errors import NulltextError
+from . import options as cells  # the manifest cells' parsers (name, value) -> value
+from .options import (MAX_SIZE, Widget, cross_spec, fraction_or_range, nonneg_float, nonneg_int, option,
+                      parse_size, positive_float, positive_int, reweight_pairs, words)
+from .options import crop as parse_crop
+from .options import parse_reweight  # noqa: F401  (part of this module's API: the web UI's reweight text)
 
 # the checkpoint nulltext loads when none is named (a Hugging Face hub id)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -26,9 +30,6 @@ def _finite(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# the largest side nulltext inverts at, in pixels (SDXL's native side is 1024; 4096 needs a 512x512
-# latent, far past what any of these models was trained for)
-MAX_SIZE = 4096
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -114,22 +115,61 @@ class SchedulerConfig:
 class InversionConfig:
     """How an image is inverted (docs/algorithm.md sections Preprocessing, 1 and 2)."""
 
-    num_steps: int = 50  # T, DDIM steps
-    guidance_scale: float = 7.5  # w, classifier-free guidance of the optimisation and sampling
-    num_inner_steps: int = 10  # Adam iterations per timestep at most
-    early_stop_epsilon: float = 1e-5  # epsilon: stop when loss < epsilon + i * early_stop_slope
-    early_stop_slope: float = 2e-5  # the release's per-timestep growth of the threshold
-    lr: float = 1e-2  # Adam learning rate at the first timestep
-    lr_decay_steps: float = 100.0  # lr_i = lr * (1 - i / max(lr_decay_steps, T)): the release's for T <= 100
+    num_steps: int = option(  # T, DDIM steps
+        50, flag="--steps", metavar="T", parse=positive_int, column="steps", cell=cells.integer_cell,
+        help="DDIM steps T, at most the scheduler's training timesteps (1000 for SD)",
+        widget=Widget("slider", "DDIM steps", {"minimum": 1, "maximum": 200, "step": 1}))
+    guidance_scale: float = option(  # w, classifier-free guidance of the optimisation and sampling
+        7.5, flag="--guidance", metavar="W", parse=positive_float, column="guidance", cell=cells.number_cell,
+        help="classifier-free guidance scale w, positive; reconstruction and edits use the same value",
+        widget=Widget("number", "Guidance scale", {"minimum": 0.01}))
+    num_inner_steps: int = option(  # Adam iterations per timestep at most
+        10, flag="--inner-steps", metavar="J", parse=nonneg_int, column="inner_steps", cell=cells.integer_cell,
+        help="Adam iterations per timestep at most (0: no optimisation)",
+        widget=Widget("slider", "Adam iterations per step at most", {"minimum": 0, "maximum": 50, "step": 1}))
+    early_stop_epsilon: float = option(  # epsilon: stop when loss < epsilon + i * early_stop_slope
+        1e-5, flag="--early-stop", metavar="EPS", parse=nonneg_float, column="early_stop", cell=cells.number_cell,
+        help="epsilon: a timestep stops once its loss < EPS + i * SLOPE (i = timestep index)")
+    early_stop_slope: float = option(  # the release's per-timestep growth of the threshold
+        2e-5, flag="--early-stop-slope", metavar="SLOPE", parse=nonneg_float, column="early_stop_slope",
+        cell=cells.number_cell,
+        help="growth of the early-stop threshold per timestep")
+    lr: float = option(  # Adam learning rate at the first timestep
+        1e-2, flag="--lr", metavar="LR", parse=positive_float, column="lr", cell=cells.number_cell,
+        help="Adam learning rate at the first timestep; step i uses LR * (1 - i / max(DECAY, T))")
+    lr_decay_steps: float = option(  # lr_i = lr * (1 - i / max(lr_decay_steps, T)): the release's for T <= 100
+        100.0, flag="--lr-decay-steps", metavar="DECAY", parse=positive_float, column="lr_decay_steps",
+        cell=cells.number_cell,
+        help="DECAY of the learning rate's linear decay (the release's 100)")
     # Output size (width, height) in pixels, or one number: the long side, the short one following
     # the image's aspect (both rounded to the model's size multiple); None = the model's native size
     # (unet.config.sample_size * VAE scale factor: 512x512 for SD 1.x, as the release hard-codes).
-    size: tuple[int, int] | int | None = None
-    crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels cut from left, right, top, bottom first
-    method: str = "nti"  # see METHODS
-    seed: int = 0  # random-pivot: seed of the Gaussian z_T it starts from
+    size: tuple[int, int] | int | None = option(
+        None, flag="--size", metavar="N|WxH", parse=parse_size, column="size", cell=cells.size_cell, with_file="checked",
+        default_text="the model's native size, 512x512 for SD 1.x",
+        help="size the image is inverted at: WxH pixels (the image centre-cropped to that aspect, then resized), "
+             "or N for the long side with the short one following the image's aspect, rounded to the model's "
+             "multiple (64 for SD); with an inversion file it must be the file's",
+        widget=Widget("number", "Size: the long side in pixels (0: the model's native size)",
+                      {"precision": 0, "minimum": 0, "maximum": MAX_SIZE}, value=0))
+    crop: tuple[int, int, int, int] = option(  # pixels cut from left, right, top, bottom first
+        (0, 0, 0, 0), flag="--crop", metavar="L,R,T,B", parse=parse_crop, column="crop", cell=cells.crop_cell,
+        help="pixels cut from the left, right, top and bottom before the centre crop")
+    method: str = option(  # see METHODS
+        "nti", flag="--method", qualified="--inversion-method", qualified_where="in edit, attention and batch",
+        metavar="METHOD", column="method", cell=cells.text_cell,
+        help="nti (null-text inversion), npi (negative-prompt inversion: N_t = C, no optimisation), direct "
+             "(Direct Inversion: per-step corrections, no optimisation), global-nti (one null embedding for all "
+             "steps), random-pivot (optimise from Gaussian noise instead of the DDIM-inverted z_T), ddim (DDIM "
+             "inversion alone)")
+    seed: int = option(  # random-pivot: seed of the Gaussian z_T it starts from
+        0, flag="--seed", metavar="N", parse=nonneg_int, column="seed", cell=cells.integer_cell,
+        help="random-pivot: seed of its Gaussian noise")
     # SDXL: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
-    optimize_pooled: bool = False
+    optimize_pooled: bool = option(
+        False, flag="--optimize-pooled", action="store_true", column="optimize_pooled", cell=cells.flag_cell,
+        help="SDXL: the null-text optimisation also moves the unconditional pooled embedding (by default only "
+             "the token embeddings)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
@@ -203,6 +243,12 @@ def _check_fraction_spec(spec, what: str) -> None:
         raise NulltextError(f"{what} range must have start <= end, got {spec!r}")
 
 
+def _blend_words(pair) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--blend SRC TGT (None when not given) -> (blend_source, blend_target)."""
+    src, tgt = pair or (None, None)
+    return (words(src) if src else (), words(tgt) if tgt else ())
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """How the target prompts edit an inversion (docs/algorithm.md sections 3 and 4).
@@ -211,27 +257,84 @@ class EditConfig:
     the steps in [a, b). Cross-attention ranges map to steps [int(a*(T+1)), int(b*(T+1))),
     self-attention ranges to [int(a*T), int(b*T)), exactly as the release computes them."""
 
-    method: str = "p2p"  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
-    mode: str = "auto"  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
-    #                     source and target have the same number of tokens, refine otherwise
-    cross_replace: object = 0.8  # release default; a fraction, a range, or {word: fraction|range,
-    #                              "default": fraction|range} (words missing -> default (0, 1))
-    self_replace: object = 0.4  # release default (its word-swap examples also use 0.6)
-    self_max_keys: int = 32 * 32  # self replacement only in layers with at most this many keys
-    reweight: tuple = ()  # ((word, factor), ...): equalizer on target words (release: 2, 5, -2, 0.5)
-    blend_source: tuple = ()  # local blend: words of the source prompt ...
-    blend_target: tuple = ()  # ... and of the target prompts whose region may change
-    blend_subtract: tuple = ()  # optional: words whose region is removed from the blend mask
-    blend_start: float = 0.2  # blend after each step once steps done > int(blend_start * T)
-    blend_threshold: float = 0.3  # of the mask normalised by its maximum (release th=(.3, .3))
-    blend_subtract_threshold: float = 0.3
+    method: str = option(  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
+        "p2p", flag="--method", dest="method", qualified="--edit-method", qualified_where="in eval and batch",
+        metavar="METHOD", column="edit_method", cell=cells.text_cell,
+        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit from the inversion)",
+        widget=Widget("radio", "Method", {"choices": list(EDIT_METHODS)}))
+    mode: str = option(  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
+        #                  source and target have the same number of tokens, refine otherwise
+        "auto", flag="--mode", metavar="MODE", column="mode", cell=cells.text_cell, methods=("p2p",),
+        help="replace swaps words one for one (same number of tokens and of words); refine adds or removes words "
+             "(tokens aligned by Needleman-Wunsch); auto picks replace when possible, refine otherwise, per target",
+        widget=Widget("dropdown", "Mode", {"choices": list(EDIT_MODES)}))
+    cross_replace: object = option(  # release default; a fraction, a range, or {word: fraction|range,
+        #                              "default": fraction|range} (words missing -> default (0, 1))
+        0.8, flag="--cross-replace", metavar="SPEC", parse=cross_spec, column="cross_replace", cell=cells.cross_cell,
+        methods=("p2p",),
+        help="steps during which the targets' cross-attention is the source's: a fraction 0.8 (the first 80 %), "
+             "a range 0.2,0.8, or per word 'tiger=0.4,default=0.8' (word=a:b for a range; without default= the "
+             "other tokens are injected at every step, as in the release)",
+        widget=Widget("slider", "Cross-attention replaced for this fraction of steps",
+                      {"minimum": 0, "maximum": 1, "step": 0.05}))
+    self_replace: object = option(  # release default (its word-swap examples also use 0.6)
+        0.4, flag="--self-replace", metavar="SPEC", parse=fraction_or_range, column="self_replace", cell=cells.fraction_cell,
+        methods=("p2p",), help="fraction (0.4) or range (0.2,0.6) of steps with the source's self-attention",
+        widget=Widget("slider", "Self-attention replaced for this fraction of steps",
+                      {"minimum": 0, "maximum": 1, "step": 0.05}))
+    self_max_keys: int = option(  # self replacement only in layers with at most this many keys
+        32 * 32, flag="--self-max-keys", metavar="N", parse=nonneg_int, column="self_max_keys", cell=cells.integer_cell,
+        methods=("p2p",),
+        help="self-attention is injected only in layers with at most N keys (32x32)")
+    reweight: tuple = option(  # ((word, factor), ...): equalizer on target words (release: 2, 5, -2, 0.5)
+        (), flag="--reweight", metavar="WORD=FACTOR", parse=reweight_pairs, action="append", arg_default=[],
+        convert=lambda groups: tuple(pair for group in groups for pair in group),
+        column="reweight", cell=cells.reweight_cell, methods=("p2p",),
+        help="scale the attention to a target word during the cross-replace steps: 'fluffy=2', several as "
+             "'fluffy=2,smiling=5' or repeated (a manifest cell: 'fluffy=2 smiling=5'); negative values push away",
+        widget=Widget("textbox", "Reweight: word=factor, ... (e.g. fluffy=2)", value=""))
+    blend_source: tuple = option(  # local blend: words of the source prompt ...
+        (), flag="--blend", metavar=("WORDS_SRC", "WORDS_TGT"), nargs=2, arg_default=None,
+        fields=("blend_source", "blend_target"), convert=_blend_words, column="blend", cell=cells.blend_cell,
+        methods=("p2p",),
+        help="local blend: only the region of these source and target words changes (comma-separate several "
+             "words on each side; a manifest cell: 'SRC TGT')",
+        widget=Widget("textbox", "Local blend: words of the caption whose region may change", value=""))
+    blend_target: tuple = option(  # ... and of the target prompts whose region may change (set with --blend)
+        (), widget=Widget("textbox", "Local blend: words of the targets whose region may change", value=""))
+    blend_subtract: tuple = option(  # optional: words whose region is removed from the blend mask
+        (), flag="--blend-subtract", metavar="WORDS", parse=words, column="blend_subtract", cell=cells.words_cell,
+        methods=("p2p",),
+        help="words whose region is removed from the blend mask")
+    blend_start: float = option(  # blend after each step once steps done > int(blend_start * T)
+        0.2, flag="--blend-start", metavar="F", parse=float, column="blend_start", cell=cells.number_cell,
+        methods=("p2p",),
+        help="the local blend (or the mask) acts after each step once more than this fraction of the steps is done")
+    blend_threshold: float = option(  # of the mask normalised by its maximum (release th=(.3, .3))
+        0.3, flag="--blend-threshold", metavar="X", parse=float, column="blend_threshold", cell=cells.number_cell,
+        methods=("p2p",), help="threshold of the blend mask, as a fraction of its maximum")
+    blend_subtract_threshold: float = option(
+        0.3, flag="--blend-subtract-threshold", metavar="X", parse=float, column="blend_subtract_threshold",
+        cell=cells.number_cell, methods=("p2p",),
+        help="threshold of the subtracted words' mask, as a fraction of its maximum")
     # blend mask from the cross-attention layers at latent/blend_factor (release: 16x16 of a 64x64
     # latent); when the UNet has none at that size, the nearest size it has
-    blend_factor: int = 4
-    sdedit_strength: float = 0.6  # ours: fraction of the steps SDEdit re-denoises with the target
+    blend_factor: int = option(
+        4, flag="--blend-factor", metavar="N", parse=positive_int, column="blend_factor", cell=cells.integer_cell,
+        methods=("p2p",),
+        help="the blend mask comes from the cross-attention layers at 1/N of the latent size (the nearest "
+             "size the UNet has)")
+    sdedit_strength: float = option(  # ours: fraction of the steps SDEdit re-denoises with the target
+        0.6, flag="--strength", metavar="S", parse=float, column="strength", cell=cells.number_cell, methods=("sdedit",),
+        help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction; 1: from z_T)",
+        widget=Widget("slider", "SDEdit strength", {"minimum": 0, "maximum": 1, "step": 0.05}))
     # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
     # without blend words the mask alone is the blend
-    mask_mode: str = "intersect"
+    mask_mode: str = option(
+        "intersect", flag="--mask-mode", choices=MASK_MODES, column="mask_mode", cell=cells.text_cell, methods=("p2p",),
+        help="with --blend, the mask intersects the blend words' region or replaces it",
+        widget=Widget("radio", "With local-blend words, the mask intersects or replaces their region",
+                      {"choices": list(MASK_MODES)}))
 
     def __post_init__(self) -> None:
         if isinstance(self.reweight, dict):
@@ -291,34 +394,10 @@ class EditConfig:
         return d
 
 
-def parse_size(text: str) -> tuple[int, int] | int:
-    """'768x512' -> (768, 512) (width x height); '512' -> 512, the long side (the short one follows
-    the image's aspect)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise NulltextError(f"size must be N or WxH in pixels, got {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise NulltextError(f"size must be N or WxH with positive numbers, got {text!r}")
-    if max(parts) > MAX_SIZE:
-        raise NulltextError(f"size {text!r} is too large: at most {MAX_SIZE} pixels a side")
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+def manifest_columns(*configs) -> dict:
+    """column -> (field, parser) of the manifest columns that override the options of ``configs``
+    (default: InversionConfig and EditConfig), as :func:`nulltext.options.manifest_columns`
+    describes; :func:`nulltext.options.row_overrides` applies them to a row."""
+    from .options import manifest_columns as columns
 
-
-def parse_reweight(text: str | None) -> tuple[tuple[str, float], ...]:
-    """'fluffy=2 smiling=5' or 'fluffy=2, smiling=5' -> (("fluffy", 2.0), ("smiling", 5.0)): the
-    reweight pairs of the web UI and of batch manifests (the command line's --reweight takes
-    comma-separated phrases)."""
-    pairs = []
-    for item in re.split(r"[\s,]+", text or ""):
-        if not item:
-            continue
-        word, sep, factor = item.partition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            value = None
-        if not sep or not word or value is None:
-            raise NulltextError(f"reweight takes word=factor pairs (e.g. fluffy=2), got {item!r}")
-        pairs.append((word, value))
-    return tuple(pairs)
+    return columns(*(configs or (InversionConfig, EditConfig)))

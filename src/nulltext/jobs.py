@@ -32,41 +32,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import cells
-from .config import EditConfig, InversionConfig
+from .config import EditConfig, InversionConfig, manifest_columns
 from .errors import NulltextError, one_line
 from .files import atomic_write, slug
 from .text import check_prompt
 
-# The manifest's option columns: column -> (config, field(s), cell parser). A cell overrides the
-# command's option for its job. Every inversion and edit option of the command line has a column
-# (tests/test_jobs.py checks it against the parser); the names are the flags', with '_' for '-',
-# except `method` (the inversion method) and `edit_method`, as both commands take them. One table,
-# so that it can be generated from the configs' field declarations once they carry them.
+# The manifest's option columns: column -> (config, field(s), parser of a cell). A cell overrides
+# the command's option for its job. They come from the configs' option declarations (each option
+# names its column, in the flag's words: `method` for the inversion method, `edit_method` for the
+# edit's), so every inversion and edit option of the command line has one.
 OPTION_COLUMNS: dict[str, tuple[str, str | tuple[str, ...], Callable]] = {
-    "steps": ("inversion", "num_steps", cells.integer),
-    "guidance": ("inversion", "guidance_scale", cells.number),
-    "inner_steps": ("inversion", "num_inner_steps", cells.integer),
-    "early_stop": ("inversion", "early_stop_epsilon", cells.number),
-    "early_stop_slope": ("inversion", "early_stop_slope", cells.number),
-    "lr": ("inversion", "lr", cells.number),
-    "optimize_pooled": ("inversion", "optimize_pooled", cells.flag),
-    "size": ("inversion", "size", cells.size),
-    "crop": ("inversion", "crop", cells.crop),
-    "method": ("inversion", "method", cells.text),
-    "seed": ("inversion", "seed", cells.integer),
-    "mode": ("edit", "mode", cells.text),
-    "cross_replace": ("edit", "cross_replace", cells.cross_spec),
-    "self_replace": ("edit", "self_replace", cells.fraction),
-    "self_max_keys": ("edit", "self_max_keys", cells.integer),
-    "blend": ("edit", ("blend_source", "blend_target"), cells.blend),
-    "blend_subtract": ("edit", "blend_subtract", cells.words),
-    "blend_threshold": ("edit", "blend_threshold", cells.number),
-    "reweight": ("edit", "reweight", cells.reweight),
-    "edit_method": ("edit", "method", cells.text),
-    "strength": ("edit", "sdedit_strength", cells.number),
-    "mask_mode": ("edit", "mask_mode", cells.text),
-}
+    column: (kind, field, parse)
+    for kind, config in (("inversion", InversionConfig), ("edit", EditConfig))
+    for column, (field, parse) in manifest_columns(config).items()}
 COLUMNS = {"id", "image", "prompt", "caption", "targets", "target", "mask", *OPTION_COLUMNS}
 
 
@@ -166,7 +144,7 @@ def _job(n: int, row: dict, inversion: InversionConfig, edit: EditConfig, root: 
     options: dict[str, dict] = {"inversion": {}, "edit": {}}
     for name, (config, attr, parse) in OPTION_COLUMNS.items():
         if name in given:
-            value = parse(name, given[name])
+            value = parse(given[name])
             options[config].update(zip(attr, value) if isinstance(attr, tuple) else [(attr, value)])
     job.inversion = dataclasses.replace(inversion, **options["inversion"])
     job.edit = dataclasses.replace(edit, **options["edit"])

@@ -231,12 +231,13 @@ class App:
         inv = self._load(inversion)
         targets = _targets(targets)
         src, tgt = _words(blend_source), _words(blend_target)
-        config = EditConfig(method=method or "p2p", mode=mode or "auto",
+        d = EditConfig()
+        config = EditConfig(method=method or d.method, mode=mode or d.mode,
                             cross_replace=_number(cross_replace, "cross-attention replace"),
                             self_replace=_number(self_replace, "self-attention replace"), blend_source=src,
                             blend_target=tgt, reweight=parse_reweight(reweight),
                             sdedit_strength=_number(strength, "SDEdit strength"),
-                            mask_mode=mask_mode or "intersect")
+                            mask_mode=mask_mode or d.mask_mode)
         mask_path = _file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []
@@ -310,6 +311,18 @@ class App:
         return path, session
 
 
+def widget(gr, config, name: str, **props):
+    """The Gradio component of a config field's option, as its ``Widget`` declares it, showing
+    the config's default (nulltext.options)."""
+    from .options import UNSET, option_of
+
+    o = option_of(config, name)
+    w = o.widget
+    kinds = {"slider": gr.Slider, "number": gr.Number, "radio": gr.Radio, "dropdown": gr.Dropdown,
+             "textbox": gr.Textbox}
+    return kinds[w.kind](value=o.default if w.value is UNSET else w.value, label=w.label, **w.props, **props)
+
+
 def close_session(state) -> None:
     """Gradio's end of a session's state (an hour after its page closed, or at shutdown)."""
     if isinstance(state, Session):
@@ -318,8 +331,11 @@ def close_session(state) -> None:
 
 def build_app(pipe, max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks of the UI over a loaded pipeline (see :func:`serve`)."""
+    from .config import EditConfig, InversionConfig
+
     gr = require_gradio()
     app = App(pipe, max_pixels)
+    e = EditConfig()
     model = getattr(pipe, "model_id", "model")
     with gr.Blocks(title="nulltext", delete_cache=(3600, 3600)) as demo:
         state = gr.State(None, delete_callback=lambda s: (app.end(s.key) if isinstance(s, Session) else None,
@@ -335,11 +351,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                 caption = gr.Textbox(label="Caption of the photo", placeholder="a cat sitting next to a mirror",
                                      elem_id="caption")
                 with gr.Accordion("Inversion options", open=False):
-                    steps = gr.Slider(1, 200, value=50, step=1, label="DDIM steps", elem_id="steps")
-                    guidance = gr.Number(value=7.5, label="Guidance scale", minimum=0.01)
-                    inner = gr.Slider(0, 50, value=10, step=1, label="Adam iterations per step at most")
-                    size = gr.Number(value=0, precision=0, minimum=0, maximum=4096,
-                                     label="Size: the long side in pixels (0: the model's native size)")
+                    steps = widget(gr, InversionConfig, "num_steps", elem_id="steps")
+                    guidance = widget(gr, InversionConfig, "guidance_scale")
+                    inner = widget(gr, InversionConfig, "num_inner_steps")
+                    size = widget(gr, InversionConfig, "size")
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
                                     file_types=[".safetensors"], elem_id="inversion")
@@ -356,16 +371,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                 targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
                                      placeholder="a tiger sitting next to a mirror")
                 with gr.Accordion("Edit options", open=False):
-                    method = gr.Radio(["p2p", "sdedit"], value="p2p", label="Method")
-                    mode = gr.Dropdown(["auto", "replace", "refine"], value="auto", label="Mode")
-                    cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replaced for this fraction of steps")
-                    self_ = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replaced for this fraction of steps")
-                    blend_src = gr.Textbox(label="Local blend: words of the caption whose region may change")
-                    blend_tgt = gr.Textbox(label="Local blend: words of the targets whose region may change")
-                    reweight = gr.Textbox(label="Reweight: word=factor, ... (e.g. fluffy=2)")
-                    strength = gr.Slider(0, 1, value=0.6, step=0.05, label="SDEdit strength")
-                    mask_mode = gr.Radio(["intersect", "replace"], value="intersect",
-                                         label="With local-blend words, the mask intersects or replaces their region")
+                    method, mode, cross, self_, blend_src, blend_tgt, reweight, strength, mask_mode = (
+                        widget(gr, EditConfig, name) for name in (
+                            "method", "mode", "cross_replace", "self_replace", "blend_source", "blend_target",
+                            "reweight", "sdedit_strength", "mask_mode"))
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
                 gallery = gr.Gallery(label="Source, reconstruction and edits", columns=3, elem_id="gallery")
@@ -374,13 +383,16 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
             attn_btn = gr.Button("Show attention", elem_id="attention-button")
         attn = gr.Image(label="Cross-attention", type="filepath", interactive=False, elem_id="attention")
 
-        # Gradio passes the request (its session id) and a progress bar that follows tqdm's
+        # Gradio passes the request (its session id) and a progress bar that follows tqdm's. An API
+        # client may leave out every parameter whose widget has a value (the configs' defaults), and
+        # the mask, whose parameter defaults to None; Python then needs defaults after it too.
         def invert(photo, prompt, steps, guidance, inner_steps, size, state, request: gr.Request,
                    progress=gr.Progress(track_tqdm=True)):
             return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash)
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
-                 strength, mask, mask_mode, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+                 strength, mask=None, mask_mode=e.mask_mode, state=None, request: gr.Request = None,
+                 progress=gr.Progress(track_tqdm=True)):
             return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
                             reweight, strength, mask, mask_mode, state, request.session_hash)
 

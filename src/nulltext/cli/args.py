@@ -4,10 +4,10 @@ from parsed arguments to the library's configs."""
 from __future__ import annotations
 
 import argparse
-import math
 
 from .. import __version__
 from ..errors import NulltextError
+from ..options import positive_int
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
                 "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
@@ -20,44 +20,93 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(cast, positive: bool):
-    """argparse type: a finite number of ``cast`` that is > 0 (``positive``) or >= 0."""
-    kind = "integer" if cast is int else "number"
-
-    def parse(text: str):
+def _argtype(parse):
+    """An argparse type from a parser of nulltext.options: its NulltextError becomes argparse's
+    one-line refusal ("argument --steps: must be positive, got 0"); a ValueError stays argparse's
+    own ("invalid float value: 'x'"), so the type keeps the parser's name."""
+    def argtype(text: str):
         try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind}, got {text!r}") from None
-        if not math.isfinite(v) or (v <= 0 if positive else v < 0):
-            raise argparse.ArgumentTypeError(f"must be {'positive' if positive else 'non-negative'}, got {text}")
-        return v
+            return parse(text)
+        except NulltextError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-    return parse
+    argtype.__name__ = parse.__name__
+    return argtype
 
 
-_positive_int, _nonneg_int = _number(int, True), _number(int, False)
-_positive_float, _nonneg_float = _number(float, True), _number(float, False)
+_positive_int = _argtype(positive_int)  # the commands' own numbers (--batch-size, --port, ...)
 
 
-def _crop(text: str) -> tuple[int, int, int, int]:
-    parts = text.split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4 or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected four non-negative integers L,R,T,B, got {text!r}")
-    return values
+def _add_options(p, cls, qualified: bool = False, only=None, exclude=()) -> None:
+    """The arguments of a config's options (nulltext.options): each field's flag, type, default
+    and help as its ``option(...)`` declares them. ``qualified``: the command takes both configs,
+    so options that would share a flag take their qualified one (--inversion-method)."""
+    from ..options import UNSET, options
+
+    for o in options(cls):
+        if o.flag is None or (only is not None and o.name not in only) or o.name in exclude:
+            continue
+        kw = {"dest": o.dest_for(qualified), "help": o.help.replace("%", "%%")}
+        if o.action == "store_true":
+            kw["action"] = "store_true"
+        else:
+            kw["default"] = o.default if o.arg_default is UNSET else o.arg_default
+            for name in ("action", "nargs", "metavar"):
+                if getattr(o, name) is not None:
+                    kw[name] = getattr(o, name)
+            if o.parse is not None:
+                kw["type"] = _argtype(o.parse)
+            if o.choices is not None:
+                kw["choices"] = list(o.choices)
+            shown = o.describe_default()
+            if shown not in ("none", "off"):
+                kw["help"] += f" (default {shown})"
+        p.add_argument(o.flag_for(qualified), **kw)
 
 
-def _size(text: str) -> tuple[int, int]:
-    from ..config import parse_size
+def config_from_args(cls, args, qualified: bool = False, **fields):
+    """The config of parsed arguments: each option whose flag this command has, converted to its
+    field(s); options without a flag here keep the config's default; ``fields`` override."""
+    from ..options import options
 
-    try:
-        return parse_size(text)
-    except NulltextError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    kw = {}
+    for o in options(cls):
+        if o.flag is None or not hasattr(args, o.dest_for(qualified)):
+            continue
+        value = o.to_field(getattr(args, o.dest_for(qualified)))
+        kw.update(zip(o.fields, value) if o.fields else [(o.name, value)])
+    kw.update(fields)
+    return cls(**kw)
+
+
+def given_options(cls, args, qualified: bool = False):
+    """(option, flag) of each option whose flag this command has and whose value differs from
+    the config's default: what the user gave."""
+    from ..options import options
+
+    out = []
+    for o in options(cls):
+        if o.flag is None or not hasattr(args, o.dest_for(qualified)):
+            continue
+        value = o.to_field(getattr(args, o.dest_for(qualified)))
+        default = tuple(_field_default(cls, f) for f in o.fields) if o.fields else o.default
+        if _normal(value) != _normal(default):
+            out.append((o, o.flag_for(qualified)))
+    return out
+
+
+def _field_default(cls, name: str):
+    import dataclasses
+
+    (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _normal(value):
+    """Lists as tuples: argparse gives lists where the configs hold tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_normal(v) for v in value)
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, either: bool = False) -> None:
@@ -81,112 +130,29 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, eithe
                         "and one image at a time through the VAE (same results to rounding)")
 
 
-def _add_inversion_args(p: argparse.ArgumentParser, d) -> None:
-    p.add_argument("--steps", type=_positive_int, default=d.num_steps, help=f"DDIM steps T (default {d.num_steps})")
-    p.add_argument("--guidance", type=_positive_float, default=d.guidance_scale,
-                   help=f"classifier-free guidance scale w (default {d.guidance_scale})")
-    p.add_argument("--inner-steps", type=_nonneg_int, default=d.num_inner_steps,
-                   help=f"Adam iterations per timestep at most (default {d.num_inner_steps})")
-    p.add_argument("--early-stop", type=_nonneg_float, default=d.early_stop_epsilon,
-                   help=f"epsilon: stop a timestep when loss < epsilon + i*{d.early_stop_slope:g} "
-                        f"(default {d.early_stop_epsilon:g})")
-    p.add_argument("--early-stop-slope", type=_nonneg_float, default=d.early_stop_slope,
-                   help=f"growth of the early-stop threshold per timestep (default {d.early_stop_slope:g})")
-    p.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help=f"Adam learning rate at the first timestep, decayed as lr*(1-i/max(100,T)) (default {d.lr:g})")
-    p.add_argument("--optimize-pooled", action="store_true",
-                   help="SDXL: optimise the unconditional pooled text embedding too, not only the token embeddings")
-    p.add_argument("--size", type=_size, default=None, metavar="N|WxH",
-                   help="size the image is inverted at: WxH pixels, or N for the long side with the short one "
-                        "following the image's aspect, rounded to the model's multiple (64 for SD); default: the "
-                        "model's native square, 512x512 for SD 1.x, centre-cropped as the release does")
-    p.add_argument("--crop", type=_crop, default=(0, 0, 0, 0), metavar="L,R,T,B",
-                   help="pixels to cut from the left, right, top, bottom before the centre crop")
+def _add_inversion_args(p: argparse.ArgumentParser, d, qualified: bool = False, exclude=()) -> None:
+    """The options of ``d``'s config (an InversionConfig or a subclass's instance)."""
+    _add_options(p, type(d), qualified=qualified, exclude=exclude)
 
 
-def _fraction_or_range(text: str):
-    """'0.8' -> 0.8 (the steps [0, 0.8)); '0.2,0.6' or '0.2:0.6' -> (0.2, 0.6)."""
-    parts = text.replace(":", ",").split(",")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.8 or a range like 0.2,0.6, got {text!r}") from None
-    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.8 or a range like 0.2,0.6, got {text!r}")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
-def _cross_spec(text: str):
-    """A fraction, a range, or per-word 'tiger=0.4,default=0.8' (ranges there as a:b)."""
-    if "=" not in text:
-        return _fraction_or_range(text)
-    spec = {}
-    for item in text.split(","):
-        word, sep, value = item.partition("=")
-        if not sep or not word.strip():
-            raise argparse.ArgumentTypeError(f"expected word=fraction pairs like 'tiger=0.4,default=0.8', got {text!r}")
-        spec[word.strip()] = _fraction_or_range(value.strip())
-    return spec
-
-
-def _reweight(text: str) -> list[tuple[str, float]]:
-    """'fluffy=2' or 'fluffy=2,smiling=5'."""
-    out = []
-    for item in text.split(","):
-        word, sep, value = item.partition("=")
-        try:
-            factor = float(value)
-        except ValueError:
-            factor = float("nan")
-        if not sep or not word.strip() or not math.isfinite(factor):
-            raise argparse.ArgumentTypeError(f"expected word=factor like 'fluffy=2', got {text!r}")
-        out.append((word.strip(), factor))
-    return out
-
-
-def _words(text: str) -> tuple[str, ...]:
-    """'cat' or 'cat,mirror' (each item a word or phrase of the prompt)."""
-    return tuple(w.strip() for w in text.split(",") if w.strip())
-
-
-def _add_edit_args(p: argparse.ArgumentParser, e, method_flag: str = "--method") -> None:
+def _add_edit_args(p: argparse.ArgumentParser, e, qualified: bool = False) -> None:
+    """The options of ``e``'s config (an EditConfig or a subclass's instance) but --mask-mode, which
+    goes with --mask. ``qualified``: the edit method is --edit-method (beside --methods or
+    --inversion-method)."""
     g = p.add_argument_group("Prompt-to-Prompt (defaults are the release's)")
-    g.add_argument("--mode", default=e.mode, help="replace (word swap: same token count), refine (add or remove "
-                   "words) or auto: replace when the token and word counts match, refine otherwise (default auto)")
-    g.add_argument("--cross-replace", type=_cross_spec, default=e.cross_replace, metavar="SPEC",
-                   help="fraction of steps with cross-attention injection: 0.8, a range 0.2,0.8, or per word "
-                        "'tiger=0.4,default=0.8' (word=a:b for a range; without default=, the other "
-                        "tokens are injected at every step, as in the release) (default 0.8)")
-    g.add_argument("--self-replace", type=_fraction_or_range, default=e.self_replace, metavar="SPEC",
-                   help="fraction (0.4) or range (0.2,0.6) of steps with self-attention injection (default 0.4)")
-    g.add_argument("--blend", nargs=2, metavar=("WORDS_SRC", "WORDS_TGT"),
-                   help="local blend: only the region of these source/target words changes "
-                        "(comma-separate several, e.g. --blend cat tiger)")
-    g.add_argument("--blend-subtract", type=_words, default=(), metavar="WORDS",
-                   help="words whose region is removed from the blend mask")
-    g.add_argument("--blend-threshold", type=float, default=e.blend_threshold,
-                   help=f"blend mask threshold on the normalised attention (default {e.blend_threshold})")
-    g.add_argument("--reweight", type=_reweight, action="append", default=[], metavar="WORD=FACTOR",
-                   help="scale the attention to target words, e.g. 'fluffy=2' or 'fluffy=2,smiling=5' "
-                        "(negative values push away)")
-    g.add_argument("--self-max-keys", type=_nonneg_int, default=e.self_max_keys,
-                   help=f"self-attention injection only in layers with at most this many keys (default {e.self_max_keys})")
-    g.add_argument(method_flag, dest="method", default=e.method, help="p2p (Prompt-to-Prompt, default) or sdedit")
-    g.add_argument("--strength", type=float, default=e.sdedit_strength,
-                   help=f"SDEdit: fraction of the steps re-denoised with the target (default {e.sdedit_strength})")
+    _add_options(g, type(e), qualified=qualified, exclude=("mask_mode",))
 
 
-def _edit_config(args):
+def _edit_config(args, cls=None):
     from ..config import EditConfig
 
-    blend = args.blend or (None, None)
-    return EditConfig(method=args.method, mode=args.mode, cross_replace=args.cross_replace,
-                      self_replace=args.self_replace, self_max_keys=args.self_max_keys,
-                      reweight=tuple(pair for group in args.reweight for pair in group),
-                      blend_source=_words(blend[0]) if blend[0] else (),
-                      blend_target=_words(blend[1]) if blend[1] else (),
-                      blend_subtract=args.blend_subtract, blend_threshold=args.blend_threshold,
-                      sdedit_strength=args.strength, mask_mode=getattr(args, "mask_mode", "intersect"))
+    return config_from_args(cls or EditConfig, args)
+
+
+def _inversion_config(args, method: str, cls=None):
+    from ..config import InversionConfig
+
+    return config_from_args(cls or InversionConfig, args, method=method)
 
 
 def _add_input_args(p: argparse.ArgumentParser, d) -> None:
@@ -195,10 +161,7 @@ def _add_input_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--prompt", help="IMAGE input: its caption, the source prompt of the edit")
     p.add_argument("--save-inversion", metavar="INV.safetensors", help="IMAGE input: also keep the inversion")
     g = p.add_argument_group("inversion (IMAGE input only)")
-    _add_inversion_args(g, d)
-    g.add_argument("--inversion-method", default=d.method, metavar="METHOD",
-                   help="nti (default), npi, direct, global-nti, random-pivot or ddim (see nulltext invert --help)")
-    g.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
+    _add_inversion_args(g, d, qualified=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,12 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "results to rounding)")
     _add_model_args(p, DEFAULT_MODEL)
     _add_inversion_args(p, d)
-    p.add_argument("--method", default=d.method, metavar="METHOD",
-                   help="nti (null-text inversion, default), npi (negative-prompt inversion: N_t = C, no "
-                        "optimisation), direct (Direct Inversion: per-step corrections, no optimisation), "
-                        "global-nti (one null embedding for all steps), random-pivot (optimise from Gaussian "
-                        "noise instead of the DDIM-inverted z_T), ddim (DDIM inversion alone)")
-    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
     p.add_argument("--check", action="store_true", help="also reconstruct and print the PSNR to the input")
     p.add_argument("--reproducible", action="store_true",
                    help="leave wall-clock timings out of the file, so identical runs give identical bytes")
@@ -269,8 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", metavar="MASK.png",
                    help="where the edit may change the image: white = editable, black = kept (the photo's size or "
                         "the inverted size); outside it every edited image keeps the reconstruction's pixels")
-    p.add_argument("--mask-mode", choices=["intersect", "replace"], default="intersect",
-                   help="with --blend: the mask intersects the blend words' region (default) or replaces it")
+    _add_options(p, type(e), only=("mask_mode",))
     _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -314,9 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and (with a mask) "
                    "of the edit's background, with torchmetrics and this backbone; needs torchvision and the "
                    "backbone's weights (downloaded once by torchvision); not computed without it")
-    _add_inversion_args(p, d)
-    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
-    _add_edit_args(p, e, method_flag="--edit-method")
+    _add_inversion_args(p, d, exclude=("method",))  # --methods names them
+    _add_edit_args(p, e, qualified=True)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
@@ -334,10 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
     p.add_argument("--batch-size", type=_positive_int, default=4,
                    help="images inverted together where jobs share a size and settings (default 4)")
-    _add_inversion_args(p, d)
-    p.add_argument("--inversion-method", default=d.method, metavar="METHOD", help="inversion method (default nti)")
-    p.add_argument("--seed", type=_nonneg_int, default=d.seed, help="random-pivot: seed of its noise (default 0)")
-    _add_edit_args(p, e, method_flag="--edit-method")
+    _add_inversion_args(p, d, qualified=True)
+    _add_edit_args(p, e, qualified=True)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-job lines")
 
@@ -360,12 +313,3 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the iterations used (needs matplotlib: pip install 'nulltext[plot]')")
     p.add_argument("--force", action="store_true", help="overwrite the plot if it exists")
     return parser
-
-
-def _inversion_config(args, method: str):
-    from ..config import InversionConfig
-
-    return InversionConfig(num_steps=args.steps, guidance_scale=args.guidance, num_inner_steps=args.inner_steps,
-                           early_stop_epsilon=args.early_stop, early_stop_slope=args.early_stop_slope,
-                           lr=args.lr, size=args.size, crop=args.crop, method=method, seed=args.seed,
-                           optimize_pooled=args.optimize_pooled)

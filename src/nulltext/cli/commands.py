@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from ..errors import NulltextError, NulltextWarning, one_line
-from .args import _edit_config, _inversion_config
+from .args import _edit_config, _inversion_config, given_options
 
 def _load_pipe(args, model: str):
     from ..models import load_pipeline
@@ -186,17 +186,11 @@ def _is_inversion_path(path: str) -> bool:
 
 def _warn_inversion_options_ignored(args) -> None:
     """Inversion options given with an inversion file have no effect: say so instead of silently
-    using the file's settings."""
+    using the file's settings (the options whose metadata says the file's values are checked
+    instead, --size, are not named)."""
     from ..config import InversionConfig
 
-    d = InversionConfig()
-    given = [flag for flag, value, default in (
-        ("--steps", args.steps, d.num_steps), ("--guidance", args.guidance, d.guidance_scale),
-        ("--inner-steps", args.inner_steps, d.num_inner_steps), ("--early-stop", args.early_stop, d.early_stop_epsilon),
-        ("--early-stop-slope", args.early_stop_slope, d.early_stop_slope), ("--lr", args.lr, d.lr),
-        ("--crop", tuple(args.crop), tuple(d.crop)), ("--inversion-method", args.inversion_method, d.method),
-        ("--seed", args.seed, d.seed), ("--optimize-pooled", args.optimize_pooled, d.optimize_pooled))
-        if value != default]
+    given = [flag for o, flag in given_options(InversionConfig, args, qualified=True) if o.with_file == "ignored"]
     if given:
         warnings.warn(f"{', '.join(given)} apply to an IMAGE input only; {args.input} already holds an "
                       f"inversion made with its own settings (see nulltext info), so they are ignored",
@@ -254,19 +248,20 @@ def _source(args, make_plan):
 
 
 def _warn_ignored(args, config) -> None:
-    """Options the chosen method does not use are reported, not silently dropped."""
-    from ..config import EditConfig
+    """Options the chosen method does not use (their metadata names the methods they act on) are
+    reported, not silently dropped."""
+    from ..options import options
 
-    d = EditConfig()
+    default = type(config)()
+    unused = [o.flag for o in options(config) if o.flag and o.methods and config.method not in o.methods
+              and any(getattr(config, name) != getattr(default, name) for name in o.names)]
+    if not unused:
+        return
     if config.method == "sdedit":
-        unused = [name for name, used in (
-            ("--mode", config.mode != d.mode), ("--cross-replace", config.cross_replace != d.cross_replace),
-            ("--self-replace", config.self_replace != d.self_replace), ("--reweight", bool(config.reweight)),
-            ("--blend", config.blend), ("--self-max-keys", config.self_max_keys != d.self_max_keys)) if used]
-        if unused:
-            warnings.warn(f"{', '.join(unused)} apply to --method p2p only; ignored with sdedit", NulltextWarning)
-    elif config.sdedit_strength != d.sdedit_strength:
-        warnings.warn("--strength applies to --method sdedit only; ignored", NulltextWarning)
+        warnings.warn(f"{', '.join(unused)} apply to --method p2p only; ignored with sdedit", NulltextWarning)
+    else:
+        verb = "applies" if len(unused) == 1 else "apply"
+        warnings.warn(f"{', '.join(unused)} {verb} to --method sdedit only; ignored", NulltextWarning)
 
 
 def cmd_edit(args) -> int:
