@@ -144,3 +144,30 @@ def test_a_plan_runs_once_and_on_its_own_inversion(tiny_pipe, files):
         edit(tiny_pipe, inv, other, progress=False)
     with pytest.raises(NulltextError, match="no target prompt given$"):
         request([])
+
+
+def test_batch_plans_each_edit_before_inverting(files, tmp_path, monkeypatch):
+    """A job whose edit cannot be made fails with its reason before any inversion is spent on it;
+    the other jobs invert once each, their photos and masks read once."""
+    import json
+
+    import nulltext.inversion as inversion
+
+    inverted = []
+    real = inversion.invert_many
+
+    def counting(pipe, images, *args, **kwargs):
+        inverted.extend(images)
+        return real(pipe, images, *args, **kwargs)
+
+    monkeypatch.setattr(inversion, "invert_many", counting)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in (
+        {"id": "good", "image": str(files["photo"]), "prompt": PROMPT, "targets": [SWAP], "mask": str(files["mask"])},
+        {"id": "bad", "image": str(files["photo"]), "prompt": PROMPT, "targets": [SWAP], "reweight": "tiger=2"},
+    )) + "\n")
+    r = run_main("batch", manifest, "-o", tmp_path / "out", *FAST)
+    assert r.returncode == 1, describe(r)
+    assert inverted == [str(files["photo"])]  # the good job's photo alone
+    assert "bad: reweight word 'tiger' is not in the target prompt" in r.stdout
+    assert "1 of 2 jobs done" in r.stdout

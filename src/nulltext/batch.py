@@ -22,8 +22,10 @@ SUMMARY = ["id", "status", "reason", "image", "prompt", "targets", "folder", "ke
 
 
 def _work(pipe, out_dir: str, batch_size: int):
-    """The runner's ``work``: jobs with the same inversion settings invert together (invert_many
-    batches those of one size); each is finished (saved, edited) as soon as its inversion exists."""
+    """The runner's ``work``: each job's edit is planned (checked) first, then jobs with the same
+    inversion settings invert together (invert_many batches those of one size); each is finished
+    (saved, edited) as soon as its inversion exists. A job whose plan fails is recorded without
+    spending an inversion on it."""
     def work(jobs: list[Job], record, fail) -> None:
         from .inversion import invert_many
 
@@ -31,26 +33,51 @@ def _work(pipe, out_dir: str, batch_size: int):
         for job in jobs:
             groups.setdefault(json.dumps(job.inversion.to_dict(), sort_keys=True), []).append(job)
         for group in groups.values():
+            plans, ready = [], []
+            for job in group:
+                try:
+                    plans.append(_plan(pipe, job))
+                except Exception as e:  # a target word missing, a mask of the wrong size, ...
+                    fail(job, e)
+                    continue
+                ready.append(job)
             done: set[int] = set()
 
-            def finish(i: int, inv, group=group, done=done) -> None:
+            def finish(i: int, inv, ready=ready, plans=plans, done=done) -> None:
                 done.add(i)
                 try:
-                    fields = _finish(pipe, group[i], inv, os.path.join(out_dir, group[i].folder_name))
+                    fields = _finish(pipe, ready[i], inv, os.path.join(out_dir, ready[i].folder_name), plans[i])
                 except Exception as e:  # this job failed; the others go on
-                    fail(group[i], e)
+                    fail(ready[i], e)
                     return
-                record(group[i], fields)
+                record(ready[i], fields)
 
+            if not ready:
+                continue
             try:
-                invert_many(pipe, [j.image for j in group], [j.prompt for j in group], group[0].inversion,
+                invert_many(pipe, [j.image for j in ready], [j.prompt for j in ready], ready[0].inversion,
                             batch_size=batch_size, progress=False, on_result=finish)
             except Exception as e:  # a whole batch failed (e.g. a NaN): its jobs not yet recorded
-                for i, job in enumerate(group):
+                for i, job in enumerate(ready):
                     if i not in done:
                         fail(job, e)
 
     return work
+
+
+def _plan(pipe, job: Job):
+    """The job's edit, checked before its inversion runs (None without targets)."""
+    from .editing import plan, request
+    from .image import output_size, probe
+
+    if not job.targets:
+        return None
+    cfg = job.inversion
+    original = probe(job.image)
+    w, h = output_size(cfg.size, original, cfg.crop, pipe.native_size, pipe.size_multiple)
+    f = pipe.vae_scale_factor
+    return plan(pipe, request(job.targets, job.edit, mask=job.mask), job.prompt, cfg.num_steps, (h // f, w // f),
+                (w, h), original, cfg.crop)
 
 
 def _optimisation_numbers(inv) -> tuple[int, float]:
@@ -60,9 +87,9 @@ def _optimisation_numbers(inv) -> tuple[int, float]:
     return sum(opt.get("iterations", [])), sum(inv.meta.get("timings", {}).values())
 
 
-def _finish(pipe, job: Job, inv, folder: str) -> dict:
-    """Save one job's inversion, reconstruction and edits; the fields of its record."""
-    from .editing import edit, edit_mask
+def _finish(pipe, job: Job, inv, folder: str, edit_plan) -> dict:
+    """Save one job's inversion, reconstruction and edits (its planned edit); the fields of its record."""
+    from .editing import edit
     from .files import save_image
     from .image import load_image, preprocess, psnr
     from .inversion import reconstruct
@@ -71,8 +98,7 @@ def _finish(pipe, job: Job, inv, folder: str) -> dict:
     inv.save(os.path.join(folder, "inversion.safetensors"), force=True)
     t0 = time.perf_counter()
     if job.targets:
-        mask = edit_mask(inv, job.mask) if job.mask else None
-        result = edit(pipe, inv, job.targets, job.edit, progress=False, mask=mask)
+        result = edit(pipe, inv, edit_plan, progress=False)
         images = result.images
         for k, (img, target) in enumerate(zip(images[1:], job.targets), 1):
             save_image(img, os.path.join(folder, edit_file_name(k, target)), force=True)

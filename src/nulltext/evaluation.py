@@ -174,7 +174,7 @@ def _peak_mb(pipe) -> float:
 
 def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     """One (sample, method): the metrics of a result row, or raises for the runner to record."""
-    from .editing import edit, validate
+    from .editing import edit, plan, request
     from .image import load_image, output_size, preprocess
     from .inversion import invert_image, reconstruct
 
@@ -182,9 +182,11 @@ def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     cfg, ec = job.inversion, job.edit
     size = output_size(cfg.size, source.image.size, cfg.crop, pipe.native_size, pipe.size_multiple)
     keep = None if job.mask is None else background_mask(job.mask, source.image.size, size, cfg.crop)
-    if job.targets:
+    edit_plan = None
+    if job.targets:  # the edit's checks, once, before the inversion
         f = pipe.vae_scale_factor
-        validate(pipe, job.prompt, job.targets[:1], ec, cfg.num_steps, (size[1] // f, size[0] // f))
+        edit_plan = plan(pipe, request(job.targets[:1], ec), job.prompt, cfg.num_steps, (size[1] // f, size[0] // f),
+                         size, source.image.size, cfg.crop)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     t0 = time.perf_counter()
@@ -193,7 +195,7 @@ def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
     if job.targets:
         t0 = time.perf_counter()
-        result = edit(pipe, inv, job.targets[:1], ec, progress=False)
+        result = edit(pipe, inv, edit_plan, progress=False)
         row["edit_s"] = time.perf_counter() - t0
         recon = result.reconstruction  # the edit's source row is the reconstruction, bit for bit
         row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep)

@@ -103,6 +103,32 @@ def load_image(path) -> ImageSource:
     return ImageSource(rgb, hashlib.sha256(data).hexdigest(), os.path.basename(path), mode)
 
 
+def probe(path, what: str = "image") -> tuple[int, int]:
+    """The (width, height) an image file will have upright, from its header, without decoding its
+    pixels: the checks :func:`load_image` makes that need no decoding (a readable file of a format
+    Pillow knows, not a decompression bomb, at least ``MIN_SIDE`` a side), with the same messages.
+    A file whose pixel data is damaged passes and fails when it is decoded, once, later."""
+    path = os.fspath(path)
+    data = read_input(path, what)
+    if not data:
+        raise NulltextError(f"{what} file is empty: {path}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations stored sideways
+                w, h = h, w
+    except Image.DecompressionBombError:
+        raise NulltextError(f"{what} {path} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
+                            f"Pillow's decompression-bomb limit)") from None
+    except UnidentifiedImageError:
+        raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
+    if what == "image" and min(w, h) < MIN_SIDE:
+        raise NulltextError(f"image {path} is {w}x{h} pixels; nulltext needs at least {MIN_SIDE} pixels on each side")
+    return w, h
+
+
 def as_source(image) -> ImageSource:
     """Accept a path, a PIL image or an :class:`ImageSource`."""
     if isinstance(image, ImageSource):
