@@ -297,11 +297,10 @@ def _finish(pipe, job: Job, inv, folder: str, preprocess, psnr, load_image, reco
     edit_s = time.perf_counter() - t0
     save_image(images[0], os.path.join(folder, "reconstruction.png"), force=True)
     target = preprocess(load_image(job.image).image, inv.image_size, inv.config.crop, pipe.size_multiple)
-    opt = inv.meta.get("optimisation") or {}
-    timings = inv.meta.get("timings", {})
-    record(job, {"status": "ok", "reason": "", "iterations": sum(opt.get("iterations", [])),
+    opt, timings = inv.optimisation, inv.timings
+    record(job, {"status": "ok", "reason": "", "iterations": sum(opt.iterations) if opt else 0,
                  "recon_psnr": round(psnr(images[0], target), 3),
-                 "invert_s": round(sum(timings.values()), 3), "edit_s": round(edit_s, 3)})
+                 "invert_s": round(timings.total if timings else 0.0, 3), "edit_s": round(edit_s, 3)})
 
 
 def write_summary(out_dir: str, jobs: list[Job]) -> list[dict]:

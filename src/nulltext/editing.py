@@ -318,8 +318,7 @@ def edit_mask(inversion, mask) -> Tensor:
     """A user's mask (see :func:`nulltext.image.load_mask`) at the inversion's image size."""
     from .image import load_mask
 
-    original = inversion.meta.get("image", {}).get("original_size")
-    return load_mask(mask, inversion.image_size, tuple(original) if original else None, inversion.config.crop)
+    return load_mask(mask, inversion.image_size, inversion.image.original_size, inversion.config.crop)
 
 
 def edit_progressive(pipe, inversion, targets: Sequence[str], config: EditConfig | None = None,
