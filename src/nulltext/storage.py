@@ -31,6 +31,7 @@ from torch import Tensor
 from .config import InversionConfig, SchedulerConfig
 from .errors import NulltextError, one_line
 from .files import atomic_write
+from .fingerprint import fingerprints_match  # pure: storage imports no model code
 
 FORMAT = "nulltext-inversion"
 # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections; 3: model families
@@ -499,8 +500,6 @@ def load_inversion(path, pipe=None) -> Inversion:
 
 def check_fits(inv: Inversion, pipe, path="inversion") -> None:
     """Refuse an inversion made with another model (or whose shapes this model cannot take)."""
-    from .fingerprint import fingerprints_match
-
     model = inv.model
     if model is None:
         raise NulltextError(f"{path} records no model; it cannot be checked against '{pipe.model_id}'")
