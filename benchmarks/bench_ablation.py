@@ -98,7 +98,7 @@ def main() -> int:
             z = reconstruct_latent(pipe, inv, progress=False)
             values.append(psnr(decode(pipe, z)[0], target))
             mses.append(float(((z - z0) ** 2).mean()))
-            iters.append(sum(inv.meta.get("optimisation", {}).get("iterations", [0])))
+            iters.append(sum(inv.optimisation.iterations) if inv.optimisation else 0)
         return float(np.mean(values)), float(np.mean(iters)), time.perf_counter() - t0, float(np.mean(mses))
 
     vae = float(np.mean([psnr(decode(pipe, encode(pipe, t))[0], t) for t in targets]))

@@ -30,6 +30,7 @@ import bench_invert  # noqa: E402
 import nulltext  # noqa: E402
 from nulltext.config import EditConfig, InversionConfig  # noqa: E402
 from nulltext.inversion import Inversion, reconstruct_latent  # noqa: E402
+from nulltext.storage import Preprocessing  # noqa: E402
 from nulltext.text import encode_prompt  # noqa: E402
 
 SOURCE = "a photo of a cat sitting on a wooden table"
@@ -46,7 +47,7 @@ def synthetic_inversion(pipe, size: tuple[int, int], steps: int, seed: int) -> I
     z = torch.randn(1, pipe.unet.config.in_channels, h // f, w // f, generator=g)
     null = encode_prompt(pipe, "").cpu()
     return Inversion(latent_T=z, null_embeddings=null.expand(steps, -1, -1).clone(), prompt=SOURCE,
-                     config=InversionConfig(num_steps=steps, size=size), meta={"preprocessing": {"size": [w, h]}})
+                     config=InversionConfig(num_steps=steps, size=size), preprocessing=Preprocessing(size=(w, h)))
 
 
 def measure(pipe, fn):

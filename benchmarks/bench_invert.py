@@ -365,10 +365,10 @@ def run(cfg: dict, pipes: dict, args) -> dict:
         phases = {k: sum(p[k] for p in per_image) for k in per_image[0]}
     else:
         invs = invert_many(pipe, images, [PROMPT] * B, config, batch_size=B, progress=not args.quiet)
-        retries = sum(invs[0].meta["optimisation"].get("retries", []))  # fp16 overflows computed again
-        timings = invs[0].meta["timings"]
-        phases = {"encode_s": sum(inv.meta["timings"]["encode_s"] for inv in invs),
-                  "ddim_inversion_s": timings["ddim_inversion_s"], "optimisation_s": timings["optimisation_s"]}
+        retries = sum(invs[0].optimisation.retries)  # fp16 overflows computed again
+        timings = invs[0].timings  # the DDIM inversion and optimisation are the batch's
+        phases = {"encode_s": sum(inv.timings.encode_s for inv in invs),
+                  "ddim_inversion_s": timings.ddim_inversion_s, "optimisation_s": timings.optimisation_s}
         bad = [i for i, inv in enumerate(invs) if not torch.isfinite(inv.null_embeddings).all()]
         if bad:
             raise NulltextError(f"non-finite null embeddings for images {bad}")

@@ -93,13 +93,13 @@ def test_invert_many_equals_inverting_each_image_alone(tiny_pipe):
     images = _tiny_images()
     many = invert_many(tiny_pipe, images, PROMPTS, cfg, batch_size=3, progress=False)
     assert [inv.image_size for inv in many] == [(64, 64)] * 3 + [(64, 32)]
-    assert [inv.meta["batch_size"] for inv in many] == [3, 3, 3, 1]
-    iterations = [inv.meta["optimisation"]["iterations"] for inv in many]
+    assert [inv.run.batch_size for inv in many] == [3, 3, 3, 1]
+    iterations = [inv.optimisation.iterations for inv in many]
     assert len({tuple(it) for it in iterations[:3]}) > 1, "premise: images of one batch stop at different iterations"
     for image, prompt, inv in zip(images, PROMPTS, many):
         alone = invert_image(tiny_pipe, image, prompt, cfg, progress=False)
-        assert inv.prompt == prompt and inv.meta["image"]["sha256"] == alone.meta["image"]["sha256"]
-        assert inv.meta["optimisation"]["iterations"] == alone.meta["optimisation"]["iterations"]
+        assert inv.prompt == prompt and inv.image.sha256 == alone.image.sha256
+        assert inv.optimisation.iterations == alone.optimisation.iterations
         torch.testing.assert_close(inv.latent_T, alone.latent_T, rtol=0, atol=1e-5)
         torch.testing.assert_close(inv.null_embeddings, alone.null_embeddings, rtol=0, atol=1e-3)
         torch.testing.assert_close(reconstruct_latent(tiny_pipe, inv, progress=False),

@@ -133,7 +133,7 @@ def test_invert_writes_the_inversion_file(e2e):
     assert inv.prompt == PROMPT
     assert inv.num_steps == STEPS
     assert inv.image_size == (64, 64)
-    assert inv.meta["model"] == "tiny"
+    assert inv.model.id == "tiny"
 
 
 def test_check_prints_a_psnr_that_matches_the_reconstruct_command(e2e):
@@ -176,10 +176,10 @@ def test_info_json(e2e):
     r = e2e["json"]
     assert_ok(r)
     meta = json.loads(r.stdout)
-    assert {"model", "prompt", "num_steps", "optimisation"} <= meta.keys()
-    assert meta["model"] == "tiny"
+    assert {"model", "prompt", "config", "optimisation"} <= meta.keys()
+    assert meta["model"]["id"] == "tiny"
     assert meta["prompt"] == PROMPT
-    assert meta["num_steps"] == STEPS
+    assert meta["config"]["num_steps"] == STEPS
     its = meta["optimisation"]["iterations"]
     assert isinstance(its, list) and len(its) == STEPS
     assert all(isinstance(n, int) and 0 <= n <= 2 for n in its)
@@ -383,9 +383,9 @@ def test_invert_converts_image_modes(tmp_path, name, save, modes):
     r = run_main("invert", image, "--prompt", PROMPT, "-o", out, *FAST)
     assert_ok(r)
     assert r.stderr == "", describe(r)
-    meta = load(out).meta
-    assert meta["image"]["original_mode"] in modes
-    assert meta["image"]["original_size"] == [96, 80]
+    image = load(out).image
+    assert image.original_mode in modes
+    assert image.original_size == (96, 80)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def test_more_than_100_steps_inverts_and_reconstructs(tmp_path):
     out = tmp_path / "long.safetensors"
     assert_ok(invert_main(tmp_path / "photo.png", out, "--steps", "120", "--inner-steps", "1"))
     inv = load(out)
-    assert inv.num_steps == 120 and min(inv.meta["optimisation"]["lrs"]) > 0
+    assert inv.num_steps == 120 and min(inv.optimisation.lrs) > 0
 
 
 @pytest.mark.slow
@@ -551,7 +551,7 @@ def test_several_images_in_batches_one_file_each(tmp_path):
     import torch
 
     torch.testing.assert_close(invs[1].null_embeddings, Inversion.load(alone).null_embeddings, rtol=0, atol=1e-3)
-    assert invs[1].meta["image"]["sha256"] == Inversion.load(alone).meta["image"]["sha256"]
+    assert invs[1].image.sha256 == Inversion.load(alone).image.sha256
     # rerun: the files exist, nothing is overwritten without --force
     assert_refused(run_main("invert", *paths, *args, "-o", out, *FAST), match="already exists")
 

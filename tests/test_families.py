@@ -168,7 +168,7 @@ def inversions(pipes):
 def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, variant, tmp_path):
     pipe, inv = pipes[variant], inversions[variant]
     assert inv.image_size == (96, 64) and tuple(inv.latent_T.shape) == (1, 4, 8, 12)
-    assert inv.meta["family"] == pipe.family and inv.meta["prediction_type"] == pipe.prediction_type
+    assert inv.model.family == pipe.family and inv.model.prediction_type == pipe.prediction_type
     assert inv.config.scheduler == SchedulerConfig.from_checkpoint(pipe.scheduler_config)
     target = preprocess(make_photo(120, 80), (96, 64), multiple=pipe.size_multiple)
     z0 = encode(pipe, target)
@@ -188,7 +188,7 @@ def test_invert_reconstruct_edit_on_a_non_square_image(pipes, inversions, varian
     path = tmp_path / "inv.safetensors"
     inv.save(path)
     again = type(inv).load(path, pipe=pipe)
-    assert torch.equal(again.null_embeddings, inv.null_embeddings) and again.meta["family"] == pipe.family
+    assert torch.equal(again.null_embeddings, inv.null_embeddings) and again.model.family == pipe.family
     image = reconstruct(pipe, again, progress=False)
     assert image.size == (96, 64)
     # a word swap with local blend
@@ -218,7 +218,7 @@ def test_a_file_is_refused_by_another_family_and_another_prediction_type(folders
     with safe_open(path, framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     doc = json.loads(header["nulltext"])
-    doc["meta"]["family"] = "stable-diffusion-xl"
+    doc["meta"]["model"]["family"] = "stable-diffusion-xl"
     save_file(tensors, tmp_path / "xl.safetensors", metadata={"nulltext": json.dumps(doc)})
     with pytest.raises(NulltextError, match="made with a stable-diffusion-xl model"):
         type(inversions["sd1"]).load(tmp_path / "xl.safetensors", pipe=pipes["sd1"])

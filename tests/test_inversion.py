@@ -179,3 +179,42 @@ def test_more_than_100_steps_keeps_the_learning_rate_positive():
     cfg = InversionConfig(num_steps=100, num_inner_steps=1, early_stop_epsilon=0.0, early_stop_slope=0.0, lr=0.02)
     lrs = optimize_null_text(eps, pivots, cond, null0, schedule, cfg).lrs
     assert lrs == [pytest.approx(0.02 * (1 - i / 100), rel=1e-12) for i in range(100)]
+
+
+def test_invert_progressive_yields_each_batch_before_computing_the_next(tiny_pipe, monkeypatch):
+    from conftest import make_photo
+
+    import nulltext.inversion.pipeline as pipeline
+    from nulltext.inversion import invert_many, invert_progressive
+
+    started = []
+    real = pipeline._invert_batch
+
+    def recording(pipe, batch, *args):
+        started.append([item.index for item in batch])
+        return real(pipe, batch, *args)
+
+    monkeypatch.setattr(pipeline, "_invert_batch", recording)
+    photos = [make_photo(seed=s) for s in range(3)]
+    config = InversionConfig(num_steps=2, num_inner_steps=1, size=64)
+    results = invert_progressive(tiny_pipe, photos, "a photo", config, batch_size=2, progress=False)
+    assert started == []  # nothing computed before the first result is asked for
+    index, first = next(results)
+    assert index == 0 and started == [[0, 1]]  # the first batch only
+    assert next(results)[0] == 1 and started == [[0, 1]]  # the rest of that batch without new work
+    index, last = next(results)
+    assert index == 2 and started == [[0, 1], [2]] and last.run.batch_size == 1
+    with pytest.raises(StopIteration):
+        next(results)
+    torch.testing.assert_close(first.null_embeddings,
+                               invert_many(tiny_pipe, photos[:1], "a photo", config, progress=False)[0].null_embeddings,
+                               rtol=0, atol=1e-4)
+
+
+def test_invert_progressive_checks_its_arguments_at_the_call(tiny_pipe):
+    from nulltext.inversion import invert_progressive
+
+    with pytest.raises(NulltextError, match="no images to invert"):
+        invert_progressive(tiny_pipe, [], "a photo")
+    with pytest.raises(NulltextError, match="batch size must be a positive integer"):
+        invert_progressive(tiny_pipe, ["x.png"], "a photo", batch_size=0)

@@ -32,7 +32,7 @@ def invs(tiny_pipe):
 
 def test_npi_uses_the_source_prompt_embedding_and_no_optimisation(tiny_pipe, invs):
     inv, grads = invs["npi"]
-    assert grads == 0 and "optimisation" not in inv.meta
+    assert grads == 0 and inv.optimisation is None
     assert torch.equal(inv.null_embeddings, encode_prompt(tiny_pipe, PROMPT).cpu())
 
 
@@ -47,7 +47,7 @@ def test_global_nti_stores_one_embedding_optimised_over_all_steps(tiny_pipe, inv
     assert inv.null_embeddings.shape == (1, tiny_pipe.tokenizer.model_max_length, tiny_pipe.text_encoder.config.hidden_size)
     assert grads == T * 2  # one Adam iteration per timestep per sweep, 2 sweeps
     assert not torch.equal(inv.null_embeddings, encode_prompt(tiny_pipe, "").cpu())
-    assert inv.meta["optimisation"]["iterations"] == [2] * T
+    assert inv.optimisation.iterations == [2] * T
 
 
 def test_random_pivot_starts_from_seeded_noise(tiny_pipe, invs):
@@ -77,7 +77,7 @@ def test_every_method_saves_loads_and_edits_with_every_edit_method(tiny_pipe, in
     path = tmp_path / f"{method}.safetensors"
     inv.save(path)
     back = Inversion.load(path, pipe=tiny_pipe)
-    assert back.meta["method"] == method and back.method == method
+    assert back.metadata()["config"]["method"] == method and back.method == method
     assert torch.equal(back.null_embeddings, inv.null_embeddings)
     assert (back.corrections is None) == (method != "direct")
     recon = reconstruct_latent(tiny_pipe, back, progress=False)
@@ -149,5 +149,5 @@ def test_file_whose_embedding_shape_does_not_fit_its_method_is_refused(tiny_pipe
 
 def test_global_nti_with_no_sweeps_keeps_one_loss_per_step(tiny_pipe):
     inv, grads = run(tiny_pipe, "global-nti", inner=0)
-    opt = inv.meta["optimisation"]
-    assert grads == 0 and len(opt["losses_first"]) == len(opt["losses_last"]) == len(opt["losses_after"]) == T
+    opt = inv.optimisation
+    assert grads == 0 and len(opt.losses_first) == len(opt.losses_last) == len(opt.losses_after) == T

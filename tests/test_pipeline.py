@@ -153,7 +153,7 @@ def test_null_text_inversion_beats_ddim_inversion_with_cfg(tiny_pipe):
     assert mse_nti * 20 < mse_cfg
     assert psnr_nti > psnr_cfg + 8
     # the stored diagnostics agree: the last guided step's loss is the latent MSE of the optimisation
-    assert inv.meta["optimisation"]["losses_after"][-1] == pytest.approx(mse_nti, rel=1e-3)
+    assert inv.optimisation.losses_after[-1] == pytest.approx(mse_nti, rel=1e-3)
 
 
 def test_reconstruction_is_the_guided_sampler_with_stored_nulls(tiny_pipe):

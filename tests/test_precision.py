@@ -71,15 +71,15 @@ def test_half_precision_inversion_is_finite_and_reconstructs_like_fp32(dtype):
         pipe = _load("demo", name)
         inv = invert_image(pipe, source.image, CAPTION, cfg, progress=False)
         assert inv.null_embeddings.dtype == torch.float32 and torch.isfinite(inv.null_embeddings).all()
-        assert inv.meta["dtype"] == name
+        assert inv.run.dtype == name
         image = reconstruct(pipe, inv, progress=False)
         target = preprocess(source.image, inv.image_size, (0, 0, 0, 0), pipe.size_multiple)
         results[name] = (inv, image, psnr(image, target))
     (_, ref, p32), (inv, image, p_half) = results["fp32"], results[dtype]
     assert p_half > p32 - 0.5
     assert psnr(image, ref) > 40
-    scales = inv.meta["optimisation"].get("loss_scales")
-    assert (scales is not None and len(scales) == 10) if dtype == "fp16" else scales is None
+    scales = inv.optimisation.loss_scales
+    assert len(scales) == 10 if dtype == "fp16" else scales == []
 
 
 def test_a_nan_is_reported_at_the_step_it_appears(tiny_pipe, monkeypatch):
@@ -156,7 +156,7 @@ def test_low_memory_gives_the_same_inversion_and_recomputes_activations(tiny_pip
     forwards = T + T * (1 + K + 1)
     assert n_default == forwards
     assert n_low == forwards + T * K  # once more per backward
-    assert a.meta["optimisation"]["iterations"] == b.meta["optimisation"]["iterations"]
+    assert a.optimisation.iterations == b.optimisation.iterations
     torch.testing.assert_close(b.null_embeddings, a.null_embeddings, rtol=0, atol=1e-5)
     torch.testing.assert_close(b.latent_T, a.latent_T, rtol=0, atol=0)
 

@@ -516,7 +516,7 @@ def _(c):
 
 @case("inversion-metadata-edited")
 def _(c):
-    return _reconstruct(c, _edit_meta(c, "edited.safetensors", lambda d: d["meta"].update(num_steps=50)))
+    return _reconstruct(c, _edit_meta(c, "edited.safetensors", lambda d: d["meta"]["config"].update(num_steps=50)))
 
 
 @case("inversion-metadata-wrong-type")
@@ -560,15 +560,15 @@ def _(c):
 @case("inversion-other-model")
 def _(c):
     def other(doc):
-        doc["meta"]["model"] = "someone/another-model"
-        doc["meta"]["model_fingerprint"]["config_sha256"] = "0" * 64
+        doc["meta"]["model"]["id"] = "someone/another-model"
+        doc["meta"]["model"]["fingerprint"]["config_sha256"] = "0" * 64
 
     return _reconstruct(c, _edit_meta(c, "other.safetensors", other), "--model", "tiny")
 
 
 @case("inversion-other-family")
 def _(c):
-    return _reconstruct(c, _edit_meta(c, "xl.safetensors", lambda d: d["meta"].update(family="stable-diffusion-xl")))
+    return _reconstruct(c, _edit_meta(c, "xl.safetensors", lambda d: d["meta"]["model"].update(family="stable-diffusion-xl")))
 
 
 @case("inversion-extra-tensor")
@@ -931,14 +931,14 @@ def _(c):
 
     config = InversionConfig(num_steps=4, num_inner_steps=5, size=64, lr=500.0, early_stop_epsilon=0.0)
     inv, message = warnings_of(invert_image, c.pipe, make_photo(), PROMPT, config, progress=False)
-    assert inv.meta["optimisation"]["diverged_steps"], inv.meta["optimisation"]
+    assert inv.optimisation.diverged_steps, inv.optimisation
     inv.save(c.root / "diverged.safetensors")
     assert c.cli("info", "diverged.safetensors", code=0) == ""
-    first = inv.meta["optimisation"]["diverged_steps"][0] + 1
+    first = inv.optimisation.diverged_steps[0] + 1
     assert any(line.startswith(f"diverged       at step(s) {first}") for line in c.out.splitlines()), c.out
     normal, quiet = warnings_of(invert_image, c.pipe, make_photo(), PROMPT,
                                 InversionConfig(num_steps=4, num_inner_steps=2, size=64), progress=False)
-    assert normal.meta["optimisation"]["diverged_steps"] == [] and quiet == ""
+    assert normal.optimisation.diverged_steps == [] and quiet == ""
     return re.sub(r"\d+\.\d+(e[+-]\d+)?|\d+e[+-]\d+", "…", message)
 
 

@@ -130,7 +130,7 @@ def test_two_clients_invert_and_edit_at_once(server):
     assert not errors, errors
     for name, (photo, caption, target) in jobs.items():
         inv, recon, gallery = results[name]
-        assert inv.prompt == caption and inv.meta["image"]["name"] == os.path.basename(photo)
+        assert inv.prompt == caption and inv.image.name == os.path.basename(photo)
         assert Image.open(recon).size == inv.image_size
         assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {caption}", f"replace: {target}"]
     # different photos, different files: neither client got the other's

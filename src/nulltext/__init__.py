@@ -22,6 +22,7 @@ _EXPORTS = {
     "invert": ("inversion", "invert_image"),
     "invert_image": ("inversion", "invert_image"),
     "invert_many": ("inversion", "invert_many"),
+    "invert_progressive": ("inversion", "invert_progressive"),
     "reconstruct": ("inversion", "reconstruct"),
     "EditResult": ("editing", "EditResult"),
     "attention_maps": ("editing", "attention_maps"),
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .config import EditConfig, InversionConfig, SchedulerConfig
     from .editing import EditResult, attention_maps, edit
     from .errors import NulltextError, NulltextWarning
-    from .inversion import invert_image, invert_many, reconstruct
+    from .inversion import invert_image, invert_many, invert_progressive, reconstruct
     from .inversion import invert_image as invert
     from .models import load_pipeline
     from .storage import Inversion

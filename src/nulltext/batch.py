@@ -81,10 +81,9 @@ def _plan(pipe, job: Job):
 
 
 def _optimisation_numbers(inv) -> tuple[int, float]:
-    """(optimisation iterations, inversion seconds) from the inversion's metadata (kept in one
-    place: the file format's owner may rename these fields)."""
-    opt = inv.meta.get("optimisation") or {}
-    return sum(opt.get("iterations", [])), sum(inv.meta.get("timings", {}).values())
+    """(optimisation iterations, inversion seconds) of an inversion's records."""
+    opt, timings = inv.optimisation, inv.timings
+    return (sum(opt.iterations) if opt else 0), (timings.total if timings else 0.0)
 
 
 def _finish(pipe, job: Job, inv, folder: str, edit_plan) -> dict:

@@ -200,7 +200,7 @@ class App:
 
         shown = session.path("source.png")
         preprocess(source.image, inv.image_size, inv.config.crop, self.pipe.size_multiple).save(shown)
-        session.sources[(inv.meta["image"]["sha256"], inv.image_size, tuple(inv.config.crop))] = shown
+        session.sources[(inv.image.sha256, inv.image_size, tuple(inv.config.crop))] = shown
         name = os.path.splitext(os.path.basename(path))[0] or "photo"
         inv_path = session.path(f"{name}.safetensors")
         inv.save(inv_path)
@@ -241,7 +241,7 @@ class App:
         mask_path = _file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []
-        source = session.sources.get((inv.meta.get("image", {}).get("sha256", ""), inv.image_size,
+        source = session.sources.get((inv.image.sha256, inv.image_size,
                                       tuple(inv.config.crop)))
         if source and os.path.exists(source):  # the photo, where this session inverted it
             out.append((source, "source"))

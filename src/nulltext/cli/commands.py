@@ -3,6 +3,7 @@ exit status; errors the user can fix are raised as :class:`NulltextError` (one l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -66,15 +67,14 @@ def cmd_invert(args) -> int:
     def done(index: int, inv) -> None:  # each file is written as soon as its batch is done
         name, output = args.image[index], outputs[index]
         inv.save(output, force=args.force, reproducible=args.reproducible)
-        opt = inv.meta.get("optimisation")
-        w, h = inv.image_size
-        seconds = sum(inv.meta["timings"].values())
+        opt, w, h = inv.optimisation, *inv.image_size
+        seconds = inv.timings.total if inv.timings else 0.0
         line = f"inverted {name} ({inv.method}) at {w}x{h} in {seconds:.1f}s"
-        if inv.meta.get("batch_size", 1) > 1:
-            line = f"inverted {name} ({inv.method}) at {w}x{h} in a batch of {inv.meta['batch_size']} ({seconds:.1f}s)"
+        if inv.run.batch_size > 1:
+            line = f"inverted {name} ({inv.method}) at {w}x{h} in a batch of {inv.run.batch_size} ({seconds:.1f}s)"
         if opt:
-            line += (f": {sum(opt['iterations'])} optimisation iterations over {inv.num_steps} steps, "
-                     f"final loss {opt['losses_after'][-1]:.3g}")
+            line += (f": {sum(opt.iterations)} optimisation iterations over {inv.num_steps} steps, "
+                     f"final loss {opt.losses_after[-1]:.3g}")
         else:
             line += f": {inv.num_steps} steps, no optimisation"
         if args.check:
@@ -106,7 +106,7 @@ def cmd_reconstruct(args) -> int:
     check_writable(args.output, args.force)
     image_format(args.output)
     inv = Inversion.load(args.inversion)
-    pipe = _load_pipe(args, args.model or inv.meta["model"])
+    pipe = _load_pipe(args, args.model or inv.model.id)
     from ..storage import check_fits
 
     check_fits(inv, pipe, args.inversion)
@@ -126,48 +126,46 @@ def cmd_info(args) -> int:
         if image_format(args.plot) != "PNG":
             raise NulltextError(f"--plot writes PNG: give a .png name, not {args.plot}")
     inv = Inversion.load(args.inversion)
-    m = inv.meta
     if args.plot:
         from ..plots import plot_losses
 
         plot_losses(inv, args.plot, force=args.force)
     if args.json:
-        print(json.dumps(m, indent=2, sort_keys=True))
+        print(json.dumps(inv.metadata(), indent=2, sort_keys=True))
         return 0
-    c = inv.config
-    opt = m.get("optimisation", {})
+    c, model, image, run, opt = inv.config, inv.model, inv.image, inv.run, inv.optimisation
     w, h = inv.image_size
     print(f"file           {args.inversion}")
-    print(f"format         nulltext-inversion v{m.get('format_version')}")
-    print(f"method         {m['method']}" + ("" if opt else "  (no optimisation)"))
-    print(f"model          {m['model']}  (config {m['model_fingerprint'].get('config_sha256', '?')[:12]})")
+    print(f"format         nulltext-inversion v{inv.format_version}")
+    print(f"method         {inv.method}" + ("" if opt else "  (no optimisation)"))
+    print(f"model          {model.id}  (config {model.fingerprint.get('config_sha256', '?')[:12]})")
     print(f"prompt         {inv.prompt!r}")
-    print(f"image          {m['image'].get('name')}  sha256 {m['image'].get('sha256', '?')[:16]}  "
-          f"original {'x'.join(map(str, m['image'].get('original_size', [])))} {m['image'].get('original_mode', '')}")
+    print(f"image          {image.name}  sha256 {(image.sha256 or '?')[:16]}  "
+          f"original {'x'.join(map(str, image.original_size or ()))} {image.original_mode}")
     print(f"preprocessing  {w}x{h}, crop L,R,T,B = {','.join(map(str, c.crop))}")
     print(f"latent_T       {tuple(inv.latent_T.shape)}   null_embeddings {tuple(inv.null_embeddings.shape)}"
           + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
-    print(f"family         {m.get('family', 'stable-diffusion')}, predicts {m.get('prediction_type', 'epsilon')}")
-    scales = opt.get("loss_scales")
-    print(f"precision      {m.get('dtype')} on {m.get('device')}"
+    print(f"family         {model.family}, predicts {model.prediction_type}")
+    scales = opt.loss_scales if opt else None
+    print(f"precision      {run.dtype or None} on {run.device or None}"
           + (f", loss scaled by 2^{int(math.log2(min(scales)))} to 2^{int(math.log2(max(scales)))}" if scales else "")
-          + (f", in a batch of {m['batch_size']}" if m.get("batch_size", 1) > 1 else ""))
-    timings = m.get("timings", {})
-    if timings:
-        print("timings        " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in timings.items()))
-    if opt.get("iterations"):
-        its = opt["iterations"]
+          + (f", in a batch of {run.batch_size}" if run.batch_size > 1 else ""))
+    if inv.timings:
+        print("timings        " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s"
+                                             for k, v in dataclasses.asdict(inv.timings).items()))
+    if opt:
+        its = opt.iterations
         print(f"iterations     {sum(its)} in all (max {c.num_inner_steps * len(its)})")
-        if opt.get("diverged_steps"):
-            print(f"diverged       at step(s) {', '.join(str(i + 1) for i in opt['diverged_steps'])} of {len(its)}: "
+        if opt.diverged_steps:
+            print(f"diverged       at step(s) {', '.join(str(i + 1) for i in opt.diverged_steps)} of {len(its)}: "
                   f"the loss rose from where the step started (try a lower --lr)")
         print(f"\n{'i':>4} {'t':>5} {'iters':>5} {'lr':>9} {'loss first':>11} {'loss last':>11} {'loss after':>11}")
         timesteps = _timesteps(inv)
         for i, it in enumerate(its):
-            print(f"{i:>4} {timesteps[i]:>5} {it:>5} {opt['lrs'][i]:>9.2e} {opt['losses_first'][i]:>11.3e} "
-                  f"{opt['losses_last'][i]:>11.3e} {opt['losses_after'][i]:>11.3e}")
+            print(f"{i:>4} {timesteps[i]:>5} {it:>5} {opt.lrs[i]:>9.2e} {opt.losses_first[i]:>11.3e} "
+                  f"{opt.losses_last[i]:>11.3e} {opt.losses_after[i]:>11.3e}")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
@@ -222,7 +220,7 @@ def _source(args, make_plan):
             raise NulltextError(f"{args.input} was inverted at {inv.image_size[0]}x{inv.image_size[1]} pixels, "
                                 f"not {asked}; invert the image again at that size")
         _warn_inversion_options_ignored(args)  # after the refusals: an error is one line
-        pipe = _load_pipe(args, args.model or inv.meta["model"])
+        pipe = _load_pipe(args, args.model or inv.model.id)
         check_fits(inv, pipe, args.input)
         plan = make_plan(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]), inv.image_size,
                          original_size(inv), inv.config.crop)

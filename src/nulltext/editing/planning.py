@@ -117,7 +117,7 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
 
 def original_size(inversion) -> tuple[int, int] | None:
     """The photo's size before preprocessing, as the inversion file records it."""
-    original = inversion.meta.get("image", {}).get("original_size")
+    original = inversion.image.original_size
     return tuple(original) if original else None
 
 

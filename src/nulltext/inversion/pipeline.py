@@ -1,0 +1,271 @@
+"""Image -> :class:`Inversion` on a loaded pipeline (docs/algorithm.md sections Preprocessing, 1
+and 2): preprocess and encode, DDIM-invert, run the method's computation from
+:mod:`nulltext.inversion.optimise`, and record the result; and the reconstruction of an inversion.
+
+:func:`invert_progressive` yields each image's inversion as soon as its batch is done (a CLI
+writes files, a web UI shows results, as they come); :func:`invert_many` and
+:func:`invert_image` collect it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import ddim
+from ..config import InversionConfig, SchedulerConfig
+from ..errors import NonFiniteError, NulltextWarning
+from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
+from .optimise import diverged_steps, direct_inversion_corrections, optimize_global_null_text, optimize_null_text_batch
+
+
+def invert_image(
+    pipe,
+    image,
+    prompt: str,
+    config: InversionConfig | None = None,
+    progress: bool = True,
+    loss_scaling: bool | None = None,
+) -> Inversion:
+    """Invert ``image`` (a path or PIL image) described by ``prompt`` with null-text inversion.
+
+    Returns an :class:`Inversion` whose reconstruction (:func:`reconstruct`) reproduces the
+    preprocessed image almost exactly. ``loss_scaling``: see :func:`invert_many`.
+    """
+    return invert_many(pipe, [image], [prompt], config, batch_size=1, progress=progress,
+                       loss_scaling=loss_scaling)[0]
+
+
+def invert_many(
+    pipe,
+    images,
+    prompts,
+    config: InversionConfig | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    loss_scaling: bool | None = None,
+    on_result: Callable[[int, Inversion], None] | None = None,
+) -> list[Inversion]:
+    """Invert several images (paths or PIL images), each described by its prompt (one string for
+    all, or one per image), ``batch_size`` at a time: one :class:`Inversion` per image, in order.
+    ``on_result(i, inversion)`` is called for image i as soon as its batch is done (e.g. to save
+    it). See :func:`invert_progressive`, which this collects."""
+    images = list(images)
+    out: list[Inversion | None] = [None] * len(images)
+    for index, inv in invert_progressive(pipe, images, prompts, config, batch_size, progress, loss_scaling):
+        out[index] = inv
+        if on_result is not None:
+            on_result(index, inv)
+    return out
+
+
+@dataclass
+class _Prepared:
+    """One image ready to invert: what its file records of the photo, its latent and prompt
+    embedding (the decoded photo itself is not kept: many photos can be queued)."""
+
+    index: int
+    image: ImageRecord
+    size: tuple[int, int]  # preprocessed (width, height)
+    z0: Tensor
+    prompt: str
+    cond: Tensor
+    encode_s: float
+
+
+def invert_progressive(
+    pipe,
+    images,
+    prompts,
+    config: InversionConfig | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    loss_scaling: bool | None = None,
+) -> Iterator[tuple[int, Inversion]]:
+    """Invert several images as :func:`invert_many` does, yielding ``(i, inversion)`` for image i
+    as soon as its batch is done (batches in order of first appearance of their image size).
+
+    The images of a batch run through the UNet together, one call per DDIM step and per Adam
+    iteration, with their own null embeddings, Adam state and early stop: each image gets the
+    inversion :func:`invert_image` gives it alone (to float rounding). A batch holds images whose
+    preprocessed sizes match; images of other sizes go to other batches. ``loss_scaling`` (None:
+    on for fp16 models) scales the optimisation's loss by a power of two so its gradient survives
+    fp16 (see :func:`optimize_null_text_batch`).
+
+    The arguments are checked at the call (a bad one raises before any work); the images are
+    encoded and inverted as the iterator is consumed."""
+    from ..config import OPTIMISED
+    from ..errors import NulltextError
+    from ..text import check_prompt, warn_split_words
+
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    for prompt in dict.fromkeys(prompts):
+        check_prompt(prompt, empty="warn")
+    if not images:
+        raise NulltextError("no images to invert")
+    if len(prompts) != len(images):
+        raise NulltextError(f"{len(images)} images need one prompt each (or one for all), got {len(prompts)} prompts")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise NulltextError(f"batch size must be a positive integer, got {batch_size!r}")
+    config = config or InversionConfig()
+    # the file records the schedule the pipeline really samples with (the checkpoint's own)
+    config = dataclasses.replace(config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
+    if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
+        warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
+                      "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
+                      NulltextWarning, stacklevel=2)
+    for prompt in dict.fromkeys(prompts):
+        warn_split_words(pipe, prompt)
+    if config.optimize_pooled and getattr(pipe, "text_encoder_2", None) is None:
+        warnings.warn("optimize_pooled applies to SDXL only; this model has no pooled text embedding",
+                      NulltextWarning, stacklevel=2)
+    if loss_scaling is None:
+        loss_scaling = pipe.dtype == torch.float16
+    return _progressive(pipe, images, prompts, config, batch_size, progress, loss_scaling)
+
+
+def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig, batch_size: int, progress: bool,
+                 loss_scaling: bool) -> Iterator[tuple[int, Inversion]]:
+    from .. import image as image_mod
+    from ..text import encode_null, encode_prompt
+
+    null0 = encode_null(pipe)
+    groups: dict[tuple, list[_Prepared]] = {}
+    outer = tqdm(total=len(images), desc="images", unit="image", disable=not progress or len(images) == 1)
+    for index, (image, prompt) in enumerate(zip(images, prompts)):
+        t0 = time.perf_counter()
+        source = image_mod.as_source(image)
+        size = image_mod.output_size(config.size, source.image.size, config.crop, pipe.native_size,
+                                     pipe.size_multiple)
+        pixels = image_mod.preprocess(source.image, size=size, crop=config.crop, multiple=pipe.size_multiple)
+        z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
+        record = ImageRecord(name=source.name, sha256=source.sha256, original_size=tuple(source.image.size),
+                             original_mode=source.original_mode)
+        item = _Prepared(index, record, tuple(pixels.size), z0, prompt, encode_prompt(pipe, prompt),
+                         time.perf_counter() - t0)
+        del source, pixels
+        groups.setdefault(tuple(z0.shape), []).append(item)
+    try:
+        with pipe.compiled():
+            for items in groups.values():
+                for start in range(0, len(items), batch_size):
+                    batch = items[start:start + batch_size]
+                    for item, inv in zip(batch, _invert_batch(pipe, batch, null0, config, progress, loss_scaling)):
+                        yield item.index, inv
+                    outer.update(len(batch))
+    finally:
+        outer.close()
+
+
+def _invert_batch(pipe, batch: list[_Prepared], null0: Tensor, config: InversionConfig, progress: bool,
+                  loss_scaling: bool) -> list[Inversion]:
+    """Invert the images of one batch (same latent size) together."""
+    try:
+        return _invert_batch_unchecked(pipe, batch, null0, config, progress, loss_scaling)
+    except NonFiniteError as e:
+        names = ", ".join(item.image.name or f"image {item.index + 1}" for item in batch)
+        raise NonFiniteError(f"{e} (inverting {names})") from None
+
+
+def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config: InversionConfig, progress: bool,
+                            loss_scaling: bool) -> list[Inversion]:
+    B = len(batch)
+    z0 = torch.cat([item.z0 for item in batch])
+    cond = torch.cat([item.cond for item in batch])  # (B, L, d)
+    schedule = pipe.schedule(config.num_steps)
+    eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
+    T = schedule.num_steps
+
+    t0 = time.perf_counter()
+    pivots = [z0, *tqdm(ddim.invert_progressive(eps_fn, z0, cond, schedule), total=T, desc="DDIM inversion",
+                        unit="step", disable=not progress, leave=False)]
+    ddim_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    latent_T, corrections, results = pivots[-1], None, None
+    method = config.method
+    if method in ("nti", "random-pivot"):
+        if method == "random-pivot":
+            # the ablation: the same optimisation towards the same pivots, from Gaussian noise (the
+            # same noise for every image: each gets what it gets alone)
+            g = torch.Generator().manual_seed(config.seed)
+            noise = torch.randn(pivots[-1][:1].shape, generator=g).to(pivots[-1])
+            latent_T = noise.expand_as(pivots[-1]).clone()
+            pivots = [*pivots[:-1], latent_T]
+        results = optimize_null_text_batch(eps_fn, pivots, cond, null0, schedule, config, progress=progress,
+                                           loss_scaling=loss_scaling)
+        nulls = [r.null_embeddings for r in results]
+    elif method == "global-nti":  # one embedding per image: the images are optimised one after another
+        results = [optimize_global_null_text(eps_fn, [p[b:b + 1] for p in pivots], cond[b:b + 1], null0, schedule,
+                                             config, progress=progress, loss_scaling=loss_scaling) for b in range(B)]
+        nulls = [r.null_embeddings for r in results]  # each (1, L, d)
+    elif method == "npi":  # Negative-Prompt Inversion: N_t = C, no optimisation
+        nulls = [item.cond for item in batch]
+    elif method == "ddim":  # DDIM inversion alone: the plain empty-prompt embedding
+        nulls = [null0] * B
+    elif method == "direct":  # Direct Inversion: N0 plus per-step corrections of the source branch
+        nulls = [null0] * B
+        corrections = direct_inversion_corrections(eps_fn, pivots, cond, null0, schedule, config.guidance_scale)
+    else:  # pragma: no cover - InversionConfig.validate refuses unknown methods
+        raise ValueError(method)
+    optimisation_s = time.perf_counter() - t0
+
+    model = ModelRecord(id=pipe.model_id, fingerprint=pipe.fingerprint, scheduler=dict(pipe.scheduler_config),
+                        family=pipe.family, prediction_type=pipe.prediction_type)
+    run = RunRecord(dtype=pipe.dtype_name, device=str(pipe.device), batch_size=B)
+    out = []
+    for b, item in enumerate(batch):
+        optimisation = None
+        if results is not None:
+            r = results[b]
+            bad = diverged_steps(r.losses_first, r.losses_after, config)
+            optimisation = OptimisationRecord(iterations=r.iterations, lrs=r.lrs, losses_first=r.losses_first,
+                                              losses_last=r.losses_last, losses_after=r.losses_after,
+                                              loss_scales=r.loss_scales, retries=r.retries if r.loss_scales else [],
+                                              diverged_steps=bad)
+            if bad:
+                i = bad[0]
+                name = item.image.name
+                name = "the image" if name.startswith("<") or not name else name
+                warnings.warn(f"the null-text optimisation of {name} diverged at "
+                              f"{len(bad)} of {config.num_steps} steps (first at step {i + 1}: the loss rose from "
+                              f"{r.losses_first[i]:.3g} to {r.losses_after[i]:.3g}); the reconstruction may be poor: "
+                              f"try a lower --lr", NulltextWarning, stacklevel=2)
+        out.append(Inversion(
+            latent_T=latent_T[b:b + 1].detach().float().cpu(), null_embeddings=nulls[b].detach().float().cpu(),
+            prompt=item.prompt, config=config, preprocessing=Preprocessing(size=item.size), model=model,
+            image=item.image, optimisation=optimisation, run=run,
+            # the DDIM inversion and optimisation times are the whole batch's
+            timings=Timings(encode_s=item.encode_s, ddim_inversion_s=ddim_s, optimisation_s=optimisation_s),
+            corrections=None if corrections is None else corrections[:, b].detach().float().cpu()))
+    return out
+
+
+def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
+    """Sample from z_T with C and the stored N_t at every step: z_0 of the reconstruction."""
+    from ..text import encode_prompt
+
+    schedule = pipe.schedule(inversion.num_steps)
+    cond = encode_prompt(pipe, inversion.prompt)
+    nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)
+    z = inversion.latent_T.to(pipe.device)
+    for z in tqdm(ddim.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,
+                                          inversion.step_corrections(pipe.device)),
+                  total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress, leave=False):
+        pass
+    return z
+
+
+def reconstruct(pipe, inversion: Inversion, progress: bool = True):
+    """The reconstructed image (PIL) of an inversion."""
+    from ..image import decode
+
+    return decode(pipe, reconstruct_latent(pipe, inversion, progress=progress))[0]
