@@ -99,8 +99,8 @@ MODEL_INDEX = {
 def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: float = 7.5):
     """Text-to-image with the pipeline's DDIM schedule and classifier-free guidance, one image per
     prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
-    from ..ddim import guided_step
     from ..image import decode
+    from ..samplers import guided_step
     from ..text import encode_null, encode_prompt
 
     schedule = pipe.schedule(num_steps)
