@@ -106,7 +106,7 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
     schedule = pipe.schedule(num_steps)
     w, h = pipe.native_size
     f = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, h // f, w // f)
+    shape = (1, pipe.latent_channels, h // f, w // f)
     z = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + k))
                    for k in range(len(prompts))]).to(pipe.device)
     cond = torch.cat([encode_prompt(pipe, p) for p in prompts])
