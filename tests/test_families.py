@@ -425,3 +425,43 @@ def test_a_family_plugged_in_is_what_the_loops_and_images_use(tiny_pipe, monkeyp
          progress=False)
     assert {"encode_prompt", "encode_null", "predict", "sampler", "attention_sites", "latent_scale_shift",
             "size_multiple", "native_size", "embedding_shape", "latent_channels"} <= used
+
+
+def test_a_folder_without_a_scheduler_config_falls_back_to_the_release_schedule_with_a_warning(tmp_path):
+    from nulltext import NulltextWarning
+    from nulltext.models import checkpoint_scheduler
+
+    (tmp_path / "scheduler").mkdir()  # a scheduler folder without its config counts as none
+    with pytest.warns(NulltextWarning, match="has no scheduler config; using the release's DDIM schedule"):
+        assert checkpoint_scheduler(str(tmp_path), {}) == SchedulerConfig()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(NulltextError, match="cannot read the scheduler config") as e:
+        checkpoint_scheduler(str(tmp_path), {})
+    assert "\n" not in str(e.value)
+
+
+def test_a_hub_error_reading_the_scheduler_config_is_refused_not_guessed(monkeypatch):
+    """Only the hub's "not found" means the checkpoint has none; a network or server error would
+    otherwise invert a v-prediction model with SD 1.x's schedule."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    from nulltext import NulltextWarning
+    from nulltext.models import checkpoint_scheduler
+
+    def raising(error):
+        def download(*args, **kwargs):
+            raise error
+        return download
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        raising(ConnectionError("Max retries exceeded with url\nsecond line")))
+    with pytest.raises(NulltextError, match="could not read the scheduler config of 'org/sd2'.*Max retries") as e:
+        checkpoint_scheduler("org/sd2", {})
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(LocalEntryNotFoundError("not cached")))
+    with pytest.raises(NulltextError, match="not in the local cache and the hub is unreachable"):
+        checkpoint_scheduler("org/sd2", {"local_files_only": True})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(EntryNotFoundError("404")))
+    with pytest.warns(NulltextWarning, match="has no scheduler config"):
+        assert checkpoint_scheduler("org/sd2", {}) == SchedulerConfig()

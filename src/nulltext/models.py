@@ -222,19 +222,51 @@ def check_family(model: str, index: dict | None) -> str:
     return families.for_index(model, index).name
 
 
-def checkpoint_scheduler(source: str, kw: dict, family: families.Family | None = None) -> SchedulerConfig:
-    """The sampler configuration for the checkpoint's own scheduler config (the release's SD 1.x
-    one when the checkpoint has none)."""
-    from diffusers import DDIMScheduler
+def read_scheduler_config(source: str, offline: bool) -> dict | None:
+    """The checkpoint's scheduler/scheduler_config.json as a dict, or None where the checkpoint
+    truly has none (a folder without the file; on the hub, the entry not found). Anything else
+    (the hub failing, a file that is not JSON) is an error: guessing a schedule then would invert
+    a v-prediction model with SD 1.x's."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "scheduler", "scheduler_config.json")
+        if not os.path.exists(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # (.errors is 0.24+)
 
-    family = family or families.get(families.DEFAULT)
+        try:
+            path = hf_hub_download(source, "scheduler_config.json", subfolder="scheduler", local_files_only=offline)
+        except LocalEntryNotFoundError:  # offline and not cached
+            cached = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
+            if cached is None or isinstance(cached, str):  # not the cache's record of the hub's "not found"
+                raise NulltextError(f"the scheduler config of '{source}' is not in the local cache and the hub is "
+                                    f"unreachable from here") from None
+            return None
+        except EntryNotFoundError:
+            return None
+        except Exception as e:  # network, authentication, server errors, ...
+            raise NulltextError(f"could not read the scheduler config of '{source}' from the Hugging Face hub "
+                                f"({one_line(e, limit=160)})") from None
     try:
-        config = DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
-    except Exception:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NulltextError(f"cannot read the scheduler config of '{source}' ({one_line(e, limit=160)})") from None
+    if not isinstance(config, dict):
+        raise NulltextError(f"the scheduler config of '{source}' is not a JSON object")
+    return config
+
+
+def checkpoint_scheduler(source: str, kw: dict, family: families.Family | None = None) -> SchedulerConfig:
+    """The sampler configuration for the checkpoint's own scheduler config; the release's SD 1.x
+    one, with a warning, when the checkpoint truly has none."""
+    family = family or families.get(families.DEFAULT)
+    raw = read_scheduler_config(source, offline=bool(kw.get("local_files_only")))
+    if raw is None:
         warnings.warn(f"{source} has no scheduler config; using the release's DDIM schedule for SD 1.x",
                       NulltextWarning, stacklevel=3)
-        return family.scheduler_config(None)
-    return family.scheduler_config(dict(config))
+    return family.scheduler_config(raw)
 
 
 def load_pipeline(
