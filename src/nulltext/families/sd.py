@@ -50,6 +50,7 @@ class UNetFamily(Family):
     sampler = ddim
 
     def check_index(self, model: str, index: dict) -> None:
+        """Both need a first text encoder; the SDXL refiner has none (and wants an aesthetic score)."""
         first = index.get("text_encoder", [None])
         if index.get("requires_aesthetics_score") or not isinstance(first, list) or first[:1] in ([], [None]):
             raise NulltextError(f"model '{model}' is a {index['_class_name']} without a first text encoder (an SDXL "
