@@ -364,3 +364,104 @@ def test_an_sdxl_refiner_is_refused_before_loading_weights(tmp_path):
         "text_encoder": [None, None], "tokenizer": [None, None]}))
     with pytest.raises(NulltextError, match="without a first text encoder"):
         load_pipeline(str(folder), device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The family seam: the registry, a family plugged in, the checkpoint's scheduler config
+
+
+@pytest.mark.parametrize("index", [{"_class_name": "WuerstchenPipeline"}, {"_class_name": ["a", "list"]}, {}])
+def test_the_registry_refuses_an_unknown_pipeline_class_in_one_line(index):
+    from nulltext import families
+
+    with pytest.raises(NulltextError) as e:
+        families.for_index("some/model", index)
+    assert "nulltext inverts Stable Diffusion 1.x, 2.x and XL" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(NulltextError, match="unknown model family 'sd9'"):
+        families.get("sd9")
+    assert families.for_index("m", None) is families.get("stable-diffusion")
+    assert families.for_index("m", {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["t", "C"]}).name \
+        == "stable-diffusion-xl"
+
+
+def test_a_family_plugged_in_is_what_the_loops_and_images_use(tiny_pipe, monkeypatch, tmp_path):
+    """A family that shifts its latents (as SD3's VAE does) and records which of its members the
+    library calls: inversion, reconstruction, editing and the images reach the model only through it."""
+    import dataclasses
+
+    from nulltext import families
+    from nulltext.families.sd import StableDiffusion
+
+    used = set()
+
+    class Recording(StableDiffusion):
+        name = "recording"
+
+        def __getattribute__(self, attr):
+            if not attr.startswith("_") and attr in vars(families.Family) | vars(StableDiffusion) | {"sampler": 0}:
+                used.add(attr)
+            return super().__getattribute__(attr)
+
+        def latent_scale_shift(self, pipe):
+            return pipe.vae.config.scaling_factor, 0.25
+
+    fake = Recording()
+    real_get = families.get
+    monkeypatch.setattr(families, "get", lambda name: fake if name == "recording" else real_get(name))
+    pipe = dataclasses.replace(tiny_pipe, family="recording")
+    photo = preprocess(make_photo(64, 64), (64, 64))
+    z_sd, z = encode(tiny_pipe, photo), encode(pipe, photo)
+    scale = tiny_pipe.vae.config.scaling_factor
+    torch.testing.assert_close(z, z_sd - 0.25 * scale, rtol=0, atol=1e-5)  # (mean - shift) * scale
+    # decoded as D(z / scale + shift): the same image (to float rounding)
+    assert np.abs(np.asarray(decode(pipe, z)[0], float) - np.asarray(decode(tiny_pipe, z_sd)[0], float)).max() <= 1
+    inv = invert(pipe, photo, PROMPT, InversionConfig(num_steps=3, num_inner_steps=1), progress=False)
+    assert inv.model.family == "recording"
+    inv.save(tmp_path / "inv.safetensors")
+    inv = type(inv).load(tmp_path / "inv.safetensors", pipe=pipe)  # the file checks its family's shapes
+    with pytest.raises(NulltextError, match="made with a recording model"):
+        type(inv).load(tmp_path / "inv.safetensors", pipe=tiny_pipe)
+    edit(pipe, inv, ["a dog sitting next to a mirror"], EditConfig(blend_source=("cat",), blend_target=("dog",)),
+         progress=False)
+    assert {"encode_prompt", "encode_null", "predict", "sampler", "attention_sites", "latent_scale_shift",
+            "size_multiple", "native_size", "embedding_shape", "latent_channels"} <= used
+
+
+def test_a_folder_without_a_scheduler_config_falls_back_to_the_release_schedule_with_a_warning(tmp_path):
+    from nulltext import NulltextWarning
+    from nulltext.models import checkpoint_scheduler
+
+    (tmp_path / "scheduler").mkdir()  # a scheduler folder without its config counts as none
+    with pytest.warns(NulltextWarning, match="has no scheduler config; using the release's DDIM schedule"):
+        assert checkpoint_scheduler(str(tmp_path), {}) == SchedulerConfig()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(NulltextError, match="cannot read the scheduler config") as e:
+        checkpoint_scheduler(str(tmp_path), {})
+    assert "\n" not in str(e.value)
+
+
+def test_a_hub_error_reading_the_scheduler_config_is_refused_not_guessed(monkeypatch):
+    """Only the hub's "not found" means the checkpoint has none; a network or server error would
+    otherwise invert a v-prediction model with SD 1.x's schedule."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    from nulltext import NulltextWarning
+    from nulltext.models import checkpoint_scheduler
+
+    def raising(error):
+        def download(*args, **kwargs):
+            raise error
+        return download
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        raising(ConnectionError("Max retries exceeded with url\nsecond line")))
+    with pytest.raises(NulltextError, match="could not read the scheduler config of 'org/sd2'.*Max retries") as e:
+        checkpoint_scheduler("org/sd2", {})
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(LocalEntryNotFoundError("not cached")))
+    with pytest.raises(NulltextError, match="not in the local cache and the hub is unreachable"):
+        checkpoint_scheduler("org/sd2", {"local_files_only": True})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(EntryNotFoundError("404")))
+    with pytest.warns(NulltextWarning, match="has no scheduler config"):
+        assert checkpoint_scheduler("org/sd2", {}) == SchedulerConfig()

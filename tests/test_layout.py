@@ -70,9 +70,24 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycle_between_modules():
     graph = import_graph()
     assert {"nulltext.models", "nulltext.storage", "nulltext.demo", "nulltext.demo.train"} <= set(graph)
-    assert "nulltext.ddim" in graph["nulltext.models"]  # the parser sees real edges
+    assert "nulltext.families" in graph["nulltext.models"]  # the parser sees real edges
     assert "nulltext.tiny" in graph["nulltext.models"]  # lazy ones too
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_loops_controllers_inversion_and_files_never_name_a_family_or_sampler():
+    """They reach the model's family and sampler through the pipeline and the schedule it gives
+    (nulltext.families, nulltext.samplers), so a new family or sampler lands as new modules."""
+    graph = import_graph()
+    assert {"nulltext.families", "nulltext.families.sd", "nulltext.families.sdxl", "nulltext.samplers",
+            "nulltext.samplers.ddim"} <= set(graph)
+    specific = {m for m in graph if m.startswith("nulltext.families")} | {"nulltext.samplers.ddim", "nulltext.ddim"}
+    neutral = [m for m in graph if (m.split(".") + [""])[1] in ("samplers", "inversion", "editing", "controllers", "processors",
+                                                     "alignment", "storage", "text", "image")]
+    assert "nulltext.samplers" in neutral and "nulltext.storage" in neutral
+    for module in neutral:
+        if module != "nulltext.samplers.ddim":
+            assert not graph[module] & specific, (module, graph[module] & specific)
 
 
 def test_the_demo_model_is_one_sub_package():

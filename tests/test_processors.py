@@ -10,7 +10,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from nulltext.controllers import (SOURCE, TARGET, AttentionStore, Controller, P2PController, PassThrough,
                                   Reweight, Site, build_cross_alphas)
-from nulltext.processors import P2PAttnProcessor, attention_sites, installed
+from nulltext.families.sd import unet_attention_sites
+from nulltext.processors import P2PAttnProcessor, installed
 
 HEADS, DIM_HEAD, C, CROSS, L = 2, 8, 16, 12, 7
 
@@ -113,7 +114,7 @@ class _Boom(PassThrough):
 def test_installed_touches_only_used_layers_and_restores_them(tiny_pipe):
     unet = tiny_pipe.unet
     before = dict(unet.attn_processors)
-    with installed(unet, _CrossOnly(), (16, 16)) as sites:
+    with installed(unet, _CrossOnly(), unet_attention_sites(unet, (16, 16))) as sites:
         now = unet.attn_processors
         for name, proc in now.items():
             if sites[name].is_cross:
@@ -131,13 +132,13 @@ def test_processors_restored_after_an_exception(tiny_pipe):
     z = torch.zeros(2, 4, 16, 16)
     emb = torch.zeros(2, tiny_pipe.tokenizer.model_max_length, tiny_pipe.text_encoder.config.hidden_size)
     with pytest.raises(RuntimeError, match="boom"):
-        with installed(unet, c, (16, 16)):
+        with installed(unet, c, unet_attention_sites(unet, (16, 16))):
             tiny_pipe.eps(z, 1, emb)
     assert all(unet.attn_processors[n] is p for n, p in before.items())
 
 
 def test_sites_know_place_kind_and_query_grid(tiny_pipe):
-    sites = attention_sites(tiny_pipe.unet, (16, 20))
+    sites = tiny_pipe.attention_sites((16, 20))
     by = {(s.place, s.is_cross, s.size) for s in sites.values()}
     # tiny UNet: cross-attention down blocks 0, 1 (full, half size), mid (quarter), up 1, 2
     assert ("down", True, (16, 20)) in by and ("down", True, (8, 10)) in by
@@ -153,6 +154,6 @@ def test_sites_know_place_kind_and_query_grid(tiny_pipe):
     spy = Spy()
     spy.phase = TARGET
     emb = torch.zeros(2, tiny_pipe.tokenizer.model_max_length, tiny_pipe.text_encoder.config.hidden_size)
-    with installed(tiny_pipe.unet, spy, (16, 20)):
+    with installed(tiny_pipe.unet, spy, sites):
         tiny_pipe.eps(torch.zeros(2, 4, 16, 20), 1, emb)
     assert seen == {n: s.num_queries for n, s in sites.items()}

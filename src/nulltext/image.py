@@ -236,14 +236,19 @@ def _vae_run(pipe, fn, x: Tensor, what: str) -> Tensor:
 
 @torch.no_grad()
 def encode(pipe, img: Image.Image) -> Tensor:
-    """z0 = s * mean(E(x)): the VAE posterior mean (not a sample) times the VAE's scaling factor."""
+    """z0 = s * (mean(E(x)) - shift): the VAE posterior mean (not a sample), shifted and scaled as
+    the model's family says (SD: scale only)."""
+    scale, shift = pipe.latent_scale_shift
     mean = _vae_run(pipe, lambda x: pipe.vae.encode(x).latent_dist.mean, pil_to_tensor(img), "encoding the image")
-    return mean.float() * pipe.vae.config.scaling_factor  # (1, 4, H/8, W/8)
+    z = mean.float() if not shift else mean.float() - shift  # no shift: exactly s * mean, bit for bit
+    return z * scale  # (1, C, H/8, W/8)
 
 
 @torch.no_grad()
 def decode(pipe, z: Tensor) -> list[Image.Image]:
-    x = _vae_run(pipe, lambda z: pipe.vae.decode(z).sample, z / pipe.vae.config.scaling_factor, "decoding")
+    scale, shift = pipe.latent_scale_shift
+    z = z / scale if not shift else z / scale + shift
+    x = _vae_run(pipe, lambda z: pipe.vae.decode(z).sample, z, "decoding")
     return tensor_to_pil(x)
 
 

@@ -1,5 +1,6 @@
-"""Loading a Stable Diffusion checkpoint (hub id or local folder) as the components nulltext uses,
-with the release's DDIM scheduler, plus the ``eps`` callable the loops run on."""
+"""Loading a checkpoint (hub id or local folder) as the components nulltext uses, with its family
+(:mod:`nulltext.families`) and that family's sampler (:mod:`nulltext.samplers`), plus the model
+callable the loops run on (:meth:`Pipeline.eps`). Nothing here depends on which family it is."""
 
 from __future__ import annotations
 
@@ -12,19 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import families
 from .config import DEFAULT_MODEL, SchedulerConfig
-from .ddim import Schedule, make_scheduler  # noqa: F401  (make_scheduler: part of this module's API)
 from .errors import NulltextError, NulltextWarning, one_line
 from .fingerprint import fingerprints_match, model_fingerprint  # noqa: F401  (part of this module's API)
 from .hub import hub_unreachable, looks_like_path, quiet_loading
+from .samplers.ddim import make_scheduler, to_eps  # noqa: F401  (part of this module's API)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# model_index.json's pipeline class -> the family nulltext inverts it as
-FAMILIES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion",
-            "StableDiffusionXLPipeline": "stable-diffusion-xl"}
-FAMILY_NAMES = "Stable Diffusion 1.x, 2.x and XL (StableDiffusionPipeline and StableDiffusionXLPipeline folders)"
-SDXL = "stable-diffusion-xl"
-COMPONENTS = ("tokenizer", "text_encoder", "vae", "unet")
+SDXL = "stable-diffusion-xl"  # a family's name, as Pipeline.family and inversion files record it
 
 
 @dataclass
@@ -41,13 +38,14 @@ class CallCounter:
 
 @dataclass
 class Pipeline:
-    """The components of an SD-shaped checkpoint, frozen, on one device and dtype."""
+    """The components of a checkpoint, frozen, on one device and dtype, with its family (what the
+    components mean) and the family's sampler (how latents are stepped)."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the denoiser (a UNet for SD and SDXL)
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    scheduler: object
+    scheduler: object  # the sampler's diffusers scheduler (DDIM for SD and SDXL)
     model_id: str
     device: torch.device
     dtype: torch.dtype
@@ -55,20 +53,34 @@ class Pipeline:
     calls: CallCounter = field(default_factory=CallCounter)
     # the words the model was trained on, where it knows only a few (the demo model); None: any
     vocabulary: frozenset[str] | None = None
-    family: str = "stable-diffusion"
-    # SDXL: the second tokenizer and text encoder (with projection: the pooled embedding), and
-    # whether its unconditional embeddings for an empty prompt are zeros, as diffusers' pipeline has it
+    family: str = families.DEFAULT  # the family's name (nulltext.families), recorded in inversion files
+    # SDXL: the second tokenizer and text encoder (with projection: the pooled embedding)
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
+    # whether the unconditional embeddings for an empty prompt are zeros, as diffusers' pipeline has it
     force_zeros_for_empty_prompt: bool = False
     # torch.compile'd UNet (enable_compile), used inside compiled(); None: eager
     compiled_unet: torch.nn.Module | None = None
     low_memory: bool = False
     _forward: torch.nn.Module | None = field(default=None, repr=False)
 
+    @property
+    def model_family(self) -> families.Family:
+        """The family's implementation (:class:`nulltext.families.Family`)."""
+        return families.get(self.family)
+
+    @property
+    def sampler(self):
+        """The sampler module (:mod:`nulltext.samplers`) the family's denoiser is stepped with."""
+        return self.model_family.sampler
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
     def enable_low_memory(self) -> None:
         """Trade time for memory, results unchanged (to rounding): gradient checkpointing in the
-        UNet (during the null-text optimisation the activations of each block are recomputed in
+        denoiser (during the null-text optimisation the activations of each block are recomputed in
         the backward pass instead of kept; forwards without gradient are unaffected) and the VAE
         decoding one image of a batch at a time. Attention already runs through PyTorch's
         scaled-dot-product kernels (memory-efficient or flash attention on CUDA)."""
@@ -78,15 +90,15 @@ class Pipeline:
         self.low_memory = True
 
     def enable_compile(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """Compile the UNet with ``torch.compile`` for the inversions run afterwards
+        """Compile the denoiser with ``torch.compile`` for the inversions run afterwards
         (:func:`nulltext.invert_many` and :func:`nulltext.invert_image` use it; edits, whose
-        attention processors change per call, run the eager UNet). The first calls compile (tens
+        attention processors change per call, run the eager one). The first calls compile (tens
         of seconds to minutes); results are the eager ones to rounding."""
         self.compiled_unet = torch.compile(self.unet, backend=backend, mode=mode)
 
     @contextmanager
     def compiled(self):
-        """Inside: :meth:`eps` runs the compiled UNet, if :meth:`enable_compile` made one."""
+        """Inside: :meth:`eps` runs the compiled denoiser, if :meth:`enable_compile` made one."""
         previous, self._forward = self._forward, self.compiled_unet
         try:
             yield self
@@ -95,17 +107,14 @@ class Pipeline:
 
     @property
     def embedding_shape(self) -> tuple[int, int]:
-        """(L, d) of one conditioning value. SD: the text encoder's (L, d). SDXL: both encoders'
-        penultimate states side by side, plus one row that carries the pooled embedding
-        (zero-padded to d): one tensor travels through the loops, files and controllers alike."""
-        L = self.tokenizer.model_max_length
-        if self.family != SDXL:
-            return L, self.text_encoder.config.hidden_size
-        return L + 1, self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        """(L, d) of one conditioning value, the family's (SDXL: the token embeddings plus one row
+        that carries the pooled embedding): one tensor travels through the loops, files and
+        controllers alike."""
+        return self.model_family.embedding_shape(self)
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts: ``epsilon`` (SD 1.x, SD 2.x base), ``v_prediction`` (SD 2.x 768)."""
+        """What the denoiser predicts: ``epsilon`` (SD 1.x, SD 2.x base), ``v_prediction`` (SD 2.x 768)."""
         return self.scheduler.config.prediction_type
 
     @property
@@ -113,69 +122,55 @@ class Pipeline:
         return next(k for k, v in DTYPES.items() if v == self.dtype)
 
     @property
+    def latent_channels(self) -> int:
+        return self.model_family.latent_channels(self)
+
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.model_family.vae_scale_factor(self)
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        """Image sides must be multiples of this (the VAE factor times the denoiser's downsampling)."""
+        return self.model_family.size_multiple(self)
 
     @property
     def native_size(self) -> tuple[int, int]:
         """(width, height) the model was trained at (512x512 for SD 1.x)."""
-        s = self.unet.config.sample_size
-        h, w = (s, s) if isinstance(s, int) else s
-        return w * self.vae_scale_factor, h * self.vae_scale_factor
+        return self.model_family.native_size(self)
+
+    @property
+    def latent_scale_shift(self) -> tuple[float, float | None]:
+        """(scale, shift): z = (mean(E(x)) - shift) * scale; shift None where the VAE has none."""
+        return self.model_family.latent_scale_shift(self)
+
+    def attention_sites(self, latent_hw: tuple[int, int]) -> dict:
+        """The attention layers the controllers see, by processor name, with their query grids for
+        a latent of ``latent_hw`` (h, w) (:class:`nulltext.controllers.Site`)."""
+        return self.model_family.attention_sites(self, latent_hw)
 
     @property
     def scheduler_config(self) -> dict:
         return {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
 
-    def schedule(self, num_steps: int) -> Schedule:
-        return Schedule.from_scheduler(self.scheduler, num_steps)
+    def schedule(self, num_steps: int):
+        """The sampler's schedule of ``num_steps`` steps (:class:`nulltext.samplers.Schedule`)."""
+        return self.sampler.schedule(self.scheduler, num_steps)
 
     def eps(self, z: Tensor, t: int, emb: Tensor, optimize_pooled: bool = False) -> Tensor:
-        """eps(z, t, emb): UNet noise prediction, computed in the model dtype, returned as float32.
+        """The model callable of the loops: the denoiser's prediction at (z, t) with conditioning
+        ``emb``, computed in the model dtype, returned as float32 in the sampler's quantity (DDIM:
+        the noise eps, whatever the checkpoint predicts).
 
-        z: (B, 4, h, w); emb: (B, L, d), see :attr:`embedding_shape`. SDXL: the pooled row gets no
-        gradient unless ``optimize_pooled`` (null-text optimisation then leaves it as it was)."""
+        z: (B, C, h, w); emb: (B, L, d), see :attr:`embedding_shape`. ``optimize_pooled``: SDXL's
+        pooled row gets a gradient (null-text optimisation then moves it too)."""
         self.calls.forward += 1
         self.calls.forward_rows += z.shape[0]
         if torch.is_grad_enabled() and emb.requires_grad:
             self.calls.with_grad += 1
-        if self.family != SDXL:
-            kwargs = {"encoder_hidden_states": emb.to(self.dtype)}
-        else:
-            L, p = self.tokenizer.model_max_length, self.text_encoder_2.config.projection_dim
-            pooled = emb[:, L, :p] if optimize_pooled else emb[:, L, :p].detach()
-            h, w = (s * self.vae_scale_factor for s in z.shape[-2:])
-            # (original size, crop top-left, target size), as diffusers' pipeline builds them for an image of this size
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=z.device, dtype=self.dtype).expand(z.shape[0], -1)
-            kwargs = {"encoder_hidden_states": emb[:, :L].to(self.dtype),
-                      "added_cond_kwargs": {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}}
-        if self._forward is not None:  # compiled: the timestep as a tensor, so that it is not a constant of the graph
-            out = self._forward(z.to(self.dtype), torch.tensor(int(t), device=z.device), **kwargs).sample.float()
-        else:
-            out = self.unet(z.to(self.dtype), t, **kwargs).sample.float()
-        if self.prediction_type == "epsilon":
-            return out
-        return to_eps(out, z.float(), self.scheduler.alphas_cumprod[int(t)].to(out.device), self.prediction_type)
-
-
-def to_eps(out: Tensor, z: Tensor, abar_t: Tensor, prediction_type: str) -> Tensor:
-    """The noise prediction from a UNet output of any prediction type, exactly: with
-    ``z = sqrt(abar) x0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x0``,
-    ``eps = sqrt(abar) v + sqrt(1 - abar) z`` and ``eps = (z - sqrt(abar) x0) / sqrt(1 - abar)``.
-    Affine in ``out``, so guidance on the converted predictions equals guidance on the raw ones,
-    and every loop downstream (inversion, loss, Prompt-to-Prompt) runs on eps unchanged."""
-    if prediction_type == "epsilon":
-        return out
-    if prediction_type == "v_prediction":
-        return abar_t ** 0.5 * out + (1 - abar_t) ** 0.5 * z
-    if prediction_type == "sample":
-        return (z - abar_t ** 0.5 * out) / (1 - abar_t) ** 0.5
-    raise NulltextError(f"unknown prediction type {prediction_type!r}")
+        net = self._forward if self._forward is not None else self.unet
+        out = self.model_family.predict(self, net, z, t, emb, optimize_pooled)
+        return self.sampler.model_quantity(self.scheduler, out, z, t)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -222,32 +217,56 @@ def read_model_index(source: str, local_only: bool) -> dict | None:
 
 
 def check_family(model: str, index: dict | None) -> str:
-    """The family of a checkpoint from its pipeline class; anything nulltext cannot invert is
-    refused here, before any weights load."""
-    if index is None:
-        return "stable-diffusion"  # no index to read: the components' loading checks the folder
-    name = index.get("_class_name")
-    if name not in FAMILIES:
-        raise NulltextError(f"model '{model}' is a {name or 'pipeline of unknown class'}; nulltext inverts "
-                            f"{FAMILY_NAMES}")
-    if index.get("requires_aesthetics_score") or index.get("text_encoder", [None])[0] is None:
-        raise NulltextError(f"model '{model}' is a {name} without a first text encoder (an SDXL refiner?); "
-                            f"nulltext inverts {FAMILY_NAMES}")
-    return FAMILIES[name]
+    """The name of a checkpoint's family from its model_index.json; anything nulltext cannot
+    invert is refused here, before any weights load (:func:`nulltext.families.for_index`)."""
+    return families.for_index(model, index).name
 
 
-def checkpoint_scheduler(source: str, kw: dict) -> SchedulerConfig:
-    """The DDIM configuration for the checkpoint's own scheduler config (the release's SD 1.x one
-    when the checkpoint has none)."""
-    from diffusers import DDIMScheduler
+def read_scheduler_config(source: str, offline: bool) -> dict | None:
+    """The checkpoint's scheduler/scheduler_config.json as a dict, or None where the checkpoint
+    truly has none (a folder without the file; on the hub, the entry not found). Anything else
+    (the hub failing, a file that is not JSON) is an error: guessing a schedule then would invert
+    a v-prediction model with SD 1.x's."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "scheduler", "scheduler_config.json")
+        if not os.path.exists(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError  # (.errors is 0.24+)
 
+        try:
+            path = hf_hub_download(source, "scheduler_config.json", subfolder="scheduler", local_files_only=offline)
+        except LocalEntryNotFoundError:  # offline and not cached
+            cached = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
+            if cached is None or isinstance(cached, str):  # not the cache's record of the hub's "not found"
+                raise NulltextError(f"the scheduler config of '{source}' is not in the local cache and the hub is "
+                                    f"unreachable from here") from None
+            return None
+        except EntryNotFoundError:
+            return None
+        except Exception as e:  # network, authentication, server errors, ...
+            raise NulltextError(f"could not read the scheduler config of '{source}' from the Hugging Face hub "
+                                f"({one_line(e, limit=160)})") from None
     try:
-        config = DDIMScheduler.load_config(source, subfolder="scheduler", **kw)
-    except Exception:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NulltextError(f"cannot read the scheduler config of '{source}' ({one_line(e, limit=160)})") from None
+    if not isinstance(config, dict):
+        raise NulltextError(f"the scheduler config of '{source}' is not a JSON object")
+    return config
+
+
+def checkpoint_scheduler(source: str, kw: dict, family: families.Family | None = None) -> SchedulerConfig:
+    """The sampler configuration for the checkpoint's own scheduler config; the release's SD 1.x
+    one, with a warning, when the checkpoint truly has none."""
+    family = family or families.get(families.DEFAULT)
+    raw = read_scheduler_config(source, offline=bool(kw.get("local_files_only")))
+    if raw is None:
         warnings.warn(f"{source} has no scheduler config; using the release's DDIM schedule for SD 1.x",
                       NulltextWarning, stacklevel=3)
-        return SchedulerConfig()
-    return SchedulerConfig.from_checkpoint(dict(config))
+    return family.scheduler_config(raw)
 
 
 def load_pipeline(
@@ -265,9 +284,6 @@ def load_pipeline(
     checkpoint's own noise schedule, spacing and prediction type (``scheduler`` overrides it) and
     the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's.
     ``low_memory``: :meth:`Pipeline.enable_low_memory`; ``compile``: :meth:`Pipeline.enable_compile`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     if dev.type == "cpu" and torch_dtype in (torch.float16, torch.bfloat16):
@@ -299,22 +315,12 @@ def load_pipeline(
     # model is not there
     offline = not os.path.isdir(source) and hub_unreachable()
     index = read_model_index(source, offline)
-    family = check_family(model, index)
+    family = families.for_index(model, index)
     try:
         quiet_loading()
         kw = {"local_files_only": True} if offline else {}
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
-        tokenizer_2 = text_encoder_2 = None
-        if family == SDXL:
-            from transformers import CLIPTextModelWithProjection
-
-            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2",
-                                                                         torch_dtype=torch_dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
-        scheduler = scheduler or checkpoint_scheduler(source, kw)
+        parts = family.load(source, index, torch_dtype, kw)
+        scheduler = scheduler or checkpoint_scheduler(source, kw, family)
     except NulltextError:
         raise
     except Exception as e:  # hub unreachable, missing files, not a diffusers folder, ...
@@ -324,26 +330,22 @@ def load_pipeline(
         if os.path.isdir(source):
             raise NulltextError(
                 f"could not load model '{model}' from its folder: it must be a diffusers-format "
-                f"Stable Diffusion checkpoint with tokenizer/, text_encoder/, vae/ and unet/ ({reason[:200]})"
+                f"{family.layout} ({reason[:200]})"
             ) from None
         raise NulltextError(
             f"could not load model '{model}' from the Hugging Face hub ({reason[:160]}); without network "
             f"access, pass a local diffusers folder instead, e.g. --model /path/to/stable-diffusion-v1-4"
         ) from None
-    for module in (text_encoder, text_encoder_2, vae, unet):
-        if module is None:
-            continue
-        module.requires_grad_(False)  # never compute or store gradients for model weights
-        module.eval()
-        module.to(dev, torch_dtype)  # already loaded in torch_dtype: a no-op cast, then the move
-    if family == SDXL and torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16: it runs in float32 (image.encode/decode follow it)
-    fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2)
-    pipe = Pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                    scheduler=make_scheduler(scheduler), model_id=model_id, device=dev,
-                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family,
-                    tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
-                    force_zeros_for_empty_prompt=bool((index or {}).get("force_zeros_for_empty_prompt", family == SDXL)))
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)  # never compute or store gradients for model weights
+            module.eval()
+            module.to(dev, torch_dtype)  # already loaded in torch_dtype: a no-op cast, then the move
+    fingerprint = model_fingerprint(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                                    parts.get("text_encoder_2"))
+    pipe = Pipeline(scheduler=family.sampler.make_scheduler(scheduler), model_id=model_id, device=dev,
+                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family.name, **parts)
+    family.finish(pipe)
     if low_memory:
         pipe.enable_low_memory()
     if compile:

@@ -1,9 +1,12 @@
 """The Prompt-to-Prompt attention processor and the context manager that installs it.
 
 diffusers' ``Attention.forward`` only delegates to ``self.processor``; we change behaviour by
-installing a processor per layer with ``unet.set_attn_processor`` (never by replacing ``forward``)
+installing a processor per layer with ``set_attn_processor`` (never by replacing ``forward``)
 and put the previous processors back in ``finally``. Layers no controller uses keep theirs (the
-fast scaled-dot-product ``AttnProcessor2_0`` by default).
+fast scaled-dot-product ``AttnProcessor2_0`` by default). The layers and their query grids come
+from the model's family (``pipe.attention_sites``); :class:`P2PAttnProcessor` serves diffusers'
+plain ``Attention`` kind (a UNet's self- and cross-attention). Another kind (SD3's joint attention
+over image and text tokens) gets its own processor here, with the same controller hooks.
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ import torch
 from torch import Tensor
 
 from .controllers import SOURCE, Controller, Site
-
-_SUFFIX = ".processor"
-
 
 def _project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
     """The first half of diffusers' ``AttnProcessor``: norms, projections, heads to batch.
@@ -113,38 +113,17 @@ class P2PAttnProcessor:
         return _finish(attn, probs, v, restore)
 
 
-def attention_sites(unet, latent_size: tuple[int, int]) -> dict[str, Site]:
-    """Every attention layer of a UNet2DConditionModel-shaped UNet, with its place, kind and the
-    query grid it has for a latent of ``latent_size`` (h, w)."""
-    n_down = len(unet.config.down_block_types)
-    n_up = len(unet.config.up_block_types)
-    h, w = latent_size
-    sites = {}
-    for name in unet.attn_processors:
-        module = unet.get_submodule(name[: -len(_SUFFIX)])
-        parts = name.split(".")
-        if parts[0] == "down_blocks":
-            place, level = "down", int(parts[1])
-        elif parts[0] == "up_blocks":
-            place, level = "up", n_up - 1 - int(parts[1])
-        else:
-            place, level = "mid", n_down - 1
-        f = 2 ** level
-        sites[name] = Site(name=name, place=place, is_cross=bool(getattr(module, "is_cross_attention", False)),
-                           size=(-(-h // f), -(-w // f)))
-    return sites
-
-
 @contextmanager
-def installed(unet, controller: Controller, latent_size: tuple[int, int]) -> Iterator[dict[str, Site]]:
-    """Install :class:`P2PAttnProcessor` on the layers ``controller`` uses, restoring the
-    previous processors on exit, error included. Yields the sites (layer descriptions)."""
-    previous = dict(unet.attn_processors)
-    sites = attention_sites(unet, latent_size)
+def installed(denoiser, controller: Controller, sites: dict[str, Site]) -> Iterator[dict[str, Site]]:
+    """Install :class:`P2PAttnProcessor` on the layers of ``denoiser`` that ``controller`` uses,
+    restoring the previous processors on exit, error included. ``sites``: the layers and their
+    query grids, as the model's family describes them (``pipe.attention_sites(latent_hw)``);
+    yielded back."""
+    previous = dict(denoiser.attn_processors)
     new = {name: P2PAttnProcessor(controller, sites[name], proc) if controller.uses(sites[name]) else proc
            for name, proc in previous.items()}
-    unet.set_attn_processor(new)  # diffusers pops from the dict it is given: pass a fresh one
+    denoiser.set_attn_processor(new)  # diffusers pops from the dict it is given: pass a fresh one
     try:
         yield sites
     finally:
-        unet.set_attn_processor(dict(previous))
+        denoiser.set_attn_processor(dict(previous))

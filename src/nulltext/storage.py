@@ -513,7 +513,7 @@ def check_fits(inv: Inversion, pipe, path="inversion") -> None:
     _, c, h, w = inv.latent_T.shape
     width, height = inv.image_size
     f = pipe.vae_scale_factor
-    if c != pipe.unet.config.in_channels or (h * f, w * f) != (height, width):
+    if c != pipe.latent_channels or (h * f, w * f) != (height, width):
         raise NulltextError(f"{path}: latent_T shape {tuple(inv.latent_T.shape)} does not fit this model "
                             f"at {width}x{height} pixels")
     L, d = inv.null_embeddings.shape[1:]

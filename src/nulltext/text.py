@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import Tensor
 
 from .errors import NulltextError, NulltextWarning
@@ -36,18 +35,11 @@ def token_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
 
 
-def _ids(tokenizer, prompt: str, device) -> Tensor:
-    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)  # (1, L)
-
-
 def encode_prompt(pipe, prompt: str) -> Tensor:
-    """The conditioning value of ``prompt``, float32, of shape (1, *pipe.embedding_shape).
-
-    SD: C = text_encoder(prompt), (1, L, d) with L = tokenizer.model_max_length. SDXL, as diffusers'
-    StableDiffusionXLPipeline encodes it: the penultimate hidden states of both text encoders side
-    by side, (1, L, d1 + d2), and one more row holding the second encoder's projected pooled
-    embedding, zero-padded. The unconditional start N0 is :func:`encode_null`.
+    """The conditioning value of ``prompt``, float32, of shape (1, *pipe.embedding_shape), as the
+    model's family encodes it (:mod:`nulltext.families`: SD, C = text_encoder(prompt); SDXL, both
+    encoders' states and the pooled embedding packed in one tensor). The unconditional start N0 is
+    :func:`encode_null`.
 
     Like the release, a prompt longer than the tokenizer's limit is truncated (with a warning)."""
     tokenizer = pipe.tokenizer
@@ -57,25 +49,14 @@ def encode_prompt(pipe, prompt: str) -> Tensor:
         warnings.warn(
             f"prompt has {n - 2} tokens but the tokenizer takes {limit - 2}; "
             f"the last {n - limit} are dropped", NulltextWarning, stacklevel=2)
-    if getattr(pipe, "text_encoder_2", None) is None:
-        with torch.no_grad():
-            return pipe.text_encoder(_ids(tokenizer, prompt, pipe.device))[0].float()  # (1, L, d)
-    L, d = pipe.embedding_shape
-    with torch.no_grad():
-        first = pipe.text_encoder(_ids(tokenizer, prompt, pipe.device), output_hidden_states=True)
-        second = pipe.text_encoder_2(_ids(pipe.tokenizer_2, prompt, pipe.device), output_hidden_states=True)
-    tokens = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).float()  # (1, L - 1, d)
-    pooled = second.text_embeds.float()  # (1, p)
-    return torch.cat([tokens, torch.nn.functional.pad(pooled, (0, d - pooled.shape[-1]))[:, None]], dim=1)
+    return pipe.model_family.encode_prompt(pipe, prompt)
 
 
 def encode_null(pipe) -> Tensor:
     """N0, the unconditional embedding guidance starts from: what the model's diffusers pipeline
-    uses for an empty negative prompt. The encoding of "", except for a checkpoint with
-    ``force_zeros_for_empty_prompt`` (SDXL base), whose pipeline uses zeros."""
-    if getattr(pipe, "force_zeros_for_empty_prompt", False):
-        return torch.zeros(1, *pipe.embedding_shape, device=pipe.device)
-    return encode_prompt(pipe, "")
+    uses for an empty negative prompt (the encoding of "", or zeros for a checkpoint with
+    ``force_zeros_for_empty_prompt``, SDXL base)."""
+    return pipe.model_family.encode_null(pipe)
 
 
 def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:

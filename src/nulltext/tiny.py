@@ -142,7 +142,7 @@ def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .ddim import make_scheduler
+    from .samplers.ddim import make_scheduler
     from .hub import quiet_loading
 
     from .config import SchedulerConfig

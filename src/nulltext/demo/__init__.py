@@ -99,14 +99,14 @@ MODEL_INDEX = {
 def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: float = 7.5):
     """Text-to-image with the pipeline's DDIM schedule and classifier-free guidance, one image per
     prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
-    from ..ddim import guided_step
     from ..image import decode
+    from ..samplers import guided_step
     from ..text import encode_null, encode_prompt
 
     schedule = pipe.schedule(num_steps)
     w, h = pipe.native_size
     f = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, h // f, w // f)
+    shape = (1, pipe.latent_channels, h // f, w // f)
     z = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + k))
                    for k in range(len(prompts))]).to(pipe.device)
     cond = torch.cat([encode_prompt(pipe, p) for p in prompts])

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from nulltext import demo
 from nulltext.demo import scenes
-from nulltext.ddim import make_scheduler
+from nulltext.samplers import guidance
+from nulltext.samplers.ddim import make_scheduler
 
 
 def log(out, record):
@@ -361,7 +362,7 @@ def calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, w, k=1.0)
     local blend's ring around the object; at guidance 2 the change is 0.94 times the true one."""
     empty = text_encoder(empty_ids.view(1, -1))[0]  # one row: the same for every sample
     eps_u = unet(zt, t, encoder_hidden_states=empty.expand(len(zt), -1, -1)).sample
-    calibrated = eps_u + (k / w) * (eps - eps_u)
+    calibrated = guidance(eps_u, eps, k / w)
     return torch.where(drop.view(-1, 1, 1, 1), eps, calibrated)
 
 
@@ -379,7 +380,7 @@ def teacher_target(teacher_unet, teacher_text, zt, t, eps, tok, empty_ids, drop,
     emb = teacher_text(torch.cat([tok, empty_ids.view(1, -1).expand(n, -1)]))[0]
     both = teacher_unet(torch.cat([zt, zt]), torch.cat([t, t]), encoder_hidden_states=emb).sample
     eps_c, eps_u = both[:n], both[n:]
-    calibrated = eps_u + (k / w) * (eps_c - eps_u)
+    calibrated = guidance(eps_u, eps_c, k / w)
     return torch.where(drop.view(-1, 1, 1, 1), eps_u if empty_teacher else eps, calibrated)
 
 

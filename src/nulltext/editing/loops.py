@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import ddim
+from .. import samplers
 from ..config import EditConfig
 from ..controllers import SOURCE, TARGET, AttentionStore, Controller
 from ..image import composite, load_mask
@@ -81,23 +81,23 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
     schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
     n, w = len(targets), inversion.config.guidance_scale
     z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
-    with installed(pipe.unet, controller, tuple(z_src.shape[-2:])):
+    with installed(pipe.denoiser, controller, pipe.attention_sites(tuple(z_src.shape[-2:]))):
         for i, t in enumerate(tqdm(schedule.timesteps, desc=desc, unit="step", disable=not progress, leave=False)):
             controller.begin_step(i)
             # 1. source row: the reconstruction's own computation
             controller.phase = SOURCE
-            z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+            z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
                                      None if corr is None else corr[i])
             mask = None
             if n:
                 # 2. all targets in one batch, attention edited from the source's maps
                 controller.phase = TARGET
-                z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+                z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
                 # 3. local blend
                 z_tgt = controller.end_step(z_src, z_tgt)
                 blend = getattr(controller, "local_blend", None)
                 mask = blend.last_mask if blend is not None else None
-            ddim.check_finite(torch.cat([z_src, z_tgt]), "editing", t, i, schedule.num_steps)
+            samplers.check_finite(torch.cat([z_src, z_tgt]), "editing", t, i, schedule.num_steps)
             yield EditStep(i, t, z_src, z_tgt, mask)
 
 
@@ -116,14 +116,14 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
     for i, t in enumerate(tqdm(schedule.timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
         if i == start:
             z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
-        z_src = ddim.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+        z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
                                  None if corr is None else corr[i])
         if z_tgt is not None:
-            z_tgt = ddim.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+            z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
             if user_mask is not None:  # outside the mask, the targets follow the source
                 m = user_mask.to(z_tgt)
                 z_tgt = z_src + m * (z_tgt - z_src)
-        ddim.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
+        samplers.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
 
 

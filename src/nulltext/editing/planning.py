@@ -26,7 +26,6 @@ from ..controllers import (AttentionStore, CrossEdit, LocalBlend, P2PController,
                            build_cross_alphas, schedule_bounds)
 from ..errors import NulltextError
 from ..image import latent_mask, load_mask, read_mask
-from ..processors import attention_sites
 from ..text import check_prompt, warn_split_words
 
 
@@ -139,7 +138,7 @@ def attention_store(pipe, latent_hw: tuple[int, int], config: EditConfig | None 
     """A store of the cross-attention layers at ``size`` (default: the blend size, 16x16 for a
     512 image as the release shows) and that size."""
     config = config or EditConfig()
-    sites = attention_sites(pipe.unet, latent_hw)
+    sites = pipe.attention_sites(latent_hw)
     size = tuple(size) if size else blend_size(sites, latent_hw, config.blend_factor)
     if not any(s.size == size and s.is_cross for s in sites.values()):
         have = sorted({s.size for s in sites.values() if s.is_cross})
@@ -301,7 +300,7 @@ def build_controller(pipe, source: str, targets: list[str], config: EditConfig, 
     self_steps = schedule_bounds(config.self_replace, num_steps)
     blend = None
     if config.blend:
-        size = blend_size(attention_sites(pipe.unet, latent_hw), latent_hw, config.blend_factor)
+        size = blend_size(pipe.attention_sites(latent_hw), latent_hw, config.blend_factor)
         blend = _local_blend(tok, source, targets, config, num_steps, size, user_mask)
     elif user_mask is not None:
         blend = _local_blend(tok, source, targets, config, num_steps, (1, 1), user_mask)

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import ddim
+from .. import samplers
 from ..config import InversionConfig
-from ..ddim import EpsFn, Schedule
 from ..errors import NonFiniteError
+from ..samplers import EpsFn, Schedule
 
 
 @dataclass
@@ -138,7 +138,7 @@ def optimize_null_text_batch(
                                 (z_bar[rows], eps_cond[rows], target[rows]))
             for _ in range(_MAX_BACKOFFS + 1):
                 eps_uncond = eps_fn(z_a, t, torch.cat([params[b] for b in active]))
-                z_prev = ddim.step(schedule, z_a, eps_uncond + w * (ec_a - eps_uncond), t)
+                z_prev = schedule.step(z_a, samplers.guidance(eps_uncond, ec_a, w), t)
                 diff = z_prev - tgt_a
                 losses = diff.pow(2).flatten(1).mean(1)  # (A,): each image's MSE
                 for p in params:
@@ -166,7 +166,7 @@ def optimize_null_text_batch(
                     params[b].grad.div_(applied[k])  # exact: a power of two
                     scales[b] = applied[k]
                 grads = torch.stack([params[b].grad for b in active])
-                ddim.check_finite(grads, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
+                samplers.check_finite(grads, "the null-text gradient (fp16 loss scaling at its floor)", t, i, T)
             optimizer.step()
             for k, b in enumerate(active):
                 iterations[b] = j + 1
@@ -184,8 +184,8 @@ def optimize_null_text_batch(
         nulls = [p.detach() for p in params]
         with torch.no_grad():
             eps_uncond = eps_fn(z_bar, t, torch.cat(nulls))
-            z_bar = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
-            ddim.check_finite(z_bar, "the null-text optimisation", t, i, T)
+            z_bar = schedule.step(z_bar, samplers.guidance(eps_uncond, eps_cond, w), t)
+            samplers.check_finite(z_bar, "the null-text optimisation", t, i, T)
             after = (z_bar - target).pow(2).flatten(1).mean(1).tolist()
         for b, result in enumerate(results):
             stored[b].append(nulls[b][0].clone())
@@ -218,7 +218,7 @@ def optimize_null_text(
     """Per-timestep null-text optimisation around the pivot trajectory of one image
     (docs/algorithm.md section 2); :func:`optimize_null_text_batch` with B = 1.
 
-    pivots: [z*_0, ..., z*_T] from :func:`ddim.invert`, each (1, 4, h, w).
+    pivots: [z*_0, ..., z*_T] from :func:`samplers.invert`, each (1, 4, h, w).
     cond: C, (1, L, d); null0: N0 = text_encoder(""), (1, L, d).
     """
     batch_callback = None if callback is None else (lambda i, j, b, loss, lr: callback(i, j, loss, lr))
@@ -258,7 +258,7 @@ def optimize_global_null_text(
             with torch.no_grad():
                 eps_cond = eps_fn(z_bar, t, cond)
             eps_uncond = eps_fn(z_bar, t, null)
-            z_prev = ddim.step(schedule, z_bar, eps_uncond + w * (eps_cond - eps_uncond), t)
+            z_prev = schedule.step(z_bar, samplers.guidance(eps_uncond, eps_cond, w), t)
             diff = z_prev - pivots[T - i - 1]
             loss = diff.pow(2).mean()
             optimizer.zero_grad()
@@ -266,11 +266,11 @@ def optimize_global_null_text(
             (loss * scale).backward()
             if loss_scaling:
                 null.grad.div_(scale)
-            ddim.check_finite(null.grad, "the global null-text gradient", t, i, T)
+            samplers.check_finite(null.grad, "the global null-text gradient", t, i, T)
             optimizer.step()
             losses.append(loss.item())
             z_bar = z_prev.detach()
-            ddim.check_finite(z_bar, "the global null-text optimisation", t, i, T)
+            samplers.check_finite(z_bar, "the global null-text optimisation", t, i, T)
             bar.update()
         if sweep == 0:
             first = losses
@@ -282,8 +282,8 @@ def optimize_global_null_text(
     with torch.no_grad():
         z_bar = pivots[-1]
         for i, t in enumerate(schedule.timesteps):
-            z_bar = ddim.guided_step(eps_fn, schedule, z_bar, t, null, cond, w)
-            ddim.check_finite(z_bar, "the global null-text optimisation", t, i, T)
+            z_bar = samplers.guided_step(eps_fn, schedule, z_bar, t, null, cond, w)
+            samplers.check_finite(z_bar, "the global null-text optimisation", t, i, T)
             after.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
     return NullTextResult(null_embeddings=null, iterations=[config.num_inner_steps] * T, losses_first=first,
                           losses_last=last, losses_after=after, lrs=[config.lr] * T)
@@ -300,8 +300,8 @@ def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tens
     null0 = null0.expand(z.shape[0], -1, -1)
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
-            z_bar = ddim.step(schedule, z, ddim.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
-            ddim.check_finite(z_bar, "Direct Inversion", t, i, T)
+            z_bar = schedule.step(z, samplers.guided_eps(eps_fn, z, t, null0, cond, guidance_scale), t)
+            samplers.check_finite(z_bar, "Direct Inversion", t, i, T)
             corr = pivots[T - i - 1] - z_bar
             out.append(corr)
             # continue from z_bar + corr (= z*_{t-1} up to rounding), as the replay will: the source

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import ddim
+from .. import samplers
 from ..config import InversionConfig, SchedulerConfig
 from ..errors import NonFiniteError, NulltextWarning
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
@@ -185,7 +185,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     T = schedule.num_steps
 
     t0 = time.perf_counter()
-    pivots = [z0, *tqdm(ddim.invert_progressive(eps_fn, z0, cond, schedule), total=T, desc="DDIM inversion",
+    pivots = [z0, *tqdm(samplers.invert_progressive(eps_fn, z0, cond, schedule), total=T, desc="DDIM inversion",
                         unit="step", disable=not progress, leave=False)]
     ddim_s = time.perf_counter() - t0
 
@@ -257,7 +257,7 @@ def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Ten
     cond = encode_prompt(pipe, inversion.prompt)
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)
     z = inversion.latent_T.to(pipe.device)
-    for z in tqdm(ddim.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,
+    for z in tqdm(samplers.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,
                                           inversion.step_corrections(pipe.device)),
                   total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress, leave=False):
         pass

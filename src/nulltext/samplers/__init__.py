@@ -1,0 +1,142 @@
+"""Samplers: how a latent moves between noise levels, given the model's prediction.
+
+A sampler is a module (``samplers/ddim.py`` today; a flow-matching Euler sampler over sigmas,
+``samplers/flow.py``, is the next) that a model family names as its ``sampler``. It implements:
+
+- ``NAME``: how messages name it ("DDIM");
+- ``make_scheduler(config)``: the diffusers scheduler configured from the family's scheduler
+  config (its noise levels);
+- ``schedule(scheduler, num_steps)``: a :class:`Schedule` of ``num_steps`` steps;
+- ``model_quantity(scheduler, out, z, t)``: the denoiser's raw output at ``(z, t)`` as the quantity
+  its steps take (DDIM: the noise eps, converting v- and x0-predictions exactly; flow matching:
+  the velocity, as the transformer predicts it).
+
+The loops below (inversion, guided sampling, classifier-free guidance) run over a model callable
+and a :class:`Schedule` only, so the inversion methods, the edit loop and the controllers work
+with any sampler unchanged, and a test can pass a fake callable or a fake schedule (k-diffusion's
+``sample(model, x, sigmas)`` shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+
+# model(z, t, emb) -> the sampler's quantity (DDIM: the noise eps). z: (B, C, h, w) float32, t: a
+# timestep of the schedule, emb: (B, L, d) conditioning. Loops never look inside it.
+ModelFn = Callable[[Tensor, int, Tensor], Tensor]
+EpsFn = ModelFn  # the name the DDIM code and its callers grew up with
+
+
+class Schedule(Protocol):
+    """The steps of one run of a sampler: ``num_steps`` model evaluations and the step rule."""
+
+    name: str  # the sampler's name, for messages ("DDIM")
+
+    @property
+    def timesteps(self) -> Sequence:
+        """The times the model is evaluated at while sampling, noisiest first."""
+
+    @property
+    def num_steps(self) -> int: ...
+
+    @property
+    def inversion_timesteps(self) -> Sequence:
+        """The times the model is evaluated at while inverting, least noisy first (DDIM: the
+        target timestep of each inverse step; flow matching: the current sigma of each)."""
+
+    def step(self, sample: Tensor, out: Tensor, t) -> Tensor:
+        """One denoising step from ``t`` to the next entry of ``timesteps`` (or past the last)."""
+
+    def inverse_step(self, sample: Tensor, out: Tensor, t) -> Tensor:
+        """One inversion step with the model's output at ``t``, an entry of ``inversion_timesteps``."""
+
+
+def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
+    """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
+    (in half precision: an overflow in the model), instead of carrying it on into a black image."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} produced a NaN or infinity at timestep {t} (step {i + 1} of {T}); in fp16 "
+                             f"this is an overflow in the model: use --dtype bf16 or fp32")
+
+
+def guidance(uncond: Tensor, cond: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance: ``uncond + w * (cond - uncond)``, the one place it is written.
+    Affine in the predictions, so it is the same on eps, v or a velocity."""
+    return uncond + w * (cond - uncond)
+
+
+def guided_eps(model: ModelFn, z: Tensor, t, uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance with one batched forward: rows [uncond..., cond...].
+
+    z: (B, C, h, w); uncond, cond: (B, L, d). Returns the guided prediction, (B, C, h, w).
+    """
+    out = model(torch.cat([z, z]), t, torch.cat([uncond, cond]))  # (2B, C, h, w)
+    out_uncond, out_cond = out.chunk(2)
+    return guidance(out_uncond, out_cond, guidance_scale)
+
+
+def guided_step(model: ModelFn, schedule: Schedule, z: Tensor, t, uncond: Tensor, cond: Tensor,
+                guidance_scale: float, correction: Tensor | None = None) -> Tensor:
+    """One guided step from ``t``, plus an optional correction (Direct Inversion).
+
+    The one place reconstruction and the edit loops take a step, so the source row of an edit is
+    the reconstruction bit for bit."""
+    z = schedule.step(z, guided_eps(model, z, t, uncond, cond, guidance_scale), t)
+    return z if correction is None else z + correction
+
+
+@torch.no_grad()
+def invert_progressive(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> Iterator[Tensor]:
+    """Inversion at guidance 1 (docs/algorithm.md section 1): yields z*_1, ..., z*_T.
+
+    Walks the schedule from the least noisy step (DDIM: timesteps 1, 21, ..., 981), conditional only.
+    """
+    z = z0.clone()
+    T = schedule.num_steps
+    for k, t in enumerate(schedule.inversion_timesteps):
+        z = schedule.inverse_step(z, model(z, t, cond), t)
+        check_finite(z, f"the {schedule.name} inversion", t, k, T)
+        yield z
+
+
+def invert(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> list[Tensor]:
+    """The pivot trajectory [z*_0, z*_1, ..., z*_T] (T + 1 latents); z*_T is the inverted noise."""
+    return [z0.clone(), *invert_progressive(model, z0, cond, schedule)]
+
+
+@torch.no_grad()
+def sample_progressive(
+    model: ModelFn,
+    z_T: Tensor,
+    cond: Tensor,
+    uncond: Sequence[Tensor] | Tensor,
+    guidance_scale: float,
+    schedule: Schedule,
+    corrections: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """Guided sampling from z_T; yields the latent after each of the T steps.
+
+    cond: (B, L, d). uncond: one (B, L, d) embedding per step (a sequence or a (T, B, L, d)
+    tensor), e.g. the optimised null-text embeddings N_t. corrections: optional (T, C, h, w)
+    latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
+    """
+    z = z_T
+    for i, t in enumerate(schedule.timesteps):
+        z = guided_step(model, schedule, z, t, uncond[i], cond, guidance_scale,
+                        None if corrections is None else corrections[i])
+        check_finite(z, "sampling", t, i, schedule.num_steps)
+        yield z
+
+
+def sample(model: ModelFn, z_T: Tensor, cond: Tensor, uncond, guidance_scale: float, schedule: Schedule) -> Tensor:
+    """Run :func:`sample_progressive` to the end and return z_0."""
+    z = z_T
+    for z in sample_progressive(model, z_T, cond, uncond, guidance_scale, schedule):
+        pass
+    return z
