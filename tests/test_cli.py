@@ -501,7 +501,7 @@ def test_interrupt_after_the_file_is_written_says_what_was_written(tmp_path, mon
     assert err == [f"nulltext: interrupted; wrote {out} (complete) before the interruption, nothing else"]
     load(out)  # and it is a whole, valid file
     out2 = tmp_path / "y.safetensors"
-    monkeypatch.setattr(nulltext.inversion, "invert_many", interrupted)
+    monkeypatch.setattr(nulltext.inversion, "invert_progressive", interrupted)
     assert main(["invert", str(tmp_path / "photo.png"), "--prompt", PROMPT, "-o", str(out2), *FAST]) == 130
     assert capsys.readouterr().err.splitlines() == ["nulltext: interrupted; nothing was written"]
     assert not out2.exists()

@@ -54,7 +54,7 @@ def calls(monkeypatch):
         _spy(monkeypatch, plan_mod, name, out)
     for name in ("replacement_mapper", "refinement_mapper"):
         _spy(monkeypatch, plan_mod.alignment, name, out)
-    _spy(monkeypatch, image_mod, "read_input", out)  # every image file read (photo and mask)
+    _spy(monkeypatch, image_mod, "load_image", out)  # every photo decoded (masks: read_mask)
     return out
 
 
@@ -69,8 +69,8 @@ def test_edit_of_an_inversion_checks_each_thing_once(files, tmp_path, calls):
     assert [a[2] for a in calls["refinement_mapper"]] == targets[1:]
     assert len(calls["build_controller"]) == 1
     assert len(calls["warn_split_words"]) == 1
-    assert len(calls["read_mask"]) == 1 and len(calls["load_mask"]) == 1
-    assert [str(a[0]) for a in calls["read_input"]] == [str(files["mask"])]  # the mask file decoded once
+    assert [str(a[0]) for a in calls["read_mask"]] == [str(files["mask"])]  # the mask decoded once
+    assert len(calls["load_mask"]) == 1 and not calls["load_image"]
 
 
 def test_edit_of_a_photo_decodes_it_once_and_plans_before_inverting(files, tmp_path, calls, monkeypatch):
@@ -84,7 +84,8 @@ def test_edit_of_a_photo_decodes_it_once_and_plans_before_inverting(files, tmp_p
                  "-o", tmp_path / "out", *FAST)
     assert_ok(r)
     assert order == ["plan", "invert"]
-    assert sorted(str(a[0]) for a in calls["read_input"]) == sorted([str(files["photo"]), str(files["mask"])])
+    assert [str(a[0]) for a in calls["load_image"]] == [str(files["photo"])]  # decoded once
+    assert [str(a[0]) for a in calls["read_mask"]] == [str(files["mask"])]
     assert len(calls["replacement_mapper"]) == 1 and len(calls["build_controller"]) == 1
 
 
@@ -146,28 +147,40 @@ def test_a_plan_runs_once_and_on_its_own_inversion(tiny_pipe, files):
         request([])
 
 
-def test_batch_plans_each_edit_before_inverting(files, tmp_path, monkeypatch):
+def test_invert_decodes_each_photo_once_also_with_check(files, tmp_path, calls):
+    other = tmp_path / "other.png"
+    make_photo(seed=1).save(other)
+    r = run_main("invert", files["photo"], other, "--prompt", PROMPT, "--check", "-o", tmp_path / "out", *FAST)
+    assert_ok(r)
+    assert sorted(str(a[0]) for a in calls["load_image"]) == sorted([str(files["photo"]), str(other)])
+    assert r.stdout.count("reconstruction PSNR") == 2
+
+
+def test_batch_plans_each_edit_before_inverting_and_decodes_each_file_once(files, tmp_path, monkeypatch, calls):
     """A job whose edit cannot be made fails with its reason before any inversion is spent on it;
-    the other jobs invert once each, their photos and masks read once."""
+    the other jobs invert once each, their photos and masks decoded once."""
     import json
 
     import nulltext.inversion as inversion
 
     inverted = []
-    real = inversion.invert_many
+    real = inversion.invert_progressive
 
     def counting(pipe, images, *args, **kwargs):
-        inverted.extend(images)
+        inverted.extend(image.name for image in images)
         return real(pipe, images, *args, **kwargs)
 
-    monkeypatch.setattr(inversion, "invert_many", counting)
+    monkeypatch.setattr(inversion, "invert_progressive", counting)
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("\n".join(json.dumps(row) for row in (
         {"id": "good", "image": str(files["photo"]), "prompt": PROMPT, "targets": [SWAP], "mask": str(files["mask"])},
         {"id": "bad", "image": str(files["photo"]), "prompt": PROMPT, "targets": [SWAP], "reweight": "tiger=2"},
+        {"id": "plain", "image": str(files["photo"]), "prompt": PROMPT},
     )) + "\n")
-    r = run_main("batch", manifest, "-o", tmp_path / "out", *FAST)
+    r = run_main("batch", manifest, "-o", tmp_path / "out", "--batch-size", "4", *FAST)
     assert r.returncode == 1, describe(r)
-    assert inverted == [str(files["photo"])]  # the good job's photo alone
+    assert inverted == ["photo.png", "photo.png"]  # the good and the plain job, in one batch
     assert "bad: reweight word 'tiger' is not in the target prompt" in r.stdout
-    assert "1 of 2 jobs done" in r.stdout
+    assert "2 of 3 jobs done" in r.stdout
+    assert len(calls["load_image"]) == 3  # each job's photo decoded once (the bad one before its plan failed)
+    assert [str(a[0]) for a in calls["read_mask"]] == [str(files["mask"])]

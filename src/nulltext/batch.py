@@ -22,58 +22,64 @@ SUMMARY = ["id", "status", "reason", "image", "prompt", "targets", "folder", "ke
 
 
 def _work(pipe, out_dir: str, batch_size: int):
-    """The runner's ``work``: each job's edit is planned (checked) first, then jobs with the same
-    inversion settings invert together (invert_many batches those of one size); each is finished
-    (saved, edited) as soon as its inversion exists. A job whose plan fails is recorded without
-    spending an inversion on it."""
+    """The runner's ``work``: jobs with the same inversion settings invert together, ``batch_size``
+    at a time (invert_progressive batches those of one size). Each photo is decoded once, and each
+    job's edit planned (checked) before its inversion: a job whose photo or plan fails is recorded
+    without spending an inversion on it. A job is finished (saved, edited) as soon as its
+    inversion exists."""
     def work(jobs: list[Job], record, fail) -> None:
-        from .inversion import invert_many
+        from .image import load_image
 
         groups: dict[str, list[Job]] = {}
         for job in jobs:
             groups.setdefault(json.dumps(job.inversion.to_dict(), sort_keys=True), []).append(job)
         for group in groups.values():
-            plans, ready = [], []
-            for job in group:
-                try:
-                    plans.append(_plan(pipe, job))
-                except Exception as e:  # a target word missing, a mask of the wrong size, ...
-                    fail(job, e)
-                    continue
-                ready.append(job)
-            done: set[int] = set()
-
-            def finish(i: int, inv, ready=ready, plans=plans, done=done) -> None:
-                done.add(i)
-                try:
-                    fields = _finish(pipe, ready[i], inv, os.path.join(out_dir, ready[i].folder_name), plans[i])
-                except Exception as e:  # this job failed; the others go on
-                    fail(ready[i], e)
-                    return
-                record(ready[i], fields)
-
-            if not ready:
-                continue
-            try:
-                invert_many(pipe, [j.image for j in ready], [j.prompt for j in ready], ready[0].inversion,
-                            batch_size=batch_size, progress=False, on_result=finish)
-            except Exception as e:  # a whole batch failed (e.g. a NaN): its jobs not yet recorded
-                for i, job in enumerate(ready):
-                    if i not in done:
+            for start in range(0, len(group), batch_size):  # only a batch's photos are held decoded
+                ready, sources, plans = [], [], []
+                for job in group[start:start + batch_size]:
+                    try:
+                        source = load_image(job.image)  # the one decoding of this photo
+                        plans.append(_plan(pipe, job, source.image.size))
+                    except Exception as e:  # damaged pixels, a target word missing, a mask of the wrong size
                         fail(job, e)
+                        continue
+                    ready.append(job)
+                    sources.append(source)
+                if ready:
+                    _invert_and_finish(pipe, out_dir, ready, sources, plans, batch_size, record, fail)
 
     return work
 
 
-def _plan(pipe, job: Job):
-    """The job's edit, checked before its inversion runs (None without targets)."""
+def _invert_and_finish(pipe, out_dir, ready, sources, plans, batch_size, record, fail) -> None:
+    from .inversion import invert_progressive
+
+    done: set[int] = set()
+    try:
+        for i, inv, photo in invert_progressive(pipe, sources, [j.prompt for j in ready], ready[0].inversion,
+                                                batch_size=batch_size, progress=False, photos=True):
+            done.add(i)
+            try:
+                fields = _finish(pipe, ready[i], inv, os.path.join(out_dir, ready[i].folder_name), plans[i], photo)
+            except Exception as e:  # this job failed; the others go on
+                fail(ready[i], e)
+                continue
+            record(ready[i], fields)
+    except Exception as e:  # a whole batch failed (e.g. a NaN): its jobs not yet recorded
+        for i, job in enumerate(ready):
+            if i not in done:
+                fail(job, e)
+
+
+def _plan(pipe, job: Job, original: tuple[int, int]):
+    """The job's edit, checked before its inversion runs (None without targets); ``original``:
+    the photo's size."""
     from .editing import plan, request
-    from .image import output_size, probe
+    from .image import output_size
 
     if not job.targets:
         return None
     cfg = job.inversion
-    original = probe(job.image)
     w, h = output_size(cfg.size, original, cfg.crop, pipe.native_size, pipe.size_multiple)
     f = pipe.vae_scale_factor
     return plan(pipe, request(job.targets, job.edit, mask=job.mask), job.prompt, cfg.num_steps, (h // f, w // f),
@@ -86,11 +92,12 @@ def _optimisation_numbers(inv) -> tuple[int, float]:
     return (sum(opt.iterations) if opt else 0), (timings.total if timings else 0.0)
 
 
-def _finish(pipe, job: Job, inv, folder: str, edit_plan) -> dict:
-    """Save one job's inversion, reconstruction and edits (its planned edit); the fields of its record."""
+def _finish(pipe, job: Job, inv, folder: str, edit_plan, photo) -> dict:
+    """Save one job's inversion, reconstruction and edits (its planned edit); the fields of its
+    record, with the reconstruction's PSNR to ``photo``, the preprocessed photo it inverted."""
     from .editing import edit
     from .files import save_image
-    from .image import load_image, preprocess, psnr
+    from .image import psnr
     from .inversion import reconstruct
 
     os.makedirs(folder, exist_ok=True)
@@ -105,9 +112,8 @@ def _finish(pipe, job: Job, inv, folder: str, edit_plan) -> dict:
         images = [reconstruct(pipe, inv, progress=False)]
     edit_s = time.perf_counter() - t0
     save_image(images[0], os.path.join(folder, "reconstruction.png"), force=True)
-    target = preprocess(load_image(job.image).image, inv.image_size, inv.config.crop, pipe.size_multiple)
     iterations, invert_s = _optimisation_numbers(inv)
-    return {"status": "ok", "reason": "", "iterations": iterations, "recon_psnr": round(psnr(images[0], target), 3),
+    return {"status": "ok", "reason": "", "iterations": iterations, "recon_psnr": round(psnr(images[0], photo), 3),
             "invert_s": round(invert_s, 3), "edit_s": round(edit_s, 3)}
 
 

@@ -312,13 +312,15 @@ def process_state():
 
 
 def _unreadable(job: Job) -> str:
-    """Why the job cannot start (its photo or mask cannot be read), or ''."""
-    from .image import load_image, read_mask
+    """Why the job cannot start (its photo's or mask's file is missing or not an image), or ''.
+    Headers only: the work decodes each file once, and a file whose pixels are damaged fails its
+    job there."""
+    from .image import probe
 
     try:
-        load_image(job.image)
+        probe(job.image)
         if job.mask:
-            read_mask(job.mask)
+            probe(job.mask, "mask")
     except NulltextError as e:
         return str(e)
     return ""

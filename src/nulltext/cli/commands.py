@@ -46,8 +46,8 @@ def _invert_outputs(args) -> list[str]:
 
 def cmd_invert(args) -> int:
     from ..files import check_writable
-    from ..image import load_image
-    from ..inversion import invert_many
+    from ..image import probe
+    from ..inversion import invert_progressive
     from ..text import check_prompt
 
     config = _inversion_config(args, args.method)
@@ -60,11 +60,11 @@ def cmd_invert(args) -> int:
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
-    for image in args.image:  # fail on a bad image before loading a model (decoded one at a time, not kept)
-        load_image(image)
+    for image in args.image:  # a bad image fails before the model loads (its header: it is decoded once, later)
+        probe(image)
     pipe = _load_pipe(args, args.model)
 
-    def done(index: int, inv) -> None:  # each file is written as soon as its batch is done
+    def done(index: int, inv, photo) -> None:  # each file is written as soon as its batch is done
         name, output = args.image[index], outputs[index]
         inv.save(output, force=args.force, reproducible=args.reproducible)
         opt, w, h = inv.optimisation, *inv.image_size
@@ -78,20 +78,21 @@ def cmd_invert(args) -> int:
         else:
             line += f": {inv.num_steps} steps, no optimisation"
         if args.check:
-            from ..image import preprocess, psnr
+            from ..image import psnr
             from ..inversion import reconstruct
 
-            target = preprocess(load_image(name).image, inv.image_size, inv.config.crop, pipe.size_multiple)
             with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
                 warnings.simplefilter("ignore", NulltextWarning)
                 image = reconstruct(pipe, inv, progress=not args.quiet)
-            line += f", reconstruction PSNR {psnr(image, target):.2f} dB"
+            line += f", reconstruction PSNR {psnr(image, photo):.2f} dB"
         print(line)
         print(f"wrote {output}", flush=True)
 
     try:
-        invert_many(pipe, list(args.image), prompts, config, batch_size=args.batch_size, progress=not args.quiet,
-                    on_result=done)
+        # the preprocessed photos kept only for --check (queued photos are not held in memory otherwise)
+        for index, inv, *photo in invert_progressive(pipe, list(args.image), prompts, config, batch_size=args.batch_size,
+                                                     progress=not args.quiet, photos=args.check):
+            done(index, inv, photo[0] if photo else None)
     except Exception as e:
         if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise NulltextError(f"--compile failed on this machine ({one_line(e)}); run without --compile") from None
@@ -172,10 +173,11 @@ def cmd_info(args) -> int:
 
 
 def _timesteps(inv) -> list[int]:
-    from ..ddim import Schedule
-    from ..ddim import make_scheduler
+    """The timesteps of the file's steps, from the sampler of the family it was made with."""
+    from .. import families
 
-    return list(Schedule.from_scheduler(make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
+    sampler = families.get(inv.model.family).sampler
+    return list(sampler.schedule(sampler.make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
 
 
 def _is_inversion_path(path: str) -> bool:

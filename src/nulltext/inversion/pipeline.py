@@ -69,11 +69,13 @@ def invert_many(
 @dataclass
 class _Prepared:
     """One image ready to invert: what its file records of the photo, its latent and prompt
-    embedding (the decoded photo itself is not kept: many photos can be queued)."""
+    embedding (the decoded photo itself is not kept: many photos can be queued; its preprocessed
+    copy, a fraction of its size, where the caller wants it)."""
 
     index: int
     image: ImageRecord
     size: tuple[int, int]  # preprocessed (width, height)
+    photo: object  # the preprocessed photo (PIL) where the caller asked for it, else None
     z0: Tensor
     prompt: str
     cond: Tensor
@@ -88,9 +90,12 @@ def invert_progressive(
     batch_size: int = 4,
     progress: bool = True,
     loss_scaling: bool | None = None,
-) -> Iterator[tuple[int, Inversion]]:
+    photos: bool = False,
+) -> Iterator[tuple]:
     """Invert several images as :func:`invert_many` does, yielding ``(i, inversion)`` for image i
-    as soon as its batch is done (batches in order of first appearance of their image size).
+    as soon as its batch is done (batches in order of first appearance of their image size); with
+    ``photos``, ``(i, inversion, photo)``: the preprocessed photo it inverted (PIL), so that a
+    caller compares the reconstruction with it without decoding the file again.
 
     The images of a batch run through the UNet together, one call per DDIM step and per Adam
     iteration, with their own null embeddings, Adam state and early stop: each image gets the
@@ -129,11 +134,11 @@ def invert_progressive(
                       NulltextWarning, stacklevel=2)
     if loss_scaling is None:
         loss_scaling = pipe.dtype == torch.float16
-    return _progressive(pipe, images, prompts, config, batch_size, progress, loss_scaling)
+    return _progressive(pipe, images, prompts, config, batch_size, progress, loss_scaling, photos)
 
 
 def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig, batch_size: int, progress: bool,
-                 loss_scaling: bool) -> Iterator[tuple[int, Inversion]]:
+                 loss_scaling: bool, photos: bool) -> Iterator[tuple]:
     from .. import image as image_mod
     from ..text import encode_null, encode_prompt
 
@@ -149,8 +154,8 @@ def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig
         z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
         record = ImageRecord(name=source.name, sha256=source.sha256, original_size=tuple(source.image.size),
                              original_mode=source.original_mode)
-        item = _Prepared(index, record, tuple(pixels.size), z0, prompt, encode_prompt(pipe, prompt),
-                         time.perf_counter() - t0)
+        item = _Prepared(index, record, tuple(pixels.size), pixels if photos else None, z0, prompt,
+                         encode_prompt(pipe, prompt), time.perf_counter() - t0)
         del source, pixels
         groups.setdefault(tuple(z0.shape), []).append(item)
     try:
@@ -159,7 +164,7 @@ def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig
                 for start in range(0, len(items), batch_size):
                     batch = items[start:start + batch_size]
                     for item, inv in zip(batch, _invert_batch(pipe, batch, null0, config, progress, loss_scaling)):
-                        yield item.index, inv
+                        yield (item.index, inv, item.photo) if photos else (item.index, inv)
                     outer.update(len(batch))
     finally:
         outer.close()
