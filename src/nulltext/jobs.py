@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import EditConfig, InversionConfig, manifest_columns
-from .errors import NulltextError, one_line
+from .errors import NulltextError, is_out_of_memory, one_line
 from .files import atomic_write, slug
 from .text import check_prompt
 
@@ -388,7 +388,7 @@ def run(jobs: list[Job], work: Callable, store: ResultStore, fingerprint: dict, 
 
     def fail(job: Job, error) -> None:
         reason = error if isinstance(error, str) else one_line(error)
-        if "out of memory" in reason.lower():
+        if not isinstance(error, str) and is_out_of_memory(error):
             import torch
 
             if torch.cuda.is_available():

@@ -21,7 +21,7 @@ import uuid
 
 import numpy as np
 
-from .errors import NulltextError
+from .errors import NulltextError, is_out_of_memory
 
 MAX_UPLOAD = "25mb"  # per uploaded file, enforced by Gradio before any handler runs
 MAX_PIXELS = 4096 * 4096  # photos above this many pixels are refused
@@ -142,7 +142,7 @@ class App:
             import traceback
 
             traceback.print_exc()
-            if "out of memory" in str(e).lower():
+            if is_out_of_memory(e):
                 raise gr.Error("out of memory: try a smaller size, or fewer target prompts", print_exception=False) from None
             raise gr.Error(f"the job failed ({type(e).__name__}: {scrub(str(e).strip().splitlines()[0][:160]) if str(e).strip() else ''})",
                            print_exception=False) from None
