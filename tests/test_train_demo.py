@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nulltext import load_pipeline
+from nulltext.demo import train_data, train_losses, train_stages
 
 SMALL = ["--train-scenes", "16", "--batch", "2", "--vae-steps", "3", "--ckpt-every", "2",
          "--sample-steps", "1", "--threads", "1"]
@@ -48,18 +49,18 @@ def test_training_writes_a_model_nulltext_loads_with_plots(straight):
 
 @pytest.mark.slow  # a training run
 def test_an_interrupted_run_resumes_to_the_same_weights(train, straight, tmp_path, monkeypatch, capsys):
-    save = train.save_ckpt
+    save = train_stages.save_ckpt
 
     def save_then_die(path, **state):
         save(path, **state)
         if "unet" in state and state["step"] == 2:
             raise KeyboardInterrupt  # killed right after the UNet's step-2 checkpoint
 
-    monkeypatch.setattr(train, "save_ckpt", save_then_die)
+    monkeypatch.setattr(train_stages, "save_ckpt", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(["-o", str(tmp_path), "--unet-steps", "3", *SMALL])
     assert not (tmp_path / "model").exists()
-    monkeypatch.setattr(train, "save_ckpt", save)
+    monkeypatch.setattr(train_stages, "save_ckpt", save)
     capsys.readouterr()
     train.main(["-o", str(tmp_path), "--unet-steps", "3", *SMALL])  # the same command resumes
     assert "resuming UNet at step 2" in capsys.readouterr().out
@@ -93,14 +94,14 @@ def one_image_maps():
     return regions, roles, p / p.sum(-1, keepdim=True)
 
 
-def test_grounding_loss_hand_computed(train):
+def test_grounding_loss_hand_computed():
     regions, roles, probs = one_image_maps()
     a = probs.mean(1)[0]  # (Q, K) averaged over heads
     obj, bg = regions[0, 0].flatten(), regions[0, 2].flatten()
     inside1 = (a[:, 1] * obj).sum() / a[:, 1].sum()
     inside2 = (a[:, 2] * bg).sum() / a[:, 2].sum()
     expected = ((1 - inside1) + (1 - inside2)) / 2
-    got = train.grounding_loss([probs, probs], regions, roles)  # two layers, same maps
+    got = train_losses.grounding_loss([probs, probs], regions, roles)  # two layers, same maps
     assert torch.allclose(got, expected, atol=1e-6)
     # a token attending only inside its region costs nothing; one attending only outside costs 1
     perfect = torch.zeros(1, 1, 4, 3)
@@ -109,15 +110,15 @@ def test_grounding_loss_hand_computed(train):
     perfect[0, 0, 3, 0] = 1.0  # token 0 has no region: ignored
     perfect[0, 0, 3, 2] = 0.0
     roles_obj = torch.tensor([[-1, 0, -1]], dtype=torch.int8)
-    assert train.grounding_loss([perfect], regions, roles_obj).item() == pytest.approx(0.0)
+    assert train_losses.grounding_loss([perfect], regions, roles_obj).item() == pytest.approx(0.0)
     roles_wrong = torch.tensor([[-1, 2, -1]], dtype=torch.int8)  # token 1 said to name the background
-    assert train.grounding_loss([perfect], regions, roles_wrong).item() == pytest.approx(1.0)
+    assert train_losses.grounding_loss([perfect], regions, roles_wrong).item() == pytest.approx(1.0)
     # at a coarser layer the regions are averaged down (4x4 -> 2x2)
     big = regions.repeat_interleave(2, -1).repeat_interleave(2, -2)
-    assert torch.allclose(train.grounding_loss([probs], big, roles), expected, atol=1e-6)
+    assert torch.allclose(train_losses.grounding_loss([probs], big, roles), expected, atol=1e-6)
 
 
-def test_grounding_pixel_loss_hand_computed(train):
+def test_grounding_pixel_loss_hand_computed():
     regions, roles, probs = one_image_maps()
     a = probs.mean(1)[0]  # (Q, K)
 
@@ -126,7 +127,7 @@ def test_grounding_pixel_loss_hand_computed(train):
 
     obj, bg = regions[0, 0].flatten(), regions[0, 2].flatten()
     expected = (bce(a[:, 1], obj).mean() + bce(a[:, 2], bg).mean()) / 2
-    got = train.grounding_pixel_loss([probs, probs], regions, roles)
+    got = train_losses.grounding_pixel_loss([probs, probs], regions, roles)
     assert torch.allclose(got, expected, atol=1e-5)
     # two images with different numbers of grounded tokens, two layers of different sizes (2x2 and
     # 1x1, where the regions are averaged down): mean over each layer's grounded tokens, then layers
@@ -148,7 +149,7 @@ def test_grounding_pixel_loss_hand_computed(train):
                 terms.append(bce(probs_l[b].mean(0)[:, k], cover).mean())
         per_layer.append(torch.stack(terms).mean())
     expected2 = torch.stack(per_layer).mean()
-    assert torch.allclose(train.grounding_pixel_loss(layers, regions2, roles2), expected2, atol=1e-5)
+    assert torch.allclose(train_losses.grounding_pixel_loss(layers, regions2, roles2), expected2, atol=1e-5)
     # a word attended by every pixel of its region and by none outside costs (almost) nothing; a map
     # that puts the same mass on one pixel of the region (what grounding_loss alone accepts) costs more
     hard = torch.zeros(1, 3, 2, 2)
@@ -160,20 +161,20 @@ def test_grounding_pixel_loss_hand_computed(train):
     peaked = covering.clone()
     peaked[0, 0, 1] = torch.tensor([1.0, 0.0, 0.0])  # the second object pixel attends elsewhere
     roles_obj = torch.tensor([[-1, 0, -1]], dtype=torch.int8)
-    assert train.grounding_loss([peaked], hard, roles_obj).item() == pytest.approx(0.0)  # all mass inside
-    assert train.grounding_pixel_loss([covering], hard, roles_obj).item() == pytest.approx(0.0, abs=1e-4)
-    assert train.grounding_pixel_loss([peaked], hard, roles_obj).item() > 3.0  # -log(1e-6) / 4
+    assert train_losses.grounding_loss([peaked], hard, roles_obj).item() == pytest.approx(0.0)  # all mass inside
+    assert train_losses.grounding_pixel_loss([covering], hard, roles_obj).item() == pytest.approx(0.0, abs=1e-4)
+    assert train_losses.grounding_pixel_loss([peaked], hard, roles_obj).item() > 3.0  # -log(1e-6) / 4
 
 
 @pytest.mark.parametrize("pairs", [False, True])
-def test_token_roles_name_the_caption_words(train, pairs):
+def test_token_roles_name_the_caption_words(pairs):
     from transformers import CLIPTokenizer
 
     from nulltext import demo
     from nulltext.demo import scenes
 
     tokenizer = CLIPTokenizer.from_pretrained(demo.DEMO_DIR, subfolder="tokenizer")
-    x, captions, regions, roles = train.make_dataset(4, 7, pairs=pairs)
+    x, captions, regions, roles = train_data.make_dataset(4, 7, pairs=pairs)
     made = list((scenes.pair_scenes if pairs else scenes.scenes)(4, 7))
     for s, caption, reg, role in zip(made, captions, regions, roles):
         words = [w.replace("</w>", "") for w in tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)]
@@ -189,7 +190,7 @@ def test_token_roles_name_the_caption_words(train, pairs):
         assert torch.allclose(reg.float().sum(0), torch.ones(16, 16), atol=1e-3)
 
 
-def test_grounding_processor_is_plain_attention_and_keeps_the_maps(train):
+def test_grounding_processor_is_plain_attention_and_keeps_the_maps():
     from diffusers import UNet2DConditionModel
 
     from nulltext import demo
@@ -200,7 +201,7 @@ def test_grounding_processor_is_plain_attention_and_keeps_the_maps(train):
     t = torch.tensor([500, 20])
     with torch.no_grad():
         plain = unet(z, t, encoder_hidden_states=emb).sample
-        store, previous = train.install_grounding(unet)
+        store, previous = train_losses.install_grounding(unet)
         kept = unet(z, t, encoder_hidden_states=emb).sample
     assert torch.allclose(plain, kept, atol=1e-5)
     n_cross = sum(name.endswith("attn2.processor") for name in previous)
@@ -211,7 +212,7 @@ def test_grounding_processor_is_plain_attention_and_keeps_the_maps(train):
     assert sorted({p.shape[2] for p in store}) == [16, 64, 256]  # 4x4 mid, 8x8 and 16x16 levels
 
 
-def test_composite_batch_takes_the_masked_cells_from_the_other_image(train):
+def test_composite_batch_takes_the_masked_cells_from_the_other_image():
     from diffusers import AutoencoderKL
 
     from nulltext import demo
@@ -222,7 +223,7 @@ def test_composite_batch_takes_the_masked_cells_from_the_other_image(train):
     masks = torch.zeros(3, 1, 16, 16)
     masks[0, 0, 2:6, 3:9] = 1  # image 0 takes these cells from image perm[0] = 2
     perm = torch.tensor([2, 0, 1])
-    z_mix, x_mix, weight = train.composite_batch(vae, x, masks, perm, torch.Generator().manual_seed(1))
+    z_mix, x_mix, weight = train_data.composite_batch(vae, x, masks, perm, torch.Generator().manual_seed(1))
     with torch.no_grad():
         post = vae.encode(x).latent_dist
     z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(1))
@@ -251,7 +252,7 @@ def test_decoder_stage_keeps_the_encoder_and_makes_decoding_more_local(train, st
 
 
 @pytest.mark.slow  # a training run
-def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straight):
+def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(straight):
     """--calibrate-guidance W --calibrate-to K: for captioned rows, guidance at W on a conditional
     prediction equal to the target is guidance K on the true noise; empty-caption rows keep the
     plain target; K = W is plain training. eps_u is computed here independently of the script."""
@@ -265,12 +266,12 @@ def test_calibrated_target_makes_guidance_act_as_the_chosen_scale(train, straigh
     with torch.no_grad():
         eps_u = unet(zt, t, encoder_hidden_states=text_encoder(empty_ids[None].repeat(3, 1))[0]).sample
     for k in (1.0, 2.0):
-        target = train.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, k)
+        target = train_losses.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, k)
         guided = eps_u + 7.5 * (target - eps_u)
         torch.testing.assert_close(guided[~drop], (eps_u + k * (eps - eps_u))[~drop], atol=1e-4, rtol=0)
         assert torch.equal(target[drop], eps[drop])
         assert not torch.allclose(target[~drop], eps[~drop], atol=1e-3)  # the target did move
-    torch.testing.assert_close(train.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, 7.5), eps)
+    torch.testing.assert_close(train_losses.calibrated_target(unet, text_encoder, zt, t, eps, empty_ids, drop, 7.5, 7.5), eps)
 
 
 @pytest.mark.slow  # a training run
@@ -295,19 +296,19 @@ def test_min_snr_weights_hand_computed(train, straight):
     abar = sched.alphas_cumprod[t].double()
     snr = abar / (1 - abar)
     expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
-    got = train.min_snr_weights(sched, t, 5.0)
+    got = train_losses.min_snr_weights(sched, t, 5.0)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=0)
     assert got[-1] == 1.0 and got[0] < 0.01 and (got[:-1] <= 1).all()
 
 
-def test_sample_indices_default_is_uniform_and_pair_fraction_splits(train):
+def test_sample_indices_default_is_uniform_and_pair_fraction_splits():
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     # the default draws exactly what the script drew before the option existed
-    assert torch.equal(train.sample_indices(100, 64, g1, 40, None), torch.randint(100, (64,), generator=g2))
+    assert torch.equal(train_data.sample_indices(100, 64, g1, 40, None), torch.randint(100, (64,), generator=g2))
     g = torch.Generator().manual_seed(0)
-    assert (train.sample_indices(100, 500, g, 40, 0.0) < 40).all()
-    assert (train.sample_indices(100, 500, g, 40, 1.0) >= 40).all()
-    rows = train.sample_indices(100, 4000, g, 40, 0.25)
+    assert (train_data.sample_indices(100, 500, g, 40, 0.0) < 40).all()
+    assert (train_data.sample_indices(100, 500, g, 40, 1.0) >= 40).all()
+    rows = train_data.sample_indices(100, 4000, g, 40, 0.25)
     assert 0.22 < (rows >= 40).float().mean() < 0.28 and rows.min() >= 0 and rows.max() < 100
 
 
@@ -324,7 +325,7 @@ def test_snr_gamma_and_pair_fraction_train_and_are_logged(train, straight, tmp_p
 
 
 @pytest.mark.slow  # a training run
-def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(train, straight):
+def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(straight):
     """--calibrate-teacher: for captioned rows, guidance at W on a conditional prediction equal to
     the target, with the teacher's own unconditional branch, is the teacher guided at K; empty-caption
     rows keep the true noise; K = W gives the teacher's conditional prediction. The teacher's two
@@ -347,16 +348,16 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
         t_c = torch.stack([pred(i, rows[i]) for i in range(3)])
         t_u = torch.stack([pred(i, empty_ids) for i in range(3)])
     for k in (1.0, 2.0, 7.5):
-        target = train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k)
+        target = train_losses.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k)
         guided = t_u + 7.5 * (target - t_u)
         torch.testing.assert_close(guided[~drop], (t_u + k * (t_c - t_u))[~drop], atol=1e-4, rtol=0)
         assert torch.equal(target[drop], eps[drop])
         # --teacher-empty: the same captioned rows, the empty-caption row takes the teacher's unconditional prediction
-        anchored = train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k, True)
+        anchored = train_losses.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, k, True)
         torch.testing.assert_close(anchored[~drop], target[~drop], atol=1e-6, rtol=0)
         torch.testing.assert_close(anchored[drop], t_u[drop], atol=1e-5, rtol=0)
         assert not torch.allclose(anchored[drop], eps[drop], atol=1e-2)
-    torch.testing.assert_close(train.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, 7.5)[~drop],
+    torch.testing.assert_close(train_losses.teacher_target(unet, text_encoder, zt, t, eps, rows, empty_ids, drop, 7.5, 7.5)[~drop],
                                t_c[~drop], atol=1e-5, rtol=0)
 
 
@@ -364,14 +365,14 @@ def test_teacher_target_makes_guidance_act_as_the_teacher_at_the_chosen_scale(tr
 def test_calibrate_teacher_trains_keeps_the_teacher_frozen_and_is_logged(train, straight, tmp_path, monkeypatch):
     before = weights(straight / "model")
     seen = []
-    real = train.teacher_target
+    real = train_losses.teacher_target
 
     def spy(teacher_unet, teacher_text, *rest):  # the teacher at every step: still the --init-from weights
         seen.append(all(torch.equal(v, before[f"unet.{k}"]) for k, v in teacher_unet.state_dict().items())
                     and all(torch.equal(v, before[f"text_encoder.{k}"]) for k, v in teacher_text.state_dict().items()))
         return real(teacher_unet, teacher_text, *rest)
 
-    monkeypatch.setattr(train, "teacher_target", spy)
+    monkeypatch.setattr(train_stages, "teacher_target", spy)  # as the UNet stage calls it
     train.main(["-o", str(tmp_path), "--init-from", str(straight / "model"), "--unet-steps", "2",
                 "--calibrate-guidance", "7.5", "--calibrate-to", "2", "--calibrate-teacher",
                 "--ground-weight", "0.1", "--ema-decay", "0.5", *SMALL])
