@@ -1,14 +1,20 @@
-"""How the package is put together: no import cycle between its modules (lazy imports inside
-functions included), and the demo model's pieces live in one sub-package."""
+"""How the package is put together (docs/architecture.md): its modules in layers that import only
+downwards (lazy imports inside functions included), no import cycle, the file format free of model
+code, no family named outside the model-facing layer, modules of a readable size, and the demo
+model's pieces in one sub-package."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import sys
+
+import pytest
 
 import nulltext
 
 ROOT = pathlib.Path(nulltext.__file__).parent
+MAX_LINES = 500
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -16,13 +22,20 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Every module of the package -> the package modules it imports anywhere in its code."""
-    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
+def _modules() -> dict[str, pathlib.Path]:
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def import_edges() -> dict[str, list[tuple[str, int]]]:
+    """Every module of the package -> (the package module it imports, the line) for each import
+    anywhere in its code: at the top, inside functions, under TYPE_CHECKING. (Modules imported by
+    name through importlib, as the family registry and the package's lazy attributes do, are not
+    seen.)"""
+    modules = _modules()
+    out: dict[str, list[tuple[str, int]]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        edges: set[str] = set()
+        edges: list[tuple[str, int]] = []
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -35,9 +48,159 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            edges |= {t for t in targets if t in modules and t != name}
-        graph[name] = edges
-    return graph
+            edges += [(t, node.lineno) for t in targets if t in modules and t != name]
+        out[name] = edges
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package modules it imports anywhere in its code."""
+    return {name: {t for t, _ in edges} for name, edges in import_edges().items()}
+
+
+def third_party_imports() -> dict[str, set[str]]:
+    """Every module of the package -> the top-level names of what it imports from outside the
+    package and the standard library (torch, diffusers, ...), anywhere in its code."""
+    out: dict[str, set[str]] = {}
+    for name, path in _modules().items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+        out[name] = {n for n in found if n != "nulltext" and n not in sys.stdlib_module_names}
+    return out
+
+
+def _where(module: str) -> str:
+    path = _modules()[module]
+    return str(path.relative_to(ROOT.parent.parent) if ROOT.parent.name == "src" else path)
+
+
+# The layers of docs/architecture.md, lowest first. A module may import modules of its own layer
+# (the cycle test keeps those acyclic) and of the layers below it, never one above. An entry names
+# a module and, for a package, everything under it (with a final *, every module whose name starts
+# so); the longest entry that names a module gives its layer ("nulltext" alone is the package's own
+# __init__: its lazy public names).
+LAYERS: dict[str, tuple[str, ...]] = {
+    # no model components: configs and their options, errors, output files, the model fingerprint,
+    # Prompt-to-Prompt's token alignment and controllers, the samplers' step math and loops, pictures
+    "core": ("nulltext.errors", "nulltext.options", "nulltext.config", "nulltext.files", "nulltext.fingerprint",
+             "nulltext.alignment", "nulltext.controllers", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
+    # a checkpoint's components and what runs them: loading, the families, text and images through
+    # the pipeline, the attention processors, the tiny and demo models
+    "model": ("nulltext.hub", "nulltext.families", "nulltext.models", "nulltext.tiny", "nulltext.demo",
+              "nulltext.text", "nulltext.image", "nulltext.processors"),
+    # the algorithms on a loaded pipeline, and the inversion file
+    "library": ("nulltext.storage", "nulltext.inversion", "nulltext.editing"),
+    "api": ("nulltext",),
+    # many jobs from a manifest
+    "runners": ("nulltext.jobs", "nulltext.batch", "nulltext.evaluation", "nulltext.pie_bench"),
+    # what a person runs: the command line, the web UI, plots, the demo model's training
+    "front-ends": ("nulltext.cli", "nulltext.__main__", "nulltext.ui", "nulltext.plots", "nulltext.demo.train*"),
+}
+RANK = {layer: i for i, layer in enumerate(LAYERS)}
+
+
+def layer_of(module: str) -> str | None:
+    best, best_len = None, -1
+    for layer, entries in LAYERS.items():
+        for entry in entries:
+            if entry.endswith("*"):
+                covers = module.startswith(entry[:-1])
+            else:
+                covers = module == entry or (entry != "nulltext" and module.startswith(entry + "."))
+            if covers and len(entry) > best_len:
+                best, best_len = layer, len(entry)
+    return best
+
+
+def test_the_layer_table_reads_as_documented():
+    assert layer_of("nulltext") == "api" and layer_of("nulltext.storage.format") == "library"
+    assert layer_of("nulltext.demo.scenes") == "model" and layer_of("nulltext.demo.train") == "front-ends"
+    assert layer_of("nulltext.demo.train_stages") == "front-ends" and layer_of("nulltext.demo") == "model"
+    assert layer_of("nulltext.samplers.ddim") == "core" and layer_of("nulltext.newthing") is None
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for entries in LAYERS.values():  # each entry is named in the document's table
+        for entry in entries:
+            assert f"`{entry if entry == 'nulltext' else entry.removeprefix('nulltext.')}" in text, entry
+
+
+def test_every_module_has_a_layer():
+    """A new module is placed in a layer here and in docs/architecture.md."""
+    missing = sorted(m for m in import_graph() if layer_of(m) is None)
+    assert not missing, f"add these modules to LAYERS and docs/architecture.md: {missing}"
+
+
+def upward_imports(edges: dict[str, list[tuple[str, int]]]) -> list[str]:
+    """Each import of a higher layer's module, as 'module:line: ...' (a module without a layer is
+    test_every_module_has_a_layer's to report)."""
+    return [f"{module}:{line}: {module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+            for module, targets in sorted(edges.items()) for target, line in targets
+            if layer_of(module) and layer_of(target) and RANK[layer_of(target)] > RANK[layer_of(module)]]
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert upward_imports({"nulltext.controllers": [("nulltext.processors", 7), ("nulltext.errors", 8)],
+                           "nulltext.cli.commands": [("nulltext.models", 17)]}) == [
+        "nulltext.controllers:7: nulltext.controllers (core) imports nulltext.processors (model)"]
+
+
+def test_layers_import_only_downwards():
+    """A lower layer never imports a higher one, not even lazily inside a function."""
+    bad = upward_imports(import_edges())
+    assert not bad, "\n".join(f"{_where(b.split(':')[0])}:{b.split(':', 1)[1]}" for b in bad)
+
+
+def test_the_core_loads_no_model_library():
+    """The core runs on plain tensors and text: no diffusers, transformers or hub client. The one
+    exception is a sampler module's make_scheduler (samplers/ddim.py: diffusers' DDIMScheduler),
+    which builds its scheduler from a config, no weights: the sampler interface hands it to a family."""
+    model_libraries = {"diffusers", "transformers", "huggingface_hub", "accelerate", "gradio", "safetensors"}
+    imports = third_party_imports()
+    core = [m for m in imports if layer_of(m) == "core"]
+    assert {"nulltext.controllers", "nulltext.samplers", "nulltext.samplers.ddim"} <= set(core)
+    for module in core:
+        allowed = {"diffusers"} if module.startswith("nulltext.samplers.") else set()
+        assert not (imports[module] & model_libraries) - allowed, (module, imports[module])
+
+
+def test_the_inversion_file_imports_no_model_code():
+    """storage (the Inversion and its file) reads and checks files without a model: everything it
+    imports, directly or through others, is storage itself and config, options, errors, files and
+    the pure fingerprint comparison; outside the package only torch (tensors) and safetensors."""
+    graph, imports = import_graph(), third_party_imports()
+    storage = {m for m in graph if m == "nulltext.storage" or m.startswith("nulltext.storage.")}
+    assert "nulltext.storage" in storage
+    reached, todo = set(), list(storage)
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += graph[module]
+    allowed = storage | {f"nulltext.{m}" for m in ("config", "options", "errors", "files", "fingerprint")}
+    assert reached <= allowed, sorted(reached - allowed)
+    outside = set().union(*(imports[m] for m in reached))
+    assert outside <= {"torch", "safetensors"}, sorted(outside)
+    assert "safetensors" in outside  # the check sees the file library's (lazy) import
+
+
+def test_the_pure_optimisation_imports_only_the_core():
+    """inversion.optimise is the algorithms over an eps callable: a test runs them on a fake model."""
+    graph = import_graph()
+    assert all(layer_of(m) == "core" for m in graph["nulltext.inversion.optimise"]), graph["nulltext.inversion.optimise"]
+
+
+def _long_modules() -> dict[str, int]:
+    return {_where(m): n for m, p in sorted(_modules().items())
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+
+
+def test_no_module_is_over_500_lines():
+    """A module past 500 lines holds more than one concern: split it into a package (as cli,
+    editing, inversion and storage were)."""
+    assert not _long_modules(), f"modules over {MAX_LINES} lines: {_long_modules()}"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -118,7 +281,5 @@ def test_import_is_light_and_submodules_are_reachable_as_attributes():
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
-    import pytest
-
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         nulltext.nope  # noqa: B018
