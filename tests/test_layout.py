@@ -283,3 +283,111 @@ def test_import_is_light_and_submodules_are_reachable_as_attributes():
     assert r.stdout.strip() == "[]"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         nulltext.nope  # noqa: B018
+
+
+# What a function may import lazily: what makes a module slow to import or heavy in memory. ``import
+# nulltext`` and the command line's --help and usage errors answer without them.
+HEAVY = {"torch", "diffusers", "transformers", "huggingface_hub", "accelerate", "safetensors", "gradio",
+         "gradio_client", "matplotlib", "torchmetrics", "torchvision", "PIL", "numpy", "tqdm", "skimage"}
+# function-level imports kept on purpose, with the reason
+LAZY_BY_DESIGN = {
+    ("nulltext.models", "nulltext.tiny"): "the random model is built only when a user names --model tiny",
+    ("nulltext.models", "nulltext.demo"): "the demo model is reached only when a user names --model demo",
+    ("nulltext.evaluation", "resource"): "POSIX only",
+}
+
+
+def _top_and_lazy_imports() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, int]]]]:
+    """Per module: what it imports at module level (package modules and top-level names of others;
+    TYPE_CHECKING blocks left out), and what its functions import, with lines."""
+    modules = _modules()
+    top: dict[str, set[str]] = {}
+    lazy: dict[str, list[tuple[str, int]]] = {}
+
+    def targets(name: str, path: pathlib.Path, node) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        base = package
+        for _ in range(max(node.level - 1, 0)):
+            base = base.rpartition(".")[0]
+        base = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found: set[str] = set()
+
+        def module_level(statements):
+            for node in statements:
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found.update(targets(name, path, node))
+                elif isinstance(node, ast.If) and not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                    module_level(node.body)
+                    module_level(node.orelse)
+                elif isinstance(node, ast.Try):
+                    module_level(node.body)
+                    for handler in node.handlers:
+                        module_level(handler.body)
+
+        module_level(tree.body)
+        top[name] = {t if t in modules else t.split(".")[0] for t in found}
+        lazy[name] = [(t if t in modules else t.split(".")[0], node.lineno)
+                      for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))
+                      for t in targets(name, path, node)]
+    return top, lazy
+
+
+def leftover_lazy_imports() -> list[str]:
+    """Function-level imports that could be at the top without making their module heavier: a
+    package module whose module-level imports bring no heavy library the importing module does
+    not already load (and that would not form a cycle), a heavy library the module already loads,
+    or a standard-library module."""
+    top, lazy = _top_and_lazy_imports()
+
+    def closure(module: str) -> set[str]:
+        seen, todo = set(), [module]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(top.get(m, ()))
+        return seen
+
+    def heavy(module: str) -> set[str]:
+        return {m for m in closure(module) if m in HEAVY}
+
+    out = []
+    for module, imports in lazy.items():
+        for target, line in imports:
+            if target == "nulltext" or (module, target) in LAZY_BY_DESIGN or (
+                    (module, target.rpartition(".")[0]) in LAZY_BY_DESIGN):
+                continue
+            if target in top:  # a package module
+                leftover = module not in closure(target) and heavy(target) <= heavy(module)
+            else:
+                leftover = target in heavy(module) or target not in HEAVY and target in sys.stdlib_module_names
+            if leftover:
+                out.append(f"{_modules()[module].relative_to(ROOT.parent)}:{line}: {target}")
+    return out
+
+
+def test_lazy_imports_are_only_of_heavy_modules():
+    """Importing inside a function defers what is slow or big to load (torch, diffusers, gradio,
+    matplotlib, ...): anything else belongs at the top of its module."""
+    leftovers = leftover_lazy_imports()
+    assert not leftovers, "imports inside functions that belong at the top:\n" + "\n".join(leftovers)
+
+
+def test_the_lazy_import_check_finds_a_leftover(monkeypatch):
+    real = _top_and_lazy_imports
+
+    def with_leftover():
+        top, lazy = real()
+        lazy["nulltext.jobs"] = [*lazy["nulltext.jobs"], ("nulltext.files", 1), ("re", 2), ("torch", 3)]
+        return top, lazy
+
+    monkeypatch.setattr(sys.modules[__name__], "_top_and_lazy_imports", with_leftover)
+    found = leftover_lazy_imports()
+    assert [f.rsplit(": ", 1)[1] for f in found] == ["nulltext.files", "re", "torch"]

@@ -14,7 +14,7 @@ import json
 import os
 import time
 
-from .files import atomic_write, edit_file_name
+from .files import atomic_write, edit_file_name, save_image
 from .jobs import Job, ResultStore, run
 
 SUMMARY = ["id", "status", "reason", "image", "prompt", "targets", "folder", "key", "iterations", "recon_psnr",
@@ -96,7 +96,6 @@ def _finish(pipe, job: Job, inv, folder: str, edit_plan, photo) -> dict:
     """Save one job's inversion, reconstruction and edits (its planned edit); the fields of its
     record, with the reconstruction's PSNR to ``photo``, the preprocessed photo it inverted."""
     from .editing import edit
-    from .files import save_image
     from .image import psnr
     from .inversion import reconstruct
 

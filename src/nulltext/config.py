@@ -8,12 +8,25 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from .errors import NulltextError
 from . import options as cells  # the manifest cells' parsers (name, value) -> value
-from .options import (MAX_SIZE, Widget, cross_spec, fraction_or_range, nonneg_float, nonneg_int, option,
-                      parse_size, positive_float, positive_int, reweight_pairs, words)
+from .errors import NulltextError
+from .options import (
+    MAX_SIZE,
+    Widget,
+    cross_spec,
+    fraction_or_range,
+    nonneg_float,
+    nonneg_int,
+    option,
+    parse_reweight,  # noqa: F401  (part of this module's API: the web UI's reweight text)
+    parse_size,
+    positive_float,
+    positive_int,
+    reweight_pairs,
+    words,
+)
 from .options import crop as parse_crop
-from .options import parse_reweight  # noqa: F401  (part of this module's API: the web UI's reweight text)
+from .options import manifest_columns as columns
 
 # the checkpoint nulltext loads when none is named (a Hugging Face hub id)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -87,8 +100,6 @@ class SchedulerConfig:
         PNDM for SD 1.x, DDIM or Euler for others) is ``config``: its noise schedule, timestep
         spacing, offset and prediction type, with the release's ``clip_sample=False,
         set_alpha_to_one=False``. For SD 1.x this is exactly the default configuration."""
-        from .errors import NulltextError
-
         kind = str(config.get("_class_name", ""))
         if kind.startswith(("EDM", "FlowMatch")) or (kind and "beta_schedule" not in config):
             raise NulltextError(f"the checkpoint's scheduler is a {kind}, without a DDPM noise schedule; nulltext "
@@ -398,6 +409,4 @@ def manifest_columns(*configs) -> dict:
     """column -> (field, parser) of the manifest columns that override the options of ``configs``
     (default: InversionConfig and EditConfig), as :func:`nulltext.options.manifest_columns`
     describes; :func:`nulltext.options.row_overrides` applies them to a row."""
-    from .options import manifest_columns as columns
-
     return columns(*(configs or (InversionConfig, EditConfig)))

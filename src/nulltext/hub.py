@@ -4,6 +4,9 @@ themselves: quiet library logging, telling a hub id from a path, and whether the
 from __future__ import annotations
 
 import os
+import threading
+import urllib.error
+import urllib.request
 
 
 def quiet_loading() -> None:
@@ -27,10 +30,6 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub cannot be used now: HF_HUB_OFFLINE is set, or one request
     to the hub's endpoint gets no answer within ``timeout`` seconds (huggingface_hub itself would
     retry for minutes before failing). Any HTTP answer, an error status included, means reachable."""
-    import threading
-    import urllib.error
-    import urllib.request
-
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import NulltextError, NulltextWarning
+from .errors import NonFiniteError, NulltextError, NulltextWarning
 
 MIN_SIDE = 64  # pixels; smaller inputs carry too little detail for an 8x-downsampling VAE
 
@@ -219,17 +219,11 @@ def _vae_run(pipe, fn, x: Tensor, what: str) -> Tensor:
     if bool(torch.isfinite(out).all()):
         return out
     if pipe.vae.dtype != torch.float32:
-        import warnings
-
-        from .errors import NulltextWarning
-
         warnings.warn(f"the VAE overflowed in {pipe.dtype_name} while {what}; it now runs in float32",
                       NulltextWarning, stacklevel=3)
         pipe.vae.to(torch.float32)
         out = fn(x.to(pipe.device, torch.float32))
     if not bool(torch.isfinite(out).all()):
-        from .errors import NonFiniteError
-
         raise NonFiniteError(f"the VAE produced a NaN or infinity while {what}")
     return out
 

@@ -32,9 +32,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from .config import EditConfig, InversionConfig, manifest_columns
 from .errors import NulltextError, is_out_of_memory, one_line
-from .files import atomic_write, slug
+from .files import atomic_write, remove_stale_temporaries, slug
 from .text import check_prompt
 
 # The manifest's option columns: column -> (config, field(s), parser of a cell). A cell overrides
@@ -268,8 +270,6 @@ class ResultStore:
         """Before any process of a run writes: remove the temporary files of writes a kill
         interrupted (see files.atomic_write), and start the log on a fresh line where a kill tore
         its last one (the next line would be glued onto it)."""
-        from .files import remove_stale_temporaries
-
         for folder in [self.out_dir, *glob.glob(os.path.join(glob.escape(self.out_dir), "*", ""))]:
             remove_stale_temporaries(folder, min_age_s=0)
         if self.log and os.path.exists(self.log) and os.path.getsize(self.log):
@@ -305,7 +305,6 @@ class ResultStore:
 
 def process_state():
     """accelerate's PartialState (one process when not launched by accelerate)."""
-    import torch
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
@@ -389,8 +388,6 @@ def run(jobs: list[Job], work: Callable, store: ResultStore, fingerprint: dict, 
     def fail(job: Job, error) -> None:
         reason = error if isinstance(error, str) else one_line(error)
         if not isinstance(error, str) and is_out_of_memory(error):
-            import torch
-
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         record(job, {"status": "failed", "reason": reason})

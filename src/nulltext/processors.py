@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .controllers import SOURCE, Controller, Site
 
+
 def _project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
     """The first half of diffusers' ``AttnProcessor``: norms, projections, heads to batch.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import warnings
 
 from torch import Tensor
@@ -14,8 +16,6 @@ def check_prompt(prompt, what: str = "prompt", empty: str = "refuse") -> str:
     returns it unchanged. An empty (or all-whitespace) prompt is refused, or with ``empty="warn"``
     (a caption to invert) accepted with a warning, or with ``empty="allow"`` accepted. Any language and emoji are fine: CLIP's
     tokenizer encodes every character."""
-    import unicodedata
-
     if not isinstance(prompt, str):
         raise NulltextError(f"{what} must be text, got {type(prompt).__name__}")
     for k, c in enumerate(prompt):
@@ -62,8 +62,6 @@ def encode_null(pipe) -> Tensor:
 def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:
     """The words of ``prompt`` (runs of letters) that the tokenizer cuts into several tokens,
     each with its pieces, in order of appearance and without repeats."""
-    import re
-
     out: dict[str, list[str]] = {}
     for word in re.findall(r"[^\W\d_]+", prompt):
         key = word.lower()
@@ -79,8 +77,6 @@ def unknown_words(pipe, prompts, skip: str = "") -> tuple[list[str], dict[str, l
     """Words of ``prompts`` the model may not know, in order of appearance: those outside its
     trained vocabulary (``pipe.vocabulary``, where it has one: the demo model), and those its
     tokenizer cuts into pieces (with the pieces). Words of ``skip`` are left out."""
-    import re
-
     vocabulary = getattr(pipe, "vocabulary", None)
     known = set(re.findall(r"[^\W\d_]+", skip.lower()))
     outside: dict[str, None] = {}

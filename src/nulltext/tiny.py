@@ -16,6 +16,10 @@ import tempfile
 
 import torch
 
+from .config import SchedulerConfig
+from .hub import quiet_loading
+from .samplers.ddim import make_scheduler
+
 TINY_VERSION = 3  # bump when the architecture or generation changes (new cache folder)
 
 # One BPE token per word: the vocabulary of typical captions and edit prompts.
@@ -142,10 +146,6 @@ def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .samplers.ddim import make_scheduler
-    from .hub import quiet_loading
-
-    from .config import SchedulerConfig
 
     spec = VARIANTS[variant]
     text_hidden = spec.get("text_hidden", 32)
@@ -220,7 +220,6 @@ def build_tiny_sdxl_model(path: str, seed: int = 0) -> str:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .hub import quiet_loading
 
     quiet_loading()
     os.makedirs(path, exist_ok=True)

@@ -15,13 +15,18 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import threading
+import traceback
 import uuid
 
 import numpy as np
 
+from .config import EditConfig, InversionConfig, parse_reweight
 from .errors import NulltextError, is_out_of_memory
+from .options import UNSET, option_of
 
 MAX_UPLOAD = "25mb"  # per uploaded file, enforced by Gradio before any handler runs
 MAX_PIXELS = 4096 * 4096  # photos above this many pixels are refused
@@ -139,8 +144,6 @@ class App:
         except gr.Error:
             raise
         except Exception as e:  # logged in full on the server; the page gets one line without paths
-            import traceback
-
             traceback.print_exc()
             if is_out_of_memory(e):
                 raise gr.Error("out of memory: try a smaller size, or fewer target prompts", print_exception=False) from None
@@ -174,7 +177,6 @@ class App:
         return w, h
 
     def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
-        from .config import InversionConfig
         from .image import load_image
         from .inversion import invert_image, reconstruct
 
@@ -224,7 +226,6 @@ class App:
 
     def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
               reweight, strength, mask, mask_mode, state, key):
-        from .config import EditConfig, parse_reweight
         from .editing import edit
 
         session = self.session(state, key)
@@ -314,8 +315,6 @@ class App:
 def widget(gr, config, name: str, **props):
     """The Gradio component of a config field's option, as its ``Widget`` declares it, showing
     the config's default (nulltext.options)."""
-    from .options import UNSET, option_of
-
     o = option_of(config, name)
     w = o.widget
     kinds = {"slider": gr.Slider, "number": gr.Number, "radio": gr.Radio, "dropdown": gr.Dropdown,
@@ -331,8 +330,6 @@ def close_session(state) -> None:
 
 def build_app(pipe, max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks of the UI over a loaded pipeline (see :func:`serve`)."""
-    from .config import EditConfig, InversionConfig
-
     gr = require_gradio()
     app = App(pipe, max_pixels)
     e = EditConfig()
@@ -436,9 +433,6 @@ def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX
     """Start the UI on ``host:port`` (loopback by default). Returns the Blocks; with ``block``
     waits until interrupted. ``on_start()`` is called once the server listens. Errors reach the
     page as nulltext's one-line messages only (``show_error`` off: no raw exception text)."""
-    import signal
-    import sys
-
     demo = build_app(pipe, max_pixels)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=False,
                 prevent_thread_lock=True, quiet=quiet)

@@ -4,10 +4,12 @@ from parsed arguments to the library's configs."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .. import __version__
+from ..config import DEFAULT_MODEL, EditConfig, InversionConfig
 from ..errors import NulltextError
-from ..options import positive_int
+from ..options import UNSET, options, positive_int
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
                 "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
@@ -41,8 +43,6 @@ def _add_options(p, cls, qualified: bool = False, only=None, exclude=()) -> None
     """The arguments of a config's options (nulltext.options): each field's flag, type, default
     and help as its ``option(...)`` declares them. ``qualified``: the command takes both configs,
     so options that would share a flag take their qualified one (--inversion-method)."""
-    from ..options import UNSET, options
-
     for o in options(cls):
         if o.flag is None or (only is not None and o.name not in only) or o.name in exclude:
             continue
@@ -67,8 +67,6 @@ def _add_options(p, cls, qualified: bool = False, only=None, exclude=()) -> None
 def config_from_args(cls, args, qualified: bool = False, **fields):
     """The config of parsed arguments: each option whose flag this command has, converted to its
     field(s); options without a flag here keep the config's default; ``fields`` override."""
-    from ..options import options
-
     kw = {}
     for o in options(cls):
         if o.flag is None or not hasattr(args, o.dest_for(qualified)):
@@ -82,8 +80,6 @@ def config_from_args(cls, args, qualified: bool = False, **fields):
 def given_options(cls, args, qualified: bool = False):
     """(option, flag) of each option whose flag this command has and whose value differs from
     the config's default: what the user gave."""
-    from ..options import options
-
     out = []
     for o in options(cls):
         if o.flag is None or not hasattr(args, o.dest_for(qualified)):
@@ -96,8 +92,6 @@ def given_options(cls, args, qualified: bool = False):
 
 
 def _field_default(cls, name: str):
-    import dataclasses
-
     (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
@@ -110,8 +104,6 @@ def _normal(value):
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, either: bool = False) -> None:
-    from ..config import DEFAULT_MODEL
-
     if either:
         default_help = f" (default: the model recorded in the inversion file; for an IMAGE, {DEFAULT_MODEL})"
     elif default_model:
@@ -144,14 +136,10 @@ def _add_edit_args(p: argparse.ArgumentParser, e, qualified: bool = False) -> No
 
 
 def _edit_config(args, cls=None):
-    from ..config import EditConfig
-
     return config_from_args(cls or EditConfig, args)
 
 
 def _inversion_config(args, method: str, cls=None):
-    from ..config import InversionConfig
-
     return config_from_args(cls or InversionConfig, args, method=method)
 
 
@@ -165,9 +153,6 @@ def _add_input_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..config import InversionConfig
-    from ..config import DEFAULT_MODEL
-
     d = InversionConfig()
     parser = _Parser(prog="nulltext", description="Edit real photographs with text: Null-text Inversion "
                      "(Mokady et al. 2023) on Stable Diffusion.", epilog=EPILOG_MODEL)
@@ -207,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    from ..config import EditConfig
 
     e = EditConfig()
     p = sub.add_parser("edit", help="edit an inverted image (or an image, inverting it first) with target prompts",

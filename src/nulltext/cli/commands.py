@@ -10,8 +10,14 @@ import os
 import sys
 import warnings
 
+from .. import families
+from ..config import DEFAULT_MODEL, METHODS, InversionConfig
 from ..errors import NulltextError, NulltextWarning, one_line
+from ..files import check_writable, edit_file_name, image_format, save_image
+from ..options import options
+from ..plots import plot_losses
 from .args import _edit_config, _inversion_config, given_options
+
 
 def _load_pipe(args, model: str):
     from ..models import load_pipeline
@@ -45,7 +51,6 @@ def _invert_outputs(args) -> list[str]:
 
 
 def cmd_invert(args) -> int:
-    from ..files import check_writable
     from ..image import probe
     from ..inversion import invert_progressive
     from ..text import check_prompt
@@ -101,7 +106,6 @@ def cmd_invert(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from ..files import check_writable, image_format, save_image
     from ..inversion import Inversion, reconstruct
 
     check_writable(args.output, args.force)
@@ -121,15 +125,11 @@ def cmd_info(args) -> int:
     from ..inversion import Inversion
 
     if args.plot:
-        from ..files import check_writable, image_format
-
         check_writable(args.plot, args.force)
         if image_format(args.plot) != "PNG":
             raise NulltextError(f"--plot writes PNG: give a .png name, not {args.plot}")
     inv = Inversion.load(args.inversion)
     if args.plot:
-        from ..plots import plot_losses
-
         plot_losses(inv, args.plot, force=args.force)
     if args.json:
         print(json.dumps(inv.metadata(), indent=2, sort_keys=True))
@@ -174,8 +174,6 @@ def cmd_info(args) -> int:
 
 def _timesteps(inv) -> list[int]:
     """The timesteps of the file's steps, from the sampler of the family it was made with."""
-    from .. import families
-
     sampler = families.get(inv.model.family).sampler
     return list(sampler.schedule(sampler.make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
 
@@ -188,8 +186,6 @@ def _warn_inversion_options_ignored(args) -> None:
     """Inversion options given with an inversion file have no effect: say so instead of silently
     using the file's settings (the options whose metadata says the file's values are checked
     instead, --size, are not named)."""
-    from ..config import InversionConfig
-
     given = [flag for o, flag in given_options(InversionConfig, args, qualified=True) if o.with_file == "ignored"]
     if given:
         warnings.warn(f"{', '.join(given)} apply to an IMAGE input only; {args.input} already holds an "
@@ -201,9 +197,7 @@ def _source(args, make_plan):
     """(pipe, inversion, plan) from the INPUT argument: an inversion file (checked against the model
     and the options), or an image inverted now with --prompt. ``make_plan(pipe, prompt, num_steps,
     latent_hw, image_size, original_size, crop)`` plans the edit (its checks) before any inversion work."""
-    from ..config import DEFAULT_MODEL
     from ..editing.planning import original_size
-    from ..files import check_writable
     from ..image import load_image, output_size
     from ..inversion import Inversion, invert_image
     from ..storage import check_fits
@@ -250,8 +244,6 @@ def _source(args, make_plan):
 def _warn_ignored(args, config) -> None:
     """Options the chosen method does not use (their metadata names the methods they act on) are
     reported, not silently dropped."""
-    from ..options import options
-
     default = type(config)()
     unused = [o.flag for o in options(config) if o.flag and o.methods and config.method not in o.methods
               and any(getattr(config, name) != getattr(default, name) for name in o.names)]
@@ -266,7 +258,6 @@ def _warn_ignored(args, config) -> None:
 
 def cmd_edit(args) -> int:
     from ..editing import edit, maps_from_store, plan, request
-    from ..files import check_writable, edit_file_name, save_image
     from ..visual import attention_grid, side_by_side
 
     config = _edit_config(args)
@@ -308,7 +299,6 @@ def cmd_edit(args) -> int:
 def cmd_attention(args) -> int:
     from ..editing import edit, maps_from_store, plan, request, run_controlled
     from ..editing.planning import attention_store
-    from ..files import check_writable, image_format, save_image
     from ..image import decode
     from ..visual import attention_grid
 
@@ -366,7 +356,6 @@ def _read_jobs(args, inversion, edit, root: str | None = None, limit: int | None
 
 
 def cmd_eval(args) -> int:
-    from ..config import METHODS
     from ..evaluation import evaluate
     from ..jobs import check_manifest, process_state
 

@@ -14,6 +14,7 @@ from ..files import recording_writes
 from .args import build_parser
 from .commands import COMMANDS
 
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"nulltext: warning: {message}", file=sys.stderr)
 

@@ -24,6 +24,10 @@ import os
 
 import torch
 
+from ..samplers import guided_step
+from ..text import encode_null, encode_prompt
+from ..tiny import SPECIAL_BOS, SPECIAL_EOS, write_tokenizer
+
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 TOKEN_LENGTH = 16
 IMAGE_SIZE = 64
@@ -49,7 +53,6 @@ def build_tokenizer(folder: str):
     """The demo tokenizer (CLIP BPE, one token per word, TOKEN_LENGTH positions) in ``folder``."""
     from transformers import CLIPTokenizer
 
-    from ..tiny import write_tokenizer
 
     write_tokenizer(folder, model_max_length=TOKEN_LENGTH)
     return CLIPTokenizer.from_pretrained(folder)
@@ -60,7 +63,6 @@ def architecture(tokenizer, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tiny import SPECIAL_BOS, SPECIAL_EOS
 
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
@@ -100,9 +102,6 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
     """Text-to-image with the pipeline's DDIM schedule and classifier-free guidance, one image per
     prompt (prompt k starts from the Gaussian seeded by (seed, k)). Returns PIL images."""
     from ..image import decode
-    from ..samplers import guided_step
-    from ..text import encode_null, encode_prompt
-
     schedule = pipe.schedule(num_steps)
     w, h = pipe.native_size
     f = pipe.vae_scale_factor
@@ -119,8 +118,8 @@ def generate(pipe, prompts, seed: int = 0, num_steps: int = 50, guidance_scale: 
 def generate_grid(pipe, seed: int = 0, num_steps: int = 50):
     """A labelled grid of samples: each shape in each colour, on varying backgrounds, and a row of
     two-object captions (each colour must go to its own shape)."""
-    from .scenes import PALETTE, SHAPES, caption, pair_caption
     from ..visual import labelled_grid
+    from .scenes import PALETTE, SHAPES, caption, pair_caption
 
     colors = list(PALETTE)
     rows = []

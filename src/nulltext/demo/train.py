@@ -34,9 +34,10 @@ import time
 import torch
 
 from nulltext import demo
+from nulltext.demo import generate_grid
 from nulltext.demo.train_data import make_dataset, to_unit, tokenize
-from nulltext.demo.train_stages import (encode_all, log, set_latent_scale, train_decoder, train_unet, train_vae,
-                                        vae_psnr)
+from nulltext.demo.train_stages import encode_all, log, set_latent_scale, train_decoder, train_unet, train_vae, vae_psnr
+from nulltext.models import load_pipeline
 from nulltext.samplers.ddim import make_scheduler
 
 
@@ -96,9 +97,6 @@ def loss_plot(out):
 
 def plots(out, model_dir, sample_steps=50):
     loss_plot(out)
-
-    from nulltext.demo import generate_grid
-    from nulltext.models import load_pipeline
 
     pipe = load_pipeline(model_dir, device="cpu")
     generate_grid(pipe, seed=0, num_steps=sample_steps).save(os.path.join(out, "samples.png"))

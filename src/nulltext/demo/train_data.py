@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from nulltext import demo
 from nulltext.demo import scenes
 
-
 # Token grounding (--ground-weight): which region each caption token names. Regions: 0 the
 # first (or only) object, 1 the second object, 2 the background; -1 no region ("a", "on", "and",
 # start/end/padding). Keys are token positions (start token at 0, then one token per word).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nulltext.processors import _finish, _project
 from nulltext.samplers import guidance
 
 
@@ -19,8 +20,6 @@ class GroundingProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        from nulltext.processors import _finish, _project
-
         q, k, v, mask, restore = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K)
         self.store.append(probs.view(-1, attn.heads, *probs.shape[1:]))

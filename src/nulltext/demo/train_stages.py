@@ -4,6 +4,7 @@ checkpointed so that a rerun resumes; their log, learning-rate schedule, EMA and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,8 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from nulltext.demo.train_data import composite_batch, composite_masks, sample_indices, to_unit
-from nulltext.demo.train_losses import (calibrated_target, grounding_loss, grounding_pixel_loss, install_grounding,
-                                        min_snr_weights, teacher_target)
+from nulltext.demo.train_losses import (
+    calibrated_target,
+    grounding_loss,
+    grounding_pixel_loss,
+    install_grounding,
+    min_snr_weights,
+    teacher_target,
+)
 from nulltext.samplers.ddim import make_scheduler
 
 
@@ -182,8 +189,6 @@ def encode_all(vae, x_uint8, batch=256):
 
 
 def train_unet(args, unet, text_encoder, latents, ids, empty_ids, regions=None, roles=None, n_single=None):
-    import copy
-
     path = os.path.join(args.out, "ckpt-unet.pt")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)

@@ -10,10 +10,20 @@
 from __future__ import annotations
 
 from .attention import AttentionMaps, attention_maps, maps_from_store
-from .loops import (EditResult, EditStep, edit, edit_mask, edit_progressive, run, run_controlled,
-                    sdedit_progressive)
-from .planning import (EditPlan, EditRequest, PerTarget, attention_store, blend_size, build_controller, plan,
-                   plan_for, request, resolve_modes, validate)
+from .loops import EditResult, EditStep, edit, edit_mask, edit_progressive, run, run_controlled, sdedit_progressive
+from .planning import (
+                    EditPlan,
+                    EditRequest,
+                    PerTarget,
+                    attention_store,
+                    blend_size,
+                    build_controller,
+                    plan,
+                    plan_for,
+                    request,
+                    resolve_modes,
+                    validate,
+)
 
 __all__ = ["AttentionMaps", "EditPlan", "EditRequest", "EditResult", "EditStep", "PerTarget", "attention_maps",
            "attention_store", "blend_size", "build_controller", "edit", "edit_mask", "edit_progressive",

@@ -15,8 +15,6 @@ from .loops import edit, run_controlled
 from .planning import attention_store, plan_for, request
 
 
-
-
 @dataclass
 class AttentionMaps:
     prompts: list[str]

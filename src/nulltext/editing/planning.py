@@ -22,8 +22,17 @@ from torch import Tensor
 
 from .. import alignment
 from ..config import EditConfig
-from ..controllers import (AttentionStore, CrossEdit, LocalBlend, P2PController, Refine, Replace, Reweight,
-                           build_cross_alphas, schedule_bounds)
+from ..controllers import (
+    AttentionStore,
+    CrossEdit,
+    LocalBlend,
+    P2PController,
+    Refine,
+    Replace,
+    Reweight,
+    build_cross_alphas,
+    schedule_bounds,
+)
 from ..errors import NulltextError
 from ..image import latent_mask, load_mask, read_mask
 from ..text import check_prompt, warn_split_words

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import SchedulerConfig
 from ..controllers import Site
 from ..errors import NulltextError
 from ..samplers import ddim
@@ -57,8 +58,6 @@ class UNetFamily(Family):
                                 f"refiner?); nulltext inverts {SUPPORTED}")
 
     def scheduler_config(self, raw: dict | None):
-        from ..config import SchedulerConfig
-
         return SchedulerConfig() if raw is None else SchedulerConfig.from_checkpoint(raw)
 
     def _load_base(self, source: str, torch_dtype, kw: dict) -> dict:

@@ -20,10 +20,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import samplers
-from ..config import InversionConfig, SchedulerConfig
-from ..errors import NonFiniteError, NulltextWarning
+from ..config import OPTIMISED, InversionConfig, SchedulerConfig
+from ..errors import NonFiniteError, NulltextError, NulltextWarning
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
-from .optimise import diverged_steps, direct_inversion_corrections, optimize_global_null_text, optimize_null_text_batch
+from ..text import check_prompt, encode_null, encode_prompt, warn_split_words
+from .optimise import direct_inversion_corrections, diverged_steps, optimize_global_null_text, optimize_null_text_batch
 
 
 def invert_image(
@@ -106,10 +107,6 @@ def invert_progressive(
 
     The arguments are checked at the call (a bad one raises before any work); the images are
     encoded and inverted as the iterator is consumed."""
-    from ..config import OPTIMISED
-    from ..errors import NulltextError
-    from ..text import check_prompt, warn_split_words
-
     images = list(images)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     for prompt in dict.fromkeys(prompts):
@@ -140,7 +137,6 @@ def invert_progressive(
 def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig, batch_size: int, progress: bool,
                  loss_scaling: bool, photos: bool) -> Iterator[tuple]:
     from .. import image as image_mod
-    from ..text import encode_null, encode_prompt
 
     null0 = encode_null(pipe)
     groups: dict[tuple, list[_Prepared]] = {}
@@ -256,8 +252,6 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
 
 def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
     """Sample from z_T with C and the stored N_t at every step: z_0 of the reconstruction."""
-    from ..text import encode_prompt
-
     schedule = pipe.schedule(inversion.num_steps)
     cond = encode_prompt(pipe, inversion.prompt)
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)

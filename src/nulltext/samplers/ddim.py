@@ -15,8 +15,18 @@ from torch import Tensor
 
 from ..config import SchedulerConfig
 from ..errors import NulltextError
-from . import (EpsFn, ModelFn, check_finite, guidance, guided_eps, guided_step, invert, invert_progressive,
-               sample, sample_progressive)
+from . import (
+    EpsFn,
+    ModelFn,
+    check_finite,
+    guidance,
+    guided_eps,
+    guided_step,
+    invert,
+    invert_progressive,
+    sample,
+    sample_progressive,
+)
 
 __all__ = ["NAME", "EpsFn", "ModelFn", "Schedule", "check_finite", "ddim_inverse_step", "ddim_step", "guidance",
            "guided_eps", "guided_step", "inverse_step", "invert", "invert_progressive", "make_scheduler",

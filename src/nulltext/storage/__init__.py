@@ -24,11 +24,28 @@ their names from here. Storage imports no model code.
 from __future__ import annotations
 
 from .checks import upgrade
-from .format import (MAX_FILE_BYTES, MAX_META_CHARS, RUN_SPECIFIC, Inversion, check_fits, load_inversion, metadata,
-                     save_inversion)
+from .format import (
+                     MAX_FILE_BYTES,
+                     MAX_META_CHARS,
+                     RUN_SPECIFIC,
+                     Inversion,
+                     check_fits,
+                     load_inversion,
+                     metadata,
+                     save_inversion,
+)
 from .format import _sha256 as _sha256  # the tensors' checksum (the robustness tests rewrite files with it)
-from .records import (FORMAT, FORMAT_VERSION, REQUIRED_META, ImageRecord, ModelRecord, OptimisationRecord, Preprocessing,
-                      RunRecord, Timings)
+from .records import (
+                     FORMAT,
+                     FORMAT_VERSION,
+                     REQUIRED_META,
+                     ImageRecord,
+                     ModelRecord,
+                     OptimisationRecord,
+                     Preprocessing,
+                     RunRecord,
+                     Timings,
+)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MAX_FILE_BYTES", "MAX_META_CHARS", "REQUIRED_META", "RUN_SPECIFIC",
            "ImageRecord", "Inversion", "ModelRecord", "OptimisationRecord", "Preprocessing", "RunRecord", "Timings",

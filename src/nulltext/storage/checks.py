@@ -9,8 +9,16 @@ import math
 
 from ..config import InversionConfig, SchedulerConfig
 from ..errors import NulltextError, one_line
-from .records import (FORMAT_VERSION, REQUIRED_META, ImageRecord, ModelRecord, OptimisationRecord, Preprocessing,
-                      RunRecord, Timings)
+from .records import (
+    FORMAT_VERSION,
+    REQUIRED_META,
+    ImageRecord,
+    ModelRecord,
+    OptimisationRecord,
+    Preprocessing,
+    RunRecord,
+    Timings,
+)
 
 
 def _config_from_dict(d: dict) -> InversionConfig:

@@ -18,8 +18,17 @@ from ..errors import NulltextError, one_line
 from ..files import atomic_write
 from ..fingerprint import fingerprints_match  # pure: storage imports no model code
 from .checks import _lacks, _optimisation, _records, upgrade
-from .records import (FORMAT, FORMAT_VERSION, REQUIRED_META, ImageRecord, ModelRecord, OptimisationRecord,
-                      Preprocessing, RunRecord, Timings)
+from .records import (
+    FORMAT,
+    FORMAT_VERSION,
+    REQUIRED_META,
+    ImageRecord,
+    ModelRecord,
+    OptimisationRecord,
+    Preprocessing,
+    RunRecord,
+    Timings,
+)
 
 
 @dataclass
