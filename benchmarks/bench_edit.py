@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, HERE)
 
 import bench_invert  # noqa: E402
+
 import nulltext  # noqa: E402
 from nulltext.config import EditConfig, InversionConfig  # noqa: E402
 from nulltext.inversion import Inversion, reconstruct_latent  # noqa: E402

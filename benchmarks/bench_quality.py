@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import nulltext  # noqa: E402
 from nulltext import demo  # noqa: E402
-from nulltext.demo import scenes  # noqa: E402
 from nulltext.config import EditConfig, InversionConfig  # noqa: E402
+from nulltext.demo import scenes  # noqa: E402
 from nulltext.image import decode, encode, psnr  # noqa: E402
 from nulltext.inversion import reconstruct_latent  # noqa: E402
 from nulltext.visual import labelled_grid  # noqa: E402

@@ -9,7 +9,13 @@ import torch
 from conftest import make_photo
 from nulltext import InversionConfig, NulltextError, ddim
 from nulltext.ddim import Schedule, make_scheduler
-from nulltext.inversion import invert_image, invert_many, optimize_null_text, optimize_null_text_batch, reconstruct_latent
+from nulltext.inversion import (
+    invert_image,
+    invert_many,
+    optimize_null_text,
+    optimize_null_text_batch,
+    reconstruct_latent,
+)
 
 L, D = 6, 5
 

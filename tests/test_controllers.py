@@ -8,8 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from nulltext.config import EditConfig
-from nulltext.controllers import (SOURCE, TARGET, AttentionStore, LocalBlend, P2PController, Refine, Replace,
-                                  Reweight, Site, build_cross_alphas, schedule_bounds)
+from nulltext.controllers import (
+    SOURCE,
+    TARGET,
+    AttentionStore,
+    LocalBlend,
+    P2PController,
+    Refine,
+    Replace,
+    Reweight,
+    Site,
+    build_cross_alphas,
+    schedule_bounds,
+)
 from nulltext.errors import NulltextError
 
 K = 6  # keys (tokens) in these synthetic maps

@@ -7,8 +7,7 @@ import torch
 
 from nulltext import ddim
 from nulltext.config import SchedulerConfig
-from nulltext.ddim import Schedule
-from nulltext.ddim import make_scheduler
+from nulltext.ddim import Schedule, make_scheduler
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 
 from nulltext import EditConfig, InversionConfig, demo, edit, invert, load_pipeline
 from nulltext.demo import scenes
+from nulltext.fingerprint import _config_dict
 from nulltext.image import decode, encode, psnr
 from nulltext.inversion import reconstruct_latent
-from nulltext.fingerprint import _config_dict
 from test_cli import assert_ok, run_cli
 
 pytestmark = pytest.mark.slow  # the demo model end to end

@@ -154,8 +154,16 @@ def metric_models(tmp_path_factory):
     """Tiny random CLIP and ViT (DINO-shaped) models saved with save_pretrained: the loading path of
     the real openai/clip-* and facebook/dino-* checkpoints, offline."""
     import torch
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
-                              ViTImageProcessor, ViTModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
 
     from nulltext.tiny import write_tokenizer
 
@@ -302,12 +310,12 @@ def test_lpips_columns_are_computed_on_the_right_images(tiny_pipe, tmp_path):
     """The LPIPS wiring, with a stand-in metric (MSE) in place of torchmetrics' LPIPS, whose
     backbone weights cannot be downloaded here: the reconstruction is compared with the input, and
     the edit's background (both images masked) as the background MSE is."""
+    import torch
+
     from nulltext.config import EditConfig, InversionConfig
     from nulltext.evaluation import ModelMetrics, evaluate_job
     from nulltext.jobs import Job
     from nulltext.pie_bench import mask_png
-
-    import torch
 
     calls = []
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from conftest import make_photo
-from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert, load_pipeline, reconstruct
-from nulltext import ddim
+from nulltext import EditConfig, InversionConfig, NulltextError, ddim, edit, invert, load_pipeline, reconstruct
 from nulltext.config import SchedulerConfig
 from nulltext.ddim import Schedule, make_scheduler
 from nulltext.image import decode, encode, preprocess, psnr

@@ -25,8 +25,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from nulltext.jobs import COLUMNS as MANIFEST_COLUMNS  # noqa: E402
 from nulltext.errors import NulltextError  # noqa: E402
+from nulltext.jobs import COLUMNS as MANIFEST_COLUMNS  # noqa: E402
 
 settings.register_profile("ci", max_examples=int(os.environ.get("NULLTEXT_FUZZ_EXAMPLES", 300)), deadline=None,
                           derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -289,7 +289,6 @@ def test_any_values_in_a_jobs_columns_make_a_valid_job_or_a_reason(tmp_path, row
 @pytest.fixture(scope="module")
 def valid_file(tmp_path_factory, tiny_pipe):
     from conftest import make_photo
-
     from nulltext import InversionConfig, invert_image
 
     path = tmp_path_factory.mktemp("fuzz") / "valid.safetensors"

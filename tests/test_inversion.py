@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from nulltext import ddim
 from nulltext.config import InversionConfig
-from nulltext.ddim import Schedule
+from nulltext.ddim import Schedule, make_scheduler
 from nulltext.errors import NulltextError
 from nulltext.inversion import optimize_null_text
-from nulltext.ddim import make_scheduler
 
 L, D = 6, 5  # fake text embedding: 6 tokens x 5 dims
 
@@ -182,9 +181,8 @@ def test_more_than_100_steps_keeps_the_learning_rate_positive():
 
 
 def test_invert_progressive_yields_each_batch_before_computing_the_next(tiny_pipe, monkeypatch):
-    from conftest import make_photo
-
     import nulltext.inversion.pipeline as pipeline
+    from conftest import make_photo
     from nulltext.inversion import invert_many, invert_progressive
 
     started = []

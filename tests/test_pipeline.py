@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_photo
-from nulltext import InversionConfig, NulltextError, NulltextWarning, invert_image, load_pipeline
-from nulltext import ddim
+from nulltext import InversionConfig, NulltextError, NulltextWarning, ddim, invert_image, load_pipeline
 from nulltext.image import decode, encode, load_image, preprocess, psnr, to_rgb
 from nulltext.inversion import reconstruct_latent
 from nulltext.text import encode_prompt

@@ -8,8 +8,17 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from nulltext.controllers import (SOURCE, TARGET, AttentionStore, Controller, P2PController, PassThrough,
-                                  Reweight, Site, build_cross_alphas)
+from nulltext.controllers import (
+    SOURCE,
+    TARGET,
+    AttentionStore,
+    Controller,
+    P2PController,
+    PassThrough,
+    Reweight,
+    Site,
+    build_cross_alphas,
+)
 from nulltext.families.sd import unet_attention_sites
 from nulltext.processors import P2PAttnProcessor, installed
 

@@ -700,9 +700,7 @@ def _(c):
 
 @case("output-temporary-of-a-killed-run")
 def _(c):
-    from nulltext.files import atomic_write
-
-    from nulltext.files import _host
+    from nulltext.files import _host, atomic_write
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a process id that no longer runs
