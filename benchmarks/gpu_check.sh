@@ -27,6 +27,9 @@ left=$(( 420 - ($(date +%s) - start) ))
     --steps 10 --inner-steps 10 \
     --config sdxl/bf16/b1 sdxl/fp16/b1/low-memory sdxl/bf16/b1/low-memory sdxl/bf16/b4 \
     --json "$OUT_DIR/gpu_check_sdxl.json" --markdown "$OUT_DIR/gpu_check_sdxl.md" || rc=$?
+# the model fingerprint every command computes when it loads a model (seconds)
+"$PY" benchmarks/bench_fingerprint.py --device cuda --dtype fp16 --model-size sd15 sdxl \
+    > "$OUT_DIR/gpu_check_fingerprint.md" || rc=$?
 "$PY" - "$OUT_DIR" <<'PY'
 import json, os, sys
 out = sys.argv[1]
@@ -36,6 +39,8 @@ json.dump({"runs": runs}, open(os.path.join(out, "gpu_check.json"), "w"), indent
 with open(os.path.join(out, "gpu_check.md"), "w") as f:
     for k, p in parts.items():
         f.write(open(p + ".md").read() + "\n" if os.path.exists(p + ".md") else f"{k}: no figures (the run failed)\n\n")
+    fp = os.path.join(out, "gpu_check_fingerprint.md")
+    f.write("model fingerprint:\n" + (open(fp).read() if os.path.exists(fp) else "no figures (the run failed)\n"))
 print(f"wrote {out}/gpu_check.json and {out}/gpu_check.md")
 PY
 echo "gpu_check.sh: $(( $(date +%s) - start )) s, exit $rc"

@@ -44,3 +44,9 @@ def test_bench_edit_runs():
     r = _run("benchmarks/bench_edit.py", "--size", "64", "--steps", "3", "--targets", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "edit, 1 target(s)" in r.stdout and "CHECK FAILED" not in r.stdout
+
+
+def test_bench_fingerprint_runs_and_both_ways_match():
+    r = _run("benchmarks/bench_fingerprint.py", "--model-size", "small", "--repeats", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| small | 27 M |" in r.stdout and r.stdout.rstrip().endswith("| yes |")
