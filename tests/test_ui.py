@@ -100,6 +100,9 @@ def test_the_short_calls_of_the_readme(server):
     target = "a green circle on a blue background"
     gallery = client.predict(handle_file(inv), target, api_name="/edit")
     assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {CAPTION}", f"replace: {target}"]
+    # the edit's image has the name nulltext edit and batch give it (files.edit_file_name; the session
+    # adds a suffix, so that a second edit does not replace the first)
+    assert os.path.basename(gallery[2]["image"]).startswith("edit-1-a-green-circle-on-a-blue-background")
 
 
 def test_two_clients_invert_and_edit_at_once(server):

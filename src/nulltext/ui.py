@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import EditConfig, InversionConfig, parse_reweight
 from .errors import NulltextError, is_out_of_memory
+from .files import edit_file_name
 from .options import UNSET, option_of
 
 MAX_UPLOAD = "25mb"  # per uploaded file, enforced by Gradio before any handler runs
@@ -248,7 +249,7 @@ class App:
             out.append((source, "source"))
         for k, (image, label) in enumerate(zip(result.images, [f"reconstruction: {inv.prompt}",
                                                                *(f"{m}: {t}" for m, t in zip(result.modes, targets))])):
-            path = session.path("reconstruction.png" if k == 0 else f"edit-{k}.png")
+            path = session.path("reconstruction.png" if k == 0 else edit_file_name(k, targets[k - 1]))
             image.save(path)
             out.append((path, label))
         return out, session
