@@ -62,11 +62,11 @@ def _flags() -> list[str]:
 def test_a_column_takes_what_its_flag_takes_and_gives_the_same_config(tmp_path):
     """Each option as a CSV cell (the flag's text) and as a JSON value gives the config the
     command line gives."""
-    from nulltext.cli.args import _edit_config, _inversion_config
+    from nulltext.cli.args import edit_config, inversion_config
 
     parser, _ = _batch_parser()
     args = parser.parse_args(["batch", "m.jsonl", "-o", "out", *_flags()])
-    want_inv, want_edit = _inversion_config(args, args.inversion_method), _edit_config(args)
+    want_inv, want_edit = inversion_config(args, args.inversion_method), edit_config(args)
     assert want_inv != InversionConfig() and want_edit.blend and want_edit.reweight  # premise: all set
 
     texts = {c: (t if t is not None else "true") for c, (t, _) in VALUES.items()}

@@ -391,3 +391,14 @@ def test_the_lazy_import_check_finds_a_leftover(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "_top_and_lazy_imports", with_leftover)
     found = leftover_lazy_imports()
     assert [f.rsplit(": ", 1)[1] for f in found] == ["nulltext.files", "re", "torch"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A helper one module uses from another is public (named without a leading underscore)."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("nulltext")):
+                found += [f"{path.relative_to(ROOT.parent)}:{node.lineno}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, "private names imported from another module:\n" + "\n".join(found)

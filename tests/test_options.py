@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from nulltext.cli import build_parser
-from nulltext.cli.args import _add_edit_args, _add_inversion_args, _edit_config, _inversion_config
+from nulltext.cli.args import _add_edit_args, _add_inversion_args, edit_config, inversion_config
 from nulltext.cli.commands import _warn_ignored
 from nulltext.cli.docs import BEGIN, DOC, END, generated
 from nulltext.config import EditConfig, InversionConfig, manifest_columns
@@ -39,9 +39,9 @@ def test_an_added_option_reaches_argparse_the_mapping_the_manifest_and_the_docs(
     extra = _with_extra_option()
     p = _parser(extra, _add_inversion_args)
     args = p.parse_args(["--warmup-steps", "7", "--steps", "9"])
-    config = _inversion_config(args, "npi", cls=extra)
+    config = inversion_config(args, "npi", cls=extra)
     assert (config.warmup_steps, config.num_steps, config.method) == (7, 9, "npi")
-    assert _inversion_config(p.parse_args([]), "nti", cls=extra).warmup_steps == 3  # the field's default
+    assert inversion_config(p.parse_args([]), "nti", cls=extra).warmup_steps == 3  # the field's default
     assert "steps before the optimisation (default 3)" in " ".join(p.format_help().split())
     with pytest.raises(SystemExit):
         p.parse_args(["--warmup-steps", "0"])  # the declared type check
@@ -62,7 +62,7 @@ def test_a_method_only_option_is_warned_about_with_the_other_method():
         bases=(EditConfig,), frozen=True)
     p = _parser(extra, _add_edit_args)
     args = p.parse_args(["--method", "sdedit", "--sharpen", "0.5", "--blend-threshold", "0.4"])
-    config = _edit_config(args, cls=extra)
+    config = edit_config(args, cls=extra)
     assert (config.sharpen, config.method) == (0.5, "sdedit")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -137,7 +137,7 @@ def test_the_manifest_columns_are_those_batch_reads():
 ])
 def test_each_flag_of_nulltext_edit_sets_its_field(argv, field, value):
     args = build_parser().parse_args(["edit", "in.safetensors", "--target", "t", "-o", "out", *argv])
-    inversion, edit = _inversion_config(args, args.inversion_method), _edit_config(args)
+    inversion, edit = inversion_config(args, args.inversion_method), edit_config(args)
     inversion_flag = field != "method" and field in {f.name for f in dataclasses.fields(InversionConfig)}
     config = inversion if inversion_flag or argv[0] == "--inversion-method" else edit
     assert getattr(config, field) == value
@@ -148,7 +148,7 @@ def test_qualified_flags_where_a_command_takes_both_configs():
     args = parser.parse_args(["batch", "m.jsonl", "-o", "out", "--inversion-method", "ddim", "--edit-method", "sdedit"])
     assert (args.inversion_method, args.method) == ("ddim", "sdedit")
     args = parser.parse_args(["eval", "m.csv", "-o", "out", "--edit-method", "sdedit", "--seed", "3"])
-    assert _edit_config(args).method == "sdedit" and _inversion_config(args, "nti").seed == 3
+    assert edit_config(args).method == "sdedit" and inversion_config(args, "nti").seed == 3
     args = parser.parse_args(["invert", "a.png", "--prompt", "p", "-o", "x", "--method", "ddim", "--optimize-pooled"])
-    config = _inversion_config(args, args.method)
+    config = inversion_config(args, args.method)
     assert (config.method, config.optimize_pooled) == ("ddim", True)

@@ -341,7 +341,7 @@ def _(c):
 def _(c):
     from nulltext.editing import validate
 
-    return error_of(validate, c.pipe, PROMPT, ["a dog\x00 sitting next to a mirror"], _edit_config(), 4, (8, 8))
+    return error_of(validate, c.pipe, PROMPT, ["a dog\x00 sitting next to a mirror"], edit_config(), 4, (8, 8))
 
 
 @case("prompt-over-token-limit")
@@ -378,7 +378,7 @@ def _(c):
 # Options
 
 
-def _edit_config(**kw):
+def edit_config(**kw):
     from nulltext import EditConfig
 
     return EditConfig(**kw)
@@ -391,7 +391,7 @@ def _(c):
 
 @case("reweight-inf-api")
 def _(c):
-    return error_of(_edit_config, reweight={"cat": float("inf")})
+    return error_of(edit_config, reweight={"cat": float("inf")})
 
 
 @case("reweight-unknown-word")
@@ -411,7 +411,7 @@ def _(c):
 
 @case("sdedit-strength-out-of-range")
 def _(c):
-    return error_of(_edit_config, method="sdedit", sdedit_strength=2.0)
+    return error_of(edit_config, method="sdedit", sdedit_strength=2.0)
 
 
 @case("size-zero")
@@ -468,13 +468,13 @@ def _rewrite(c, name: str, change, meta_change=None) -> str:
     crafted file would have)."""
     from safetensors.torch import load_file, save_file
 
-    from nulltext.storage import _sha256
+    from nulltext.storage import tensor_sha256
 
     tensors = load_file(c.inversion)
     header, _ = _header(c.inversion)
     doc = json.loads(header["__metadata__"]["nulltext"])
     change(tensors)
-    doc["tensors_sha256"] = {k: _sha256(v) for k, v in tensors.items()}
+    doc["tensors_sha256"] = {k: tensor_sha256(v) for k, v in tensors.items()}
     if meta_change:
         meta_change(doc)
     save_file(tensors, c.root / name, metadata={"nulltext": json.dumps(doc)})

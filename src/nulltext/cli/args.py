@@ -135,11 +135,11 @@ def _add_edit_args(p: argparse.ArgumentParser, e, qualified: bool = False) -> No
     _add_options(g, type(e), qualified=qualified, exclude=("mask_mode",))
 
 
-def _edit_config(args, cls=None):
+def edit_config(args, cls=None):
     return config_from_args(cls or EditConfig, args)
 
 
-def _inversion_config(args, method: str, cls=None):
+def inversion_config(args, method: str, cls=None):
     return config_from_args(cls or InversionConfig, args, method=method)
 
 

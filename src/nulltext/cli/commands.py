@@ -16,7 +16,7 @@ from ..errors import NulltextError, NulltextWarning, one_line
 from ..files import check_writable, edit_file_name, image_format, save_image
 from ..options import options
 from ..plots import plot_losses
-from .args import _edit_config, _inversion_config, given_options
+from .args import edit_config, given_options, inversion_config
 
 
 def _load_pipe(args, model: str):
@@ -55,7 +55,7 @@ def cmd_invert(args) -> int:
     from ..inversion import invert_progressive
     from ..text import check_prompt
 
-    config = _inversion_config(args, args.method)
+    config = inversion_config(args, args.method)
     prompts = args.prompt
     if len(prompts) not in (1, len(args.image)):
         raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
@@ -227,7 +227,7 @@ def _source(args, make_plan):
     check_prompt(args.prompt, empty="allow")  # (an empty one warns, at the inversion)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
-    config = _inversion_config(args, args.inversion_method)
+    config = inversion_config(args, args.inversion_method)
     image = load_image(args.input)  # decoded once: checked here, inverted below
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
     w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
@@ -260,7 +260,7 @@ def cmd_edit(args) -> int:
     from ..editing import edit, maps_from_store, plan, request
     from ..visual import attention_grid, side_by_side
 
-    config = _edit_config(args)
+    config = edit_config(args)
     # every check that needs no model, the mask's decoding included, before loading one
     req = request(args.target, config, mask=args.mask, what="--target")
     if args.attention and config.method != "p2p":
@@ -306,7 +306,7 @@ def cmd_attention(args) -> int:
     image_format(args.output)
     if not 0.0 <= args.overlay <= 1.0:
         raise NulltextError(f"--overlay must lie in [0, 1], got {args.overlay}")
-    config = _edit_config(args)
+    config = edit_config(args)
     if config.method != "p2p":
         raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
     if not args.target and config.blend:
@@ -363,8 +363,8 @@ def cmd_eval(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise NulltextError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    config = _inversion_config(args, methods[0])
-    edit_config = _edit_config(args)
+    config = inversion_config(args, methods[0])
+    edit_cfg = edit_config(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise NulltextError(f"output {args.output} is a file; -o takes a folder")
     check_manifest(args.manifest)
@@ -375,7 +375,7 @@ def cmd_eval(args) -> int:
 
         models = ModelMetrics(args.clip_model, args.dino_model, device=resolve_device(args.device),
                               lpips=args.lpips)
-    jobs = _read_jobs(args, config, edit_config, args.images_root, args.limit, pie_bench=True, noun="samples")
+    jobs = _read_jobs(args, config, edit_cfg, args.images_root, args.limit, pie_bench=True, noun="samples")
     state = process_state()  # one process, or those of accelerate launch: the jobs are split
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
@@ -410,7 +410,7 @@ def cmd_batch(args) -> int:
 
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise NulltextError(f"output {args.output} is a file; -o takes a folder")
-    jobs = _read_jobs(args, _inversion_config(args, args.inversion_method), _edit_config(args))
+    jobs = _read_jobs(args, inversion_config(args, args.inversion_method), edit_config(args))
     state = process_state()
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))

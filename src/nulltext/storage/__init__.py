@@ -34,7 +34,7 @@ from .format import (
                      metadata,
                      save_inversion,
 )
-from .format import _sha256 as _sha256  # the tensors' checksum (the robustness tests rewrite files with it)
+from .format import tensor_sha256 as tensor_sha256  # the tensors' checksum (the robustness tests rewrite files with it)
 from .records import (
                      FORMAT,
                      FORMAT_VERSION,

@@ -41,7 +41,7 @@ def _damaged(path: str, field: str) -> NulltextError:
     return NulltextError(f"{path} has damaged metadata ({field})")
 
 
-def _lacks(path: str, missing: list[str]) -> NulltextError:
+def lacks_metadata(path: str, missing: list[str]) -> NulltextError:
     return NulltextError(f"{path} lacks metadata {', '.join(missing)}; it cannot be checked or used")
 
 
@@ -72,7 +72,7 @@ def upgrade(path: str, meta: dict, version: int) -> dict:
     assert 1 <= version < FORMAT_VERSION
     missing = [k for k in _REQUIRED_V3 if k not in meta]
     if missing:
-        raise _lacks(path, missing)
+        raise lacks_metadata(path, missing)
     _strings(path, meta, ("model", "prompt", "method", "family", "prediction_type", "dtype", "device"))
     if not _is_int(meta["num_steps"]) or not 1 <= meta["num_steps"] <= 10000:
         raise _damaged(path, "num_steps")
@@ -99,7 +99,7 @@ def upgrade(path: str, meta: dict, version: int) -> dict:
 _OPT_LISTS = ("iterations", "lrs", "losses_first", "losses_last", "losses_after")
 
 
-def _optimisation(path: str, opt, T: int) -> OptimisationRecord | None:
+def optimisation_record(path: str, opt, T: int) -> OptimisationRecord | None:
     opt = _dict(path, opt, "optimisation")
     for key, value in opt.items():
         if key == "diverged_steps":
@@ -127,13 +127,13 @@ def _optimisation(path: str, opt, T: int) -> OptimisationRecord | None:
         raise _damaged(path, "optimisation") from None
 
 
-def _records(path: str, meta: dict) -> dict:
+def check_records(path: str, meta: dict) -> dict:
     """Checks ``meta`` (the current layout) field by field and returns the :class:`Inversion`'s
     keyword arguments other than its tensors and optimisation record (checked against the
     tensors' shapes first): a file's header is user input."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise _lacks(path, missing)
+        raise lacks_metadata(path, missing)
     if not isinstance(meta["prompt"], str):
         raise _damaged(path, "prompt")
 
@@ -152,7 +152,7 @@ def _records(path: str, meta: dict) -> dict:
     m = _dict(path, meta["model"], "model")
     missing = [f"model.{k}" for k in ("id", "fingerprint", "scheduler") if k not in m]
     if missing:
-        raise _lacks(path, missing)
+        raise lacks_metadata(path, missing)
     _strings(path, m, ("id",), "model")
     _strings(path, m, ("family", "prediction_type"))
     fp = _dict(path, m["fingerprint"], "model_fingerprint")

@@ -17,7 +17,7 @@ from ..config import InversionConfig
 from ..errors import NulltextError, one_line
 from ..files import atomic_write
 from ..fingerprint import fingerprints_match  # pure: storage imports no model code
-from .checks import _lacks, _optimisation, _records, upgrade
+from .checks import check_records, lacks_metadata, optimisation_record, upgrade
 from .records import (
     FORMAT,
     FORMAT_VERSION,
@@ -92,7 +92,7 @@ class Inversion:
 
 # --- writing ------------------------------------------------------------------------------------
 
-def _sha256(t: Tensor) -> str:
+def tensor_sha256(t: Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
@@ -140,7 +140,7 @@ def save_inversion(inv: Inversion, path, force: bool = False, reproducible: bool
             meta.pop(key, None)
     # One header key: safetensors does not keep the order of several, and files must be reproducible.
     header = {"nulltext": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta,
-                                      "tensors_sha256": {k: _sha256(v) for k, v in tensors.items()}},
+                                      "tensors_sha256": {k: tensor_sha256(v) for k, v in tensors.items()}},
                                      sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), force=force)
 
@@ -198,7 +198,7 @@ def load_inversion(path, pipe=None) -> Inversion:
         meta = upgrade(path, meta, version)
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        raise _lacks(path, missing)
+        raise lacks_metadata(path, missing)
     for name in ("latent_T", "null_embeddings", "corrections"):
         if name not in tensors:
             if name == "corrections":
@@ -206,7 +206,7 @@ def load_inversion(path, pipe=None) -> Inversion:
             raise NulltextError(f"{path} lacks the tensor {name!r}")
         if tensors[name].dtype != torch.float32:
             raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected float32")
-        if sums.get(name) != _sha256(tensors[name]):
+        if sums.get(name) != tensor_sha256(tensors[name]):
             raise NulltextError(f"{path}: tensor {name} does not match its checksum; the file was altered or damaged")
         if not bool(torch.isfinite(tensors[name]).all()):
             raise NulltextError(f"{path}: tensor {name} holds NaN or infinite values; the inversion is unusable")
@@ -214,7 +214,7 @@ def load_inversion(path, pipe=None) -> Inversion:
     extra = sorted(set(tensors) - {"latent_T", "null_embeddings", "corrections"})
     if extra:
         raise NulltextError(f"{path} holds tensors nulltext does not know: {', '.join(extra)}")
-    records = _records(path, meta)
+    records = check_records(path, meta)
     config = records["config"]
     T = config.num_steps
     if latent.ndim != 4 or latent.shape[0] != 1:
@@ -233,7 +233,7 @@ def load_inversion(path, pipe=None) -> Inversion:
     if nulls.shape[0] != (T if per_step else 1) and not (T == 1):
         raise NulltextError(f"{path}: method {config.method!r} stores {'one null embedding per step' if per_step else 'one null embedding'}, "
                             f"but null_embeddings has shape {tuple(nulls.shape)}")
-    optimisation = _optimisation(path, meta["optimisation"], T) if "optimisation" in meta else None
+    optimisation = optimisation_record(path, meta["optimisation"], T) if "optimisation" in meta else None
     inv = Inversion(latent_T=latent, null_embeddings=nulls, corrections=corrections, format_version=version,
                     optimisation=optimisation, **records)
     if pipe is not None:
