@@ -20,7 +20,7 @@ from torch import Tensor
 from .controllers import SOURCE, Controller, Site
 
 
-def _project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
+def project_attention(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
     """The first half of diffusers' ``AttnProcessor``: norms, projections, heads to batch.
 
     Returns (query, key, value) as (B*heads, S, d), the prepared mask, and what the second half
@@ -61,7 +61,7 @@ def _project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, 
     return query, key, value, attention_mask, (residual, shape4)
 
 
-def _finish(attn, probs: Tensor, value: Tensor, restore) -> Tensor:
+def finish_attention(attn, probs: Tensor, value: Tensor, restore) -> Tensor:
     """The second half of ``AttnProcessor``: probabilities times values, output projection."""
     residual, shape4 = restore
     hidden_states = torch.bmm(probs, value)  # (B*heads, Q, d)
@@ -99,19 +99,19 @@ class P2PAttnProcessor:
         if c.phase == SOURCE:
             out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
             with torch.no_grad():
-                q, k, _, mask, _ = _project(attn, _half(hidden_states), _half(encoder_hidden_states),
+                q, k, _, mask, _ = project_attention(attn, _half(hidden_states), _half(encoder_hidden_states),
                                             _half(attention_mask), _half(temb))
                 probs = attn.get_attention_scores(q, k, mask)  # (heads, Q, K): one source row
             c.on_source(self.site, probs.reshape(-1, attn.heads, *probs.shape[1:]))
             return out
-        q, k, v, mask, restore = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        q, k, v, mask, restore = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K), batch-major
         half = probs.shape[0] // 2
         cond = probs[half:].reshape(-1, attn.heads, *probs.shape[1:])  # (n, heads, Q, K)
         edited = c.on_target(self.site, cond)
         if edited is not cond:
             probs = torch.cat([probs[:half], edited.reshape(-1, *probs.shape[1:]).to(probs.dtype)])
-        return _finish(attn, probs, v, restore)
+        return finish_attention(attn, probs, v, restore)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nulltext.processors import _finish, _project
+from nulltext.processors import finish_attention, project_attention
 from nulltext.samplers import guidance
 
 
@@ -20,10 +20,10 @@ class GroundingProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        q, k, v, mask, restore = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        q, k, v, mask, restore = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K)
         self.store.append(probs.view(-1, attn.heads, *probs.shape[1:]))
-        return _finish(attn, probs, v, restore)
+        return finish_attention(attn, probs, v, restore)
 
 
 def install_grounding(unet) -> list:
