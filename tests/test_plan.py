@@ -12,6 +12,7 @@ from PIL import Image
 
 import nulltext.editing.planning as plan_mod
 import nulltext.image as image_mod
+import nulltext.inversion.pipeline as pipeline_mod
 from conftest import make_photo
 from nulltext.config import EditConfig
 from nulltext.editing import EditPlan, edit, plan_for, request
@@ -52,9 +53,14 @@ def calls(monkeypatch):
     out = collections.defaultdict(list)
     for name in ("check_prompt", "read_mask", "load_mask", "warn_split_words", "build_controller"):
         _spy(monkeypatch, plan_mod, name, out)
+    # the inversion's prompt checks, counted apart from the edit's
+    real_check = pipeline_mod.check_prompt
+    monkeypatch.setattr(pipeline_mod, "check_prompt",
+                        lambda *a, **k: out["inversion_check_prompt"].append(a) or real_check(*a, **k))
     for name in ("replacement_mapper", "refinement_mapper"):
         _spy(monkeypatch, plan_mod.alignment, name, out)
     _spy(monkeypatch, image_mod, "load_image", out)  # every photo decoded (masks: read_mask)
+    _spy(monkeypatch, image_mod, "read_mask", out)  # where a module reaches it through nulltext.image
     return out
 
 
@@ -77,13 +83,15 @@ def test_edit_of_a_photo_decodes_it_once_and_plans_before_inverting(files, tmp_p
     import nulltext.inversion as inversion
 
     order = []
-    real_invert, real_plan = inversion.invert_image, plan_mod.plan
-    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: order.append("invert") or real_invert(*a, **k))
+    real_invert, real_plan = inversion.invert_progressive, plan_mod.plan
+    monkeypatch.setattr(inversion, "invert_progressive",
+                        lambda *a, **k: order.append("invert") or real_invert(*a, **k))
     monkeypatch.setattr("nulltext.editing.plan", lambda *a, **k: order.append("plan") or real_plan(*a, **k))
     r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--mask", files["mask"],
                  "-o", tmp_path / "out", *FAST)
     assert_ok(r)
     assert order == ["plan", "invert"]
+    assert [a[0] for a in calls["inversion_check_prompt"]] == [PROMPT]  # the caption checked once
     assert [str(a[0]) for a in calls["load_image"]] == [str(files["photo"])]  # decoded once
     assert [str(a[0]) for a in calls["read_mask"]] == [str(files["mask"])]
     assert len(calls["replacement_mapper"]) == 1 and len(calls["build_controller"]) == 1
@@ -113,7 +121,7 @@ def test_a_mask_that_does_not_fit_fails_before_the_model_loads_when_unreadable_a
                             tmp_path / "bad.png", "-o", tmp_path / "o", *FAST), match="cannot read the mask")
     monkeypatch.undo()
     Image.new("L", (33, 17), 255).save(tmp_path / "small.png")
-    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(inversion, "invert_progressive", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert_refused(run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--mask",
                             tmp_path / "small.png", "-o", tmp_path / "o", *FAST), match="the mask is 33x17 pixels")
 
@@ -121,7 +129,7 @@ def test_a_mask_that_does_not_fit_fails_before_the_model_loads_when_unreadable_a
 def test_a_target_word_error_fails_before_the_inversion_runs(files, tmp_path, monkeypatch):
     import nulltext.inversion as inversion
 
-    monkeypatch.setattr(inversion, "invert_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(inversion, "invert_progressive", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     r = run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "--reweight", "tiger=2",
                  "-o", tmp_path / "out", *FAST)
     assert_refused(r, match="reweight word 'tiger' is not in the target prompt")
@@ -154,6 +162,7 @@ def test_invert_decodes_each_photo_once_also_with_check(files, tmp_path, calls):
     assert_ok(r)
     assert sorted(str(a[0]) for a in calls["load_image"]) == sorted([str(files["photo"]), str(other)])
     assert r.stdout.count("reconstruction PSNR") == 2
+    assert [a[0] for a in calls["inversion_check_prompt"]] == [PROMPT]  # one caption for both, checked once
 
 
 def test_batch_plans_each_edit_before_inverting_and_decodes_each_file_once(files, tmp_path, monkeypatch, calls):
@@ -166,11 +175,15 @@ def test_batch_plans_each_edit_before_inverting_and_decodes_each_file_once(files
     inverted = []
     real = inversion.invert_progressive
 
-    def counting(pipe, images, *args, **kwargs):
-        inverted.extend(image.name for image in images)
-        return real(pipe, images, *args, **kwargs)
+    def counting(pipe, req, *args, **kwargs):
+        inverted.extend(image.name for image in req.images)
+        return real(pipe, req, *args, **kwargs)
 
     monkeypatch.setattr(inversion, "invert_progressive", counting)
+    import nulltext.jobs as jobs_mod
+
+    jobs_checks, real_check = [], jobs_mod.check_prompt
+    monkeypatch.setattr(jobs_mod, "check_prompt", lambda *a, **k: jobs_checks.append(a) or real_check(*a, **k))
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("\n".join(json.dumps(row) for row in (
         {"id": "good", "image": str(files["photo"]), "prompt": PROMPT, "targets": [SWAP], "mask": str(files["mask"])},
@@ -184,3 +197,6 @@ def test_batch_plans_each_edit_before_inverting_and_decodes_each_file_once(files
     assert "2 of 3 jobs done" in r.stdout
     assert len(calls["load_image"]) == 3  # each job's photo decoded once (the bad one before its plan failed)
     assert [str(a[0]) for a in calls["read_mask"]] == [str(files["mask"])]
+    # captions and targets checked once, when the manifest was read
+    assert sorted(a[0] for a in jobs_checks) == sorted([PROMPT] * 3 + [SWAP] * 2)
+    assert not calls["check_prompt"] and not calls["inversion_check_prompt"]

@@ -52,7 +52,10 @@ def test_fp16_gradient_underflows_without_loss_scaling_and_survives_with_it():
     d16s, r16s = moved(p16, True)
     assert (d32 != 0).all()
     assert (d16 == 0).all(), "premise: without loss scaling the fp16 gradient underflows to zero"
-    assert (d16s != 0).all()
+    # with the scaling it moves (almost) every element: fp16 CPU kernels differ between machines, and
+    # on some (seen on an AMD EPYC) a few elements of the gradient still round to zero
+    moved = (d16s != 0).float().mean().item()
+    assert moved > 0.99, f"only {moved:.4%} of the embedding moved with loss scaling"
     assert (d16s.sign() == d32.sign()).float().mean() > 0.98
     assert r16s.loss_scales[0] >= 2.0 ** 16  # a power of two, large enough to lift the gradient
     assert r16s.loss_scales[0] == 2.0 ** round(torch.tensor(r16s.loss_scales[0]).log2().item())

@@ -52,12 +52,13 @@ def _work(pipe, out_dir: str, batch_size: int):
 
 
 def _invert_and_finish(pipe, out_dir, ready, sources, plans, batch_size, record, fail) -> None:
-    from .inversion import invert_progressive
+    from .inversion import InversionRequest, invert_progressive
 
     done: set[int] = set()
+    # the captions were checked when the manifest was read
+    req = InversionRequest(tuple(sources), tuple(j.prompt for j in ready), ready[0].inversion, batch_size)
     try:
-        for i, inv, photo in invert_progressive(pipe, sources, [j.prompt for j in ready], ready[0].inversion,
-                                                batch_size=batch_size, progress=False, photos=True):
+        for i, inv, photo in invert_progressive(pipe, req, progress=False, photos=True):
             done.add(i)
             try:
                 fields = _finish(pipe, ready[i], inv, os.path.join(out_dir, ready[i].folder_name), plans[i], photo)
@@ -74,16 +75,17 @@ def _invert_and_finish(pipe, out_dir, ready, sources, plans, batch_size, record,
 def _plan(pipe, job: Job, original: tuple[int, int]):
     """The job's edit, checked before its inversion runs (None without targets); ``original``:
     the photo's size."""
-    from .editing import plan, request
-    from .image import output_size
+    from .editing import EditRequest, plan
+    from .image import output_size, read_mask
 
     if not job.targets:
         return None
     cfg = job.inversion
     w, h = output_size(cfg.size, original, cfg.crop, pipe.native_size, pipe.size_multiple)
     f = pipe.vae_scale_factor
-    return plan(pipe, request(job.targets, job.edit, mask=job.mask), job.prompt, cfg.num_steps, (h // f, w // f),
-                (w, h), original, cfg.crop)
+    # the targets were checked when the manifest was read; the mask is decoded here, once
+    req = EditRequest(tuple(job.targets), job.edit, read_mask(job.mask) if job.mask else None)
+    return plan(pipe, req, job.prompt, cfg.num_steps, (h // f, w // f), (w, h), original, cfg.crop)
 
 
 def _optimisation_numbers(inv) -> tuple[int, float]:

@@ -174,9 +174,9 @@ def _peak_mb(pipe) -> float:
 
 def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     """One (sample, method): the metrics of a result row, or raises for the runner to record."""
-    from .editing import edit, plan, request
+    from .editing import EditRequest, edit, plan
     from .image import load_image, output_size, preprocess
-    from .inversion import invert_image, reconstruct
+    from .inversion import InversionRequest, invert_progressive, reconstruct
 
     source = load_image(job.image)
     cfg, ec = job.inversion, job.edit
@@ -185,12 +185,13 @@ def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     edit_plan = None
     if job.targets:  # the edit's checks, once, before the inversion
         f = pipe.vae_scale_factor
-        edit_plan = plan(pipe, request(job.targets[:1], ec), job.prompt, cfg.num_steps, (size[1] // f, size[0] // f),
-                         size, source.image.size, cfg.crop)
+        # (the job reader checked the caption and the targets)
+        edit_plan = plan(pipe, EditRequest((job.targets[0],), ec), job.prompt, cfg.num_steps,
+                         (size[1] // f, size[0] // f), size, source.image.size, cfg.crop)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     t0 = time.perf_counter()
-    inv = invert_image(pipe, source, job.prompt, cfg, progress=False)
+    (_, inv), = invert_progressive(pipe, InversionRequest((source,), (job.prompt,), cfg, 1), progress=False)
     row = {"invert_s": time.perf_counter() - t0}
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
     if job.targets:

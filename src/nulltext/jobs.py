@@ -132,6 +132,7 @@ def _job(n: int, row: dict, inversion: InversionConfig, edit: EditConfig, root: 
         raise NulltextError("image and prompt must be text")
     if not prompt.strip():
         raise NulltextError("a job needs an image and a prompt")
+    # the caption and the targets are checked here, once: the work builds its requests from them
     job.image, job.prompt = _resolve(image, root), check_prompt(prompt)
     targets = row.get("targets", row.get("target")) or []
     if isinstance(targets, str):

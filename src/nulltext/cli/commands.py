@@ -51,22 +51,14 @@ def _invert_outputs(args) -> list[str]:
 
 
 def cmd_invert(args) -> int:
-    from ..image import probe
-    from ..inversion import invert_progressive
-    from ..text import check_prompt
+    from ..inversion import invert_progressive, request
 
-    config = inversion_config(args, args.method)
-    prompts = args.prompt
-    if len(prompts) not in (1, len(args.image)):
-        raise NulltextError(f"{len(args.image)} images need one --prompt each (or one for all), got {len(prompts)}")
-    prompts = prompts * len(args.image) if len(prompts) == 1 else prompts
-    for prompt in prompts:  # control characters refused before any work (an empty prompt warns, at the inversion)
-        check_prompt(prompt, empty="allow")
+    # every check that needs no model, before loading one: the prompts, the batch size, each
+    # photo's header (the photo is decoded once, when it is inverted)
+    req = request(args.image, args.prompt, inversion_config(args, args.method), args.batch_size, what="--prompt")
     outputs = _invert_outputs(args)
     for output in outputs:
         check_writable(output, args.force)
-    for image in args.image:  # a bad image fails before the model loads (its header: it is decoded once, later)
-        probe(image)
     pipe = _load_pipe(args, args.model)
 
     def done(index: int, inv, photo) -> None:  # each file is written as soon as its batch is done
@@ -95,8 +87,7 @@ def cmd_invert(args) -> int:
 
     try:
         # the preprocessed photos kept only for --check (queued photos are not held in memory otherwise)
-        for index, inv, *photo in invert_progressive(pipe, list(args.image), prompts, config, batch_size=args.batch_size,
-                                                     progress=not args.quiet, photos=args.check):
+        for index, inv, *photo in invert_progressive(pipe, req, progress=not args.quiet, photos=args.check):
             done(index, inv, photo[0] if photo else None)
     except Exception as e:
         if args.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
@@ -199,9 +190,8 @@ def _source(args, make_plan):
     latent_hw, image_size, original_size, crop)`` plans the edit (its checks) before any inversion work."""
     from ..editing.planning import original_size
     from ..image import load_image, output_size
-    from ..inversion import Inversion, invert_image
+    from ..inversion import Inversion, invert_progressive, request
     from ..storage import check_fits
-    from ..text import check_prompt
 
     if _is_inversion_path(args.input):
         if args.save_inversion:
@@ -224,17 +214,17 @@ def _source(args, make_plan):
     if args.prompt is None:
         raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
                             f"file made by nulltext invert)")
-    check_prompt(args.prompt, empty="allow")  # (an empty one warns, at the inversion)
     if args.save_inversion:
         check_writable(args.save_inversion, args.force)
     config = inversion_config(args, args.inversion_method)
     image = load_image(args.input)  # decoded once: checked here, inverted below
+    inversion = request([image], [args.prompt], config, what="--prompt")  # the prompt checked once
     pipe = _load_pipe(args, args.model or DEFAULT_MODEL)
     w, h = output_size(config.size, image.image.size, config.crop, pipe.native_size, pipe.size_multiple)
     f = pipe.vae_scale_factor
     plan = make_plan(pipe, args.prompt, config.num_steps, (h // f, w // f), (w, h), tuple(image.image.size),
                      config.crop)
-    inv = invert_image(pipe, image, args.prompt, config, progress=not args.quiet)
+    (_, inv), = invert_progressive(pipe, inversion, progress=not args.quiet)
     if args.save_inversion:
         inv.save(args.save_inversion, force=args.force)
         print(f"wrote {args.save_inversion}")
@@ -297,9 +287,7 @@ def cmd_edit(args) -> int:
 
 
 def cmd_attention(args) -> int:
-    from ..editing import edit, maps_from_store, plan, request, run_controlled
-    from ..editing.planning import attention_store
-    from ..image import decode
+    from ..editing import attention_maps, plan, request
     from ..visual import attention_grid
 
     check_writable(args.output, args.force)
@@ -311,23 +299,13 @@ def cmd_attention(args) -> int:
         raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
     if not args.target and config.blend:
         warnings.warn("--blend acts on edits; without --target it is ignored", NulltextWarning)
-    req = request(args.target, config, what="--target") if args.target else None
+    req = request(args.target, config, what="--target", required=False)  # no target: the source's maps alone
 
     def make_plan(pipe, prompt, num_steps, latent_hw, image_size, original_size, crop):
-        if req is None:  # the source prompt alone: only the store to check
-            return attention_store(pipe, latent_hw, config)
         return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop, attention=True)
 
     pipe, inv, edit_plan = _source(args, make_plan)
-    if req is None:
-        store, size = edit_plan
-        last = None
-        for last in run_controlled(pipe, inv, [], store, not args.quiet, desc="attention"):
-            pass
-        am = maps_from_store(pipe, store, size, [inv.prompt], decode(pipe, last.source))
-    else:
-        result = edit(pipe, inv, edit_plan, progress=not args.quiet)
-        am = maps_from_store(pipe, edit_plan.attention, edit_plan.attention_size, result.prompts, result.images)
+    am = attention_maps(pipe, inv, edit_plan, progress=not args.quiet)
     grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
     save_image(grid, args.output, force=args.force)
     print(f"cross-attention at {am.size[0]}x{am.size[1]} averaged over {inv.num_steps} steps")

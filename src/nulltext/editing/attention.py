@@ -10,9 +10,8 @@ from torch import Tensor
 from .. import alignment
 from ..config import EditConfig
 from ..controllers import AttentionStore
-from ..image import decode as decode_latents
-from .loops import edit, run_controlled
-from .planning import attention_store, plan_for, request
+from .loops import edit
+from .planning import EditPlan, plan_for, request
 
 
 @dataclass
@@ -35,21 +34,19 @@ def maps_from_store(pipe, store: AttentionStore, size: tuple[int, int], prompts:
     return AttentionMaps(list(prompts), tokens, maps, size, images)
 
 
-def attention_maps(pipe, inversion, targets: Sequence[str] = (), config: EditConfig | None = None,
+def attention_maps(pipe, inversion, targets: Sequence[str] | EditPlan = (), config: EditConfig | None = None,
                    progress: bool = True, size: tuple[int, int] | None = None) -> AttentionMaps:
     """The cross-attention map of each token, averaged over the steps, heads and the layers at
     ``size`` (default: the blend size, 16x16 for a 512 image as the release shows), for the
     source prompt over its reconstruction and, with ``targets``, for each edit (the maps the
-    UNet used, after the edit's controllers)."""
-    config = config or EditConfig()
-    targets = list(targets)
-    if targets:
-        plan = plan_for(pipe, inversion, request(targets, config), attention=tuple(size) if size else True)
-        result = edit(pipe, inversion, plan, progress=progress)
-        return maps_from_store(pipe, plan.attention, plan.attention_size, result.prompts, result.images)
-    latent_hw = tuple(inversion.latent_T.shape[-2:])
-    store, size = attention_store(pipe, latent_hw, config, size)
-    last = None
-    for last in run_controlled(pipe, inversion, [], store, progress, desc="attention"):
-        pass
-    return maps_from_store(pipe, store, size, [inversion.prompt], decode_latents(pipe, last.source))
+    UNet used, after the edit's controllers). ``targets`` may be a plan made with ``attention``
+    (:func:`nulltext.editing.plan_for`), checked beforehand."""
+    if isinstance(targets, EditPlan):
+        edit_plan = targets
+        if edit_plan.attention is None:
+            raise ValueError("this EditPlan records no attention maps: plan it with attention=True")
+    else:
+        req = request(list(targets), config, required=False)
+        edit_plan = plan_for(pipe, inversion, req, attention=tuple(size) if size else True)
+    result = edit(pipe, inversion, edit_plan, progress=progress)
+    return maps_from_store(pipe, edit_plan.attention, edit_plan.attention_size, result.prompts, result.images)

@@ -184,7 +184,7 @@ def edit(pipe, inversion, targets: Sequence[str] | str | EditPlan, config: EditC
     result = EditResult(prompts=[inversion.prompt, *plan.targets], modes=list(plan.modes), latents=latents)
     if decode:
         # the source row alone, as reconstruct() decodes it, so its pixels match too
-        result.images = decode_latents(pipe, last.source) + decode_latents(pipe, last.targets)
+        result.images = decode_latents(pipe, last.source) + (decode_latents(pipe, last.targets) if plan.targets else [])
         if plan.mask is not None:  # the VAE's decoder reaches across the mask's edge: paste the outside back
             result.images = [result.images[0],
                              *(composite(im, result.images[0], plan.mask) for im in result.images[1:])]

@@ -24,6 +24,7 @@ from .. import alignment
 from ..config import EditConfig
 from ..controllers import (
     AttentionStore,
+    Controller,
     CrossEdit,
     LocalBlend,
     P2PController,
@@ -59,7 +60,7 @@ class EditPlan:
     num_steps: int
     latent_hw: tuple[int, int]
     modes: list[str]  # per target: "replace" | "refine" | "sdedit"
-    controller: P2PController | None  # None for SDEdit
+    controller: Controller | None  # None for SDEdit; the attention store alone without targets
     mask: Tensor | None = None  # (H, W) bool at the image's size: where the edit may change it
     latent_mask: Tensor | None = None  # (1, 1, h, w) bool: the same at the latent's size
     attention: AttentionStore | None = None  # records the cross-attention maps, when asked for
@@ -74,14 +75,15 @@ class EditPlan:
 
 
 def request(targets: Sequence[str] | str, config: EditConfig | None = None, mask=None,
-            what: str = "target prompt") -> EditRequest:
-    """The checks of an edit that need no model: at least one target, each text without control
+            what: str = "target prompt", required: bool = True) -> EditRequest:
+    """The checks of an edit that need no model: at least one target (none is fine where not
+    ``required``: the attention maps of the source prompt alone), each text without control
     characters and not empty; the mask (a path is read and decoded here, once). ``what`` names a
     target in messages (the command line says ``--target``)."""
     if isinstance(targets, str):
         targets = [targets]
     targets = list(targets)
-    if not targets:
+    if not targets and required:
         raise NulltextError("no target prompt given" + (f": pass at least one {what}" if what.startswith("-") else ""))
     for t in targets:
         check_prompt(t, what)
@@ -98,6 +100,8 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
     controller. ``stores``: attention stores to fill while editing (after the edit's changes);
     ``attention``: True or a (h, w) size to record the cross-attention maps (:attr:`EditPlan.attention`)."""
     targets, config = list(req.targets), req.config
+    if not targets and not attention:
+        raise NulltextError("no target prompt given")
     for p in (source, *targets):
         alignment.check_length(pipe.tokenizer, p)
     # the targets' new words only: the source prompt's were named at its inversion
@@ -115,7 +119,9 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
             raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
         store, size = attention_store(pipe, latent_hw, config, None if attention is True else attention)
         stores = [*stores, store]
-    if config.method == "sdedit":
+    if not targets:  # the source prompt's attention maps alone: the store is the controller
+        modes, controller = [], store
+    elif config.method == "sdedit":
         modes, controller = ["sdedit"] * len(targets), None
     else:
         controller, modes = build_controller(pipe, source, targets, config, num_steps, latent_hw, stores, user)

@@ -19,9 +19,17 @@ from .optimise import (
     optimize_null_text,
     optimize_null_text_batch,
 )
-from .pipeline import invert_image, invert_many, invert_progressive, reconstruct, reconstruct_latent
+from .pipeline import (
+    InversionRequest,
+    invert_image,
+    invert_many,
+    invert_progressive,
+    reconstruct,
+    reconstruct_latent,
+    request,
+)
 
-__all__ = ["DIVERGENCE_FACTOR", "BatchCallback", "Inversion", "IterCallback", "NullTextResult",
+__all__ = ["DIVERGENCE_FACTOR", "BatchCallback", "Inversion", "InversionRequest", "IterCallback", "NullTextResult",
            "direct_inversion_corrections", "diverged_steps", "invert_image", "invert_many", "invert_progressive",
            "optimize_global_null_text", "optimize_null_text", "optimize_null_text_batch", "reconstruct",
-           "reconstruct_latent"]
+           "reconstruct_latent", "request"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,9 +20,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import image as image_mod
 from .. import samplers
 from ..config import OPTIMISED, InversionConfig, SchedulerConfig
 from ..errors import NonFiniteError, NulltextError, NulltextWarning
+from ..image import probe
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
 from ..text import check_prompt, encode_null, encode_prompt, warn_split_words
 from .optimise import direct_inversion_corrections, diverged_steps, optimize_global_null_text, optimize_null_text_batch
@@ -83,10 +86,46 @@ class _Prepared:
     encode_s: float
 
 
+@dataclass(frozen=True)
+class InversionRequest:
+    """Photos to invert with their prompts and settings, checked without a model (:func:`request`)."""
+
+    images: tuple  # paths, PIL images or ImageSources
+    prompts: tuple[str, ...]  # one per image
+    config: InversionConfig
+    batch_size: int
+
+
+def request(images, prompts, config: InversionConfig | None = None, batch_size: int = 4,
+            what: str = "prompt") -> InversionRequest:
+    """The checks of an inversion that need no model, run once: at least one image, one prompt per
+    image (or one for all), each prompt text without control characters (an empty one inverts
+    unconditionally, with a warning), a positive batch size, each photo file's header (it is
+    decoded once, when it is inverted). ``what`` names a prompt in messages (the command line
+    says ``--prompt``)."""
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) == 1 and len(images) > 1:  # one caption for all
+        prompts = prompts * len(images)
+    if not images:
+        raise NulltextError("no images to invert")
+    if len(prompts) != len(images):
+        raise NulltextError(f"{len(images)} images need one {what} each (or one for all), got {len(prompts)}"
+                            + ("" if what.startswith("-") else " prompts"))
+    for prompt in dict.fromkeys(prompts):
+        check_prompt(prompt, empty="warn")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise NulltextError(f"batch size must be a positive integer, got {batch_size!r}")
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            probe(image)
+    return InversionRequest(tuple(images), tuple(prompts), config or InversionConfig(), batch_size)
+
+
 def invert_progressive(
     pipe,
     images,
-    prompts,
+    prompts=None,
     config: InversionConfig | None = None,
     batch_size: int = 4,
     progress: bool = True,
@@ -96,7 +135,9 @@ def invert_progressive(
     """Invert several images as :func:`invert_many` does, yielding ``(i, inversion)`` for image i
     as soon as its batch is done (batches in order of first appearance of their image size); with
     ``photos``, ``(i, inversion, photo)``: the preprocessed photo it inverted (PIL), so that a
-    caller compares the reconstruction with it without decoding the file again.
+    caller compares the reconstruction with it without decoding the file again. ``images`` may be
+    an :class:`InversionRequest` (checked by :func:`request` beforehand; ``prompts``, ``config``
+    and ``batch_size`` are then its own).
 
     The images of a batch run through the UNet together, one call per DDIM step and per Adam
     iteration, with their own null embeddings, Adam state and early stop: each image gets the
@@ -107,37 +148,26 @@ def invert_progressive(
 
     The arguments are checked at the call (a bad one raises before any work); the images are
     encoded and inverted as the iterator is consumed."""
-    images = list(images)
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-    for prompt in dict.fromkeys(prompts):
-        check_prompt(prompt, empty="warn")
-    if not images:
-        raise NulltextError("no images to invert")
-    if len(prompts) != len(images):
-        raise NulltextError(f"{len(images)} images need one prompt each (or one for all), got {len(prompts)} prompts")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise NulltextError(f"batch size must be a positive integer, got {batch_size!r}")
-    config = config or InversionConfig()
+    req = images if isinstance(images, InversionRequest) else request(images, prompts, config, batch_size)
     # the file records the schedule the pipeline really samples with (the checkpoint's own)
-    config = dataclasses.replace(config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
+    config = dataclasses.replace(req.config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
     if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
-    for prompt in dict.fromkeys(prompts):
+    for prompt in dict.fromkeys(req.prompts):
         warn_split_words(pipe, prompt)
     if config.optimize_pooled and getattr(pipe, "text_encoder_2", None) is None:
         warnings.warn("optimize_pooled applies to SDXL only; this model has no pooled text embedding",
                       NulltextWarning, stacklevel=2)
     if loss_scaling is None:
         loss_scaling = pipe.dtype == torch.float16
-    return _progressive(pipe, images, prompts, config, batch_size, progress, loss_scaling, photos)
+    return _progressive(pipe, list(req.images), list(req.prompts), config, req.batch_size, progress, loss_scaling,
+                        photos)
 
 
 def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig, batch_size: int, progress: bool,
                  loss_scaling: bool, photos: bool) -> Iterator[tuple]:
-    from .. import image as image_mod
-
     null0 = encode_null(pipe)
     groups: dict[tuple, list[_Prepared]] = {}
     outer = tqdm(total=len(images), desc="images", unit="image", disable=not progress or len(images) == 1)
@@ -265,6 +295,4 @@ def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Ten
 
 def reconstruct(pipe, inversion: Inversion, progress: bool = True):
     """The reconstructed image (PIL) of an inversion."""
-    from ..image import decode
-
-    return decode(pipe, reconstruct_latent(pipe, inversion, progress=progress))[0]
+    return image_mod.decode(pipe, reconstruct_latent(pipe, inversion, progress=progress))[0]
