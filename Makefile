@@ -1,5 +1,15 @@
 # One command for the main job (`make demo`) and one for the tests (`make test`); each creates
-# the virtualenv and installs PyTorch 2.13.0 (CPU build) first, then nulltext.
+# the virtualenv and installs PyTorch first, on its own, then nulltext.
+#
+# TORCH is the torch requirement and TORCH_INDEX pip's extra options for it. The default asks pip's
+# configured sources for torch==2.13.0: from plain PyPI on Linux x86_64 that is the CUDA build, which
+# pulls triton and 15 nvidia-* packages (about 2.7 GB of downloads for Python 3.11). For the CPU-only
+# wheel (about 190 MB), on a machine without a GPU:
+#     make demo TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+# and for another CUDA build, the index URL that pytorch.org gives for it. Both apply when make
+# installs (a new $(VENV), or pyproject.toml changed): remove $(VENV) to choose again.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +20,8 @@ OUT ?= out
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	@echo "Installing $(TORCH) $(if $(strip $(TORCH_INDEX)),with pip options: $(TORCH_INDEX),from pip's configured sources (plain PyPI on Linux x86_64: the CUDA build, several GB; the CPU-only wheel: TORCH_INDEX=\"--index-url https://download.pytorch.org/whl/cpu\"))"
+	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
