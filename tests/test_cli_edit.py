@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
+from nulltext.visual import MIN_TILE, PAD
 from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, run_main
 
 SWAP = "a dog sitting next to a mirror"
@@ -43,7 +44,20 @@ def test_edit_writes_reconstruction_edits_and_grid(files, tmp_path):
     edit1 = Image.open(out / names[0])
     assert edit1.size == (64, 64)
     grid = Image.open(out / "grid.png")
-    assert grid.width > 3 * 64 and grid.height > 64
+    assert grid.width == 3 * (MIN_TILE + PAD) + PAD and grid.height > MIN_TILE  # 64 px shown at 192
+
+
+def test_the_grid_of_an_edited_photo_shows_the_photo_first(files, tmp_path):
+    out = tmp_path / "out"
+    assert_ok(run_main("edit", files["photo"], "--prompt", PROMPT, "--target", SWAP, "-o", out, *FAST))
+    grid = np.asarray(Image.open(out / "grid.png"))
+    tile = MIN_TILE + PAD
+    assert grid.shape[1] == 3 * tile + PAD  # the photo, the reconstruction and the edit
+    recon = np.asarray(Image.open(out / "reconstruction.png"))
+    k = MIN_TILE // recon.shape[1]
+    shown = [grid[PAD:PAD + k * recon.shape[0], PAD + c * tile:PAD + c * tile + MIN_TILE] for c in range(3)]
+    assert np.array_equal(shown[1], recon.repeat(k, axis=0).repeat(k, axis=1))
+    assert not np.array_equal(shown[0], shown[1])  # the first tile is the photo, not the reconstruction
 
 
 @pytest.mark.slow

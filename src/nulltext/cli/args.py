@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show the maps of this edit's target prompt (repeatable)")
     p.add_argument("-o", "--output", required=True, metavar="MAPS.png", help="image to write")
     p.add_argument("--overlay", type=float, default=0.5, help="heat-map opacity over the image, 0 = map only (default 0.5)")
-    p.add_argument("--cell", type=_positive_int, default=128, help="width of each cell in pixels (default 128)")
+    p.add_argument("--cell", type=_positive_int, default=192,
+                   help="width of each cell in pixels: a narrower image is enlarged by a whole factor (sharp "
+                        "pixels) to at least this width, a wider one scaled down to it (default 192)")
     _add_edit_args(p, e)
     _add_model_args(p, None, either=True)
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")

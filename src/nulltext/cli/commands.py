@@ -185,9 +185,10 @@ def _warn_inversion_options_ignored(args) -> None:
 
 
 def _source(args, make_plan):
-    """(pipe, inversion, plan) from the INPUT argument: an inversion file (checked against the model
-    and the options), or an image inverted now with --prompt. ``make_plan(pipe, prompt, num_steps,
-    latent_hw, image_size, original_size, crop)`` plans the edit (its checks) before any inversion work."""
+    """(pipe, inversion, plan, photo) from the INPUT argument: an inversion file (checked against the
+    model and the options; photo None), or an image inverted now with --prompt (photo: the
+    preprocessed photo it inverted). ``make_plan(pipe, prompt, num_steps, latent_hw, image_size,
+    original_size, crop)`` plans the edit (its checks) before any inversion work."""
     from ..editing.planning import original_size
     from ..image import load_image, output_size
     from ..inversion import Inversion, invert_progressive, request
@@ -210,7 +211,7 @@ def _source(args, make_plan):
         check_fits(inv, pipe, args.input)
         plan = make_plan(pipe, inv.prompt, inv.num_steps, tuple(inv.latent_T.shape[-2:]), inv.image_size,
                          original_size(inv), inv.config.crop)
-        return pipe, inv, plan
+        return pipe, inv, plan, None
     if args.prompt is None:
         raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
                             f"file made by nulltext invert)")
@@ -224,11 +225,11 @@ def _source(args, make_plan):
     f = pipe.vae_scale_factor
     plan = make_plan(pipe, args.prompt, config.num_steps, (h // f, w // f), (w, h), tuple(image.image.size),
                      config.crop)
-    (_, inv), = invert_progressive(pipe, inversion, progress=not args.quiet)
+    (_, inv, photo), = invert_progressive(pipe, inversion, progress=not args.quiet, photos=True)
     if args.save_inversion:
         inv.save(args.save_inversion, force=args.force)
         print(f"wrote {args.save_inversion}")
-    return pipe, inv, plan
+    return pipe, inv, plan, photo
 
 
 def _warn_ignored(args, config) -> None:
@@ -270,10 +271,13 @@ def cmd_edit(args) -> int:
         return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop,
                     attention=args.attention)
 
-    pipe, inv, edit_plan = _source(args, make_plan)
+    pipe, inv, edit_plan, photo = _source(args, make_plan)
     result = edit(pipe, inv, edit_plan, progress=not args.quiet)
     labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, req.targets)]
-    pictures = [*result.images, side_by_side(result.images, labels)]
+    shown = result.images
+    if photo is not None:  # a photo inverted in this run: the grid shows it first
+        shown, labels = [photo, *shown], [f"input: {os.path.basename(args.input)}", *labels]
+    pictures = [*result.images, side_by_side(shown, labels)]
     if args.attention:
         am = maps_from_store(pipe, edit_plan.attention, edit_plan.attention_size, result.prompts, result.images)
         pictures.append(attention_grid(am.maps, am.tokens, am.images))
@@ -304,7 +308,7 @@ def cmd_attention(args) -> int:
     def make_plan(pipe, prompt, num_steps, latent_hw, image_size, original_size, crop):
         return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop, attention=True)
 
-    pipe, inv, edit_plan = _source(args, make_plan)
+    pipe, inv, edit_plan, _photo = _source(args, make_plan)
     am = attention_maps(pipe, inv, edit_plan, progress=not args.quiet)
     grid = attention_grid(am.maps, am.tokens, am.images, cell=args.cell, overlay=args.overlay)
     save_image(grid, args.output, force=args.force)
