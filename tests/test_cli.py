@@ -316,6 +316,24 @@ def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("name", ["out.png", "out", "out.safetensors.jpg"])
+def test_invert_refuses_an_output_that_is_not_safetensors(tmp_path, name):
+    """An inversion file is safetensors: -o out.png would hold one under an image's name."""
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / name
+    r = run_main("invert", tmp_path / "photo.png", "--prompt", PROMPT, "-o", out, *FAST)
+    assert_refused(r, match=f"-o {out}: an inversion file is safetensors; give a name ending in .safetensors")
+    assert not out.exists()
+
+
+def test_edit_refuses_a_save_inversion_that_is_not_safetensors(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    r = run_main("edit", tmp_path / "photo.png", "--prompt", PROMPT, "--target", "a dog sitting next to a mirror",
+                 "--save-inversion", tmp_path / "inv.png", "-o", tmp_path / "e", *FAST)
+    assert_refused(r, match="--save-inversion")
+    assert not (tmp_path / "inv.png").exists() and not (tmp_path / "e").exists()
+
+
 @pytest.mark.slow
 def test_invert_into_a_folder(tmp_path):
     """-o naming an existing folder, or ending in a separator, gets IMAGE-NAME.safetensors inside it

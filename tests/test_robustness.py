@@ -659,6 +659,12 @@ def _(c):
     return c.refused("reconstruct", c.inv_copy("x.safetensors"), "-o", "recon.gif", "--device", "cpu", "-q")
 
 
+@case("output-inversion-not-safetensors")
+def _(c):
+    c.photo()
+    return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "out.png", *FAST)
+
+
 @case("output-disk-full")
 def _(c):
     import safetensors.torch
