@@ -103,6 +103,23 @@ def test_unreachable_hub_gives_one_clear_sentence():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.parametrize("name,hint", [("demoo", "; did you mean 'demo'?"), ("Tiny", "; did you mean 'tiny'?"),
+                                       ("tnyi", "; did you mean 'tiny'?"), ("sd15", "")])
+def test_a_misspelt_model_name_is_refused_before_the_hub(monkeypatch, name, hint):
+    """A name that is neither a folder nor an 'org/name' hub id is a typo, not a hub model that
+    cannot be reached: one line, a suggestion when it is close to demo or tiny, no hub access."""
+    import nulltext.models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(nulltext.models, "hub_unreachable", no_hub)
+    monkeypatch.setattr(nulltext.models, "read_model_index", no_hub)
+    with pytest.raises(NulltextError) as e:
+        load_pipeline(name, device="cpu")
+    assert str(e.value) == f"model '{name}' is neither a local folder nor a hub id (org/name), 'demo' or 'tiny'{hint}"
+
+
 def test_missing_local_folder_and_non_diffusers_folder(tmp_path):
     with pytest.raises(NulltextError, match="not found"):
         load_pipeline(str(tmp_path / "missing"), device="cpu")

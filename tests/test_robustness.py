@@ -665,6 +665,13 @@ def _(c):
     return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "out.png", *FAST)
 
 
+@case("model-name-misspelt")
+def _(c):
+    c.photo()
+    return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "out.safetensors",
+                     *[a if a != "tiny" else "demoo" for a in FAST])
+
+
 @case("output-disk-full")
 def _(c):
     import safetensors.torch

@@ -17,7 +17,7 @@ from . import families
 from .config import DEFAULT_MODEL, SchedulerConfig
 from .errors import NulltextError, NulltextWarning, one_line
 from .fingerprint import fingerprints_match, model_fingerprint  # noqa: F401  (part of this module's API)
-from .hub import hub_unreachable, looks_like_path, quiet_loading
+from .hub import check_model_name, hub_unreachable, looks_like_path, quiet_loading
 from .samplers.ddim import make_scheduler, to_eps  # noqa: F401  (part of this module's API)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -311,6 +311,7 @@ def load_pipeline(
         source = os.path.expanduser(model)
         if looks_like_path(model) and not os.path.isdir(source):
             raise NulltextError(f"model folder not found: {model}")
+        check_model_name(model)
     # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
     # model is not there
     offline = not os.path.isdir(source) and hub_unreachable()
