@@ -103,6 +103,18 @@ def test_unreachable_hub_gives_one_clear_sentence():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.parametrize("model", ["stabilityai/stable-diffusion-xl-base-1.0", "CompVis/stable-diffusion-v1-4"])
+def test_the_offline_error_names_a_folder_of_the_model_asked_for_and_the_demo(model):
+    """Offline, a hub model that is not cached: the folder suggested is the model's own (not SD 1.4's for
+    an SDXL id), and the demo model is named as the way to try nulltext without the network."""
+    with pytest.raises(NulltextError) as e:
+        load_pipeline(model, device="cpu")
+    msg = str(e.value)
+    name = model.rsplit("/", 1)[1]
+    assert f"pass a local diffusers folder of it instead (--model /path/to/{name} on the command line)" in msg
+    assert msg.endswith(", or --model demo to try nulltext offline") and "\n" not in msg
+
+
 @pytest.mark.parametrize("name,hint", [("demoo", "; did you mean 'demo'?"), ("Tiny", "; did you mean 'tiny'?"),
                                        ("tnyi", "; did you mean 'tiny'?"), ("sd15", "")])
 def test_a_misspelt_model_name_is_refused_before_the_hub(monkeypatch, name, hint):

@@ -333,9 +333,11 @@ def load_pipeline(
                 f"could not load model '{model}' from its folder: it must be a diffusers-format "
                 f"{family.layout} ({reason[:200]})"
             ) from None
+        folder = f"/path/to/{model.rstrip('/').rsplit('/', 1)[-1]}"  # a folder of the model asked for
         raise NulltextError(
             f"could not load model '{model}' from the Hugging Face hub ({reason[:160]}); without network "
-            f"access, pass a local diffusers folder instead, e.g. --model /path/to/stable-diffusion-v1-4"
+            f"access, pass a local diffusers folder of it instead (--model {folder} on the command line), "
+            f"or --model demo to try nulltext offline"
         ) from None
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
