@@ -385,7 +385,8 @@ class EditConfig:
         if bool(self.blend_source) != bool(self.blend_target):
             raise NulltextError("local blend needs words of the source and of the target prompt")
         if self.blend_subtract and not self.blend_source:
-            raise NulltextError("blend-subtract needs a local blend (--blend WORDS_SRC WORDS_TGT)")
+            raise NulltextError("blend-subtract needs a local blend (blend_source and blend_target: "
+                                "--blend WORDS_SRC WORDS_TGT on the command line)")
         for name in ("blend_start", "blend_threshold", "blend_subtract_threshold", "sdedit_strength"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
