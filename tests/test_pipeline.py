@@ -44,6 +44,25 @@ def test_preprocessing_matches_the_release(shape, crop):
     np.testing.assert_array_equal(ours, release_load_512(arr, *crop, size=64))
 
 
+def test_a_size_the_model_cannot_take_warns_with_the_size_used():
+    """--size 13 on a model of multiples of 8 inverts at 16: said once, not silently; a size that is
+    a multiple, None and WxH say nothing."""
+    from nulltext.image import output_size
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # what the CLI and plain Python show: once per message
+        for image_size in [(96, 80), (96, 80), (120, 100)]:
+            assert output_size(13, image_size, multiple=8) == (16, 8)
+    assert [str(w.message) for w in record] == [
+        "size 13 is not a multiple of 8 pixels, as this model needs: the long side is 16 (16x8)"]
+    assert all(w.category is NulltextWarning for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert output_size(24, (96, 80), multiple=8) == (24, 24)  # the short side rounds silently (20 -> 24)
+        assert output_size(None, (96, 80), multiple=8) == (512, 512)
+        assert output_size((64, 48), (96, 80), multiple=8) == (64, 48)
+
+
 def test_non_square_size_keeps_the_aspect():
     out = preprocess(make_photo(200, 100), (128, 64))
     assert out.size == (128, 64)

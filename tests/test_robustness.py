@@ -414,6 +414,14 @@ def _(c):
     return error_of(edit_config, method="sdedit", sdedit_strength=2.0)
 
 
+@case("size-rounded")
+def _(c):
+    c.photo()  # 96x80: the tiny model's multiple is 32
+    message = c.cli(*_invert_args("photo.png", "--size", "13"), code=0)
+    assert (c.root / "out.safetensors").is_file()
+    return message
+
+
 @case("size-zero")
 def _(c):
     c.photo()
