@@ -1072,6 +1072,21 @@ def _manifest(c, n: int = 3, slow_after_first: bool = False) -> str:
 
 
 @pytest.mark.slow
+@case("ctrl-c-serve")
+def _(c):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, lines = _signal_when(["serve", "--model", "tiny", "--device", "cpu", "--port", port], c.root,
+                               "(Ctrl-C to stop)\n", signal.SIGINT)
+    assert code == 130, (code, lines)
+    return lines[-1]
+
+
+@pytest.mark.slow
 @case("ctrl-c-mid-batch")
 def _(c):
     manifest = _manifest(c, slow_after_first=True)

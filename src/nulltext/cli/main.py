@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
         if not sys.stderr.at_line_start and not _isatty(stderr):  # a progress bar's line, in a log
             print(file=sys.stderr)
-        if args.command in ("eval", "batch"):
+        if args.command == "serve":
+            print(f"nulltext: {what}; stopped serving", file=sys.stderr)
+        elif args.command in ("eval", "batch"):
             print(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
                   f"kept, rerun to resume", file=sys.stderr)
         elif written:
