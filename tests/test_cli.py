@@ -316,6 +316,24 @@ def test_invert_refuses_bad_input(tmp_path, make_image, extra, prefix, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("name", ["out.png", "out", "out.safetensors.jpg"])
+def test_invert_refuses_an_output_that_is_not_safetensors(tmp_path, name):
+    """An inversion file is safetensors: -o out.png would hold one under an image's name."""
+    make_photo().save(tmp_path / "photo.png")
+    out = tmp_path / name
+    r = run_main("invert", tmp_path / "photo.png", "--prompt", PROMPT, "-o", out, *FAST)
+    assert_refused(r, match=f"-o {out}: an inversion file is safetensors; give a name ending in .safetensors")
+    assert not out.exists()
+
+
+def test_edit_refuses_a_save_inversion_that_is_not_safetensors(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    r = run_main("edit", tmp_path / "photo.png", "--prompt", PROMPT, "--target", "a dog sitting next to a mirror",
+                 "--save-inversion", tmp_path / "inv.png", "-o", tmp_path / "e", *FAST)
+    assert_refused(r, match="--save-inversion")
+    assert not (tmp_path / "inv.png").exists() and not (tmp_path / "e").exists()
+
+
 @pytest.mark.slow
 def test_invert_into_a_folder(tmp_path):
     """-o naming an existing folder, or ending in a separator, gets IMAGE-NAME.safetensors inside it
@@ -480,6 +498,51 @@ def test_outputs_honour_the_umask(tmp_path, umask):
     assert_ok(run("reconstruct", inv, "-o", png, "-q"))
     for path in (inv, png):
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, oct(os.stat(path).st_mode)
+
+
+def _default_signals():
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # as a terminal gives them, whatever pytest inherited
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _interrupt_when(args, marker: str, cwd, timeout: float = 120) -> tuple[int, str]:
+    """``nulltext ARGS`` with stderr a pipe (a log, CI): Ctrl-C once ``marker`` is on stderr; its exit
+    status and its whole stderr."""
+    import select
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", *map(str, args)], cwd=cwd, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals)
+    try:
+        seen, deadline = b"", time.monotonic() + timeout
+        while marker.encode() not in seen:
+            left = deadline - time.monotonic()
+            chunk = os.read(proc.stderr.fileno(), 4096) if left > 0 and select.select([proc.stderr], [], [], left)[0] \
+                else b""
+            assert chunk, f"{marker!r} never appeared: {seen.decode(errors='replace')[-2000:]}"
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, (seen + rest).decode(errors="replace")
+
+
+def test_the_interrupt_message_starts_its_own_line_after_a_progress_bar_in_a_log(tmp_path):
+    """stderr a pipe: the progress bar's line ends without a newline (tqdm redraws with \\r); the
+    message must not be glued to it."""
+    make_photo().save(tmp_path / "photo.png")
+    slow = [a for a in FAST if a not in ("-q", "--inner-steps", "2")] + ["--inner-steps", "500", "--early-stop", "0"]
+    code, err = _interrupt_when(["invert", "photo.png", "--prompt", PROMPT, "-o", "out.safetensors", *slow],
+                                "null-text optimisation", tmp_path)
+    assert code == 130, err
+    assert "\nnulltext: interrupted; nothing was written\n" in err, repr(err[-300:])
+    assert err.endswith("\nnulltext: interrupted; nothing was written\n")
 
 
 def test_interrupt_after_the_file_is_written_says_what_was_written(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import sys
 
 import pytest
@@ -402,3 +403,36 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.relative_to(ROOT.parent)}:{node.lineno}: {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert not found, "private names imported from another module:\n" + "\n".join(found)
+
+
+def _message_text(node: ast.AST) -> str:
+    """The literal text of a message argument: its string constants and f-string parts joined."""
+    return "".join(n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+
+def flag_messages_without_the_api(modules: dict[str, pathlib.Path]) -> list[str]:
+    """The errors and warnings raised below the runners and front-ends (code the Python API reaches)
+    whose text tells the user to pass a command-line flag without saying so for both: such a text
+    names the flag as the command line's ("--model on the command line") or the API's way too, or
+    is about a command it names ("python -m ...")."""
+    found = []
+    for name, path in modules.items():
+        if RANK[layer_of(name)] > RANK["api"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if not (func.endswith("Error") or func == "warn"):
+                continue
+            text = _message_text(node.args[0])
+            if (re.search(r"(^|[\s(])--[a-z]", text) and "on the command line" not in text
+                    and "in the API" not in text and "python -m" not in text):
+                found.append(f"{_where(name)}:{node.lineno}: {text}")
+    return found
+
+
+def test_library_messages_do_not_tell_an_api_user_to_pass_a_flag():
+    """A NulltextError or warning the API can raise says what to pass for both ("pass the model it
+    was made with (--model on the command line)"): a Python caller has no --model to pass."""
+    assert flag_messages_without_the_api(_modules()) == []

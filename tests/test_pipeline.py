@@ -44,6 +44,25 @@ def test_preprocessing_matches_the_release(shape, crop):
     np.testing.assert_array_equal(ours, release_load_512(arr, *crop, size=64))
 
 
+def test_a_size_the_model_cannot_take_warns_with_the_size_used():
+    """--size 13 on a model of multiples of 8 inverts at 16: said once, not silently; a size that is
+    a multiple, None and WxH say nothing."""
+    from nulltext.image import output_size
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # what the CLI and plain Python show: once per message
+        for image_size in [(96, 80), (96, 80), (120, 100)]:
+            assert output_size(13, image_size, multiple=8) == (16, 8)
+    assert [str(w.message) for w in record] == [
+        "size 13 is not a multiple of 8 pixels, as this model needs: the long side is 16 (16x8)"]
+    assert all(w.category is NulltextWarning for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert output_size(24, (96, 80), multiple=8) == (24, 24)  # the short side rounds silently (20 -> 24)
+        assert output_size(None, (96, 80), multiple=8) == (512, 512)
+        assert output_size((64, 48), (96, 80), multiple=8) == (64, 48)
+
+
 def test_non_square_size_keeps_the_aspect():
     out = preprocess(make_photo(200, 100), (128, 64))
     assert out.size == (128, 64)
@@ -101,6 +120,35 @@ def test_unreachable_hub_gives_one_clear_sentence():
     msg = str(e.value)
     assert "CompVis/stable-diffusion-v1-4" in msg and "local" in msg and "\n" not in msg
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.parametrize("model", ["stabilityai/stable-diffusion-xl-base-1.0", "CompVis/stable-diffusion-v1-4"])
+def test_the_offline_error_names_a_folder_of_the_model_asked_for_and_the_demo(model):
+    """Offline, a hub model that is not cached: the folder suggested is the model's own (not SD 1.4's for
+    an SDXL id), and the demo model is named as the way to try nulltext without the network."""
+    with pytest.raises(NulltextError) as e:
+        load_pipeline(model, device="cpu")
+    msg = str(e.value)
+    name = model.rsplit("/", 1)[1]
+    assert f"pass a local diffusers folder of it instead (--model /path/to/{name} on the command line)" in msg
+    assert msg.endswith(", or --model demo to try nulltext offline") and "\n" not in msg
+
+
+@pytest.mark.parametrize("name,hint", [("demoo", "; did you mean 'demo'?"), ("Tiny", "; did you mean 'tiny'?"),
+                                       ("tnyi", "; did you mean 'tiny'?"), ("sd15", "")])
+def test_a_misspelt_model_name_is_refused_before_the_hub(monkeypatch, name, hint):
+    """A name that is neither a folder nor an 'org/name' hub id is a typo, not a hub model that
+    cannot be reached: one line, a suggestion when it is close to demo or tiny, no hub access."""
+    import nulltext.models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(nulltext.models, "hub_unreachable", no_hub)
+    monkeypatch.setattr(nulltext.models, "read_model_index", no_hub)
+    with pytest.raises(NulltextError) as e:
+        load_pipeline(name, device="cpu")
+    assert str(e.value) == f"model '{name}' is neither a local folder nor a hub id (org/name), 'demo' or 'tiny'{hint}"
 
 
 def test_missing_local_folder_and_non_diffusers_folder(tmp_path):

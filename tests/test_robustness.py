@@ -414,6 +414,14 @@ def _(c):
     return error_of(edit_config, method="sdedit", sdedit_strength=2.0)
 
 
+@case("size-rounded")
+def _(c):
+    c.photo()  # 96x80: the tiny model's multiple is 32
+    message = c.cli(*_invert_args("photo.png", "--size", "13"), code=0)
+    assert (c.root / "out.safetensors").is_file()
+    return message
+
+
 @case("size-zero")
 def _(c):
     c.photo()
@@ -657,6 +665,19 @@ def _(c):
 @case("output-unknown-image-type")
 def _(c):
     return c.refused("reconstruct", c.inv_copy("x.safetensors"), "-o", "recon.gif", "--device", "cpu", "-q")
+
+
+@case("output-inversion-not-safetensors")
+def _(c):
+    c.photo()
+    return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "out.png", *FAST)
+
+
+@case("model-name-misspelt")
+def _(c):
+    c.photo()
+    return c.refused("invert", "photo.png", "--prompt", PROMPT, "-o", "out.safetensors",
+                     *[a if a != "tiny" else "demoo" for a in FAST])
 
 
 @case("output-disk-full")
@@ -1048,6 +1069,21 @@ def _manifest(c, n: int = 3, slow_after_first: bool = False) -> str:
             job.update(inner_steps=400, early_stop=0)
         lines.append(json.dumps(job))
     return c.write("jobs.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+@pytest.mark.slow
+@case("ctrl-c-serve")
+def _(c):
+    import socket
+
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, lines = _signal_when(["serve", "--model", "tiny", "--device", "cpu", "--port", port], c.root,
+                               "(Ctrl-C to stop)\n", signal.SIGINT)
+    assert code == 130, (code, lines)
+    return lines[-1]
 
 
 @pytest.mark.slow

@@ -295,3 +295,37 @@ def test_nulltext_serve_starts_on_the_loopback(tmp_path):
     reader.join(10)
     out = "".join(lines)
     assert f"serving tiny on http://127.0.0.1:{port}" in out
+
+
+@pytest.mark.parametrize("sig,code,message", [("SIGINT", 130, "nulltext: interrupted; stopped serving"),
+                                              ("SIGTERM", 143, "nulltext: terminated (SIGTERM); stopped serving")])
+def test_nulltext_serve_stopped_by_a_signal_exits_as_the_other_commands_do(tmp_path, sig, code, message):
+    """Ctrl-C (and SIGTERM) end nulltext serve with 130 (143), as they end invert: a script or a
+    supervisor can tell a stop from a clean exit. The session folders still go."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(tmp_path))
+
+    def default_signals():
+        for s in (signal.SIGINT, signal.SIGTERM):  # as a terminal gives them, whatever pytest inherited
+            signal.signal(s, signal.SIG_DFL)
+
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", "serve", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
+    try:
+        line = proc.stdout.readline()  # the line comes once the server listens
+        assert "serving tiny" in line, line + proc.stderr.read()
+        assert list(tmp_path.glob("nulltext-serve-*")), "the server's temporary folder"
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, (out, err)
+    assert "Traceback" not in err and err.splitlines()[-1:] == [message], err
+    assert not list(tmp_path.glob("nulltext-serve-*")), "the temporary folders go"

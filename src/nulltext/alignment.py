@@ -107,12 +107,12 @@ def replacement_mapper(tokenizer, source: str, target: str) -> Tensor:
     if n_src != n_tgt:
         raise NulltextError(
             f"replace needs prompts with the same number of tokens, but {source!r} has {n_src - 2} and "
-            f"{target!r} has {n_tgt - 2}; use --mode refine (or auto) to add or remove words")
+            f"{target!r} has {n_tgt - 2}; use the refine (or auto) mode to add or remove words (--mode on the command line)")
     ws, wt = words(tokenizer, source), words(tokenizer, target)
     if len(ws) != len(wt):
         raise NulltextError(
             f"replace swaps words one for one, but {source!r} has {len(ws)} words and {target!r} has "
-            f"{len(wt)}; use --mode refine (or auto) to add or remove words")
+            f"{len(wt)}; use the refine (or auto) mode to add or remove words (--mode on the command line)")
     mapper = torch.zeros(L, L)
     for a, b in zip(ws, wt):
         if a.ids == b.ids:

@@ -160,7 +160,8 @@ class InversionConfig:
         default_text="the model's native size, 512x512 for SD 1.x",
         help="size the image is inverted at: WxH pixels (the image centre-cropped to that aspect, then resized), "
              "or N for the long side with the short one following the image's aspect, rounded to the model's "
-             "multiple (64 for SD); with an inversion file it must be the file's",
+             "multiple (64 for SD; an N off the multiple is rounded too, with a warning); with an inversion file "
+             "it must be the file's",
         widget=Widget("number", "Size: the long side in pixels (0: the model's native size)",
                       {"precision": 0, "minimum": 0, "maximum": MAX_SIZE}, value=0))
     crop: tuple[int, int, int, int] = option(  # pixels cut from left, right, top, bottom first
@@ -385,7 +386,8 @@ class EditConfig:
         if bool(self.blend_source) != bool(self.blend_target):
             raise NulltextError("local blend needs words of the source and of the target prompt")
         if self.blend_subtract and not self.blend_source:
-            raise NulltextError("blend-subtract needs a local blend (--blend WORDS_SRC WORDS_TGT)")
+            raise NulltextError("blend-subtract needs a local blend (blend_source and blend_target: "
+                                "--blend WORDS_SRC WORDS_TGT on the command line)")
         for name in ("blend_start", "blend_threshold", "blend_subtract_threshold", "sdedit_strength"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:

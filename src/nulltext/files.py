@@ -55,7 +55,7 @@ def check_writable(path, force: bool = False) -> str:
     if os.path.isdir(path):
         raise NulltextError(f"output {path} is a directory; give a file name")
     if os.path.exists(path) and not force:
-        raise NulltextError(f"output {path} already exists; use --force to overwrite it")
+        raise NulltextError(f"output {path} already exists; use --force (force=True in the API) to overwrite it")
     parent = os.path.dirname(path) or "."  # as the user wrote it, for the messages
     while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
         parent = os.path.dirname(parent) or "."
@@ -134,7 +134,7 @@ def atomic_write(path, write: Callable[[str], None], force: bool = False) -> str
         # mkstemp creates 0600; the output gets the permissions of any file the user writes
         os.chmod(tmp, 0o666 & ~UMASK)
         if os.path.exists(path) and not force:  # appeared while we worked
-            raise NulltextError(f"output {path} already exists; use --force to overwrite it")
+            raise NulltextError(f"output {path} already exists; use --force (force=True in the API) to overwrite it")
         os.replace(tmp, path)
         if (recorder := _recorder.get()) is not None:
             recorder.append(path)

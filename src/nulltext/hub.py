@@ -3,10 +3,15 @@ themselves: quiet library logging, telling a hub id from a path, and whether the
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
 import urllib.error
 import urllib.request
+
+from .errors import NulltextError
+
+BUILTIN_MODELS = ("demo", "tiny")  # the names load_pipeline knows without a folder or the hub
 
 
 def quiet_loading() -> None:
@@ -24,6 +29,17 @@ def quiet_loading() -> None:
 def looks_like_path(model: str) -> bool:
     """Hub ids are 'org/name'; anything else with a path shape is meant as a local folder."""
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def check_model_name(model: str) -> None:
+    """Refuse, before any hub access, a name that is neither a folder nor a hub id ('org/name'),
+    nor 'demo' or 'tiny': a typo such as 'demoo' would otherwise be looked up on the hub and fail
+    as an unreachable or unknown model. A name close to 'demo' or 'tiny' gets a suggestion."""
+    if model in BUILTIN_MODELS or "/" in model or os.path.isdir(os.path.expanduser(model)):
+        return
+    close = difflib.get_close_matches(model.lower(), BUILTIN_MODELS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise NulltextError(f"model '{model}' is neither a local folder nor a hub id (org/name), 'demo' or 'tiny'{hint}")
 
 
 def hub_unreachable(timeout: float = 3.0) -> bool:

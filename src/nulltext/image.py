@@ -163,7 +163,12 @@ def output_size(size, image_size: tuple[int, int], crop=(0, 0, 0, 0), native: tu
         return max(multiple, int(math.floor(x / multiple + 0.5)) * multiple)
 
     long, short = snap(size), snap(size * min(w, h) / max(w, h))
-    return (long, short) if w >= h else (short, long)
+    out = (long, short) if w >= h else (short, long)
+    if long != size:  # the user's number changed (the short side follows the aspect: no news)
+        # stacklevel 1: one place, so the default filter shows it once, however many callers and images
+        warnings.warn(f"size {size} is not a multiple of {multiple} pixels, as this model needs: the long side is "
+                      f"{long} ({out[0]}x{out[1]})", NulltextWarning, stacklevel=1)
+    return out
 
 
 def preprocess(img: Image.Image, size: tuple[int, int], crop=(0, 0, 0, 0), multiple: int = 8,

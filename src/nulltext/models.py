@@ -17,7 +17,7 @@ from . import families
 from .config import DEFAULT_MODEL, SchedulerConfig
 from .errors import NulltextError, NulltextWarning, one_line
 from .fingerprint import fingerprints_match, model_fingerprint  # noqa: F401  (part of this module's API)
-from .hub import hub_unreachable, looks_like_path, quiet_loading
+from .hub import check_model_name, hub_unreachable, looks_like_path, quiet_loading
 from .samplers.ddim import make_scheduler, to_eps  # noqa: F401  (part of this module's API)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -311,6 +311,7 @@ def load_pipeline(
         source = os.path.expanduser(model)
         if looks_like_path(model) and not os.path.isdir(source):
             raise NulltextError(f"model folder not found: {model}")
+        check_model_name(model)
     # a hub id with the hub out of reach: load from the local cache only, and fail at once if the
     # model is not there
     offline = not os.path.isdir(source) and hub_unreachable()
@@ -332,9 +333,11 @@ def load_pipeline(
                 f"could not load model '{model}' from its folder: it must be a diffusers-format "
                 f"{family.layout} ({reason[:200]})"
             ) from None
+        folder = f"/path/to/{model.rstrip('/').rsplit('/', 1)[-1]}"  # a folder of the model asked for
         raise NulltextError(
             f"could not load model '{model}' from the Hugging Face hub ({reason[:160]}); without network "
-            f"access, pass a local diffusers folder instead, e.g. --model /path/to/stable-diffusion-v1-4"
+            f"access, pass a local diffusers folder of it instead (--model {folder} on the command line), "
+            f"or --model demo to try nulltext offline"
         ) from None
     for module in parts.values():
         if isinstance(module, torch.nn.Module):

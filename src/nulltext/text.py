@@ -26,7 +26,7 @@ def check_prompt(prompt, what: str = "prompt", empty: str = "refuse") -> str:
         if empty != "warn":
             raise NulltextError(f"{what} is empty")
         warnings.warn("the prompt is empty: the inversion is unconditional, and edits can only add words to it "
-                      "(--mode refine)", NulltextWarning, stacklevel=3)
+                      "(the refine mode: --mode refine on the command line)", NulltextWarning, stacklevel=3)
     return prompt
 
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 
@@ -432,18 +433,25 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX_PIXELS, block: bool = True,
           quiet: bool = False, on_start=None):
     """Start the UI on ``host:port`` (loopback by default). Returns the Blocks; with ``block``
-    waits until interrupted. ``on_start()`` is called once the server listens. Errors reach the
-    page as nulltext's one-line messages only (``show_error`` off: no raw exception text)."""
+    waits until interrupted (the server closes and the ``KeyboardInterrupt`` goes on to the caller).
+    ``on_start()`` is called once the server listens. Errors reach the page as nulltext's one-line
+    messages only (``show_error`` off: no raw exception text)."""
     demo = build_app(pipe, max_pixels)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=False,
                 prevent_thread_lock=True, quiet=quiet)
-    if on_start is not None:
-        on_start()
+    try:  # from here on, a Ctrl-C (even one during on_start) closes the server before it goes on
+        if on_start is not None:
+            on_start()
+        if block:
+            # SIGTERM ends like Ctrl-C: the temporary folders go (atexit). nulltext serve has its own
+            # handler (exit 143, as every command); a plain Python caller gets this one
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            while demo.is_running:  # not demo.block_thread(): it swallows Ctrl-C (the caller's to see)
+                time.sleep(0.1)
+    except BaseException:
+        demo.close()
+        raise
     if block:
-        # SIGTERM ends like Ctrl-C: the temporary folders go (atexit)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        try:
-            demo.block_thread()
-        finally:
-            demo.close()
+        demo.close()
     return demo

@@ -26,6 +26,15 @@ def _load_pipe(args, model: str):
                          compile=getattr(args, "compile", False))
 
 
+def _inversion_name(path: str, flag: str, folder: bool = False) -> None:
+    """An inversion file is safetensors: refuse a name that says otherwise (out.png would hold
+    safetensors without a word)."""
+    if not path.lower().endswith(".safetensors"):
+        hint = " (or a folder ending in /)" if folder else ""
+        raise NulltextError(f"{flag} {path}: an inversion file is safetensors; give a name ending in "
+                            f".safetensors{hint}")
+
+
 def _invert_outputs(args) -> list[str]:
     """The inversion file of each image: -o itself for one image (unless it is a folder or ends
     in a separator); otherwise -o is a folder and each file gets its image's name, with -2, -3,
@@ -33,6 +42,7 @@ def _invert_outputs(args) -> list[str]:
     out = args.output
     as_folder = len(args.image) > 1 or os.path.isdir(out) or out.endswith((os.sep, "/"))
     if not as_folder:
+        _inversion_name(out, "-o", folder=True)
         return [out]
     if os.path.exists(out) and not os.path.isdir(out):
         raise NulltextError(f"-o {out} is a file; with {len(args.image)} images, -o names a folder for their "
@@ -216,6 +226,7 @@ def _source(args, make_plan):
         raise NulltextError(f"{args.input} is an image: pass --prompt with its caption (or give an inversion "
                             f"file made by nulltext invert)")
     if args.save_inversion:
+        _inversion_name(args.save_inversion, "--save-inversion")
         check_writable(args.save_inversion, args.force)
     config = inversion_config(args, args.inversion_method)
     image = load_image(args.input)  # decoded once: checked here, inverted below

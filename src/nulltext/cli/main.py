@@ -19,6 +19,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"nulltext: warning: {message}", file=sys.stderr)
 
 
+class _LineEnds:
+    """stderr, remembering whether its last write ended a line: a progress bar's line does not
+    (tqdm redraws it with \\r), and in a log (stderr not a terminal) a message written after it
+    would be glued to it."""
+
+    def __init__(self, stream):
+        self._stream, self.at_line_start = stream, True
+
+    def write(self, text):
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _terminate(signum, frame):
     raise Terminated(signum)
 
@@ -39,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
                 handlers[sig] = signal.signal(sig, _terminate)
     written: list[str] = []  # the files this command completed, reported if it is interrupted
+    stderr = sys.stderr
+    sys.stderr = _LineEnds(stderr)  # before any progress bar takes it as its file
     try:
         with recording_writes() as written:
             return COMMANDS[args.command](args)
@@ -61,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
-        if args.command in ("eval", "batch"):
+        if not sys.stderr.at_line_start and not _isatty(stderr):  # a progress bar's line, in a log
+            print(file=sys.stderr)
+        if args.command == "serve":
+            print(f"nulltext: {what}; stopped serving", file=sys.stderr)
+        elif args.command in ("eval", "batch"):
             print(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
                   f"kept, rerun to resume", file=sys.stderr)
         elif written:
@@ -71,8 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nulltext: {what}; nothing was written", file=sys.stderr)
         return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
     finally:
+        sys.stderr = stderr
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or closed
+        return False
 
 
 def _quiet_libraries() -> None:

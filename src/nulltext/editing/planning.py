@@ -116,7 +116,7 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
     store = size = None
     if attention:
         if config.method != "p2p":
-            raise NulltextError("attention maps are recorded for P2P edits; use --method p2p")
+            raise NulltextError("attention maps are recorded for P2P edits; use the p2p method (--method p2p on the command line)")
         store, size = attention_store(pipe, latent_hw, config, None if attention is True else attention)
         stores = [*stores, store]
     if not targets:  # the source prompt's attention maps alone: the store is the controller

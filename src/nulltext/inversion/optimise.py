@@ -159,7 +159,7 @@ def optimize_null_text_batch(
             for k, b in enumerate(active):
                 if not math.isfinite(values[k]):
                     raise NonFiniteError(f"the null-text optimisation's loss is not finite at timestep {t} (step {i + 1} "
-                                         f"of {T}); in fp16 this is an overflow in the model: use --dtype bf16 or fp32")
+                                         f"of {T}); in fp16 this is an overflow in the model: use dtype bf16 or fp32 (--dtype on the command line)")
             if loss_scaling:
                 applied = scale.tolist()
                 for k, b in enumerate(active):

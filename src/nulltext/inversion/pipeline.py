@@ -269,7 +269,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
                 warnings.warn(f"the null-text optimisation of {name} diverged at "
                               f"{len(bad)} of {config.num_steps} steps (first at step {i + 1}: the loss rose from "
                               f"{r.losses_first[i]:.3g} to {r.losses_after[i]:.3g}); the reconstruction may be poor: "
-                              f"try a lower --lr", NulltextWarning, stacklevel=2)
+                              f"try a lower learning rate (--lr on the command line)", NulltextWarning, stacklevel=2)
         out.append(Inversion(
             latent_T=latent_T[b:b + 1].detach().float().cpu(), null_embeddings=nulls[b].detach().float().cpu(),
             prompt=item.prompt, config=config, preprocessing=Preprocessing(size=item.size), model=model,

@@ -62,7 +62,7 @@ def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     (in half precision: an overflow in the model), instead of carrying it on into a black image."""
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"{what} produced a NaN or infinity at timestep {t} (step {i + 1} of {T}); in fp16 "
-                             f"this is an overflow in the model: use --dtype bf16 or fp32")
+                             f"this is an overflow in the model: use dtype bf16 or fp32 (--dtype on the command line)")
 
 
 def guidance(uncond: Tensor, cond: Tensor, w: float) -> Tensor:

@@ -248,11 +248,11 @@ def check_fits(inv: Inversion, pipe, path="inversion") -> None:
         raise NulltextError(f"{path} records no model; it cannot be checked against '{pipe.model_id}'")
     if model.family != pipe.family:
         raise NulltextError(f"{path} was made with a {model.family} model; '{pipe.model_id}' is {pipe.family}: "
-                            f"pass the model it was made with via --model")
+                            f"pass the model it was made with (--model on the command line)")
     same, why = fingerprints_match(model.fingerprint, pipe.fingerprint)
     if not same:
         raise NulltextError(f"{path} was made with model '{model.id}', which does not match "
-                            f"'{pipe.model_id}' ({why}); pass the model it was made with via --model")
+                            f"'{pipe.model_id}' ({why}); pass the model it was made with (--model on the command line)")
     _, c, h, w = inv.latent_T.shape
     width, height = inv.image_size
     f = pipe.vae_scale_factor
