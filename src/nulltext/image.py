@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,26 +75,34 @@ def read_input(path, what: str) -> bytes:
         raise NulltextError(f"cannot read {what} {path} ({e.strerror or e.__class__.__name__})") from None
 
 
+@contextmanager
+def _pillow_errors(path: str, what: str):
+    """Pillow's errors while opening or decoding ``path`` as one-line messages (a decompression
+    bomb, a format it does not know, damaged data)."""
+    try:
+        yield
+    except Image.DecompressionBombError:
+        raise NulltextError(f"{what} {path} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
+                            f"Pillow's decompression-bomb limit)") from None
+    except UnidentifiedImageError:
+        raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
+
+
 def load_image(path) -> ImageSource:
     """Open an image file as RGB, with a clear error for anything that is not a usable image."""
     path = os.fspath(path)
     data = read_input(path, "image")
     if not data:
         raise NulltextError(f"image file is empty: {path}")
-    try:
+    with _pillow_errors(path, "image"):
         img = Image.open(io.BytesIO(data))
         frames, fmt = getattr(img, "n_frames", 1), img.format
         img = ImageOps.exif_transpose(img)  # phone photos stored sideways come out upright
         img.load()
         mode = img.mode
         rgb = to_rgb(img)
-    except Image.DecompressionBombError:
-        raise NulltextError(f"image {path} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
-                            f"Pillow's decompression-bomb limit)") from None
-    except UnidentifiedImageError:
-        raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
     if min(rgb.size) < MIN_SIDE:
         raise NulltextError(f"image {path} is {rgb.size[0]}x{rgb.size[1]} pixels; "
                             f"nulltext needs at least {MIN_SIDE} pixels on each side")
@@ -112,18 +121,10 @@ def probe(path, what: str = "image") -> tuple[int, int]:
     data = read_input(path, what)
     if not data:
         raise NulltextError(f"{what} file is empty: {path}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations stored sideways
-                w, h = h, w
-    except Image.DecompressionBombError:
-        raise NulltextError(f"{what} {path} is too large to open safely (over {2 * Image.MAX_IMAGE_PIXELS} pixels, "
-                            f"Pillow's decompression-bomb limit)") from None
-    except UnidentifiedImageError:
-        raise NulltextError(f"cannot read {path} as an image (not an image format Pillow knows)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise NulltextError(f"cannot read {path} as an image ({e.__class__.__name__}: {e})") from None
+    with _pillow_errors(path, what), Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations stored sideways
+            w, h = h, w
     if what == "image" and min(w, h) < MIN_SIDE:
         raise NulltextError(f"image {path} is {w}x{h} pixels; nulltext needs at least {MIN_SIDE} pixels on each side")
     return w, h
