@@ -58,40 +58,46 @@ def main(argv: list[str] | None = None) -> int:
     written: list[str] = []  # the files this command completed, reported if it is interrupted
     stderr = sys.stderr
     sys.stderr = _LineEnds(stderr)  # before any progress bar takes it as its file
+
+    def say(message: str) -> None:
+        """The command's last line: on a line of its own even after a progress bar, in a log
+        (stderr not a terminal, where the bar's line is left without its end)."""
+        if not sys.stderr.at_line_start and not _isatty(stderr):
+            print(file=sys.stderr)
+        print(message, file=sys.stderr)
+
     try:
         with recording_writes() as written:
             return COMMANDS[args.command](args)
     except NulltextError as e:
-        print(f"nulltext: error: {e}", file=sys.stderr)
+        say(f"nulltext: error: {e}")
         return 2
     except (MemoryError, RuntimeError) as e:  # torch.cuda.OutOfMemoryError and CPU allocation failures
         if not is_out_of_memory(e):
             raise
         hint = ("a smaller --batch-size, --low-memory, a smaller --size or --dtype bf16" if args.command == "invert"
                 else "fewer --target prompts, a smaller --size or --dtype bf16")
-        print(f"nulltext: error: out of memory; try {hint}", file=sys.stderr)
+        say(f"nulltext: error: out of memory; try {hint}")
         return 1
     except BrokenPipeError:  # e.g. `nulltext info x | head`
         sys.stderr.close()
         return 0
     except OSError as e:  # disk full, permissions, ... outside the atomic writes' own handling
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"nulltext: error: {e.strerror or e}{where}", file=sys.stderr)
+        say(f"nulltext: error: {e.strerror or e}{where}")
         return 1
     except KeyboardInterrupt as e:
         what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
-        if not sys.stderr.at_line_start and not _isatty(stderr):  # a progress bar's line, in a log
-            print(file=sys.stderr)
         if args.command == "serve":
-            print(f"nulltext: {what}; stopped serving", file=sys.stderr)
+            say(f"nulltext: {what}; stopped serving")
         elif args.command in ("eval", "batch"):
-            print(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
-                  f"kept, rerun to resume", file=sys.stderr)
+            say(f"nulltext: {what}; the {'samples' if args.command == 'eval' else 'jobs'} finished so far are "
+                f"kept, rerun to resume")
         elif written:
-            print(f"nulltext: {what}; wrote {', '.join(written)} (complete) before the interruption, "
-                  f"nothing else", file=sys.stderr)
+            say(f"nulltext: {what}; wrote {', '.join(written)} (complete) before the interruption, "
+                f"nothing else")
         else:
-            print(f"nulltext: {what}; nothing was written", file=sys.stderr)
+            say(f"nulltext: {what}; nothing was written")
         return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
     finally:
         sys.stderr = stderr
