@@ -14,6 +14,20 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def tiny_notice() -> str:
+    """The warning line every command on ``--model tiny`` prints (its weights are random)."""
+    from nulltext.tiny import ABOUT
+
+    return f"nulltext: warning: {ABOUT}"
+
+
+def stderr_of(r) -> str:
+    """A command's stderr (of a finished process, or the text) without the tiny model's notice:
+    what the command itself had to say."""
+    text = r if isinstance(r, str) else r.stderr
+    return "".join(line for line in text.splitlines(keepends=True) if line.rstrip("\n") != tiny_notice())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nulltext_cache(tmp_path_factory):
     """Every test (and every CLI subprocess, through the environment) uses a private cache."""

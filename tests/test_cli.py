@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_photo
+from conftest import make_photo, stderr_of
 
 # Small and fast: every inversion in this file runs with these settings.
 FAST = ["--model", "tiny", "--size", "64", "--steps", "4", "--inner-steps", "2", "-q"]
@@ -80,7 +80,7 @@ def assert_refused(r: subprocess.CompletedProcess, prefix: str = "nulltext: erro
     """Exit 2, exactly one stderr line starting with ``prefix`` (containing ``match``), no traceback."""
     assert "Traceback" not in r.stdout + r.stderr, describe(r)
     assert r.returncode == 2, describe(r)
-    lines = r.stderr.splitlines()
+    lines = stderr_of(r).splitlines()
     assert len(lines) == 1 and r.stderr.endswith("\n"), describe(r)
     assert lines[0].startswith(prefix), describe(r)
     assert match.lower() in lines[0].lower(), describe(r)
@@ -89,7 +89,8 @@ def assert_refused(r: subprocess.CompletedProcess, prefix: str = "nulltext: erro
 
 
 def warning_lines(r: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in r.stderr.splitlines() if line.startswith("nulltext: warning:")]
+    """The warnings of a command, besides the tiny model's notice."""
+    return [line for line in stderr_of(r).splitlines() if line.startswith("nulltext: warning:")]
 
 
 def load(path):
@@ -123,7 +124,7 @@ def e2e(tmp_path_factory):
 def test_invert_writes_the_inversion_file(e2e):
     r = e2e["invert"]
     assert_ok(r)
-    assert r.stderr == "", "a quiet, successful run prints nothing on stderr:\n" + describe(r)
+    assert stderr_of(r) == "", "a quiet, successful run prints nothing on stderr:\n" + describe(r)
     assert e2e["inv"].is_file()
     assert f"wrote {e2e['inv']}" in r.stdout
     assert f"over {STEPS} steps" in r.stdout
@@ -154,7 +155,7 @@ def test_check_prints_a_psnr_that_matches_the_reconstruct_command(e2e):
 def test_info_shows_prompt_steps_and_one_table_row_per_step(e2e):
     r = e2e["info"]
     assert_ok(r)
-    assert r.stderr == ""
+    assert stderr_of(r) == ""
     assert repr(PROMPT) in r.stdout
     assert re.search(rf"^steps T\s+{STEPS}\b", r.stdout, re.M), r.stdout
     assert re.search(r"^model\s+tiny\b", r.stdout, re.M), r.stdout
@@ -191,7 +192,7 @@ def test_reconstruct_writes_a_64px_rgb_png_with_the_recorded_model(e2e):
     # offline
     r = e2e["reconstruct"]
     assert_ok(r)
-    assert r.stderr == ""
+    assert stderr_of(r) == ""
     assert f"wrote {e2e['out']}" in r.stdout
     with Image.open(e2e["out"]) as img:
         assert img.format == "PNG"
@@ -207,7 +208,7 @@ def test_reconstruct_writes_a_64px_rgb_png_with_the_recorded_model(e2e):
 def test_help_says_tiny_has_random_weights(args):
     r = run_cli(*args)
     assert_ok(r)
-    assert r.stderr == ""
+    assert stderr_of(r) == ""
     text = " ".join(r.stdout.split()).lower()  # argparse wraps lines at the terminal width
     assert text.startswith("usage: nulltext")
     assert "'tiny'" in text and "random weights" in text, r.stdout
@@ -400,7 +401,7 @@ def test_invert_converts_image_modes(tmp_path, name, save, modes):
     out = tmp_path / "out.safetensors"
     r = run_main("invert", image, "--prompt", PROMPT, "-o", out, *FAST)
     assert_ok(r)
-    assert r.stderr == "", describe(r)
+    assert stderr_of(r) == "", describe(r)
     image = load(out).image
     assert image.original_mode in modes
     assert image.original_size == (96, 80)
@@ -561,14 +562,14 @@ def test_interrupt_after_the_file_is_written_says_what_was_written(tmp_path, mon
     monkeypatch.setattr(nulltext.inversion, "reconstruct", interrupted)
     code = main(["invert", str(tmp_path / "photo.png"), "--prompt", PROMPT, "-o", str(out), "--check",
                  "--device", "cpu", *FAST])
-    err = capsys.readouterr().err.splitlines()
+    err = stderr_of(capsys.readouterr().err).splitlines()
     assert code == 130 and out.is_file()
     assert err == [f"nulltext: interrupted; wrote {out} (complete) before the interruption, nothing else"]
     load(out)  # and it is a whole, valid file
     out2 = tmp_path / "y.safetensors"
     monkeypatch.setattr(nulltext.inversion, "invert_progressive", interrupted)
     assert main(["invert", str(tmp_path / "photo.png"), "--prompt", PROMPT, "-o", str(out2), *FAST]) == 130
-    assert capsys.readouterr().err.splitlines() == ["nulltext: interrupted; nothing was written"]
+    assert stderr_of(capsys.readouterr().err).splitlines() == ["nulltext: interrupted; nothing was written"]
     assert not out2.exists()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_photo
+from conftest import make_photo, stderr_of
 from nulltext.visual import MIN_TILE, PAD
 from test_cli import FAST, PROMPT, assert_ok, assert_refused, describe, run_main
 
@@ -176,7 +176,7 @@ def test_inversion_options_with_an_inversion_file_are_warned_and_ignored(files, 
                           np.asarray(Image.open(files["recon"])))
     quiet = run_main("edit", files["inv"], "--target", SWAP, "-o", tmp_path / "o2", *QUIET)
     assert_ok(quiet)
-    assert "warning" not in quiet.stderr
+    assert "warning" not in stderr_of(quiet)
 
 
 def test_edit_and_batch_name_the_same_edit_the_same_file(files, tmp_path):

@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_photo
+from conftest import make_photo, stderr_of
 from test_cli import _bomb_png
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
@@ -83,7 +83,7 @@ class Ctx:
         assert "Traceback" not in out + err
         lines = [line for line in err.splitlines() if not line.startswith("nulltext: warning:")]
         if code == 0:
-            return "\n".join(err.splitlines())
+            return "\n".join(stderr_of(err).splitlines())
         assert len(lines) == 1, err
         return lines[0]
 
@@ -716,7 +716,7 @@ def _(c):
                           capture_output=True, text=True, timeout=300, preexec_fn=limit)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in c.root.iterdir()) == ["photo.png"]
-    return proc.stderr.strip()
+    return stderr_of(proc).strip()
 
 
 @case("output-temporary-of-a-killed-run")
@@ -1135,7 +1135,7 @@ def _(c):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert _leftovers(c.root) == [] and (c.root / "out.safetensors").is_file()
-    return proc.stderr.strip()
+    return stderr_of(proc).strip()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,6 +37,16 @@ class CallCounter:
         self.forward = self.forward_rows = self.with_grad = 0
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What a model can do, for a person: ``about``, one line (the web UI shows it); and
+    ``off_world(photo, original_size)``, why a photo (PIL, as inverted) is outside what the model
+    knows, or None (the demo model's scenes)."""
+
+    about: str
+    off_world: Callable | None = None
+
+
 @dataclass
 class Pipeline:
     """The components of a checkpoint, frozen, on one device and dtype, with its family (what the
@@ -62,6 +73,7 @@ class Pipeline:
     # torch.compile'd UNet (enable_compile), used inside compiled(); None: eager
     compiled_unet: torch.nn.Module | None = None
     low_memory: bool = False
+    scope: Scope | None = None  # what the model can do, where it is narrower than its family's (demo, tiny)
     _forward: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -73,6 +85,24 @@ class Pipeline:
     def sampler(self):
         """The sampler module (:mod:`nulltext.samplers`) the family's denoiser is stepped with."""
         return self.model_family.sampler
+
+    @property
+    def about(self) -> str:
+        """One line on what the loaded model can do (the web UI shows it)."""
+        if self.scope is not None:
+            return self.scope.about
+        w, h = self.native_size
+        return f"{self.model_id}: a {self.model_family.title} checkpoint; it inverts and edits photographs, at {w}x{h} natively"
+
+    def check_photo(self, photo, original_size: tuple[int, int], name: str | None = None) -> None:
+        """Warn when ``photo`` (PIL, preprocessed) is outside what the model knows (the demo
+        model and a photograph), naming what the model can do."""
+        reason = self.scope.off_world(photo, original_size) if self.scope and self.scope.off_world else None
+        if reason:
+            warnings.warn(f"{name or 'the photo'} is not a scene of model '{self.model_id}' ({reason}); "
+                          f"{self.scope.about}. Expect a poor reconstruction and no sensible edit; photographs need "
+                          f"a Stable Diffusion checkpoint (--model on the command line, load_pipeline's model in "
+                          f"Python)", NulltextWarning, stacklevel=3)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -294,12 +324,15 @@ def load_pipeline(
     model_id = model
     source = model
     vocabulary = None
+    scope = None
     if model == "tiny":
-        from .tiny import ensure_tiny_model
+        from .tiny import ABOUT, ensure_tiny_model
 
         source = ensure_tiny_model()
+        scope = Scope(ABOUT)
+        warnings.warn(ABOUT, NulltextWarning, stacklevel=2)
     elif model == "demo":
-        from .demo import DEMO_DIR, demo_available
+        from .demo import ABOUT, DEMO_DIR, demo_available, off_world
         from .demo import vocabulary as demo_vocabulary
 
         if not demo_available():
@@ -307,6 +340,7 @@ def load_pipeline(
                                 f"python -m nulltext.demo.train and install it with --install")
         source = DEMO_DIR
         vocabulary = demo_vocabulary()
+        scope = Scope(ABOUT, off_world)
     else:
         source = os.path.expanduser(model)
         if looks_like_path(model) and not os.path.isdir(source):
@@ -347,7 +381,8 @@ def load_pipeline(
     fingerprint = model_fingerprint(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                                     parts.get("text_encoder_2"))
     pipe = Pipeline(scheduler=family.sampler.make_scheduler(scheduler), model_id=model_id, device=dev,
-                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family.name, **parts)
+                    dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family.name, scope=scope,
+                    **parts)
     family.finish(pipe)
     if low_memory:
         pipe.enable_low_memory()

@@ -20,6 +20,8 @@ from .config import SchedulerConfig
 from .hub import quiet_loading
 from .samplers.ddim import make_scheduler
 
+ABOUT = ("model 'tiny' has random weights: it reconstructs a photo only roughly (noisy colours) and cannot draw "
+         "or edit; it is for smoke runs and tests (model 'demo' draws and edits its scenes offline)")
 TINY_VERSION = 3  # bump when the architecture or generation changes (new cache folder)
 
 # One BPE token per word: the vocabulary of typical captions and edit prompts.

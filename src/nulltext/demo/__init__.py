@@ -37,6 +37,36 @@ TRAIN_PAIR_SEED = 3  # pair_scenes(n, TRAIN_PAIR_SEED): the two-object training 
 HELDOUT_PAIR_SEED = 4  # pair_scenes(n, HELDOUT_PAIR_SEED): held-out two-object scenes
 
 
+ABOUT = ("the demo model knows only 64x64 scenes of one or two coloured shapes (circle, square, triangle; red, "
+         "green, blue, yellow, purple, white) on a plain background: it draws and edits those, not photographs")
+IN_PALETTE = 0.8  # a scene of its world has at least this share of its pixels in the palette (edges blend)
+
+
+def off_world(photo, original_size: tuple[int, int] | None = None) -> str | None:
+    """Why ``photo`` (PIL, as inverted) is not a scene the demo model knows, or None when it looks
+    like one: its scenes are flat colours of the palette with anti-aliased edges (each held-out
+    scene has at least 96 % of its pixels within 48 of a palette colour; :data:`IN_PALETTE` asks
+    80 %), where a photograph has few such pixels.
+    ``original_size``: the photo's size before preprocessing, named when it was resized."""
+    import numpy as np
+    from PIL import Image
+
+    from .scenes import PALETTE
+
+    small = photo.convert("RGB")
+    if small.size != (IMAGE_SIZE, IMAGE_SIZE):
+        small = small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    pixels = np.asarray(small, dtype=np.float32).reshape(-1, 1, 3)
+    palette = np.asarray(list(PALETTE.values()), dtype=np.float32)[None]
+    share = float((np.sqrt(((pixels - palette) ** 2).sum(-1)).min(1) < 48).mean())
+    if share >= IN_PALETTE:
+        return None
+    resized = ""
+    if original_size is not None and tuple(original_size) != tuple(photo.size):
+        resized = f", and it was resized from {original_size[0]}x{original_size[1]} to {photo.size[0]}x{photo.size[1]}"
+    return f"only {share:.0%} of its pixels have the colours of those scenes{resized}"
+
+
 def vocabulary() -> frozenset[str]:
     """The words the demo model learned: those of its captions (colours, shapes and the grammar of
     ``scenes.caption`` and ``scenes.pair_caption``). Its tokenizer holds many more, untrained."""

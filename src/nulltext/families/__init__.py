@@ -9,7 +9,8 @@ A new family (SD3: an MMDiT transformer, flow matching, joint attention, three t
 instance of a :class:`Family` subclass, plus its lines in ``_MODULES`` and ``_PIPELINES`` below.
 It implements:
 
-- ``name``: recorded in inversion files (a file is refused by another family);
+- ``name``: recorded in inversion files (a file is refused by another family); ``title``: what a
+  person calls it ("Stable Diffusion XL");
   ``layout``: the checkpoint folder it expects, for the loading error; ``sampler``: the sampler
   module its denoiser's output is stepped with (:mod:`nulltext.samplers`; SD3: flow matching);
 - ``check_index(model, index)``: refuse a variant of an accepted pipeline class that cannot be
@@ -55,6 +56,7 @@ class Family:
     are the defaults that a diffusers pipeline with an ``AutoencoderKL`` satisfies."""
 
     name: str = ""
+    title: str = ""
     layout: str = ""
     sampler = None  # a module of nulltext.samplers
 

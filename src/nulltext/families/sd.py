@@ -106,6 +106,7 @@ class UNetFamily(Family):
 
 class StableDiffusion(UNetFamily):
     name = "stable-diffusion"
+    title = "Stable Diffusion"
     layout = "Stable Diffusion checkpoint with tokenizer/, text_encoder/, vae/ and unet/"
 
     def load(self, source: str, index: dict | None, torch_dtype, kw: dict) -> dict:

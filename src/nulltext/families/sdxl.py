@@ -12,6 +12,7 @@ from .sd import UNetFamily, token_ids
 
 class StableDiffusionXL(UNetFamily):
     name = "stable-diffusion-xl"
+    title = "Stable Diffusion XL"
     layout = ("Stable Diffusion XL checkpoint with tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/, vae/ "
               "and unet/")
 

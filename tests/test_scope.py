@@ -1,0 +1,84 @@
+"""What a person is told about the model they loaded: the demo model warns about a photo outside
+its world of coloured shapes (API and command line), naming what it can do; the tiny model warns
+that its weights are random; every pipeline has a one-line note of what it can do (the web UI
+shows it)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_photo, tiny_notice
+from nulltext import InversionConfig, NulltextWarning, demo, invert, load_pipeline
+from nulltext.demo import scenes
+from nulltext.tiny import ensure_tiny_model
+from test_cli import assert_ok, run_cli
+
+FAST = InversionConfig(num_steps=2, num_inner_steps=1)
+WORLD = "64x64 scenes of one or two coloured shapes"  # what the demo model's note says it knows
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    return load_pipeline("demo", device="cpu")
+
+
+def noise_photo(width: int = 120, height: int = 90) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_every_held_out_scene_is_in_the_demo_world_and_photos_are_not():
+    for scene in [*scenes.scenes(50, demo.HELDOUT_SEED), *scenes.pair_scenes(50, demo.HELDOUT_PAIR_SEED)]:
+        assert demo.off_world(scene.image, scene.image.size) is None, scene.caption
+    for photo in (make_photo(64, 64), noise_photo(64, 64), Image.new("RGB", (64, 64), (128, 128, 128))):
+        reason = demo.off_world(photo, photo.size)
+        assert reason is not None and "of its pixels have the colours of those scenes" in reason
+        assert "resized" not in reason  # it was not
+    assert "resized from 120x90 to 64x64" in demo.off_world(noise_photo().resize((64, 64)), (120, 90))
+
+
+def test_the_demo_model_warns_about_a_photo_outside_its_world(demo_pipe):
+    with pytest.warns(NulltextWarning) as record:
+        invert(demo_pipe, noise_photo(), "a red circle on a blue background", FAST, progress=False)
+    told = [str(w.message) for w in record if "is not a scene of model 'demo'" in str(w.message)]
+    assert len(told) == 1, [str(w.message) for w in record]
+    assert WORLD in told[0] and "resized from 120x90 to 64x64" in told[0]
+    assert "load_pipeline's model in Python" in told[0]  # the API's way, not only the flag
+    with warnings.catch_warnings():  # a scene of its world: not a word
+        warnings.simplefilter("error", NulltextWarning)
+        scene = next(iter(scenes.scenes(1, demo.HELDOUT_SEED)))
+        invert(demo_pipe, scene.image, scene.caption, FAST, progress=False)
+
+
+def test_the_command_line_says_so_too(tmp_path):
+    make_photo().save(tmp_path / "photo.png")
+    r = run_cli("invert", tmp_path / "photo.png", "--prompt", "a red circle on a blue background", "--model", "demo",
+                "--steps", "2", "--inner-steps", "1", "-q", "-o", tmp_path / "x.safetensors")
+    assert_ok(r)
+    told = [line for line in r.stderr.splitlines() if "is not a scene of model 'demo'" in line]
+    assert len(told) == 1 and told[0].startswith("nulltext: warning: photo.png is not a scene"), r.stderr
+    assert WORLD in told[0] and "resized from 96x80 to 64x64" in told[0]
+    assert "--model on the command line" in told[0]
+
+
+def test_the_tiny_model_warns_that_its_weights_are_random(tmp_path):
+    with pytest.warns(NulltextWarning, match="model 'tiny' has random weights: .* cannot draw or edit"):
+        pipe = load_pipeline("tiny", device="cpu")
+    assert "random weights" in pipe.about
+    make_photo().save(tmp_path / "photo.png")
+    r = run_cli("invert", tmp_path / "photo.png", "--prompt", "a cat", "--model", "tiny", "--steps", "2",
+                "--inner-steps", "1", "-q", "-o", tmp_path / "x.safetensors")
+    assert_ok(r)
+    assert r.stderr.splitlines().count(tiny_notice()) == 1, r.stderr
+
+
+def test_every_pipeline_has_a_note_of_what_it_can_do(demo_pipe):
+    assert WORLD in demo_pipe.about
+    with warnings.catch_warnings(record=True) as caught:  # the same weights as a folder: a checkpoint like any
+        warnings.simplefilter("always")
+        folder = load_pipeline(ensure_tiny_model(), device="cpu")
+    assert not [w for w in caught if "random weights" in str(w.message)]
+    assert "a Stable Diffusion checkpoint; it inverts and edits photographs, at 128x128 natively" in folder.about
