@@ -18,7 +18,7 @@ gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from nulltext import Inversion, NulltextWarning, load_pipeline  # noqa: E402
-from nulltext.ui import build_app, scrub  # noqa: E402
+from nulltext.ui import for_the_page, scrub, serve  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,8 @@ def server(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NulltextWarning)
         pipe = load_pipeline("demo", device="cpu")
-    demo = build_app(pipe, max_pixels=MAX_PIXELS)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                max_file_size="25mb")
+    demo = serve(pipe, "127.0.0.1", port, max_pixels=MAX_PIXELS, block=False, quiet=True)  # as nulltext serve does
     yield {"url": f"http://127.0.0.1:{port}/", "app": demo.nulltext_app, "tmp": tmp_path_factory.mktemp("ui")}
     demo.close()
 
@@ -226,11 +224,30 @@ def test_the_page_in_a_headless_browser(server):
         # the live progress of tqdm's bars, with its counts, while the inversion runs
         page.get_by_text("null-text optimisation").first.wait_for(timeout=120_000)
         page.locator("#reconstruction img").wait_for(timeout=180_000)
+        # what the inversion did, as --check says it: size, time, iterations, PSNR
+        summary = page.locator("#summary")
+        summary.get_by_text("reconstruction PSNR").wait_for(timeout=30_000)
+        assert re.search(r"Inverted red_circle\.png \(nti\) at 64x64 in [0-9.]+s: \d+ optimisation iterations over 20 "
+                         r"steps, final loss [0-9.e-]+, reconstruction PSNR [0-9.]+ dB", summary.inner_text()), \
+            summary.inner_text()
+        # the photo itself is shown, and what the loaded model can do, with placeholders it can make
+        assert page.locator("#photo-preview img").count() == 1
+        assert "64x64 scenes of one or two coloured shapes" in page.locator("#intro").inner_text()
+        assert page.locator("#caption textarea").get_attribute("placeholder") == CAPTION
+        assert page.locator("#targets textarea").get_attribute("placeholder") == "a green circle on a blue background"
         sessions = list(set(app.sessions) - before)
         assert len(sessions) == 1 and os.listdir(app.sessions[sessions[0]].dir)  # this page's own files
         page.locator("#targets textarea").fill("a green circle on a blue background")
         page.locator("#edit-button").click()
         page.locator("#gallery img").nth(2).wait_for(timeout=180_000)  # source, reconstruction, edit
+        # each caption whole: wrapped inside its tile, not cut with an ellipsis
+        labels = page.locator("#gallery .caption-label")
+        assert labels.all_inner_texts() == ["source", f"reconstruction: {CAPTION}",
+                                            "replace: a green circle on a blue background"]
+        for k in range(3):
+            fits = labels.nth(k).evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight "
+                                          "&& e.getBoundingClientRect().width <= e.parentElement.getBoundingClientRect().width")
+            assert fits, labels.nth(k).inner_text()
         page.locator("#word textarea").fill("circle")
         page.locator("#attention-button").click()
         page.locator("#attention img").wait_for(timeout=180_000)
@@ -248,6 +265,56 @@ def test_the_page_in_a_headless_browser(server):
         browser.close()
     assert Image.open(shot).size[0] == 1280
     assert not os.path.exists(session_dir) and sessions[0] not in app.sessions
+
+
+def test_the_page_shows_the_warnings_of_an_inversion(server):
+    """A photo outside the demo model's world: the warning is on the page (a toast, and under the
+    reconstruction with the summary), not only in the server's log."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+    photo = server["tmp"] / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(server["url"])
+        page.locator("#photo input[type=file]").set_input_files(str(photo))
+        page.locator("#caption textarea").fill("a cat on a blue background")
+        page.get_by_text("Inversion options").click()
+        page.locator("#steps input[type=number]").fill("2")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#invert-button").click()
+        page.get_by_text("is not a scene of model 'demo'").first.wait_for(timeout=180_000)  # the toast
+        summary = page.locator("#summary")
+        summary.get_by_text("reconstruction PSNR").wait_for(timeout=60_000)
+        text = summary.inner_text()
+        browser.close()
+    assert "the photo is 120x90" in text
+    assert "Warning: noise.png is not a scene of model 'demo'" in text and "64x64 scenes of one or two" in text
+    assert "Warning: outside the demo model's vocabulary: 'cat'" in text
+    # the page's advice is the page's: a model is what the server starts with
+    assert "a Stable Diffusion checkpoint (--model when starting nulltext serve)" in text and "Python" not in text
+
+
+def test_error_messages_name_the_page_controls_not_the_flags(server):
+    from nulltext.alignment import replacement_mapper
+
+    with pytest.raises(Exception) as caught:
+        replacement_mapper(server["app"].pipe.tokenizer, CAPTION, "a green circle on a big blue background")
+    said = for_the_page(str(caught.value))
+    assert "--mode" not in said and said.endswith("(the 'Mode' option)"), said
+    assert for_the_page("the refine mode: --mode refine on the command line") == \
+        "the refine mode: 'Mode' set to refine, in the options"
+    assert for_the_page("use dtype bf16 (--dtype on the command line)") == \
+        "use dtype bf16 (--dtype when starting nulltext serve)"
+    # and the page really says it: an edit the replace mode cannot make
+    inv, _ = Client(server["url"], verbose=False).predict(handle_file(RED), CAPTION, 5, 7.5, 1, api_name="/invert")
+    with pytest.raises(Exception, match=r"the 'Mode' option") as err:
+        Client(server["url"], verbose=False).predict(handle_file(inv), "a green circle on a big blue background",
+                                                     "p2p", "replace", api_name="/edit")
+    assert "--mode" not in str(err.value)
 
 
 def test_a_brushed_stroke_becomes_the_mask(server):

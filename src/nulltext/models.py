@@ -39,12 +39,17 @@ class CallCounter:
 
 @dataclass(frozen=True)
 class Scope:
-    """What a model can do, for a person: ``about``, one line (the web UI shows it); and
+    """What a model can do, for a person: ``about``, one line (the web UI shows it);
     ``off_world(photo, original_size)``, why a photo (PIL, as inverted) is outside what the model
-    knows, or None (the demo model's scenes)."""
+    knows, or None (the demo model's scenes); ``example``: a caption and an edit of it that the
+    model can make (the web UI's placeholders)."""
 
     about: str
     off_world: Callable | None = None
+    example: tuple[str, str] | None = None
+
+
+EXAMPLE = ("a cat sitting next to a mirror", "a tiger sitting next to a mirror")  # a checkpoint's caption and edit
 
 
 @dataclass
@@ -93,6 +98,11 @@ class Pipeline:
             return self.scope.about
         w, h = self.native_size
         return f"{self.model_id}: a {self.model_family.title} checkpoint; it inverts and edits photographs, at {w}x{h} natively"
+
+    @property
+    def example(self) -> tuple[str, str]:
+        """A caption and an edit of it that the model can make (the web UI's placeholders)."""
+        return self.scope.example if self.scope is not None and self.scope.example else EXAMPLE
 
     def check_photo(self, photo, original_size: tuple[int, int], name: str | None = None) -> None:
         """Warn when ``photo`` (PIL, preprocessed) is outside what the model knows (the demo
@@ -340,7 +350,7 @@ def load_pipeline(
                                 f"python -m nulltext.demo.train and install it with --install")
         source = DEMO_DIR
         vocabulary = demo_vocabulary()
-        scope = Scope(ABOUT, off_world)
+        scope = Scope(ABOUT, off_world, ("a red circle on a blue background", "a green circle on a blue background"))
     else:
         source = os.path.expanduser(model)
         if looks_like_path(model) and not os.path.isdir(source):

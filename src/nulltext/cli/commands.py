@@ -61,7 +61,7 @@ def _invert_outputs(args) -> list[str]:
 
 
 def cmd_invert(args) -> int:
-    from ..inversion import invert_progressive, request
+    from ..inversion import invert_progressive, request, summary
 
     # every check that needs no model, before loading one: the prompts, the batch size, each
     # photo's header (the photo is decoded once, when it is inverted)
@@ -74,16 +74,7 @@ def cmd_invert(args) -> int:
     def done(index: int, inv, photo) -> None:  # each file is written as soon as its batch is done
         name, output = args.image[index], outputs[index]
         inv.save(output, force=args.force, reproducible=args.reproducible)
-        opt, w, h = inv.optimisation, *inv.image_size
-        seconds = inv.timings.total if inv.timings else 0.0
-        line = f"inverted {name} ({inv.method}) at {w}x{h} in {seconds:.1f}s"
-        if inv.run.batch_size > 1:
-            line = f"inverted {name} ({inv.method}) at {w}x{h} in a batch of {inv.run.batch_size} ({seconds:.1f}s)"
-        if opt:
-            line += (f": {sum(opt.iterations)} optimisation iterations over {inv.num_steps} steps, "
-                     f"final loss {opt.losses_after[-1]:.3g}")
-        else:
-            line += f": {inv.num_steps} steps, no optimisation"
+        quality = None
         if args.check:
             from ..image import psnr
             from ..inversion import reconstruct
@@ -91,7 +82,8 @@ def cmd_invert(args) -> int:
             with warnings.catch_warnings():  # the prompt's warnings were already shown by the inversion
                 warnings.simplefilter("ignore", NulltextWarning)
                 image = reconstruct(pipe, inv, progress=not args.quiet)
-            line += f", reconstruction PSNR {psnr(image, photo):.2f} dB"
+            quality = psnr(image, photo)
+        line = f"inverted {name} {summary(inv, quality)}"
         print(line)
         print(f"wrote {output}", flush=True)
 

@@ -27,9 +27,10 @@ from .pipeline import (
     reconstruct,
     reconstruct_latent,
     request,
+    summary,
 )
 
 __all__ = ["DIVERGENCE_FACTOR", "BatchCallback", "Inversion", "InversionRequest", "IterCallback", "NullTextResult",
            "direct_inversion_corrections", "diverged_steps", "invert_image", "invert_many", "invert_progressive",
            "optimize_global_null_text", "optimize_null_text", "optimize_null_text_batch", "reconstruct",
-           "reconstruct_latent", "request"]
+           "reconstruct_latent", "request", "summary"]

@@ -298,3 +298,22 @@ def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Ten
 def reconstruct(pipe, inversion: Inversion, progress: bool = True):
     """The reconstructed image (PIL) of an inversion."""
     return image_mod.decode(pipe, reconstruct_latent(pipe, inversion, progress=progress))[0]
+
+
+def summary(inversion: Inversion, psnr: float | None = None) -> str:
+    """What an inversion did, in words: its method, size, time, optimisation iterations and final
+    loss, and the reconstruction's PSNR where given (against the photo as inverted, as ``--check``
+    measures it). The command line prints it after "inverted NAME"; the web UI shows it."""
+    opt, (w, h) = inversion.optimisation, inversion.image_size
+    seconds = inversion.timings.total if inversion.timings else 0.0
+    line = f"({inversion.method}) at {w}x{h} in {seconds:.1f}s"
+    if inversion.run.batch_size > 1:
+        line = f"({inversion.method}) at {w}x{h} in a batch of {inversion.run.batch_size} ({seconds:.1f}s)"
+    if opt:
+        line += (f": {sum(opt.iterations)} optimisation iterations over {inversion.num_steps} steps, "
+                 f"final loss {opt.losses_after[-1]:.3g}")
+    else:
+        line += f": {inversion.num_steps} steps, no optimisation"
+    if psnr is not None:
+        line += f", reconstruction PSNR {psnr:.2f} dB"
+    return line

@@ -1,34 +1,24 @@
-"""The web UI (``nulltext serve``): Gradio over nulltext's public API.
+"""The web UI's handlers (:mod:`nulltext.ui`): a browser session's files, the invert, edit and
+attention jobs over one loaded pipeline, one at a time, and what they say to the page (messages
+without server paths, the command line's advice named as the page's controls, each warning)."""
 
-Upload a photo and its caption, invert it (a live progress bar of the DDIM inversion and the
-optimisation), edit it with target prompts and the command line's controls, brush a mask of the
-region to edit, look at any word's cross-attention map, download the inversion file and the
-images, or upload a saved inversion to edit it again. The Invert and Edit events are API
-endpoints, ``/invert`` and ``/edit``, that ``gradio_client.Client`` calls (README lists their
-parameters). Each browser session keeps its own files in its own temporary folder, removed when
-the session ends; model work goes through Gradio's queue one job at a time.
-"""
-
-# no `from __future__ import annotations`: Gradio finds its gr.Request parameters by their annotations
 import atexit
 import math
 import os
 import re
 import shutil
-import signal
-import sys
 import tempfile
 import threading
-import time
 import traceback
 import uuid
+import warnings
 
 import numpy as np
 
-from .config import EditConfig, InversionConfig, parse_reweight
-from .errors import NulltextError, is_out_of_memory
-from .files import edit_file_name
-from .options import UNSET, option_of
+from ..config import EditConfig, InversionConfig, parse_reweight
+from ..errors import NulltextError, NulltextWarning, is_out_of_memory
+from ..files import edit_file_name
+from ..options import options
 
 MAX_UPLOAD = "25mb"  # per uploaded file, enforced by Gradio before any handler runs
 MAX_PIXELS = 4096 * 4096  # photos above this many pixels are refused
@@ -51,6 +41,8 @@ class Session:
         self.closed = False
         # (image sha256, size, crop) -> the photo as inverted (shown beside the edits)
         self.sources: dict[tuple, str] = {}
+        self.summary = ""  # the last inversion: what it did and what it warned about (markdown)
+        self.notes = ""  # the warnings of the last edit or attention map (markdown)
 
     def path(self, name: str) -> str:
         # a fresh name per result: a download never shows an older result of the same session
@@ -68,6 +60,40 @@ _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/:,;()]+)+[\\/]?")
 def scrub(message: str) -> str:
     """The message without server paths: each absolute path becomes its last part."""
     return _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/\\")) or "file", message)
+
+
+# "--flag [VALUE] on the command line", and the API's way beside it (", load_pipeline's model in Python")
+_ADVICE = re.compile(r"(--[a-z][a-z0-9-]*)((?: [^\s()]+)*?) on the command line(?:, [^()]* in Python)?")
+
+
+def _page_controls() -> dict[str, str]:
+    """Each command-line flag that has a control on the page -> the control's label."""
+    out: dict[str, str] = {}
+    for config in (EditConfig, InversionConfig):
+        for o in options(config):
+            if o.flag and o.widget is not None:
+                out.setdefault(o.flag, o.widget.label)
+    return out
+
+
+def for_the_page(message: str) -> str:
+    """A library message as the page says it: without server paths (:func:`scrub`), and with the
+    command line's advice ("--mode refine on the command line") named as the page's controls
+    ("Mode: refine, in the options"); a flag the page has no control for is an option of
+    ``nulltext serve``."""
+    controls = _page_controls()
+
+    def page(m: re.Match) -> str:
+        flag, value = m.group(1), m.group(2).strip()
+        if flag in controls:
+            return f"'{controls[flag]}' set to {value}, in the options" if value else f"the '{controls[flag]}' option"
+        return f"{flag}{' ' + value if value else ''} when starting nulltext serve"
+
+    return _ADVICE.sub(page, scrub(message))
+
+
+def _markdown_lines(warned: list[str]) -> str:
+    return "".join(f"\n\n**Warning:** {w}" for w in warned)
 
 
 def _words(text: str | None) -> tuple[str, ...]:
@@ -94,7 +120,7 @@ def _number(value, name: str, cast=float):
         raise NulltextError(f"{name} must be {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
 
 
-def _file_path(value) -> str | None:
+def file_path(value) -> str | None:
     """A Gradio file value (a path, or a dict/object with one) as a path."""
     if value is None:
         return None
@@ -137,12 +163,17 @@ class App:
             session.close()
 
     def _run(self, fn, *args):
+        """Run a job on the model, one at a time: (its result, its NulltextWarnings as the page
+        says them, each also shown as a toast, see :meth:`_warned`); errors become the page's
+        one-line message."""
         gr = require_gradio()
         try:
-            with self.lock:
-                return fn(*args)
+            with self.lock, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", NulltextWarning)
+                result = fn(*args)
+            return result, self._warned(caught)
         except NulltextError as e:
-            raise gr.Error(scrub(str(e)), print_exception=False) from None
+            raise gr.Error(for_the_page(str(e)), print_exception=False) from None
         except gr.Error:
             raise
         except Exception as e:  # logged in full on the server; the page gets one line without paths
@@ -152,14 +183,28 @@ class App:
             raise gr.Error(f"the job failed ({type(e).__name__}: {scrub(str(e).strip().splitlines()[0][:160]) if str(e).strip() else ''})",
                            print_exception=False) from None
 
+    def _warned(self, caught) -> list[str]:
+        """The NulltextWarnings of a job as the page says them, each once, each also a toast."""
+        gr = require_gradio()
+        said = list(dict.fromkeys(for_the_page(str(w.message)) for w in caught if issubclass(w.category, NulltextWarning)))
+        for message in said:
+            gr.Warning(message)
+        return said
+
     # --- invert
     def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None):
+        """Invert the photo: (inversion file, reconstruction, session); the session's ``summary``
+        says what the inversion did (size, time, iterations, the reconstruction's PSNR against
+        the photo as inverted, as --check measures it) and what it warned about."""
         gr = require_gradio()
         try:  # the size from the header, before decoding anything (and outside the model's lock)
-            self.check_photo(_file_path(photo))
+            self.check_photo(file_path(photo))
         except NulltextError as e:
-            raise gr.Error(scrub(str(e)), print_exception=False) from None
-        return self._run(self._invert, photo, prompt, steps, guidance, inner_steps, size, state, key)
+            raise gr.Error(for_the_page(str(e)), print_exception=False) from None
+        (inv_path, recon_path, session, text), warned = self._run(self._invert, photo, prompt, steps, guidance,
+                                                                  inner_steps, size, state, key)
+        session.summary = text + _markdown_lines(warned)
+        return inv_path, recon_path, session
 
     def check_photo(self, path: str | None) -> tuple[int, int]:
         from PIL import Image, UnidentifiedImageError
@@ -179,11 +224,11 @@ class App:
         return w, h
 
     def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
-        from .image import load_image
-        from .inversion import invert_image, reconstruct
+        from ..image import load_image
+        from ..inversion import invert_image, reconstruct
 
         session = self.session(state, key)
-        path = _file_path(photo)
+        path = file_path(photo)
         if not path:
             raise NulltextError("upload a photo first")
         if not (prompt or "").strip():
@@ -193,42 +238,53 @@ class App:
         config = InversionConfig(num_steps=_number(steps, "steps", int), guidance_scale=_number(guidance, "guidance"),
                                  num_inner_steps=_number(inner_steps, "inner steps", int),
                                  size=_number(size, "size", int) if size else None)
-        from .image import output_size
+        from ..image import output_size
 
         w, h = output_size(config.size, source.image.size, config.crop, self.pipe.native_size, self.pipe.size_multiple)
         if w * h > self.max_pixels or min(w, h) < self.pipe.size_multiple:
             raise NulltextError(f"inverting at {w}x{h} pixels is outside this server's limits (sides of at least "
                                 f"{self.pipe.size_multiple}, at most {self.max_pixels:,} pixels)")
         inv = invert_image(self.pipe, source, prompt.strip(), config, progress=True)
-        from .image import preprocess
+        from ..image import preprocess, psnr
+        from ..inversion import summary
 
         shown = session.path("source.png")
-        preprocess(source.image, inv.image_size, inv.config.crop, self.pipe.size_multiple).save(shown)
+        photo_as_inverted = preprocess(source.image, inv.image_size, inv.config.crop, self.pipe.size_multiple)
+        photo_as_inverted.save(shown)
         session.sources[(inv.image.sha256, inv.image_size, tuple(inv.config.crop))] = shown
         name = os.path.splitext(os.path.basename(path))[0] or "photo"
         inv_path = session.path(f"{name}.safetensors")
         inv.save(inv_path)
         recon_path = session.path("reconstruction.png")
-        reconstruct(self.pipe, inv, progress=True).save(recon_path)
-        return inv_path, recon_path, session
+        with warnings.catch_warnings():  # the prompt's warnings were said by the inversion
+            warnings.simplefilter("ignore", NulltextWarning)
+            reconstruction = reconstruct(self.pipe, inv, progress=True)
+        reconstruction.save(recon_path)
+        text = (f"**Inverted** {os.path.basename(path)} {summary(inv, psnr(reconstruction, photo_as_inverted))} "
+                f"(against the photo as inverted)")
+        if tuple(source.image.size) != tuple(inv.image_size):
+            text += f"; the photo is {source.image.size[0]}x{source.image.size[1]}"
+        return inv_path, recon_path, session, text
 
     # --- edit
     def edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
              reweight, strength, mask, mask_mode, state, key=None):
-        return self._run(self._edit, inversion, targets, method, mode, cross_replace, self_replace, blend_source,
-                         blend_target, reweight, strength, mask, mask_mode, state, key)
+        (out, session), warned = self._run(self._edit, inversion, targets, method, mode, cross_replace, self_replace,
+                                           blend_source, blend_target, reweight, strength, mask, mask_mode, state, key)
+        session.notes = _markdown_lines(warned).strip()
+        return out, session
 
     def _load(self, inversion):
-        from .storage import Inversion
+        from ..storage import Inversion
 
-        path = _file_path(inversion)
+        path = file_path(inversion)
         if not path:
             raise NulltextError("invert a photo first, or upload a saved inversion file")
         return Inversion.load(path, pipe=self.pipe)
 
     def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
               reweight, strength, mask, mask_mode, state, key):
-        from .editing import edit
+        from ..editing import edit
 
         session = self.session(state, key)
         inv = self._load(inversion)
@@ -241,7 +297,7 @@ class App:
                             blend_target=tgt, reweight=parse_reweight(reweight),
                             sdedit_strength=_number(strength, "SDEdit strength"),
                             mask_mode=mask_mode or d.mask_mode)
-        mask_path = _file_path(mask)
+        mask_path = file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []
         source = session.sources.get((inv.image.sha256, inv.image_size,
@@ -257,11 +313,13 @@ class App:
 
     # --- attention
     def attention(self, inversion, targets, word, state, key=None):
-        return self._run(self._attention, inversion, targets, word, state, key)
+        (path, session), warned = self._run(self._attention, inversion, targets, word, state, key)
+        session.notes = _markdown_lines(warned).strip()
+        return path, session
 
     def _attention(self, inversion, targets, word, state, key):
-        from .editing import attention_maps
-        from .visual import attention_grid
+        from ..editing import attention_maps
+        from ..visual import attention_grid
 
         session = self.session(state, key)
         inv = self._load(inversion)
@@ -270,7 +328,7 @@ class App:
         maps, tokens = am.maps, am.tokens
         word = (word or "").strip()
         if word:
-            from .alignment import word_positions
+            from ..alignment import word_positions
 
             rows, picked = [], []
             for r, prompt in enumerate(am.prompts):
@@ -312,146 +370,3 @@ class App:
         path = session.path("mask.png")
         Image.fromarray(np.where(alpha, 255, 0).astype(np.uint8), mode="L").save(path)
         return path, session
-
-
-def widget(gr, config, name: str, **props):
-    """The Gradio component of a config field's option, as its ``Widget`` declares it, showing
-    the config's default (nulltext.options)."""
-    o = option_of(config, name)
-    w = o.widget
-    kinds = {"slider": gr.Slider, "number": gr.Number, "radio": gr.Radio, "dropdown": gr.Dropdown,
-             "textbox": gr.Textbox}
-    return kinds[w.kind](value=o.default if w.value is UNSET else w.value, label=w.label, **w.props, **props)
-
-
-def close_session(state) -> None:
-    """Gradio's end of a session's state (an hour after its page closed, or at shutdown)."""
-    if isinstance(state, Session):
-        state.close()
-
-
-def build_app(pipe, max_pixels: int = MAX_PIXELS):
-    """The Gradio Blocks of the UI over a loaded pipeline (see :func:`serve`)."""
-    gr = require_gradio()
-    app = App(pipe, max_pixels)
-    e = EditConfig()
-    model = getattr(pipe, "model_id", "model")
-    with gr.Blocks(title="nulltext", delete_cache=(3600, 3600)) as demo:
-        state = gr.State(None, delete_callback=lambda s: (app.end(s.key) if isinstance(s, Session) else None,
-                                                          close_session(s)))
-        gr.Markdown(f"# nulltext\nEdit a real photo with text: null-text inversion and Prompt-to-Prompt on "
-                    f"**{model}**. 1. Upload a photo and describe it, invert. 2. Rewrite the caption as target "
-                    f"prompts, edit.")
-        with gr.Row():
-            with gr.Column():
-                # a file, not an image component: a file that is not an image reaches the handler, which
-                # says so in one line (an image component fails before it, with a traceback in the log)
-                photo = gr.File(label="Photo", type="filepath", elem_id="photo")
-                caption = gr.Textbox(label="Caption of the photo", placeholder="a cat sitting next to a mirror",
-                                     elem_id="caption")
-                with gr.Accordion("Inversion options", open=False):
-                    steps = widget(gr, InversionConfig, "num_steps", elem_id="steps")
-                    guidance = widget(gr, InversionConfig, "guidance_scale")
-                    inner = widget(gr, InversionConfig, "num_inner_steps")
-                    size = widget(gr, InversionConfig, "size")
-                invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
-                inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
-                                    file_types=[".safetensors"], elem_id="inversion")
-            with gr.Column():
-                recon = gr.Image(label="Reconstruction", type="filepath", interactive=False, elem_id="reconstruction")
-                brush = gr.ImageEditor(label="Optional: brush the region the edit may change", type="numpy",
-                                       sources=[], layers=False, transforms=(), elem_id="brush",
-                                       brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
-                # a file, as the photo: a bad upload reaches the handler's one-line message
-                mask = gr.File(label="Edit mask (white = may change): from the brush, or upload one", type="filepath",
-                               elem_id="mask")
-        with gr.Row():
-            with gr.Column():
-                targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
-                                     placeholder="a tiger sitting next to a mirror")
-                with gr.Accordion("Edit options", open=False):
-                    method, mode, cross, self_, blend_src, blend_tgt, reweight, strength, mask_mode = (
-                        widget(gr, EditConfig, name) for name in (
-                            "method", "mode", "cross_replace", "self_replace", "blend_source", "blend_target",
-                            "reweight", "sdedit_strength", "mask_mode"))
-                edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
-            with gr.Column():
-                gallery = gr.Gallery(label="Source, reconstruction and edits", columns=3, elem_id="gallery")
-        with gr.Row():
-            word = gr.Textbox(label="Cross-attention map of the word (empty: every token)", elem_id="word")
-            attn_btn = gr.Button("Show attention", elem_id="attention-button")
-        attn = gr.Image(label="Cross-attention", type="filepath", interactive=False, elem_id="attention")
-
-        # Gradio passes the request (its session id) and a progress bar that follows tqdm's. An API
-        # client may leave out every parameter whose widget has a value (the configs' defaults), and
-        # the mask, whose parameter defaults to None; Python then needs defaults after it too.
-        def invert(photo, prompt, steps, guidance, inner_steps, size, state, request: gr.Request,
-                   progress=gr.Progress(track_tqdm=True)):
-            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash)
-
-        def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
-                 strength, mask=None, mask_mode=e.mask_mode, state=None, request: gr.Request = None,
-                 progress=gr.Progress(track_tqdm=True)):
-            return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-                            reweight, strength, mask, mask_mode, state, request.session_hash)
-
-        def attention(inversion, targets, word, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-            return app.attention(inversion, targets, word, state, request.session_hash)
-
-        def mask_from_brush(editor, state, request: gr.Request):
-            return app.mask_from_brush(editor, state, request.session_hash)
-
-        def end(request: gr.Request):
-            app.end(request.session_hash)
-
-        model = dict(concurrency_id="model", concurrency_limit=1)  # one queue for every job on the model
-        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, state], [inversion, recon, state],
-                         api_name="invert", **model)
-        edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
-                              strength, mask, mask_mode, state], [gallery, state], api_name="edit", **model)
-        attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention", **model)
-
-        def show_photo(photo):
-            path = _file_path(photo)
-            if not path:
-                return None
-            try:
-                app.check_photo(path)  # the header only: a non-image or an oversized photo gets a warning
-            except NulltextError as e:
-                gr.Warning(scrub(str(e)))
-                return None
-            return {"background": path, "layers": [], "composite": path}
-
-        photo.change(show_photo, photo, brush, queue=False, api_visibility="private")
-        brush.change(mask_from_brush, [brush, state], [mask, state], queue=False, api_visibility="private")
-        demo.unload(end)
-    demo.queue(default_concurrency_limit=1)
-    demo.nulltext_app = app
-    return demo
-
-
-def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX_PIXELS, block: bool = True,
-          quiet: bool = False, on_start=None):
-    """Start the UI on ``host:port`` (loopback by default). Returns the Blocks; with ``block``
-    waits until interrupted (the server closes and the ``KeyboardInterrupt`` goes on to the caller).
-    ``on_start()`` is called once the server listens. Errors reach the page as nulltext's one-line
-    messages only (``show_error`` off: no raw exception text)."""
-    demo = build_app(pipe, max_pixels)
-    demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=False,
-                prevent_thread_lock=True, quiet=quiet)
-    try:  # from here on, a Ctrl-C (even one during on_start) closes the server before it goes on
-        if on_start is not None:
-            on_start()
-        if block:
-            # SIGTERM ends like Ctrl-C: the temporary folders go (atexit). nulltext serve has its own
-            # handler (exit 143, as every command); a plain Python caller gets this one
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            while demo.is_running:  # not demo.block_thread(): it swallows Ctrl-C (the caller's to see)
-                time.sleep(0.1)
-    except BaseException:
-        demo.close()
-        raise
-    if block:
-        demo.close()
-    return demo
