@@ -134,6 +134,12 @@ class InversionConfig:
         7.5, flag="--guidance", metavar="W", parse=positive_float, column="guidance", cell=cells.number_cell,
         help="classifier-free guidance scale w, positive; reconstruction and edits use the same value",
         widget=Widget("number", "Guidance scale", {"minimum": 0.01}))
+    inversion_guidance: float = option(  # ours (the paper's Fig. 9): the DDIM inversion's own guidance scale
+        1.0, flag="--inversion-guidance", metavar="W", parse=nonneg_float, column="inversion_guidance",
+        cell=cells.number_cell,
+        help="classifier-free guidance scale of the DDIM inversion itself (section 1): 1 inverts with the prompt "
+             "alone, the pivot of null-text inversion; another W inverts with eps(N0) + W * (eps(C) - eps(N0)), "
+             "N0 the empty prompt's embedding (the paper's Fig. 9)")
     num_inner_steps: int = option(  # Adam iterations per timestep at most
         10, flag="--inner-steps", metavar="J", parse=nonneg_int, column="inner_steps", cell=cells.integer_cell,
         help="Adam iterations per timestep at most (0: no optimisation)",
@@ -195,12 +201,15 @@ class InversionConfig:
                 f"steps must be at most {self.scheduler.num_train_timesteps} (the scheduler's "
                 f"training timesteps), got {self.num_steps}"
             )
-        for name, value in (("guidance", self.guidance_scale), ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
+        for name, value in (("guidance", self.guidance_scale), ("inversion-guidance", self.inversion_guidance),
+                            ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
                             ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
             if not _finite(value):
                 raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")
+        if self.inversion_guidance < 0:
+            raise NulltextError(f"inversion-guidance must be non-negative, got {self.inversion_guidance!r}")
         if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 0:
             raise NulltextError(f"inner-steps must be a non-negative integer, got {self.num_inner_steps!r}")
         if self.early_stop_epsilon < 0 or self.early_stop_slope < 0:

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
-    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON (with latent_T_log_likelihood, computed from z_T)")
     p.add_argument("--plot", metavar="LOSS.png",
                    help="draw the per-timestep losses before/after optimisation, the early-stop threshold "
                         "and the iterations used (needs matplotlib: pip install 'nulltext[plot]')")
