@@ -101,6 +101,18 @@ def test_log_likelihood_is_the_mean_gaussian_log_density_per_dimension(tiny_pipe
         assert inv.latent_log_likelihood == pytest.approx(expected, rel=1e-12)
 
 
+def test_eval_reports_the_log_likelihood(tiny_pipe, tmp_path):
+    from nulltext.config import EditConfig
+    from nulltext.evaluation import METRICS, evaluate_job
+    from nulltext.jobs import Job
+
+    make_photo().save(tmp_path / "a.png")
+    config = InversionConfig(num_steps=T, size=(64, 64), method="ddim", inversion_guidance=2.0)
+    row = evaluate_job(tiny_pipe, Job(1, "a", str(tmp_path / "a.png"), PROMPT, [], None, config, EditConfig()))
+    assert "zT_loglik" in METRICS
+    assert row["zT_loglik"] == pytest.approx(_ddim(tiny_pipe, 2.0).latent_log_likelihood, rel=1e-9)
+
+
 def test_the_option_and_its_checks():
     args = build_parser().parse_args(["invert", "a.png", "--prompt", "p", "-o", "x.safetensors",
                                       "--inversion-guidance", "4"])

@@ -242,6 +242,7 @@ class InversionConfig:
 EDIT_MODES = ("auto", "replace", "refine")
 MASK_MODES = ("intersect", "replace")
 EDIT_METHODS = ("p2p", "sdedit")
+SDEDIT_SOURCES = ("inversion", "noise")  # what SDEdit starts from: the inverted trajectory, or the photo noised
 
 
 def _check_fraction_spec(spec, what: str) -> None:
@@ -281,7 +282,7 @@ class EditConfig:
     method: str = option(  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
         "p2p", flag="--method", dest="method", qualified="--edit-method", qualified_where="in eval and batch",
         metavar="METHOD", column="edit_method", cell=cells.text_cell,
-        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit from the inversion)",
+        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit, from the inversion or from noise: see --from)",
         widget=Widget("radio", "Method", {"choices": list(EDIT_METHODS)}))
     mode: str = option(  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
         #                  source and target have the same number of tokens, refine otherwise
@@ -347,8 +348,19 @@ class EditConfig:
              "size the UNet has)")
     sdedit_strength: float = option(  # ours: fraction of the steps SDEdit re-denoises with the target
         0.6, flag="--strength", metavar="S", parse=float, column="strength", cell=cells.number_cell, methods=("sdedit",),
-        help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction; 1: from z_T)",
+        help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction, from noise the "
+             "VAE's round trip; 1: from z_T, from noise the photo noised to the first timestep)",
         widget=Widget("slider", "SDEdit strength", {"minimum": 0, "maximum": 1, "step": 0.05}))
+    sdedit_from: str = option(  # ours: "inversion" (SDEdit from the inverted trajectory) or "noise" (plain
+        #                           SDEdit, the paper's Fig. 8 baseline: the photo's z0 noised with seeded noise)
+        "inversion", flag="--from", dest="sdedit_from", choices=SDEDIT_SOURCES, column="from", cell=cells.text_cell,
+        methods=("sdedit",),
+        help="SDEdit: branch off the inversion's trajectory (inversion), or noise the photo's latent z0 to the start "
+             "step with seeded Gaussian noise, the scheduler's forward process, and denoise it with the target and "
+             "the empty prompt (noise: plain SDEdit, which needs the photo, not an inversion file)")
+    noise_seed: int = option(  # ours: the seed of plain SDEdit's noise
+        0, flag="--noise-seed", metavar="N", parse=nonneg_int, column="noise_seed", cell=cells.integer_cell,
+        methods=("sdedit",), help="SDEdit from noise: seed of the Gaussian noise added to z0")
     # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
     # without blend words the mask alone is the blend
     mask_mode: str = option(
@@ -375,6 +387,10 @@ class EditConfig:
     def validate(self) -> None:
         if self.method not in EDIT_METHODS:
             raise NulltextError(f"unknown edit method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        if self.sdedit_from not in SDEDIT_SOURCES:
+            raise NulltextError(f"unknown SDEdit source {self.sdedit_from!r}; choose one of {', '.join(SDEDIT_SOURCES)}")
+        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or self.noise_seed < 0:
+            raise NulltextError(f"noise-seed must be a non-negative integer, got {self.noise_seed!r}")
         if self.mask_mode not in MASK_MODES:
             raise NulltextError(f"unknown mask mode {self.mask_mode!r}; choose one of {', '.join(MASK_MODES)}")
         if self.mode not in EDIT_MODES:

@@ -253,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hub id or local folder, e.g. openai/clip-vit-large-patch14); not computed without it")
     p.add_argument("--dino-model", metavar="MODEL", help="DINO structure distance of edits with this transformers "
                    "ViTModel (hub id or local folder, e.g. facebook/dino-vitb8); not computed without it")
-    p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and (with a mask) "
-                   "of the edit's background, with torchmetrics and this backbone; needs torchvision and the "
-                   "backbone's weights (downloaded once by torchvision); not computed without it")
+    p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and edits to the "
+                   "input (and, with a mask, of the edit's background), with torchmetrics and this backbone; needs "
+                   "torchvision and the backbone's weights (downloaded once by torchvision); not computed without it")
     _add_inversion_args(p, d, exclude=("method",))  # --methods names them
     _add_edit_args(p, e, qualified=True)
     _add_model_args(p, DEFAULT_MODEL)
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
-    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON (with latent_T_log_likelihood, computed from z_T)")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw metadata as JSON (with latent_T_log_likelihood, computed from z_T)")
     p.add_argument("--plot", metavar="LOSS.png",
                    help="draw the per-timestep losses before/after optimisation, the early-stop threshold "
                         "and the iterations used (needs matplotlib: pip install 'nulltext[plot]')")

@@ -56,6 +56,10 @@ class Schedule(Protocol):
     def inverse_step(self, sample: Tensor, out: Tensor, t) -> Tensor:
         """One inversion step with the model's output at ``t``, an entry of ``inversion_timesteps``."""
 
+    def add_noise(self, sample: Tensor, noise: Tensor, t) -> Tensor:
+        """The forward process: a clean ``sample`` (z0) noised to ``t``, an entry of ``timesteps``,
+        with ``noise`` (DDIM: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``)."""
+
 
 def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
