@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from .. import __version__
-from ..config import DEFAULT_MODEL, EditConfig, InversionConfig
+from ..config import DEFAULT_MODEL, PROTOCOL_FIELDS, PROTOCOLS, EditConfig, InversionConfig
 from ..errors import NulltextError
 from ..options import UNSET, options, positive_int
 
@@ -136,7 +136,24 @@ def _add_edit_args(p: argparse.ArgumentParser, e, qualified: bool = False) -> No
 
 
 def edit_config(args, cls=None):
-    return config_from_args(cls or EditConfig, args)
+    """The edit options of the flags. Under a ``--protocol`` other than release (eval, batch), the
+    options it sets may not be given too: the protocol's values are what its name promises."""
+    cls = cls or EditConfig
+    protocol = getattr(args, "protocol", "release")
+    if protocol != "release":
+        fixed = [flag for o, flag in given_options(cls, args, qualified=True) if set(o.names) & set(PROTOCOL_FIELDS)]
+        if fixed:
+            raise NulltextError(f"--protocol {protocol} sets {', '.join(fixed)} itself; leave them out (or use "
+                                f"--protocol release)")
+    return config_from_args(cls, args)
+
+
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=PROTOCOLS, default="release",
+                   help="release: the edit options as given (the release's defaults); pie-bench: the published "
+                        "PIE-Bench protocol of NTI+P2P and DirectInversion+P2P (PnPInversion's run_editing_p2p.py): "
+                        "--mode refine, --cross-replace 0.4, --self-replace 0.6, the local blend on each sample's "
+                        "blend words and its target blend word reweighted x2 (default release)")
 
 
 def inversion_config(args, method: str, cls=None):
@@ -258,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "torchvision and the backbone's weights (downloaded once by torchvision); not computed without it")
     _add_inversion_args(p, d, exclude=("method",))  # --methods names them
     _add_edit_args(p, e, qualified=True)
+    _add_protocol(p)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
@@ -277,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images inverted together where jobs share a size and settings (default 4)")
     _add_inversion_args(p, d, qualified=True)
     _add_edit_args(p, e, qualified=True)
+    _add_protocol(p)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-job lines")
 

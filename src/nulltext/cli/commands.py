@@ -369,7 +369,7 @@ def _read_jobs(args, inversion, edit, root: str | None = None, limit: int | None
         rows = read_mapping_file(path, os.path.join(args.output, "pie-bench-masks"), root, limit)
     else:
         rows = read_rows(path)[:limit]
-    jobs = jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)))
+    jobs = jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)), args.protocol)
     if not jobs:
         raise NulltextError(f"{path} has no {noun}")
     return jobs
