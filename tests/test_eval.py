@@ -331,11 +331,12 @@ def test_lpips_columns_are_computed_on_the_right_images(tiny_pipe, tmp_path):
     job = Job(1, "a", str(tmp_path / "a.png"), PROMPT, ["a dog sitting next to a mirror"], str(tmp_path / "mask.png"),
               cfg, EditConfig(blend_source=("cat",), blend_target=("dog",)))
     row = evaluate_job(tiny_pipe, job, models)
-    assert len(calls) == 2 and calls[0][0] == (1, 3, 64, 64)
+    assert len(calls) == 3 and calls[0][0] == (1, 3, 64, 64)
     assert row["bg_lpips"] == pytest.approx(row["bg_mse"], rel=1e-6)
+    assert row["edit_lpips"] > row["bg_lpips"]  # the edit against the whole input photo, unmasked
     assert row["recon_lpips"] == pytest.approx(row["recon_mse"], rel=1e-6)
     plain = evaluate_job(tiny_pipe, job, None)
-    assert "recon_lpips" not in plain and "bg_lpips" not in plain
+    assert "recon_lpips" not in plain and "bg_lpips" not in plain and "edit_lpips" not in plain
 
 
 def test_lpips_without_torchvision_is_one_clear_error(tmp_path):

@@ -14,9 +14,11 @@ from nulltext.errors import NulltextError
 from nulltext.jobs import OPTION_COLUMNS, read_jobs
 
 # flags of `nulltext batch` that are not a job's options
-NOT_OPTIONS = {"help", "manifest", "output", "batch_size", "model", "device", "dtype", "low_memory", "quiet"}
+# (--protocol: a preset of the edit options, which the columns override)
+NOT_OPTIONS = {"help", "manifest", "output", "batch_size", "model", "device", "dtype", "low_memory", "quiet",
+               "protocol"}
 # argparse destination -> manifest column, where they differ
-DEST_TO_COLUMN = {"inversion_method": "method", "method": "edit_method"}
+DEST_TO_COLUMN = {"inversion_method": "method", "method": "edit_method", "sdedit_from": "from"}
 
 # per column: the flag's text (as on the command line) and the same value as JSON gives it
 VALUES = {
@@ -28,6 +30,7 @@ VALUES = {
     "blend_subtract": ("mirror", ["mirror"]), "blend_threshold": ("0.4", 0.4), "reweight": ("dog=2", "dog=2"),
     "edit_method": ("sdedit", "sdedit"), "strength": ("0.5", 0.5), "lr_decay_steps": ("50", 50),
     "blend_start": ("0.3", 0.3), "blend_subtract_threshold": ("0.5", 0.5), "blend_factor": ("2", 2),
+    "inversion_guidance": ("2.5", 2.5), "from": ("noise", "noise"), "noise_seed": ("4", 4),
 }
 
 
@@ -53,7 +56,7 @@ def _flags() -> list[str]:
     argv = []
     for column, (text, _) in VALUES.items():
         dest = {v: k for k, v in DEST_TO_COLUMN.items()}.get(column, column)
-        flag = {"inversion_method": "--inversion-method", "method": "--edit-method"}.get(
+        flag = {"inversion_method": "--inversion-method", "method": "--edit-method", "sdedit_from": "--from"}.get(
             dest, "--" + dest.replace("_", "-"))
         argv += [flag] if text is None else [flag, *text] if isinstance(text, list) else [flag, text]
     return argv

@@ -97,7 +97,7 @@ def _optimisation_numbers(inv) -> tuple[int, float]:
 def _finish(pipe, job: Job, inv, folder: str, edit_plan, photo) -> dict:
     """Save one job's inversion, reconstruction and edits (its planned edit); the fields of its
     record, with the reconstruction's PSNR to ``photo``, the preprocessed photo it inverted."""
-    from .editing import edit
+    from .editing import PhotoLatent, edit
     from .image import psnr
     from .inversion import reconstruct
 
@@ -105,8 +105,11 @@ def _finish(pipe, job: Job, inv, folder: str, edit_plan, photo) -> dict:
     inv.save(os.path.join(folder, "inversion.safetensors"), force=True)
     t0 = time.perf_counter()
     if job.targets:
-        result = edit(pipe, inv, edit_plan, progress=False)
-        images = result.images
+        if job.edit.method == "sdedit" and job.edit.sdedit_from == "noise":  # plain SDEdit: the photo's latent
+            result = edit(pipe, PhotoLatent.of_inversion(pipe, inv, photo), edit_plan, progress=False)
+            images = [reconstruct(pipe, inv, progress=False), *result.edits]
+        else:
+            images = edit(pipe, inv, edit_plan, progress=False).images
         for k, (img, target) in enumerate(zip(images[1:], job.targets), 1):
             save_image(img, os.path.join(folder, edit_file_name(k, target)), force=True)
     else:

@@ -134,6 +134,12 @@ class InversionConfig:
         7.5, flag="--guidance", metavar="W", parse=positive_float, column="guidance", cell=cells.number_cell,
         help="classifier-free guidance scale w, positive; reconstruction and edits use the same value",
         widget=Widget("number", "Guidance scale", {"minimum": 0.01}))
+    inversion_guidance: float = option(  # ours (the paper's Fig. 9): the DDIM inversion's own guidance scale
+        1.0, flag="--inversion-guidance", metavar="W", parse=nonneg_float, column="inversion_guidance",
+        cell=cells.number_cell,
+        help="classifier-free guidance scale of the DDIM inversion itself (section 1): 1 inverts with the prompt "
+             "alone, the pivot of null-text inversion; another W inverts with eps(N0) + W * (eps(C) - eps(N0)), "
+             "N0 the empty prompt's embedding (the paper's Fig. 9)")
     num_inner_steps: int = option(  # Adam iterations per timestep at most
         10, flag="--inner-steps", metavar="J", parse=nonneg_int, column="inner_steps", cell=cells.integer_cell,
         help="Adam iterations per timestep at most (0: no optimisation)",
@@ -195,12 +201,15 @@ class InversionConfig:
                 f"steps must be at most {self.scheduler.num_train_timesteps} (the scheduler's "
                 f"training timesteps), got {self.num_steps}"
             )
-        for name, value in (("guidance", self.guidance_scale), ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
+        for name, value in (("guidance", self.guidance_scale), ("inversion-guidance", self.inversion_guidance),
+                            ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
                             ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
             if not _finite(value):
                 raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")
+        if self.inversion_guidance < 0:
+            raise NulltextError(f"inversion-guidance must be non-negative, got {self.inversion_guidance!r}")
         if not isinstance(self.num_inner_steps, int) or self.num_inner_steps < 0:
             raise NulltextError(f"inner-steps must be a non-negative integer, got {self.num_inner_steps!r}")
         if self.early_stop_epsilon < 0 or self.early_stop_slope < 0:
@@ -233,6 +242,7 @@ class InversionConfig:
 EDIT_MODES = ("auto", "replace", "refine")
 MASK_MODES = ("intersect", "replace")
 EDIT_METHODS = ("p2p", "sdedit")
+SDEDIT_SOURCES = ("inversion", "noise")  # what SDEdit starts from: the inverted trajectory, or the photo noised
 
 
 def _check_fraction_spec(spec, what: str) -> None:
@@ -272,7 +282,7 @@ class EditConfig:
     method: str = option(  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
         "p2p", flag="--method", dest="method", qualified="--edit-method", qualified_where="in eval and batch",
         metavar="METHOD", column="edit_method", cell=cells.text_cell,
-        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit from the inversion)",
+        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit, from the inversion or from noise: see --from)",
         widget=Widget("radio", "Method", {"choices": list(EDIT_METHODS)}))
     mode: str = option(  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
         #                  source and target have the same number of tokens, refine otherwise
@@ -338,8 +348,19 @@ class EditConfig:
              "size the UNet has)")
     sdedit_strength: float = option(  # ours: fraction of the steps SDEdit re-denoises with the target
         0.6, flag="--strength", metavar="S", parse=float, column="strength", cell=cells.number_cell, methods=("sdedit",),
-        help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction; 1: from z_T)",
+        help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction, from noise the "
+             "VAE's round trip; 1: from z_T, from noise the photo noised to the first timestep)",
         widget=Widget("slider", "SDEdit strength", {"minimum": 0, "maximum": 1, "step": 0.05}))
+    sdedit_from: str = option(  # ours: "inversion" (SDEdit from the inverted trajectory) or "noise" (plain
+        #                           SDEdit, the paper's Fig. 8 baseline: the photo's z0 noised with seeded noise)
+        "inversion", flag="--from", dest="sdedit_from", choices=SDEDIT_SOURCES, column="from", cell=cells.text_cell,
+        methods=("sdedit",),
+        help="SDEdit: branch off the inversion's trajectory (inversion), or noise the photo's latent z0 to the start "
+             "step with seeded Gaussian noise, the scheduler's forward process, and denoise it with the target and "
+             "the empty prompt (noise: plain SDEdit, which needs the photo, not an inversion file)")
+    noise_seed: int = option(  # ours: the seed of plain SDEdit's noise
+        0, flag="--noise-seed", metavar="N", parse=nonneg_int, column="noise_seed", cell=cells.integer_cell,
+        methods=("sdedit",), help="SDEdit from noise: seed of the Gaussian noise added to z0")
     # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
     # without blend words the mask alone is the blend
     mask_mode: str = option(
@@ -366,6 +387,10 @@ class EditConfig:
     def validate(self) -> None:
         if self.method not in EDIT_METHODS:
             raise NulltextError(f"unknown edit method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        if self.sdedit_from not in SDEDIT_SOURCES:
+            raise NulltextError(f"unknown SDEdit source {self.sdedit_from!r}; choose one of {', '.join(SDEDIT_SOURCES)}")
+        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or self.noise_seed < 0:
+            raise NulltextError(f"noise-seed must be a non-negative integer, got {self.noise_seed!r}")
         if self.mask_mode not in MASK_MODES:
             raise NulltextError(f"unknown mask mode {self.mask_mode!r}; choose one of {', '.join(MASK_MODES)}")
         if self.mode not in EDIT_MODES:
@@ -405,6 +430,39 @@ class EditConfig:
         d = dataclasses.asdict(self)
         d["reweight"] = {w: f for w, f in self.reweight}
         return d
+
+
+# Named presets of the edit options for nulltext eval and batch (--protocol). "release": the options as
+# given (the release's defaults). "pie-bench": the settings behind the published PIE-Bench numbers of
+# NTI+P2P and DirectInversion+P2P (PnPInversion's run_editing_p2p.py): the refine controller, cross-attention
+# replaced for 0.4 of the steps, self-attention for 0.6, a local blend on each sample's blended words
+# (its blend column) and that sample's target blend words reweighted by 2 (per sample:
+# protocol_sample_config).
+PROTOCOLS = ("release", "pie-bench")
+PIE_BENCH_EDIT = {"method": "p2p", "mode": "refine", "cross_replace": 0.4, "self_replace": 0.6}
+PIE_BENCH_REWEIGHT = 2.0
+PROTOCOL_FIELDS = (*PIE_BENCH_EDIT, "reweight")  # the options a protocol sets
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise NulltextError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def protocol_config(config: EditConfig, protocol: str) -> EditConfig:
+    """The command's edit options under ``protocol`` (see PROTOCOLS); each sample's own part is
+    :func:`protocol_sample_config`'s."""
+    _check_protocol(protocol)
+    return dataclasses.replace(config, **PIE_BENCH_EDIT) if protocol == "pie-bench" else config
+
+
+def protocol_sample_config(config: EditConfig, protocol: str) -> EditConfig:
+    """A sample's edit options under ``protocol``: "pie-bench" reweights the target words of the
+    sample's local blend by 2 (none without a blend: the sample runs without)."""
+    _check_protocol(protocol)
+    if protocol != "pie-bench" or not config.blend:
+        return config
+    return dataclasses.replace(config, reweight=tuple((word, PIE_BENCH_REWEIGHT) for word in config.blend_target))
 
 
 def manifest_columns(*configs) -> dict:

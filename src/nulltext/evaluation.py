@@ -28,8 +28,8 @@ from .errors import NulltextError, one_line
 from .files import atomic_write
 from .jobs import Job, ResultStore, each, run
 
-METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "recon_lpips", "bg_psnr", "bg_ssim", "bg_mse", "bg_lpips",
-           "clip_score", "structure_distance", "invert_s", "edit_s", "peak_mb")
+METRICS = ("recon_psnr", "recon_ssim", "recon_mse", "recon_lpips", "zT_loglik", "bg_psnr", "bg_ssim", "bg_mse",
+           "bg_lpips", "edit_lpips", "clip_score", "structure_distance", "invert_s", "edit_s", "peak_mb")
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 
 
@@ -174,7 +174,7 @@ def _peak_mb(pipe) -> float:
 
 def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
     """One (sample, method): the metrics of a result row, or raises for the runner to record."""
-    from .editing import EditRequest, edit, plan
+    from .editing import EditRequest, PhotoLatent, edit, plan
     from .image import load_image, output_size, preprocess
     from .inversion import InversionRequest, invert_progressive, reconstruct
 
@@ -192,20 +192,26 @@ def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(pipe.device)
     t0 = time.perf_counter()
     (_, inv), = invert_progressive(pipe, InversionRequest((source,), (job.prompt,), cfg, 1), progress=False)
-    row = {"invert_s": time.perf_counter() - t0}
+    row = {"invert_s": time.perf_counter() - t0, "zT_loglik": inv.latent_log_likelihood}
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
     if job.targets:
+        from_noise = ec.method == "sdedit" and ec.sdedit_from == "noise"
         t0 = time.perf_counter()
-        result = edit(pipe, inv, edit_plan, progress=False)
+        # plain SDEdit edits the photo's latent, not the inversion (which gives the reconstruction)
+        result = edit(pipe, PhotoLatent.of_inversion(pipe, inv, target) if from_noise else inv, edit_plan,
+                      progress=False)
         row["edit_s"] = time.perf_counter() - t0
-        recon = result.reconstruction  # the edit's source row is the reconstruction, bit for bit
+        # the edit's source row is the reconstruction, bit for bit (plain SDEdit's is the VAE's round trip)
+        recon = reconstruct(pipe, inv, progress=False) if from_noise else result.reconstruction
         row["bg_psnr"], row["bg_ssim"], row["bg_mse"] = image_metrics(result.edits[0], target, keep)
         if models is not None and models.clip is not None:
             row["clip_score"] = models.clip_score(result.edits[0], job.targets[0])
         if models is not None and models.dino is not None:
             row["structure_distance"] = models.structure_distance(target, result.edits[0])
-        if models is not None and models.lpips is not None and keep is not None:
-            row["bg_lpips"] = models.lpips_distance(result.edits[0], target, keep)
+        if models is not None and models.lpips is not None:
+            row["edit_lpips"] = models.lpips_distance(result.edits[0], target)  # to the input (the paper's Fig. 8)
+            if keep is not None:
+                row["bg_lpips"] = models.lpips_distance(result.edits[0], target, keep)
     else:
         recon = reconstruct(pipe, inv, progress=False)
     row["recon_psnr"], row["recon_ssim"], row["recon_mse"] = image_metrics(recon, target)

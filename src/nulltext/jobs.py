@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import EditConfig, InversionConfig, manifest_columns
+from .config import EditConfig, InversionConfig, manifest_columns, protocol_config, protocol_sample_config
 from .errors import NulltextError, is_out_of_memory, one_line
 from .files import atomic_write, remove_stale_temporaries, slug
 from .text import check_prompt
@@ -114,7 +114,7 @@ def _resolve(path: str, root: str) -> str:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def _job(n: int, row: dict, inversion: InversionConfig, edit: EditConfig, root: str) -> Job:
+def _job(n: int, row: dict, inversion: InversionConfig, edit: EditConfig, root: str, protocol: str) -> Job:
     job = Job(line=n, id=str(row.get("id") or f"{n:04d}"))
     if "__error__" in row:
         raise NulltextError(row["__error__"])
@@ -151,18 +151,25 @@ def _job(n: int, row: dict, inversion: InversionConfig, edit: EditConfig, root: 
             options[config].update(zip(attr, value) if isinstance(attr, tuple) else [(attr, value)])
     job.inversion = dataclasses.replace(inversion, **options["inversion"])
     job.edit = dataclasses.replace(edit, **options["edit"])
+    if "reweight" not in given:  # the protocol's part of each sample (pie-bench: its blend word reweighted)
+        job.edit = protocol_sample_config(job.edit, protocol)
     return job
 
 
-def jobs_from_rows(rows: list[dict], inversion: InversionConfig, edit: EditConfig, root: str) -> list[Job]:
+def jobs_from_rows(rows: list[dict], inversion: InversionConfig, edit: EditConfig, root: str,
+                   protocol: str = "release") -> list[Job]:
     """Jobs of manifest rows, each with the command's options overridden by its own; relative paths
     are resolved against ``root``. A line that is invalid becomes a job with ``error`` set (recorded
-    as failed, the rest run); so does a second line with an id already used."""
+    as failed, the rest run); so does a second line with an id already used. ``protocol`` (see
+    :data:`nulltext.config.PROTOCOLS`) sets the edit options it names before the lines' own columns,
+    and each sample's part (pie-bench: the target words of its blend reweighted by 2, unless the
+    line sets reweight)."""
+    edit = protocol_config(edit, protocol)
     jobs: list[Job] = []
     seen: dict[str, int] = {}
     for n, row in enumerate(rows, 1):
         try:
-            job = _job(n, row, inversion, edit, root)
+            job = _job(n, row, inversion, edit, root, protocol)
         except (NulltextError, ValueError, TypeError) as e:
             job = Job(line=n, id=str(row.get("id") or f"{n:04d}"), error=one_line(e))
         if job.id in seen:  # its outputs and results are found by id
@@ -172,11 +179,12 @@ def jobs_from_rows(rows: list[dict], inversion: InversionConfig, edit: EditConfi
     return jobs
 
 
-def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig, root: str | None = None) -> list[Job]:
+def read_jobs(path: str, inversion: InversionConfig, edit: EditConfig, root: str | None = None,
+              protocol: str = "release") -> list[Job]:
     """The jobs of a JSONL or CSV manifest; relative paths resolved against ``root`` (default: the
     manifest's folder)."""
     rows = read_rows(path)
-    return jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)))
+    return jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)), protocol)
 
 
 # ---------------------------------------------------------------------------------------------------

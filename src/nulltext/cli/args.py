@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from .. import __version__
-from ..config import DEFAULT_MODEL, EditConfig, InversionConfig
+from ..config import DEFAULT_MODEL, PROTOCOL_FIELDS, PROTOCOLS, EditConfig, InversionConfig
 from ..errors import NulltextError
 from ..options import UNSET, options, positive_int
 
@@ -136,7 +136,24 @@ def _add_edit_args(p: argparse.ArgumentParser, e, qualified: bool = False) -> No
 
 
 def edit_config(args, cls=None):
-    return config_from_args(cls or EditConfig, args)
+    """The edit options of the flags. Under a ``--protocol`` other than release (eval, batch), the
+    options it sets may not be given too: the protocol's values are what its name promises."""
+    cls = cls or EditConfig
+    protocol = getattr(args, "protocol", "release")
+    if protocol != "release":
+        fixed = [flag for o, flag in given_options(cls, args, qualified=True) if set(o.names) & set(PROTOCOL_FIELDS)]
+        if fixed:
+            raise NulltextError(f"--protocol {protocol} sets {', '.join(fixed)} itself; leave them out (or use "
+                                f"--protocol release)")
+    return config_from_args(cls, args)
+
+
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=PROTOCOLS, default="release",
+                   help="release: the edit options as given (the release's defaults); pie-bench: the published "
+                        "PIE-Bench protocol of NTI+P2P and DirectInversion+P2P (PnPInversion's run_editing_p2p.py): "
+                        "--mode refine, --cross-replace 0.4, --self-replace 0.6, the local blend on each sample's "
+                        "blend words and its target blend word reweighted x2 (default release)")
 
 
 def inversion_config(args, method: str, cls=None):
@@ -253,11 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hub id or local folder, e.g. openai/clip-vit-large-patch14); not computed without it")
     p.add_argument("--dino-model", metavar="MODEL", help="DINO structure distance of edits with this transformers "
                    "ViTModel (hub id or local folder, e.g. facebook/dino-vitb8); not computed without it")
-    p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and (with a mask) "
-                   "of the edit's background, with torchmetrics and this backbone; needs torchvision and the "
-                   "backbone's weights (downloaded once by torchvision); not computed without it")
+    p.add_argument("--lpips", choices=["alex", "vgg", "squeeze"], help="LPIPS of reconstructions and edits to the "
+                   "input (and, with a mask, of the edit's background), with torchmetrics and this backbone; needs "
+                   "torchvision and the backbone's weights (downloaded once by torchvision); not computed without it")
     _add_inversion_args(p, d, exclude=("method",))  # --methods names them
     _add_edit_args(p, e, qualified=True)
+    _add_protocol(p)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
@@ -277,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images inverted together where jobs share a size and settings (default 4)")
     _add_inversion_args(p, d, qualified=True)
     _add_edit_args(p, e, qualified=True)
+    _add_protocol(p)
     _add_model_args(p, DEFAULT_MODEL)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-job lines")
 
@@ -293,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show an inversion file's metadata, losses and iterations")
     p.add_argument("inversion", metavar="INV.safetensors")
-    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw metadata as JSON (with latent_T_log_likelihood, computed from z_T)")
     p.add_argument("--plot", metavar="LOSS.png",
                    help="draw the per-timestep losses before/after optimisation, the early-stop threshold "
                         "and the iterations used (needs matplotlib: pip install 'nulltext[plot]')")

@@ -125,7 +125,9 @@ def cmd_info(args) -> int:
     if args.plot:
         plot_losses(inv, args.plot, force=args.force)
     if args.json:
-        print(json.dumps(inv.metadata(), indent=2, sort_keys=True))
+        # the file's metadata, and what is computed from its tensors
+        print(json.dumps({**inv.metadata(), "latent_T_log_likelihood": inv.latent_log_likelihood}, indent=2,
+                         sort_keys=True))
         return 0
     c, model, image, run, opt = inv.config, inv.model, inv.image, inv.run, inv.optimisation
     w, h = inv.image_size
@@ -141,6 +143,8 @@ def cmd_info(args) -> int:
           + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
+    print(f"inversion      DDIM at guidance {c.inversion_guidance:g}; z_T log-likelihood "
+          f"{inv.latent_log_likelihood:.4f} per dimension under N(0, I) (Gaussian noise: -1.4189)")
     print(f"family         {model.family}, predicts {model.prediction_type}")
     scales = opt.loss_scales if opt else None
     print(f"precision      {run.dtype or None} on {run.device or None}"
@@ -186,16 +190,24 @@ def _warn_inversion_options_ignored(args) -> None:
                       NulltextWarning)
 
 
-def _source(args, make_plan):
+def _source(args, make_plan, from_noise: bool = False):
     """(pipe, inversion, plan, photo) from the INPUT argument: an inversion file (checked against the
     model and the options; photo None), or an image inverted now with --prompt (photo: the
     preprocessed photo it inverted). ``make_plan(pipe, prompt, num_steps, latent_hw, image_size,
-    original_size, crop)`` plans the edit (its checks) before any inversion work."""
-    from ..editing.planning import original_size
-    from ..image import load_image, output_size
+    original_size, crop)`` plans the edit (its checks) before any inversion work. ``from_noise``
+    (plain SDEdit): the image is encoded, not inverted, and "inversion" is its PhotoLatent."""
+    from ..editing.planning import PhotoLatent, original_size
+    from ..image import encode, load_image, output_size, preprocess
     from ..inversion import Inversion, invert_progressive, request
     from ..storage import check_fits
 
+    if from_noise and _is_inversion_path(args.input):
+        raise NulltextError(f"--from noise noises the photo's latent z0, which the inversion file {args.input} does "
+                            f"not store: give the photo itself (IMAGE --prompt CAPTION)")
+    if from_noise and args.save_inversion:
+        raise NulltextError("--from noise does not invert the photo: there is no inversion to save (--save-inversion)")
+    if from_noise:
+        _warn_inversion_options_unused(args)  # after the refusals: an error is one line
     if _is_inversion_path(args.input):
         if args.save_inversion:
             raise NulltextError("--save-inversion only applies to an IMAGE input")
@@ -228,11 +240,24 @@ def _source(args, make_plan):
     f = pipe.vae_scale_factor
     plan = make_plan(pipe, args.prompt, config.num_steps, (h // f, w // f), (w, h), tuple(image.image.size),
                      config.crop)
+    if from_noise:  # plain SDEdit: the photo's latent, no inversion
+        pixels = preprocess(image.image, size=(w, h), crop=config.crop, multiple=pipe.size_multiple)
+        return pipe, PhotoLatent(encode(pipe, pixels), args.prompt, config, (w, h), tuple(image.image.size)), plan, pixels
     (_, inv, photo), = invert_progressive(pipe, inversion, progress=not args.quiet, photos=True)
     if args.save_inversion:
         inv.save(args.save_inversion, force=args.force)
         print(f"wrote {args.save_inversion}")
     return pipe, inv, plan, photo
+
+
+def _warn_inversion_options_unused(args) -> None:
+    """Plain SDEdit encodes the photo without inverting it: of the inversion options, only the steps,
+    guidance, size and crop act."""
+    acting = ("num_steps", "guidance_scale", "size", "crop")
+    given = [flag for o, flag in given_options(InversionConfig, args, qualified=True) if o.name not in acting]
+    if given:
+        warnings.warn(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to an inversion; --from noise "
+                      f"inverts nothing, so {'they are' if len(given) > 1 else 'it is'} ignored", NulltextWarning)
 
 
 def _warn_ignored(args, config) -> None:
@@ -274,9 +299,11 @@ def cmd_edit(args) -> int:
         return plan(pipe, req, prompt, num_steps, latent_hw, image_size, original_size, crop,
                     attention=args.attention)
 
-    pipe, inv, edit_plan, photo = _source(args, make_plan)
+    from_noise = config.method == "sdedit" and config.sdedit_from == "noise"
+    pipe, inv, edit_plan, photo = _source(args, make_plan, from_noise)
     result = edit(pipe, inv, edit_plan, progress=not args.quiet)
-    labels = [f"reconstruction: {inv.prompt}"] + [f"{m}: {t}" for m, t in zip(result.modes, req.targets)]
+    labels = [f"{'VAE round trip' if from_noise else 'reconstruction'}: {inv.prompt}"] + [
+        f"{m}{' from noise' if from_noise else ''}: {t}" for m, t in zip(result.modes, req.targets)]
     shown = result.images
     if photo is not None:  # a photo inverted in this run: the grid shows it first
         shown, labels = [photo, *shown], [f"input: {os.path.basename(args.input)}", *labels]
@@ -334,7 +361,7 @@ def _read_jobs(args, inversion, edit, root: str | None = None, limit: int | None
         rows = read_mapping_file(path, os.path.join(args.output, "pie-bench-masks"), root, limit)
     else:
         rows = read_rows(path)[:limit]
-    jobs = jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)))
+    jobs = jobs_from_rows(rows, inversion, edit, root or os.path.dirname(os.path.abspath(path)), args.protocol)
     if not jobs:
         raise NulltextError(f"{path} has no {noun}")
     return jobs

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from .. import samplers
 from ..config import EditConfig
 from ..controllers import SOURCE, TARGET, AttentionStore, Controller
+from ..errors import NulltextError
 from ..image import composite, load_mask
 from ..image import decode as decode_latents
 from ..processors import installed
-from ..text import encode_prompt
-from .planning import EditPlan, original_size, plan_for, request
+from ..text import encode_null, encode_prompt
+from .planning import EditPlan, PhotoLatent, latent_size, original_size, plan_for, request
 
 
 @dataclass
@@ -127,22 +128,66 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
 
 
+@torch.no_grad()
+def sdedit_noise_progressive(pipe, photo: PhotoLatent, targets: list[str], strength: float, seed: int = 0,
+                             progress: bool = False, user_mask: Tensor | None = None) -> Iterator[EditStep]:
+    """Plain SDEdit (Meng et al. 2022; the baseline of the paper's Fig. 8): the photo's latent z0
+    noised to the timestep t0 where the last ``round(strength * T)`` steps start, with Gaussian
+    noise drawn with ``seed`` (the scheduler's forward process; one draw for all targets), then
+    denoised with each target prompt and the empty prompt's embedding N0 at the guidance of
+    ``photo.config``. No inversion: the source row stays z0 (it decodes to the VAE's round trip,
+    which strength 0 returns). With ``user_mask``, after each step the targets keep outside it
+    the photo's latent noised, with the same noise, to the level they are at."""
+    schedule, T, n = pipe.schedule(photo.num_steps), photo.num_steps, len(targets)
+    cond = torch.cat([encode_prompt(pipe, t) for t in targets])  # (n, L, d)
+    null = encode_null(pipe).expand(n, -1, -1)
+    w = photo.config.guidance_scale
+    z0 = photo.z0.to(pipe.device)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+    start = T - int(round(strength * T))
+    timesteps = list(schedule.timesteps)
+    z_tgt = None
+    for i, t in enumerate(tqdm(timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
+        if i == start:
+            z_tgt = schedule.add_noise(z0, noise, t).expand(n, *z0.shape[1:]).clone()
+        if z_tgt is not None:
+            z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, null, cond, w)
+            if user_mask is not None:  # outside the mask: the photo at the noise level reached
+                src = z0 if i + 1 == T else schedule.add_noise(z0, noise, timesteps[i + 1])
+                z_tgt = src + user_mask.to(z_tgt) * (z_tgt - src)
+            samplers.check_finite(z_tgt, "SDEdit", t, i, T)
+        yield EditStep(i, t, z0, z_tgt if z_tgt is not None else z0.expand(n, *z0.shape[1:]))
+
+
 def edit_mask(inversion, mask) -> Tensor:
     """A user's mask (see :func:`nulltext.image.load_mask`) at the inversion's image size."""
     return load_mask(mask, inversion.image_size, original_size(inversion), inversion.config.crop)
 
 
 def _check_plan(plan: EditPlan, inversion) -> None:
-    """A plan runs on the inversion it was made for (a programming error otherwise, not the user's)."""
-    if (plan.source, plan.num_steps, plan.latent_hw) != (inversion.prompt, inversion.num_steps,
-                                                         tuple(inversion.latent_T.shape[-2:])):
+    """A plan runs on the inversion it was made for (a programming error otherwise, not the user's),
+    and plain SDEdit on a photo's latent, everything else on an inversion (the user's choice)."""
+    if (plan.source, plan.num_steps, plan.latent_hw) != (inversion.prompt, inversion.num_steps, latent_size(inversion)):
         raise ValueError("this EditPlan was made for another inversion (prompt, steps or latent size differ)")
+    from_noise = plan.config.method == "sdedit" and plan.config.sdedit_from == "noise"
+    if from_noise and not isinstance(inversion, PhotoLatent):
+        raise NulltextError("plain SDEdit (sdedit_from='noise'; --from noise on the command line) starts from the "
+                            "photo's latent z0, which an inversion does not store: edit the photo itself "
+                            "(nulltext.editing.photo_latent; IMAGE --prompt CAPTION on the command line)")
+    if isinstance(inversion, PhotoLatent) and not from_noise:
+        raise NulltextError("a photo's latent is edited by plain SDEdit only (method 'sdedit', sdedit_from 'noise'; "
+                            "--method sdedit --from noise on the command line); other edits need its inversion")
     plan.start()
 
 
 def run(pipe, inversion, plan: EditPlan, progress: bool = False) -> Iterator[EditStep]:
-    """Run a checked plan on ``inversion``; yields an :class:`EditStep` per step."""
+    """Run a checked plan on ``inversion`` (a :class:`PhotoLatent` for plain SDEdit); yields an
+    :class:`EditStep` per step."""
     _check_plan(plan, inversion)
+    if isinstance(inversion, PhotoLatent):
+        yield from sdedit_noise_progressive(pipe, inversion, plan.targets, plan.config.sdedit_strength,
+                                            plan.config.noise_seed, progress, plan.latent_mask)
+        return
     if plan.controller is None:
         yield from sdedit_progressive(pipe, inversion, plan.targets, plan.config.sdedit_strength, progress,
                                       plan.latent_mask)
@@ -175,7 +220,11 @@ def edit(pipe, inversion, targets: Sequence[str] | str | EditPlan, config: EditC
     the UNet used (after edits). ``mask``: where the edit may change the image (white; a path, PIL
     image or (H, W) array at the photo's or the inverted size, see :func:`nulltext.image.load_mask`).
     It becomes the local blend (``config.mask_mode``: intersected with the blend words' mask, or
-    replacing it), and each edited image keeps the reconstruction's pixels outside it."""
+    replacing it), and each edited image keeps the reconstruction's pixels outside it.
+
+    Plain SDEdit (``config.sdedit_from="noise"``) edits a :class:`PhotoLatent` (see
+    :func:`nulltext.editing.photo_latent`) in place of an inversion; row 0 is then the photo's
+    VAE round trip."""
     plan = _plan(pipe, inversion, targets, config, stores, mask)
     last = None
     for last in run(pipe, inversion, plan, progress):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import alignment
-from ..config import EditConfig
+from ..config import EditConfig, InversionConfig
 from ..controllers import (
     AttentionStore,
     Controller,
@@ -35,7 +35,7 @@ from ..controllers import (
     schedule_bounds,
 )
 from ..errors import NulltextError
-from ..image import latent_mask, load_mask, read_mask
+from ..image import as_source, encode, latent_mask, load_mask, output_size, preprocess, read_mask
 from ..text import check_prompt, warn_split_words
 
 
@@ -46,6 +46,45 @@ class EditRequest:
     targets: tuple[str, ...]
     config: EditConfig
     mask: object = None  # the user's mask, decoded (a one-channel PIL image, an array or a tensor), or None
+
+
+@dataclass
+class PhotoLatent:
+    """A photo that plain SDEdit (``sdedit_from="noise"``) edits without inverting it: its latent z0,
+    its caption (the source prompt) and the settings it was encoded and is sampled with
+    (:func:`photo_latent`, or :meth:`of_inversion` beside an inversion of the same photo)."""
+
+    z0: Tensor  # (1, C, h, w) float32: s * mean(E(x)) of the preprocessed photo
+    prompt: str
+    config: InversionConfig  # the steps T and the guidance w of the edit; the size and crop it was made with
+    image_size: tuple[int, int]  # (width, height) of the preprocessed photo
+    original_size: tuple[int, int] | None = None  # the photo's size before preprocessing (for a mask drawn on it)
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    @classmethod
+    def of_inversion(cls, pipe, inversion, photo) -> "PhotoLatent":
+        """The latent of ``photo``, the preprocessed photo (PIL) that ``inversion`` inverted, with
+        the inversion's caption and settings."""
+        return cls(encode(pipe, photo), inversion.prompt, inversion.config, inversion.image_size,
+                   original_size(inversion))
+
+
+def photo_latent(pipe, image, prompt: str, config: InversionConfig | None = None) -> PhotoLatent:
+    """A photo (a path or PIL image) preprocessed and encoded as an inversion would be with
+    ``config`` (its size and crop; its steps and guidance are the edit's), for plain SDEdit."""
+    config = config or InversionConfig()
+    source = as_source(image)
+    size = output_size(config.size, source.image.size, config.crop, pipe.native_size, pipe.size_multiple)
+    pixels = preprocess(source.image, size=size, crop=config.crop, multiple=pipe.size_multiple)
+    return PhotoLatent(encode(pipe, pixels), prompt, config, tuple(pixels.size), tuple(source.image.size))
+
+
+def latent_size(source) -> tuple[int, int]:
+    """(h, w) of the latent an edit of ``source`` (an inversion or a :class:`PhotoLatent`) runs at."""
+    return tuple((source.z0 if isinstance(source, PhotoLatent) else source.latent_T).shape[-2:])
 
 
 @dataclass
@@ -130,14 +169,15 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
 
 
 def original_size(inversion) -> tuple[int, int] | None:
-    """The photo's size before preprocessing, as the inversion file records it."""
-    original = inversion.image.original_size
+    """The photo's size before preprocessing, as the inversion file records it (or as a
+    :class:`PhotoLatent` holds it)."""
+    original = inversion.original_size if isinstance(inversion, PhotoLatent) else inversion.image.original_size
     return tuple(original) if original else None
 
 
 def plan_for(pipe, inversion, req: EditRequest, stores: Sequence[AttentionStore] = (), attention=None) -> EditPlan:
-    """:func:`plan` with the facts of ``inversion``."""
-    return plan(pipe, req, inversion.prompt, inversion.num_steps, tuple(inversion.latent_T.shape[-2:]),
+    """:func:`plan` with the facts of ``inversion`` (or of a :class:`PhotoLatent`)."""
+    return plan(pipe, req, inversion.prompt, inversion.num_steps, latent_size(inversion),
                 inversion.image_size, original_size(inversion), inversion.config.crop, stores, attention)
 
 

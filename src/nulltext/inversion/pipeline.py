@@ -218,8 +218,9 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     T = schedule.num_steps
 
     t0 = time.perf_counter()
-    pivots = [z0, *tqdm(samplers.invert_progressive(eps_fn, z0, cond, schedule), total=T, desc="DDIM inversion",
-                        unit="step", disable=not progress, leave=False)]
+    # at inversion guidance 1 (the default) the conditional prediction alone: the pivot
+    walk = samplers.invert_progressive(eps_fn, z0, cond, schedule, null0.expand(B, -1, -1), config.inversion_guidance)
+    pivots = [z0, *tqdm(walk, total=T, desc="DDIM inversion", unit="step", disable=not progress, leave=False)]
     ddim_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

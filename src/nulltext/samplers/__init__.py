@@ -56,6 +56,10 @@ class Schedule(Protocol):
     def inverse_step(self, sample: Tensor, out: Tensor, t) -> Tensor:
         """One inversion step with the model's output at ``t``, an entry of ``inversion_timesteps``."""
 
+    def add_noise(self, sample: Tensor, noise: Tensor, t) -> Tensor:
+        """The forward process: a clean ``sample`` (z0) noised to ``t``, an entry of ``timesteps``,
+        with ``noise`` (DDIM: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``)."""
+
 
 def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
@@ -92,22 +96,30 @@ def guided_step(model: ModelFn, schedule: Schedule, z: Tensor, t, uncond: Tensor
 
 
 @torch.no_grad()
-def invert_progressive(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> Iterator[Tensor]:
-    """Inversion at guidance 1 (docs/algorithm.md section 1): yields z*_1, ..., z*_T.
+def invert_progressive(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule, uncond: Tensor | None = None,
+                       guidance_scale: float = 1.0) -> Iterator[Tensor]:
+    """Inversion (docs/algorithm.md section 1): yields z*_1, ..., z*_T.
 
-    Walks the schedule from the least noisy step (DDIM: timesteps 1, 21, ..., 981), conditional only.
+    Walks the schedule from the least noisy step (DDIM: timesteps 1, 21, ..., 981). At guidance 1
+    (the pivot) the prediction is the conditional one alone; at another ``guidance_scale`` it is
+    guided, ``uncond`` (B, L, d) being the unconditional embedding (the paper's Fig. 9).
     """
     z = z0.clone()
     T = schedule.num_steps
+    guided = guidance_scale != 1.0
+    if guided and uncond is None:
+        raise ValueError("a guided inversion needs the unconditional embedding")
     for k, t in enumerate(schedule.inversion_timesteps):
-        z = schedule.inverse_step(z, model(z, t, cond), t)
+        out = guided_eps(model, z, t, uncond, cond, guidance_scale) if guided else model(z, t, cond)
+        z = schedule.inverse_step(z, out, t)
         check_finite(z, f"the {schedule.name} inversion", t, k, T)
         yield z
 
 
-def invert(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule) -> list[Tensor]:
+def invert(model: ModelFn, z0: Tensor, cond: Tensor, schedule: Schedule, uncond: Tensor | None = None,
+           guidance_scale: float = 1.0) -> list[Tensor]:
     """The pivot trajectory [z*_0, z*_1, ..., z*_T] (T + 1 latents); z*_T is the inverted noise."""
-    return [z0.clone(), *invert_progressive(model, z0, cond, schedule)]
+    return [z0.clone(), *invert_progressive(model, z0, cond, schedule, uncond, guidance_scale)]
 
 
 @torch.no_grad()

@@ -95,6 +95,12 @@ class Schedule:
         t_prev = min(self.prev_timestep(t), len(self.alphas_cumprod) - 1)
         return ddim_inverse_step(sample, eps, self.abar(t), self.abar(t_prev))
 
+    def add_noise(self, sample: Tensor, noise: Tensor, t: int) -> Tensor:
+        """The forward process to timestep ``t``: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``, in
+        the order of operations of diffusers' ``DDIMScheduler.add_noise``."""
+        abar = self.abar(t).to(sample)
+        return abar ** 0.5 * sample + (1 - abar) ** 0.5 * noise
+
 
 def ddim_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:
     """One denoising step z_t -> z_{t-k} (DDIM formula (12) with sigma_t = 0)."""

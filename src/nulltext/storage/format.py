@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -70,6 +71,14 @@ class Inversion:
         if self.corrections is None:
             return None
         return (self.corrections.to(device) if device is not None else self.corrections)[:, None]
+
+    @property
+    def latent_log_likelihood(self) -> float:
+        """The log-likelihood of z_T under N(0, I), per dimension: the mean over its elements of
+        ``log N(z; 0, 1) = -0.5 * (z^2 + log(2 pi))`` (the paper's Fig. 9 reads it as editability;
+        Gaussian noise gives about -1.419)."""
+        z = self.latent_T.detach().double()
+        return float((-0.5 * (z ** 2 + math.log(2 * math.pi))).mean())
 
     @property
     def image_size(self) -> tuple[int, int]:
