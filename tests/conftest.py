@@ -12,6 +12,30 @@ from PIL import Image
 # Before any test module imports diffusers/huggingface_hub, which read it once at import time:
 # nothing in the suite may reach the network (a hub lookup would hang on retries here).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The busy-CPU warning depends on what else runs on the machine: off for the suite, whose tests
+# check what commands print (tests/test_scope.py turns it on); the suite caps its own threads
+# instead (pytest_configure).
+os.environ["NULLTEXT_CPU_CHECK"] = "0"
+_CAPPED: list[str] = []
+
+
+def pytest_configure(config):
+    """On a CPU that other processes keep busy, the suite's torch runs one thread (as its command
+    subprocesses already do): threads that share cores slow each other many times over."""
+    from nulltext import cpu
+
+    busy, cores = cpu.busy_cores(0.5), os.cpu_count() or 1
+    if "OMP_NUM_THREADS" not in os.environ and cpu.oversubscribed(cores, busy, cores):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        _CAPPED.append(f"this CPU is busy ({busy:.1f} of {cores} cores working for other processes): the tests run "
+                       f"torch with 1 thread")
+
+
+def pytest_report_header(config):
+    return _CAPPED
 
 
 def tiny_notice() -> str:

@@ -91,7 +91,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "nulltext.alignment", "nulltext.controllers", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
     # a checkpoint's components and what runs them: loading, the families, text and images through
     # the pipeline, the attention processors, the tiny and demo models
-    "model": ("nulltext.hub", "nulltext.families", "nulltext.models", "nulltext.tiny", "nulltext.demo",
+    "model": ("nulltext.hub", "nulltext.cpu", "nulltext.families", "nulltext.models", "nulltext.tiny", "nulltext.demo",
               "nulltext.text", "nulltext.image", "nulltext.processors"),
     # the algorithms on a loaded pipeline, and the inversion file
     "library": ("nulltext.storage", "nulltext.inversion", "nulltext.editing"),

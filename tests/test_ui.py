@@ -396,3 +396,59 @@ def test_nulltext_serve_stopped_by_a_signal_exits_as_the_other_commands_do(tmp_p
     assert proc.returncode == code, (out, err)
     assert "Traceback" not in err and err.splitlines()[-1:] == [message], err
     assert not list(tmp_path.glob("nulltext-serve-*")), "the temporary folders go"
+
+
+def test_nulltext_serve_on_a_taken_port_names_the_option_in_one_line(tmp_path):
+    """Refused before the model loads, naming --port, not Gradio's long message cut mid-word."""
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+        r = subprocess.run([sys.executable, "-m", "nulltext", "serve", "--model", "tiny", "--device", "cpu",
+                            "--port", str(port)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [f"nulltext: error: port {port} on 127.0.0.1 is in use by another program; "
+                                     f"choose another with --port (e.g. --port {port + 1})"]
+    r = subprocess.run([sys.executable, "-m", "nulltext", "serve", "--model", "tiny", "--host", "no-such-host.invalid"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("nulltext: error: cannot serve on no-such-host.invalid: the host is unknown here")
+
+
+def test_nothing_of_the_api_clients_stays_after_the_server_stops(tmp_path):
+    """A gradio_client call's uploads, results and session folder (an API client has no page whose
+    closing would end its session) all go when the server stops."""
+    import signal
+    import subprocess
+    import sys
+
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", TMPDIR=str(server_tmp))
+    env.pop("GRADIO_TEMP_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nulltext", "serve", "--model", "tiny", "--device", "cpu",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # once the server listens
+        assert "serving tiny" in line, line + proc.stderr.read()
+        inv, recon = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            handle_file(RED), "a red circle", 2, 7.5, 1, api_name="/invert")
+        assert os.path.isfile(inv) and os.path.isfile(recon)  # the client's own downloads
+        left = [p for p in server_tmp.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in left) and any(p.name == "red_circle.png" for p in left), left
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143
+    # no file (empty folders that gradio and torch make at import are not the sessions')
+    left = [str(p.relative_to(server_tmp)) for p in server_tmp.rglob("*") if not p.is_dir()]
+    assert left == [], left
+    assert not list(server_tmp.glob("nulltext-serve-*"))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import families
 from .config import DEFAULT_MODEL, SchedulerConfig
+from .cpu import warn_if_busy
 from .errors import NulltextError, NulltextWarning, one_line
 from .fingerprint import fingerprints_match, model_fingerprint  # noqa: F401  (part of this module's API)
 from .hub import check_model_name, hub_unreachable, looks_like_path, quiet_loading
@@ -394,6 +395,8 @@ def load_pipeline(
                     dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family.name, scope=scope,
                     **parts)
     family.finish(pipe)
+    if dev.type == "cpu":
+        warn_if_busy()
     if low_memory:
         pipe.enable_low_memory()
     if compile:

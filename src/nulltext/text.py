@@ -59,17 +59,62 @@ def encode_null(pipe) -> Tensor:
     return pipe.model_family.encode_null(pipe)
 
 
+def symbol_name(text: str) -> str:
+    """How a label names ``text``: Latin letters as they are ("é"), anything else by its Unicode
+    name ("cat face" for the emoji), which the labels' font (Latin only) can draw."""
+    if all(unicodedata.category(c).startswith(("L", "N")) and ord(c) < 0x250 for c in text):
+        return text
+    return " ".join(unicodedata.name(c, f"U+{ord(c):04X}").lower() for c in text if not c.isspace())
+
+
+def token_labels(tokenizer, ids) -> list[str]:
+    """A readable label for each token id: its text, or, for the pieces of a character the
+    tokenizer cut into bytes (an emoji, a letter outside its vocabulary), the character's name and
+    the piece's number ("cat face 2/4"): each byte alone decodes to nothing readable."""
+    ids = list(ids)
+    labels = [tokenizer.decode([i]) for i in ids]
+    k = 0
+    while k < len(ids):
+        if "\ufffd" not in labels[k]:
+            k += 1
+            continue
+        end = k + 1  # the shortest run from k that decodes to whole characters
+        while end < len(ids) and "\ufffd" in tokenizer.decode(ids[k:end]):
+            end += 1
+        text = tokenizer.decode(ids[k:end]).strip()
+        if "\ufffd" in text or not text:  # never whole (cut by truncation): leave the pieces
+            k += 1
+            continue
+        name, n = symbol_name(text), end - k
+        labels[k:end] = [f"{name} {j + 1}/{n}" for j in range(n)]
+        k = end
+    return labels
+
+
+def _byte_pieces(tokenizer, text: str) -> int:
+    """How many tokens ``text`` is cut into when they are pieces of characters (bytes), else 0."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return len(ids) if len(ids) > 1 and any("\ufffd" in tokenizer.decode([i]) for i in ids) else 0
+
+
 def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:
-    """The words of ``prompt`` (runs of letters) that the tokenizer cuts into several tokens,
-    each with its pieces, in order of appearance and without repeats."""
+    """The words of ``prompt`` (runs of letters) and the symbols (emoji, ...) that the tokenizer
+    cuts into several tokens, each with its pieces (a character cut into bytes: ``["3 byte
+    tokens"]``), in order of appearance and without repeats."""
     out: dict[str, list[str]] = {}
-    for word in re.findall(r"[^\W\d_]+", prompt):
+    for word in re.findall(r"[^\W\d_]+|[^\w\s]+", prompt):
         key = word.lower()
         if key in out:
             continue
-        pieces = tokenizer.tokenize(key)
-        if len(pieces) > 1:
-            out[key] = [p.replace("</w>", "") for p in pieces]
+        if not re.match(r"[^\W\d_]", key):  # punctuation and symbols: only those cut into bytes
+            n = _byte_pieces(tokenizer, key)
+            if n:
+                out[key] = [f"{n} byte tokens"]
+            continue
+        n = _byte_pieces(tokenizer, key)
+        pieces = [f"{n} byte tokens"] if n else [p.replace("</w>", "") for p in tokenizer.tokenize(key)]
+        if len(pieces) > 1 or n:
+            out[key] = pieces
     return list(out.items())
 
 
@@ -78,7 +123,7 @@ def unknown_words(pipe, prompts, skip: str = "") -> tuple[list[str], dict[str, l
     trained vocabulary (``pipe.vocabulary``, where it has one: the demo model), and those its
     tokenizer cuts into pieces (with the pieces). Words of ``skip`` are left out."""
     vocabulary = getattr(pipe, "vocabulary", None)
-    known = set(re.findall(r"[^\W\d_]+", skip.lower()))
+    known = set(re.findall(r"[^\W\d_]+|[^\w\s]+", skip.lower()))
     outside: dict[str, None] = {}
     split: dict[str, list[str]] = {}
     for prompt in [prompts] if isinstance(prompts, str) else prompts:
@@ -104,5 +149,8 @@ def warn_split_words(pipe, prompts, skip: str = "") -> None:
                       NulltextWarning, stacklevel=2)
     elif split:
         listed = ", ".join(f"'{w}' ({'|'.join(p)})" for w, p in split.items())
+        bytes_ = next((w for w, p in split.items() if p[0].endswith(" byte tokens")), None)
+        why = (f" ('{bytes_}' is cut into bytes: the model has probably not learned it, and its attention maps are "
+               f"labelled '{symbol_name(bytes_)} 1/{split[bytes_][0].split()[0]}' and so on)" if bytes_ else "")
         warnings.warn(f"the model's tokenizer splits {listed} into several tokens: their attention maps and "
-                      f"word swaps act on the pieces", NulltextWarning, stacklevel=2)
+                      f"word swaps act on the pieces{why}", NulltextWarning, stacklevel=2)

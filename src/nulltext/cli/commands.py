@@ -440,16 +440,18 @@ def cmd_batch(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ..ui import require_gradio, serve
+    from ..ui import check_address, require_gradio, serve
 
     require_gradio()  # before minutes of model loading
+    check_address(args.host, args.port)
     pipe = _load_pipe(args, args.model)
     try:
         serve(pipe, host=args.host, port=args.port, max_pixels=args.max_pixels, quiet=True,
               on_start=lambda: print(f"nulltext: serving {args.model} on http://{args.host}:{args.port} "
                                      f"(Ctrl-C to stop)", flush=True))
     except OSError as e:  # the port is taken, the address is not this machine's, ...
-        raise NulltextError(f"cannot serve on {args.host}:{args.port} ({str(e).strip().splitlines()[0][:160]})") from None
+        raise NulltextError(f"cannot serve on {args.host}:{args.port} ({one_line(e, limit=None)}); choose another "
+                            f"--port or --host") from None
     return 0
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import alignment
 from ..config import EditConfig
 from ..controllers import AttentionStore
+from ..text import token_labels
 from .loops import edit
 from .planning import EditPlan, plan_for, request
 
@@ -17,7 +18,7 @@ from .planning import EditPlan, plan_for, request
 @dataclass
 class AttentionMaps:
     prompts: list[str]
-    tokens: list[list[str]]  # per prompt: decoded tokens incl. start and end
+    tokens: list[list[str]]  # per prompt: each token's label (text.token_labels) incl. start and end
     maps: Tensor  # (rows, h, w, K): averaged over steps, heads and layers at ``size``
     size: tuple[int, int]
     images: list  # reconstruction (and edits)
@@ -30,7 +31,7 @@ def maps_from_store(pipe, store: AttentionStore, size: tuple[int, int], prompts:
     if not any(s.size == size and s.is_cross and s.place in places for s in store.sites.values()):
         places = ("mid",)
     maps = store.average(size, places=places)
-    tokens = [[pipe.tokenizer.decode([i]) for i in alignment.prompt_tokens(pipe.tokenizer, p)] for p in prompts]
+    tokens = [token_labels(pipe.tokenizer, alignment.prompt_tokens(pipe.tokenizer, p)) for p in prompts]
     return AttentionMaps(list(prompts), tokens, maps, size, images)
 
 

@@ -12,7 +12,8 @@ the session ends; model work goes through Gradio's queue one job at a time.
 """
 
 from .app import MAX_PIXELS, MAX_UPLOAD, App, Session, for_the_page, require_gradio, scrub
-from .page import CSS, build_app, close_session, serve, widget
+from .page import CSS, build_app, check_address, close_session, serve, widget
 
-__all__ = ["CSS", "MAX_PIXELS", "MAX_UPLOAD", "App", "Session", "build_app", "close_session", "for_the_page",
+__all__ = ["CSS", "MAX_PIXELS", "MAX_UPLOAD", "App", "Session", "build_app", "check_address", "close_session",
+           "for_the_page",
            "require_gradio", "scrub", "serve", "widget"]

@@ -155,6 +155,16 @@ class App:
                 self.sessions[key] = state
             return state
 
+    def close(self) -> None:
+        """The server stopped: every session's files go, those of API clients too (they have no
+        page whose closing would end their session), and Gradio's copies of uploads and results
+        (:func:`nulltext.ui.build_app` keeps them in this folder)."""
+        with self.sessions_lock:
+            sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            session.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def end(self, key: str | None) -> None:
         """A browser session ended (its page closed): its files go at once."""
         with self.sessions_lock:

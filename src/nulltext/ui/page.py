@@ -2,7 +2,10 @@
 its widgets generated from the configs' options, and :func:`serve`."""
 
 # no `from __future__ import annotations`: Gradio finds its gr.Request parameters by their annotations
+import errno
+import os
 import signal
+import socket
 import sys
 import time
 
@@ -35,10 +38,18 @@ def close_session(state) -> None:
         state.close()
 
 
+_CACHES: set[str] = set()  # the Gradio caches build_app chose (an earlier app's is not the user's choice)
+
+
 def build_app(pipe, max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks of the UI over a loaded pipeline (see :func:`serve`)."""
     gr = require_gradio()
     app = App(pipe, max_pixels)
+    # Gradio's copies of uploads and results (its cache, read from the environment where it is used)
+    # live in the app's folder, removed when the server stops, unless the user chose a folder for them
+    if not os.environ.get("GRADIO_TEMP_DIR") or os.environ["GRADIO_TEMP_DIR"] in _CACHES:
+        os.environ["GRADIO_TEMP_DIR"] = os.path.join(app.root, "gradio")
+        _CACHES.add(os.environ["GRADIO_TEMP_DIR"])
     e = EditConfig()
     model = getattr(pipe, "model_id", "model")
     caption_example, target_example = pipe.example
@@ -144,7 +155,41 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
         demo.unload(end)
     demo.queue(default_concurrency_limit=1)
     demo.nulltext_app = app
+    close = demo.close
+
+    def close_and_clean(*args, **kwargs):  # the server's files go with it, whoever closes it
+        try:
+            return close(*args, **kwargs)
+        finally:
+            app.close()
+
+    demo.close = close_and_clean
     return demo
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line naming the option to change, an address the server cannot listen on:
+    a port another program holds, or a host that is not this machine's (checked before the model
+    loads: Gradio's own message is long and names its own parameters)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise NulltextError(f"cannot serve on {host}: the host is unknown here ({e}); --host takes an address or "
+                            f"name of this machine, e.g. 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise NulltextError(f"port {port} on {host} is in use by another program; choose another with --port "
+                                    f"(e.g. --port {port + 1 if port < 65535 else 7861})") from None
+            if e.errno == errno.EACCES:
+                raise NulltextError(f"port {port} needs administrator rights on this machine; choose one above 1023 "
+                                    f"with --port") from None
+            raise NulltextError(f"cannot serve on {host}:{port} ({e.strerror or e}); --host must be an address of "
+                                f"this machine, --port a free port") from None
 
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX_PIXELS, block: bool = True,
@@ -153,6 +198,7 @@ def serve(pipe, host: str = "127.0.0.1", port: int = 7860, max_pixels: int = MAX
     waits until interrupted (the server closes and the ``KeyboardInterrupt`` goes on to the caller).
     ``on_start()`` is called once the server listens. Errors reach the page as nulltext's one-line
     messages only (``show_error`` off: no raw exception text)."""
+    check_address(host, port)
     demo = build_app(pipe, max_pixels)
     demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, show_error=False,
                 prevent_thread_lock=True, quiet=quiet, css=CSS)
