@@ -56,6 +56,10 @@ class Schedule(Protocol):
     def inverse_step(self, sample: Tensor, out: Tensor, t) -> Tensor:
         """One inversion step with the model's output at ``t``, an entry of ``inversion_timesteps``."""
 
+    def add_noise(self, original: Tensor, noise: Tensor, t) -> Tensor:
+        """The forward (noising) process: ``original`` (z0) noised with ``noise`` to time ``t``. Only
+        the inversion methods that draw random noise use it (docs/algorithm.md section 5)."""
+
 
 def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
@@ -122,13 +126,15 @@ def sample_progressive(
 ) -> Iterator[Tensor]:
     """Guided sampling from z_T; yields the latent after each of the T steps.
 
-    cond: (B, L, d). uncond: one (B, L, d) embedding per step (a sequence or a (T, B, L, d)
-    tensor), e.g. the optimised null-text embeddings N_t. corrections: optional (T, C, h, w)
-    latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
+    cond: (B, L, d), or one (B, L, d) embedding per step as a (T, B, L, d) tensor (the per-step
+    C_t of textual inversion with a pivot). uncond: one (B, L, d) embedding per step (a sequence
+    or a (T, B, L, d) tensor), e.g. the optimised null-text embeddings N_t. corrections: optional
+    (T, C, h, w) latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
     """
     z = z_T
+    per_step = cond.ndim == 4
     for i, t in enumerate(schedule.timesteps):
-        z = guided_step(model, schedule, z, t, uncond[i], cond, guidance_scale,
+        z = guided_step(model, schedule, z, t, uncond[i], cond[i] if per_step else cond, guidance_scale,
                         None if corrections is None else corrections[i])
         check_finite(z, "sampling", t, i, schedule.num_steps)
         yield z
