@@ -187,7 +187,9 @@ class InversionConfig:
              "one seeded Gaussian noise), textual-inversion (optimise C on random noise, Eq. 4), "
              "textual-inversion-pivot (optimise C_t per step around the pivot), nti-no-pivot (optimise N_t on "
              "random noise, Eq. 4); random-start (the random pivot of older files: from Gaussian z_T towards "
-             "the DDIM pivots)")
+             "the DDIM pivots)",
+        widget=Widget("dropdown", "Inversion method (nti: the paper's; the others: cheaper methods and the "
+                      "paper's ablations)", {"choices": list(METHODS)}))
     seed: int = option(  # the random methods' noise (image i of a run: inversion.ablations.noise_seed)
         0, flag="--seed", metavar="N", parse=nonneg_int, column="seed", cell=cells.integer_cell,
         help="seed of the Gaussian noise of random-pivot, textual-inversion and nti-no-pivot (the first image "

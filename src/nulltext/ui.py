@@ -153,13 +153,13 @@ class App:
                            print_exception=False) from None
 
     # --- invert
-    def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None):
+    def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None, method=None):
         gr = require_gradio()
         try:  # the size from the header, before decoding anything (and outside the model's lock)
             self.check_photo(_file_path(photo))
         except NulltextError as e:
             raise gr.Error(scrub(str(e)), print_exception=False) from None
-        return self._run(self._invert, photo, prompt, steps, guidance, inner_steps, size, state, key)
+        return self._run(self._invert, photo, prompt, steps, guidance, inner_steps, size, state, key, method)
 
     def check_photo(self, path: str | None) -> tuple[int, int]:
         from PIL import Image, UnidentifiedImageError
@@ -178,7 +178,7 @@ class App:
             raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
         return w, h
 
-    def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
+    def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key, method=None):
         from .image import load_image
         from .inversion import invert_image, reconstruct
 
@@ -192,7 +192,8 @@ class App:
         source = load_image(path)
         config = InversionConfig(num_steps=_number(steps, "steps", int), guidance_scale=_number(guidance, "guidance"),
                                  num_inner_steps=_number(inner_steps, "inner steps", int),
-                                 size=_number(size, "size", int) if size else None)
+                                 size=_number(size, "size", int) if size else None,
+                                 method=method or InversionConfig().method)
         from .image import output_size
 
         w, h = output_size(config.size, source.image.size, config.crop, self.pipe.native_size, self.pipe.size_multiple)
@@ -354,6 +355,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                     guidance = widget(gr, InversionConfig, "guidance_scale")
                     inner = widget(gr, InversionConfig, "num_inner_steps")
                     size = widget(gr, InversionConfig, "size")
+                    inv_method = widget(gr, InversionConfig, "method")
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
                                     file_types=[".safetensors"], elem_id="inversion")
@@ -385,9 +387,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
         # Gradio passes the request (its session id) and a progress bar that follows tqdm's. An API
         # client may leave out every parameter whose widget has a value (the configs' defaults), and
         # the mask, whose parameter defaults to None; Python then needs defaults after it too.
-        def invert(photo, prompt, steps, guidance, inner_steps, size, state, request: gr.Request,
+        def invert(photo, prompt, steps, guidance, inner_steps, size, inversion_method, state, request: gr.Request,
                    progress=gr.Progress(track_tqdm=True)):
-            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash)
+            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash,
+                              inversion_method)
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
                  strength, mask=None, mask_mode=e.mask_mode, state=None, request: gr.Request = None,
@@ -405,7 +408,8 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
             app.end(request.session_hash)
 
         model = dict(concurrency_id="model", concurrency_limit=1)  # one queue for every job on the model
-        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, state], [inversion, recon, state],
+        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, inv_method, state],
+                         [inversion, recon, state],
                          api_name="invert", **model)
         edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
                               strength, mask, mask_mode, state], [gallery, state], api_name="edit", **model)
