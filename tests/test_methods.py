@@ -266,3 +266,14 @@ def test_global_nti_on_the_demo_model_improves_with_its_budget_and_never_falls_b
     assert min(values) >= ddim, (ddim, values)
     assert all(b >= a - 0.1 for a, b in zip(values, values[1:])), (ddim, values)
     assert values[-1] > ddim + 3, (ddim, values)  # it converges: far above its start (DDIM 21.1, 10 sweeps 29.4 dB)
+
+
+def test_info_shows_the_conditional_embedding_and_the_noise_seed(tiny_pipe, invs, tmp_path, capsys):
+    from nulltext.cli import main
+
+    inv, _ = invs["textual-inversion"]
+    inv.save(tmp_path / "ti.safetensors")
+    assert main(["info", str(tmp_path / "ti.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"cond_embeddings (1, {tiny_pipe.embedding_shape[0]}, {tiny_pipe.embedding_shape[1]})" in out
+    assert "noise seed     0\n" in out and "textual-inversion" in out
