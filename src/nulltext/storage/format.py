@@ -91,7 +91,7 @@ class Inversion:
         return self.preprocessing.size
 
     def metadata(self) -> dict:
-        """The file's ``meta`` (format 4): what :meth:`save` writes and ``nulltext info --json`` shows."""
+        """The file's ``meta`` (format 5): what :meth:`save` writes and ``nulltext info --json`` shows."""
         return metadata(self)
 
     def save(self, path, force: bool = False, reproducible: bool = False) -> None:

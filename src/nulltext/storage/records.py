@@ -1,4 +1,4 @@
-"""The typed records of an inversion file (format 4) and the format's name and version: what
+"""The typed records of an inversion file (format 5) and the format's name and version: what
 :mod:`nulltext.storage.format` writes into the header, and what
 :mod:`nulltext.storage.checks` builds, field by field, from a file's header."""
 
