@@ -45,8 +45,9 @@ PER_STEP_NULLS = ("nti", "random-pivot", "nti-no-pivot", "random-start")
 # methods whose file holds the optimised conditional embedding the source branch uses: one for all
 # steps (textual-inversion) or one per step (textual-inversion-pivot)
 COND_METHODS = ("textual-inversion", "textual-inversion-pivot")
-# methods that draw seeded Gaussian noise (InversionConfig.seed)
-SEEDED = ("random-pivot", "textual-inversion", "nti-no-pivot", "random-start")
+# methods that draw Gaussian noise per image, seeded by InversionConfig.seed and the image's index
+# (the file records the seed); random-start draws its z_T from the seed alone
+SEEDED = ("random-pivot", "textual-inversion", "nti-no-pivot")
 
 
 def _finite(v) -> bool:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import image as image_mod
 from .. import samplers
-from ..config import OPTIMISED, InversionConfig, SchedulerConfig
+from ..config import OPTIMISED, SEEDED, InversionConfig, SchedulerConfig
 from ..errors import NonFiniteError, NulltextError, NulltextWarning
 from ..image import probe
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
@@ -282,7 +282,6 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     else:  # pragma: no cover - InversionConfig.validate refuses unknown methods
         raise ValueError(method)
     optimisation_s += time.perf_counter() - t0
-    seeded = method in ("random-pivot", "textual-inversion", "nti-no-pivot")
 
     model = ModelRecord(id=pipe.model_id, fingerprint=pipe.fingerprint, scheduler=dict(pipe.scheduler_config),
                         family=pipe.family, prediction_type=pipe.prediction_type)
@@ -296,7 +295,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
             optimisation = OptimisationRecord(iterations=r.iterations, lrs=r.lrs, losses_first=r.losses_first,
                                               losses_last=r.losses_last, losses_after=r.losses_after,
                                               loss_scales=r.loss_scales, retries=r.retries if r.loss_scales else [],
-                                              diverged_steps=bad, noise_seed=seeds[b] if seeded else None)
+                                              diverged_steps=bad, noise_seed=seeds[b] if method in SEEDED else None)
             if bad:
                 i = bad[0]
                 name = item.image.name
