@@ -1,7 +1,8 @@
 """The paper's Fig. 4 ablation: mean reconstruction PSNR against total optimisation iterations for
-null-text inversion (per-step embeddings), global null-text (one embedding) and optimisation from a
-random pivot, with DDIM inversion (no optimisation) and the VAE round trip as the lower and upper
-bounds. Prints a table and writes a PNG plot (matplotlib).
+null-text inversion (per-step embeddings) and the paper's ablations at the same budget (global
+null-text, the random pivot, textual inversion with and without a pivot, null-text without a pivot;
+docs/algorithm.md section 5.1), with DDIM inversion (no optimisation) and the VAE round trip as the
+lower and upper bounds. Prints a table and writes a PNG plot (matplotlib). ``--methods`` picks some.
 
 Images: a folder of images with a captions file (``--images DIR`` holding ``captions.csv`` with
 columns image,prompt) or, by default, seeded synthetic pictures captioned "a photo". The tiny model
@@ -33,7 +34,7 @@ from nulltext.config import InversionConfig  # noqa: E402
 from nulltext.image import decode, encode, load_image, preprocess, psnr  # noqa: E402
 from nulltext.inversion import reconstruct_latent  # noqa: E402
 
-OPTIMISED = ("nti", "global-nti", "random-pivot")
+OPTIMISED = ("nti", "global-nti", "random-pivot", "textual-inversion", "textual-inversion-pivot", "nti-no-pivot")
 
 
 def synthetic_images(n: int, size: int, seed: int):
@@ -69,6 +70,7 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=list(OPTIMISED), choices=OPTIMISED, help="methods to run")
     p.add_argument("--plot", default="out/ablation.png")
     args = p.parse_args()
 
@@ -104,16 +106,16 @@ def main() -> int:
     vae = float(np.mean([psnr(decode(pipe, encode(pipe, t))[0], t) for t in targets]))
     ddim_psnr, _, ddim_s, ddim_mse = mean_psnr(dataclasses.replace(base, method="ddim"))
     print(f"model {args.model}  {size[0]}x{size[1]}  T={args.steps}  {len(images)} images  device {pipe.device}")
-    print(f"{'method':<14} {'inner':>5} {'iterations':>10} {'PSNR dB':>8} {'latent MSE':>11} {'seconds':>8}")
-    print(f"{'vae (upper)':<14} {'-':>5} {0:>10} {vae:>8.2f} {0:>11.3e} {'-':>8}")
-    print(f"{'ddim (lower)':<14} {'-':>5} {0:>10} {ddim_psnr:>8.2f} {ddim_mse:>11.3e} {ddim_s:>8.1f}")
-    curves: dict[str, list[tuple[float, float, float]]] = {m: [] for m in OPTIMISED}
-    for method in OPTIMISED:
+    print(f"{'method':<23} {'inner':>5} {'iterations':>10} {'PSNR dB':>8} {'latent MSE':>11} {'seconds':>8}")
+    print(f"{'vae (upper)':<23} {'-':>5} {0:>10} {vae:>8.2f} {0:>11.3e} {'-':>8}")
+    print(f"{'ddim (lower)':<23} {'-':>5} {0:>10} {ddim_psnr:>8.2f} {ddim_mse:>11.3e} {ddim_s:>8.1f}")
+    curves: dict[str, list[tuple[float, float, float]]] = {m: [] for m in args.methods}
+    for method in args.methods:
         for budget in args.budgets:
             config = dataclasses.replace(base, method=method, num_inner_steps=budget, seed=args.seed)
             value, iters, secs, mse = mean_psnr(config)
             curves[method].append((iters, value, mse))
-            print(f"{method:<14} {budget:>5} {iters:>10.0f} {value:>8.2f} {mse:>11.3e} {secs:>8.1f}", flush=True)
+            print(f"{method:<23} {budget:>5} {iters:>10.0f} {value:>8.2f} {mse:>11.3e} {secs:>8.1f}", flush=True)
     try:
         import matplotlib
 

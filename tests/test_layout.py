@@ -191,6 +191,8 @@ def test_the_pure_optimisation_imports_only_the_core():
     """inversion.optimise is the algorithms over an eps callable: a test runs them on a fake model."""
     graph = import_graph()
     assert all(layer_of(m) == "core" for m in graph["nulltext.inversion.optimise"]), graph["nulltext.inversion.optimise"]
+    ablations = graph["nulltext.inversion.ablations"]  # the same for the ablations, over the optimisation
+    assert all(layer_of(m) == "core" or m == "nulltext.inversion.optimise" for m in ablations), ablations
 
 
 def _long_modules() -> dict[str, int]:

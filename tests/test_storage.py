@@ -58,7 +58,7 @@ def test_file_is_safetensors_with_json_metadata(saved):
     tensors, header = _read(saved)
     assert set(tensors) == {"latent_T", "null_embeddings"}
     doc = json.loads(header["nulltext"])
-    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 4
+    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 5
     meta = doc["meta"]
     assert meta["prompt"] == "a photo of a cat" and meta["config"]["method"] == "nti"
     # each fact once: steps, guidance and method only in the config, the version only beside the meta
@@ -156,7 +156,7 @@ def test_size_mismatch_is_refused(inversion, tiny_pipe):
 # Files of earlier formats: real files written by those versions (tests/fixtures/README.md)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-OLD = [1, 2, 3]
+OLD = [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,8 @@ def test_an_old_file_upgrades_to_the_records_a_fresh_file_has(version, fresh):
 def test_an_old_file_fits_the_model_it_was_made_with(version, tiny_pipe):
     path = FIXTURES / f"format{version}.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        made_with = json.loads(f.metadata()["nulltext"])["meta"]["model_fingerprint"]
+        meta = json.loads(f.metadata()["nulltext"])["meta"]
+    made_with = meta["model"]["fingerprint"] if version >= 4 else meta["model_fingerprint"]
     same, _ = fingerprints_match(made_with, tiny_pipe.fingerprint)
     if same:
         Inversion.load(path, pipe=tiny_pipe)
@@ -229,9 +230,9 @@ def test_an_old_file_saved_again_is_the_current_format(tmp_path):
     old = Inversion.load(FIXTURES / "format1.safetensors")
     old.save(tmp_path / "again.safetensors")
     _, header = _read(tmp_path / "again.safetensors")
-    assert json.loads(header["nulltext"])["format_version"] == 4
+    assert json.loads(header["nulltext"])["format_version"] == 5
     again = Inversion.load(tmp_path / "again.safetensors")
-    assert again.format_version == 4
+    assert again.format_version == 5
     for name in ("prompt", "config", "model", "image", "preprocessing", "optimisation", "timings", "run"):
         assert getattr(again, name) == getattr(old, name), name
 
@@ -265,3 +266,35 @@ def test_upgrade_names_the_damaged_or_missing_field():
     del meta["model_fingerprint"]
     with pytest.raises(NulltextError, match="lacks metadata model_fingerprint"):
         upgrade("f", meta, 1)
+
+
+def test_the_random_pivot_of_earlier_formats_loads_as_random_start(tiny_pipe):
+    """Before format 5, random-pivot started from Gaussian z_T and targeted the DDIM pivots: what
+    random-start is now. A file of that kind keeps its meaning."""
+    inv = Inversion.load(FIXTURES / "format4-random-pivot.safetensors")
+    assert inv.format_version == 4 and inv.method == "random-start" and inv.null_embeddings.shape[0] == 3
+    assert torch.equal(inv.latent_T, torch.randn(inv.latent_T.shape, generator=torch.Generator().manual_seed(0)))
+    fresh = invert_image(tiny_pipe, str(FIXTURES / "photo.png"), "a red circle",
+                         InversionConfig(num_steps=3, size=64, method="random-start"), progress=False)
+    assert torch.equal(fresh.latent_T, inv.latent_T)
+    torch.testing.assert_close(fresh.null_embeddings, inv.null_embeddings, rtol=0, atol=1e-4)
+    assert upgrade("f", _old_meta(4), 4) == _old_meta(4)  # format 4's layout is the current one
+
+
+def test_the_optimised_conditional_embedding_is_stored_where_the_method_has_one(tiny_pipe, tmp_path):
+    cfg = dataclasses.replace(CFG, num_inner_steps=1, method="textual-inversion-pivot")
+    inv = invert_image(tiny_pipe, make_photo(), "a photo of a cat", cfg, progress=False)
+    assert inv.cond_embeddings.shape == (5, 77, 32) and inv.null_embeddings.shape == (1, 77, 32)
+    inv.save(tmp_path / "tip.safetensors")
+    tensors, header = _read(tmp_path / "tip.safetensors")
+    assert set(tensors) == {"latent_T", "null_embeddings", "cond_embeddings"}
+    back = Inversion.load(tmp_path / "tip.safetensors", pipe=tiny_pipe)
+    assert torch.equal(back.cond_embeddings, inv.cond_embeddings)
+    for bad, match in ((dataclasses.replace(inv, cond_embeddings=None), "needs a cond_embeddings"),
+                       (dataclasses.replace(inv, cond_embeddings=inv.cond_embeddings[:2]), "cond_embeddings has shape"),
+                       (dataclasses.replace(inv, config=dataclasses.replace(inv.config, method="ddim")),
+                        "has no cond_embeddings")):
+        path = tmp_path / "bad.safetensors"
+        bad.save(path, force=True)
+        with pytest.raises(NulltextError, match=match):
+            Inversion.load(path)

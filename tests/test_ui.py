@@ -62,7 +62,7 @@ def test_the_api_lists_invert_and_edit(server):
     api = Client(server["url"], verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/invert", "/edit", "/attention"} <= set(api)
     names = [p["parameter_name"] for p in api["/invert"]["parameters"]]
-    assert names == ["photo", "prompt", "steps", "guidance", "inner_steps", "size"]
+    assert names == ["photo", "prompt", "steps", "guidance", "inner_steps", "size", "inversion_method"]
     names = [p["parameter_name"] for p in api["/edit"]["parameters"]]
     assert names == ["inversion", "targets", "method", "mode", "cross_replace", "self_replace", "blend_source",
                      "blend_target", "reweight", "strength", "mask", "mask_mode"]
@@ -81,7 +81,7 @@ def test_only_the_photo_caption_inversion_and_targets_are_required(server):
                 for p in api[ep]["parameters"] if p["parameter_has_default"]}
     d, e = InversionConfig(), EditConfig()
     assert defaults == {"steps": d.num_steps, "guidance": d.guidance_scale, "inner_steps": d.num_inner_steps,
-                        "size": 0, "method": e.method, "mode": e.mode, "cross_replace": e.cross_replace,
+                        "size": 0, "inversion_method": d.method, "method": e.method, "mode": e.mode, "cross_replace": e.cross_replace,
                         "self_replace": e.self_replace, "blend_source": "", "blend_target": "", "reweight": "",
                         "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode}
 
@@ -101,6 +101,14 @@ def test_the_short_calls_of_the_readme(server):
     # the edit's image has the name nulltext edit and batch give it (files.edit_file_name; the session
     # adds a suffix, so that a second edit does not replace the first)
     assert os.path.basename(gallery[2]["image"]).startswith("edit-1-a-green-circle-on-a-blue-background")
+
+
+def test_the_inversion_method_is_a_choice_of_invert(server):
+    client = Client(server["url"], verbose=False)
+    inv, _ = client.predict(handle_file(RED), CAPTION, inversion_method="textual-inversion-pivot", inner_steps=1,
+                            steps=5, api_name="/invert")
+    loaded = Inversion.load(inv)
+    assert loaded.method == "textual-inversion-pivot" and loaded.cond_embeddings.shape[0] == 5
 
 
 def test_two_clients_invert_and_edit_at_once(server):

@@ -31,11 +31,23 @@ from .options import manifest_columns as columns
 # the checkpoint nulltext loads when none is named (a Hugging Face hub id)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
-# inversion methods: null-text inversion (the paper), its ablations (global null-text, random
-# pivot, plain DDIM inversion), Negative-Prompt Inversion (Miyake et al. 2023) and Direct
-# Inversion (Ju et al. 2024)
-METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim")
-OPTIMISED = ("nti", "global-nti", "random-pivot")  # methods that run the null-text optimisation
+# inversion methods: null-text inversion (the paper), its Section-4 ablations (global null-text,
+# random pivot, textual inversion with and without a pivot, null-text without a pivot, plain DDIM
+# inversion), Negative-Prompt Inversion (Miyake et al. 2023) and Direct Inversion (Ju et al. 2024);
+# random-start is the random pivot of files before format 5 (see docs/algorithm.md section 5)
+METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim", "textual-inversion",
+           "textual-inversion-pivot", "nti-no-pivot", "random-start")
+# methods that run an optimisation (of the null text, or of C for the textual inversions)
+OPTIMISED = ("nti", "global-nti", "random-pivot", "textual-inversion", "textual-inversion-pivot", "nti-no-pivot",
+             "random-start")
+# methods whose file holds one null embedding per step (the others: one for all steps)
+PER_STEP_NULLS = ("nti", "random-pivot", "nti-no-pivot", "random-start")
+# methods whose file holds the optimised conditional embedding the source branch uses: one for all
+# steps (textual-inversion) or one per step (textual-inversion-pivot)
+COND_METHODS = ("textual-inversion", "textual-inversion-pivot")
+# methods that draw Gaussian noise per image, seeded by InversionConfig.seed and the image's index
+# (the file records the seed); random-start draws its z_T from the seed alone
+SEEDED = ("random-pivot", "textual-inversion", "nti-no-pivot")
 
 
 def _finite(v) -> bool:
@@ -177,12 +189,19 @@ class InversionConfig:
         "nti", flag="--method", qualified="--inversion-method", qualified_where="in edit, attention and batch",
         metavar="METHOD", column="method", cell=cells.text_cell,
         help="nti (null-text inversion), npi (negative-prompt inversion: N_t = C, no optimisation), direct "
-             "(Direct Inversion: per-step corrections, no optimisation), global-nti (one null embedding for all "
-             "steps), random-pivot (optimise from Gaussian noise instead of the DDIM-inverted z_T), ddim (DDIM "
-             "inversion alone)")
-    seed: int = option(  # random-pivot: seed of the Gaussian z_T it starts from
+             "(Direct Inversion: per-step corrections, no optimisation), ddim (DDIM inversion alone); the paper's "
+             "ablations: global-nti (one null embedding for all steps), random-pivot (the pivot is z0 noised with "
+             "one seeded Gaussian noise), textual-inversion (optimise C on random noise, Eq. 4), "
+             "textual-inversion-pivot (optimise C_t per step around the pivot), nti-no-pivot (optimise N_t on "
+             "random noise, Eq. 4); random-start (the random pivot of older files: from Gaussian z_T towards "
+             "the DDIM pivots)",
+        widget=Widget("dropdown", "Inversion method (nti: the paper's; the others: cheaper methods and the "
+                      "paper's ablations)", {"choices": list(METHODS)}))
+    seed: int = option(  # the random methods' noise (image i of a run: inversion.ablations.noise_seed)
         0, flag="--seed", metavar="N", parse=nonneg_int, column="seed", cell=cells.integer_cell,
-        help="random-pivot: seed of its Gaussian noise")
+        help="seed of the Gaussian noise of random-pivot, textual-inversion and nti-no-pivot (the first image "
+             "of a run draws with N, the others with seeds derived from N; the file records each) and of "
+             "random-start's z_T; below 2^31")
     # SDXL: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
     optimize_pooled: bool = option(
         False, flag="--optimize-pooled", action="store_true", column="optimize_pooled", cell=cells.flag_cell,
@@ -231,6 +250,8 @@ class InversionConfig:
             raise NulltextError(f"crop must be four non-negative integers L,R,T,B, got {self.crop!r}")
         if self.method not in METHODS:
             raise NulltextError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 31:
+            raise NulltextError(f"seed must be an integer from 0 to 2^31 - 1, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

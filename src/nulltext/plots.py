@@ -24,11 +24,13 @@ def plot_losses(inv, path, force: bool = False) -> None:
     fig, (ax, ax_it) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     ax.semilogy(steps, opt.losses_first, "o-", ms=3, label="loss at the first iteration")
     ax.semilogy(steps, opt.losses_last, "s-", ms=3, label="loss at the last iteration")
-    ax.semilogy(steps, opt.losses_after, "-", lw=1.5, label="loss of the step taken")
-    if inv.method != "global-nti":
+    noise_objective = inv.method in ("textual-inversion", "nti-no-pivot")  # Eq. 4: no early stop, no step taken
+    if not noise_objective:
+        ax.semilogy(steps, opt.losses_after, "-", lw=1.5, label="loss of the step taken")
+    if inv.method != "global-nti" and not noise_objective:
         ax.semilogy(steps, [c.early_stop_epsilon + i * c.early_stop_slope for i in steps], "k--", lw=1,
                     label=f"early stop: {c.early_stop_epsilon:g} + i * {c.early_stop_slope:g}")
-    ax.set_ylabel("MSE to the pivot latent")
+    ax.set_ylabel("MSE to the drawn noise (Eq. 4)" if noise_objective else "MSE to the pivot latent")
     ax.set_title(f"{inv.method}: {inv.prompt!r}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)

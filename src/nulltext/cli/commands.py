@@ -140,7 +140,8 @@ def cmd_info(args) -> int:
           f"original {'x'.join(map(str, image.original_size or ()))} {image.original_mode}")
     print(f"preprocessing  {w}x{h}, crop L,R,T,B = {','.join(map(str, c.crop))}")
     print(f"latent_T       {tuple(inv.latent_T.shape)}   null_embeddings {tuple(inv.null_embeddings.shape)}"
-          + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else ""))
+          + (f"   corrections {tuple(inv.corrections.shape)}" if inv.corrections is not None else "")
+          + (f"   cond_embeddings {tuple(inv.cond_embeddings.shape)}" if inv.cond_embeddings is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
     print(f"inversion      DDIM at guidance {c.inversion_guidance:g}; z_T log-likelihood "
@@ -156,6 +157,8 @@ def cmd_info(args) -> int:
     if opt:
         its = opt.iterations
         print(f"iterations     {sum(its)} in all (max {c.num_inner_steps * len(its)})")
+        if opt.noise_seed is not None:
+            print(f"noise seed     {opt.noise_seed}")
         if opt.diverged_steps:
             print(f"diverged       at step(s) {', '.join(str(i + 1) for i in opt.diverged_steps)} of {len(its)}: "
                   f"the loss rose from where the step started (try a lower --lr)")

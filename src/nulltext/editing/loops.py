@@ -63,7 +63,10 @@ class EditResult:
 
 def _setup(pipe, inversion, targets):
     schedule = pipe.schedule(inversion.num_steps)
-    cond_src = encode_prompt(pipe, inversion.prompt)  # (1, L, d), as reconstruct_latent
+    # (T, 1, L, d), as reconstruct_latent: the file's optimised C (textual inversions) or the prompt's
+    cond_src = inversion.step_conds(pipe.device)
+    if cond_src is None:
+        cond_src = encode_prompt(pipe, inversion.prompt).expand(inversion.num_steps, -1, -1)[:, None]
     cond_tgt = torch.cat([encode_prompt(pipe, t) for t in targets]) if targets else None  # (n, L, d)
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d), as reconstruct_latent
     z_T = inversion.latent_T.to(pipe.device)  # (1, C, h, w)
@@ -87,7 +90,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
             controller.begin_step(i)
             # 1. source row: the reconstruction's own computation
             controller.phase = SOURCE
-            z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+            z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w,
                                      None if corr is None else corr[i])
             mask = None
             if n:
@@ -117,7 +120,7 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
     for i, t in enumerate(tqdm(schedule.timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
         if i == start:
             z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
-        z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src, w,
+        z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w,
                                  None if corr is None else corr[i])
         if z_tgt is not None:
             z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)

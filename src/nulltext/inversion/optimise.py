@@ -24,7 +24,9 @@ from ..samplers import EpsFn, Schedule
 class NullTextResult:
     """Output of the optimisation: one null embedding per timestep plus diagnostics."""
 
-    null_embeddings: Tensor  # (T, L, d), N_t for t = t_1 (981) ... t_T (1)
+    # (T, L, d): the optimised embedding per step, N_t (or C_t when the conditional embedding is
+    # optimised) for t = t_1 (981) ... t_T (1); (1, L, d) for the methods with one embedding
+    null_embeddings: Tensor
     iterations: list[int]  # Adam iterations used at each timestep
     losses_first: list[float]  # loss at the first iteration (before any update at that timestep)
     losses_last: list[float]  # loss of the last iteration (computed before its Adam step)
@@ -36,6 +38,8 @@ class NullTextResult:
     # fp16 loss scaling: iterations of the batch computed again after an overflow, per timestep
     # (each one more forward and backward of the batch's active rows)
     retries: list[int] = dataclasses.field(default_factory=list)
+    # global-nti: the sweep whose embedding is kept (0: none improved on the start N0)
+    best_sweep: int | None = None
 
 
 # callback(i, j, loss, lr) after each Adam iteration j of timestep i
@@ -84,6 +88,7 @@ def optimize_null_text_batch(
     callback: BatchCallback | None = None,
     progress: bool = False,
     loss_scaling: bool = False,
+    optimise: str = "null",
 ) -> list[NullTextResult]:
     """Null-text optimisation of B images at once (docs/algorithm.md section 2): each image has its
     own embeddings, its own Adam state and its own early stop, so each gets the result of
@@ -98,13 +103,26 @@ def optimize_null_text_batch(
     ``loss_scaling`` (for fp16 models): each image's loss is multiplied by a power of two before
     the backward pass and its gradient divided by it after (exact in float32; Adam sees the same
     gradient), so the gradient does not underflow in the half-precision backward; on an overflow
-    the scale backs off and the iteration is computed again."""
+    the scale backs off and the iteration is computed again.
+
+    ``optimise="cond"``: the ablation "textual inversion with a pivot" (docs/algorithm.md section
+    5): the same scheme with the conditional embedding optimised per step (C_t, starting from C)
+    and the null text fixed at ``null0``; the results' embeddings are then the C_t."""
+    assert optimise in ("null", "cond"), optimise
     T = schedule.num_steps
     assert len(pivots) == T + 1, "pivots must hold z*_0 ... z*_T"
     B = cond.shape[0]
     w = config.guidance_scale
     z_bar = pivots[-1]  # zbar_T = z*_T
-    nulls = [null0[b if null0.shape[0] == B else 0][None].detach() for b in range(B)]
+    null0 = null0.expand(B, -1, -1) if null0.shape[0] != B else null0
+    # the embedding optimised (N_t, or C_t) and the one held fixed (C, or N0), per image
+    start, fixed = (null0, cond) if optimise == "null" else (cond, null0)
+
+    def guided(eps_var, eps_fixed):
+        return (samplers.guidance(eps_var, eps_fixed, w) if optimise == "null"
+                else samplers.guidance(eps_fixed, eps_var, w))
+
+    nulls = [start[b][None].detach() for b in range(B)]
     results = [NullTextResult(null_embeddings=torch.empty(0), iterations=[], losses_first=[], losses_last=[],
                               losses_after=[], lrs=[]) for _ in range(B)]
     stored: list[list[Tensor]] = [[] for _ in range(B)]
@@ -122,9 +140,10 @@ def optimize_null_text_batch(
         #    tensor without a gradient (an image that stopped) is skipped
         lr = config.lr * (1.0 - i / max(config.lr_decay_steps, T))
         optimizer = torch.optim.Adam(params, lr=lr)
-        # 3. the conditional prediction once, without gradient (reused for the final step below)
+        # 3. the conditional prediction (the fixed one) once, without gradient (reused for the
+        #    final step below)
         with torch.no_grad():
-            eps_cond = eps_fn(z_bar, t, cond)
+            eps_cond = eps_fn(z_bar, t, fixed)
         threshold = config.early_stop_epsilon + i * config.early_stop_slope
         active = list(range(B))
         iterations, first, last = [0] * B, [float("nan")] * B, [float("nan")] * B
@@ -138,7 +157,7 @@ def optimize_null_text_batch(
                                 (z_bar[rows], eps_cond[rows], target[rows]))
             for _ in range(_MAX_BACKOFFS + 1):
                 eps_uncond = eps_fn(z_a, t, torch.cat([params[b] for b in active]))
-                z_prev = schedule.step(z_a, samplers.guidance(eps_uncond, ec_a, w), t)
+                z_prev = schedule.step(z_a, guided(eps_uncond, ec_a), t)
                 diff = z_prev - tgt_a
                 losses = diff.pow(2).flatten(1).mean(1)  # (A,): each image's MSE
                 for p in params:
@@ -184,7 +203,7 @@ def optimize_null_text_batch(
         nulls = [p.detach() for p in params]
         with torch.no_grad():
             eps_uncond = eps_fn(z_bar, t, torch.cat(nulls))
-            z_bar = schedule.step(z_bar, samplers.guidance(eps_uncond, eps_cond, w), t)
+            z_bar = schedule.step(z_bar, guided(eps_uncond, eps_cond), t)
             samplers.check_finite(z_bar, "the null-text optimisation", t, i, T)
             after = (z_bar - target).pow(2).flatten(1).mean(1).tolist()
         for b, result in enumerate(results):
@@ -226,6 +245,27 @@ def optimize_null_text(
                                     loss_scaling)[0]
 
 
+# global-nti's Adam rate is the configured one times this: its one embedding takes T Adam steps per
+# sweep, where null-text inversion's per-step embeddings take at most J each (docs/algorithm.md
+# section 5: at the release's 1e-2 the reconstruction ends far below its DDIM start)
+GLOBAL_LR_FACTOR = 0.1
+
+
+def trajectory_losses(eps_fn: EpsFn, pivots: list[Tensor], cond: Tensor, null: Tensor, schedule: Schedule,
+                      guidance_scale: float, what: str = "sampling") -> list[float]:
+    """Per step, the MSE to its pivot of guided sampling from z*_T with ``null`` at every step
+    (the reconstruction's trajectory: its last entry is the reconstruction's latent error)."""
+    T = schedule.num_steps
+    out = []
+    with torch.no_grad():
+        z_bar = pivots[-1]
+        for i, t in enumerate(schedule.timesteps):
+            z_bar = samplers.guided_step(eps_fn, schedule, z_bar, t, null, cond, guidance_scale)
+            samplers.check_finite(z_bar, what, t, i, T)
+            out.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
+    return out
+
+
 def optimize_global_null_text(
     eps_fn: EpsFn,
     pivots: list[Tensor],
@@ -236,19 +276,31 @@ def optimize_global_null_text(
     progress: bool = False,
     loss_scaling: bool = False,
 ) -> NullTextResult:
-    """The paper's "global null-text" ablation: one embedding N shared by all timesteps.
+    """The paper's "global null-text" ablation (its Algorithm 2): one embedding N shared by all
+    timesteps.
 
-    The release has no code for it; ours: ``num_inner_steps`` sweeps over the T timesteps, each
-    timestep one Adam step (learning rate ``config.lr``) on the guided step from zbar_t to its
-    pivot, zbar following the current N. Same iteration budget as null-text inversion (T x inner
-    steps). Diagnostics: per timestep, the loss of the first and of the last sweep.
-    ``loss_scaling``: as :func:`optimize_null_text_batch` (without back-off: an overflow is an error)."""
+    ``num_inner_steps`` sweeps; each starts at zbar_T = z*_T and walks t = T..1 taking one Adam
+    step on the guided step's distance to its pivot, zbar following the current N. One Adam
+    optimiser for all sweeps at ``config.lr * GLOBAL_LR_FACTOR``, constant. After each sweep the
+    embedding is scored by the reconstruction it gives (:func:`trajectory_losses`: guided sampling
+    from z*_T with it at every step, its latent error at the last step) and the best one seen is
+    kept, N0 (the DDIM inversion's own result) included: more sweeps never reconstruct worse.
+    Iterations: T x sweeps, as null-text inversion's budget; each sweep costs T more guided
+    (unconditional + conditional) forwards for its score, and N0's score T more once.
+    Diagnostics: per timestep, the loss of the first and of the last sweep, and the trajectory
+    losses of the embedding kept. ``loss_scaling``: as :func:`optimize_null_text_batch` (without
+    back-off: an overflow is an error)."""
     T = schedule.num_steps
     w = config.guidance_scale
+    lr = config.lr * GLOBAL_LR_FACTOR
     null = null0.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([null], lr=config.lr)
+    optimizer = torch.optim.Adam([null], lr=lr)
     first: list[float] = [float("nan")] * T  # stay NaN with 0 sweeps, as optimize_null_text's
     last: list[float] = [float("nan")] * T
+    what = "the global null-text optimisation"
+    best = null0.detach().clone()
+    best_after = trajectory_losses(eps_fn, pivots, cond, best, schedule, w, what)
+    best_sweep = 0
     bar = tqdm(total=T * config.num_inner_steps, desc="global null-text optimisation", unit="it",
                disable=not progress, leave=False)
     for sweep in range(config.num_inner_steps):
@@ -270,23 +322,17 @@ def optimize_global_null_text(
             optimizer.step()
             losses.append(loss.item())
             z_bar = z_prev.detach()
-            samplers.check_finite(z_bar, "the global null-text optimisation", t, i, T)
+            samplers.check_finite(z_bar, what, t, i, T)
             bar.update()
         if sweep == 0:
             first = losses
         last = losses
+        after = trajectory_losses(eps_fn, pivots, cond, null.detach(), schedule, w, what)
+        if after[-1] < best_after[-1]:  # the reconstruction's latent error: keep the best embedding
+            best, best_after, best_sweep = null.detach().clone(), after, sweep + 1
     bar.close()
-    null = null.detach()
-    # the loss of the steps actually taken with the final N
-    after = []
-    with torch.no_grad():
-        z_bar = pivots[-1]
-        for i, t in enumerate(schedule.timesteps):
-            z_bar = samplers.guided_step(eps_fn, schedule, z_bar, t, null, cond, w)
-            samplers.check_finite(z_bar, "the global null-text optimisation", t, i, T)
-            after.append(F.mse_loss(z_bar, pivots[T - i - 1]).item())
-    return NullTextResult(null_embeddings=null, iterations=[config.num_inner_steps] * T, losses_first=first,
-                          losses_last=last, losses_after=after, lrs=[config.lr] * T)
+    return NullTextResult(null_embeddings=best, iterations=[config.num_inner_steps] * T, losses_first=first,
+                          losses_last=last, losses_after=best_after, lrs=[lr] * T, best_sweep=best_sweep)
 
 
 def direct_inversion_corrections(eps_fn: EpsFn, pivots: list[Tensor], cond: Tensor, null0: Tensor,

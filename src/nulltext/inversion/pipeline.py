@@ -22,11 +22,19 @@ from tqdm.auto import tqdm
 
 from .. import image as image_mod
 from .. import samplers
-from ..config import OPTIMISED, InversionConfig, SchedulerConfig
+from ..config import OPTIMISED, SEEDED, InversionConfig, SchedulerConfig
 from ..errors import NonFiniteError, NulltextError, NulltextWarning
 from ..image import probe
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
 from ..text import check_prompt, encode_null, encode_prompt, warn_split_words
+from .ablations import (
+    draw_noise,
+    generator,
+    noise_seed,
+    optimize_null_text_no_pivot,
+    optimize_textual_inversion,
+    random_trajectory,
+)
 from .optimise import direct_inversion_corrections, diverged_steps, optimize_global_null_text, optimize_null_text_batch
 
 
@@ -151,7 +159,8 @@ def invert_progressive(
     req = images if isinstance(images, InversionRequest) else request(images, prompts, config, batch_size)
     # the file records the schedule the pipeline really samples with (the checkpoint's own)
     config = dataclasses.replace(req.config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
-    if config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED:
+    if (config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED
+            and not config.method.startswith("textual-inversion")):
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
                       "prediction gets weight 0); use a guidance above 1, e.g. the default 7.5",
                       NulltextWarning, stacklevel=2)
@@ -217,32 +226,57 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
     T = schedule.num_steps
 
+    method = config.method
+    seeds = [noise_seed(config.seed, item.index) for item in batch]
+    results, conds, optimisation_s = None, None, 0.0
+    inversion_cond = cond
+    if method == "textual-inversion":  # C first, on random noise; the pivot is then inverted under it
+        t0 = time.perf_counter()
+        results = [optimize_textual_inversion(eps_fn, z0[b:b + 1], cond[b:b + 1], schedule, config, seeds[b],
+                                              progress=progress) for b in range(B)]
+        conds = [r.null_embeddings for r in results]  # each (1, L, d)
+        inversion_cond = torch.cat(conds)
+        optimisation_s = time.perf_counter() - t0
+
     t0 = time.perf_counter()
-    # at inversion guidance 1 (the default) the conditional prediction alone: the pivot
-    walk = samplers.invert_progressive(eps_fn, z0, cond, schedule, null0.expand(B, -1, -1), config.inversion_guidance)
-    pivots = [z0, *tqdm(walk, total=T, desc="DDIM inversion", unit="step", disable=not progress, leave=False)]
+    if method == "random-pivot":  # the paper's random pivot: z0 noised with one noise per image
+        noise = torch.cat([draw_noise(z0[b:b + 1], generator(seeds[b])) for b in range(B)])
+        pivots = random_trajectory(z0, noise, schedule)
+    else:  # at inversion guidance 1 (the default) the conditional prediction alone: the pivot
+        walk = samplers.invert_progressive(eps_fn, z0, inversion_cond, schedule, null0.expand(B, -1, -1),
+                                           config.inversion_guidance)
+        pivots = [z0, *tqdm(walk, total=T, desc="DDIM inversion", unit="step", disable=not progress, leave=False)]
     ddim_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    latent_T, corrections, results = pivots[-1], None, None
-    method = config.method
-    if method in ("nti", "random-pivot"):
-        if method == "random-pivot":
-            # the ablation: the same optimisation towards the same pivots, from Gaussian noise (the
-            # same noise for every image: each gets what it gets alone)
+    latent_T, corrections = pivots[-1], None
+    if method in ("nti", "random-pivot", "random-start", "textual-inversion-pivot"):
+        if method == "random-start":
+            # the random pivot of files before format 5: the same optimisation towards the DDIM
+            # pivots, from Gaussian noise (the same noise for every image)
             g = torch.Generator().manual_seed(config.seed)
             noise = torch.randn(pivots[-1][:1].shape, generator=g).to(pivots[-1])
             latent_T = noise.expand_as(pivots[-1]).clone()
             pivots = [*pivots[:-1], latent_T]
+        optimise = "cond" if method == "textual-inversion-pivot" else "null"
         results = optimize_null_text_batch(eps_fn, pivots, cond, null0, schedule, config, progress=progress,
-                                           loss_scaling=loss_scaling)
-        nulls = [r.null_embeddings for r in results]
+                                           loss_scaling=loss_scaling, optimise=optimise)
+        if optimise == "cond":  # C_t per step, the null text stays N0
+            conds = [r.null_embeddings for r in results]
+            nulls = [null0] * B
+        else:
+            nulls = [r.null_embeddings for r in results]
     elif method == "global-nti":  # one embedding per image: the images are optimised one after another
         results = [optimize_global_null_text(eps_fn, [p[b:b + 1] for p in pivots], cond[b:b + 1], null0, schedule,
                                              config, progress=progress, loss_scaling=loss_scaling) for b in range(B)]
         nulls = [r.null_embeddings for r in results]  # each (1, L, d)
-    elif method == "npi":  # Negative-Prompt Inversion: N_t = C, no optimisation
-        nulls = [item.cond for item in batch]
+    elif method == "nti-no-pivot":  # N_t on random noise (Eq. 4); the reconstruction starts at z*_T
+        results = [optimize_null_text_no_pivot(eps_fn, z0[b:b + 1], cond[b:b + 1], null0, schedule, config, seeds[b],
+                                               progress=progress) for b in range(B)]
+        nulls = [r.null_embeddings for r in results]
+    elif method in ("npi", "textual-inversion"):
+        # Negative-Prompt Inversion: N_t = C, no optimisation; textual inversion: N0 (C is the file's)
+        nulls = [item.cond for item in batch] if method == "npi" else [null0] * B
     elif method == "ddim":  # DDIM inversion alone: the plain empty-prompt embedding
         nulls = [null0] * B
     elif method == "direct":  # Direct Inversion: N0 plus per-step corrections of the source branch
@@ -250,7 +284,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
         corrections = direct_inversion_corrections(eps_fn, pivots, cond, null0, schedule, config.guidance_scale)
     else:  # pragma: no cover - InversionConfig.validate refuses unknown methods
         raise ValueError(method)
-    optimisation_s = time.perf_counter() - t0
+    optimisation_s += time.perf_counter() - t0
 
     model = ModelRecord(id=pipe.model_id, fingerprint=pipe.fingerprint, scheduler=dict(pipe.scheduler_config),
                         family=pipe.family, prediction_type=pipe.prediction_type)
@@ -264,7 +298,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
             optimisation = OptimisationRecord(iterations=r.iterations, lrs=r.lrs, losses_first=r.losses_first,
                                               losses_last=r.losses_last, losses_after=r.losses_after,
                                               loss_scales=r.loss_scales, retries=r.retries if r.loss_scales else [],
-                                              diverged_steps=bad)
+                                              diverged_steps=bad, noise_seed=seeds[b] if method in SEEDED else None)
             if bad:
                 i = bad[0]
                 name = item.image.name
@@ -279,14 +313,17 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
             image=item.image, optimisation=optimisation, run=run,
             # the DDIM inversion and optimisation times are the whole batch's
             timings=Timings(encode_s=item.encode_s, ddim_inversion_s=ddim_s, optimisation_s=optimisation_s),
-            corrections=None if corrections is None else corrections[:, b].detach().float().cpu()))
+            corrections=None if corrections is None else corrections[:, b].detach().float().cpu(),
+            cond_embeddings=None if conds is None else conds[b].detach().float().cpu()))
     return out
 
 
 def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
-    """Sample from z_T with C and the stored N_t at every step: z_0 of the reconstruction."""
+    """Sample from z_T with C (the file's optimised one where the method has it) and the stored N_t
+    at every step: z_0 of the reconstruction."""
     schedule = pipe.schedule(inversion.num_steps)
-    cond = encode_prompt(pipe, inversion.prompt)
+    cond = inversion.step_conds(pipe.device)  # (T, 1, L, d), or None: the prompt's encoding
+    cond = encode_prompt(pipe, inversion.prompt) if cond is None else cond
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)
     z = inversion.latent_T.to(pipe.device)
     for z in tqdm(samplers.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,

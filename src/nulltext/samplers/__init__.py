@@ -57,7 +57,7 @@ class Schedule(Protocol):
         """One inversion step with the model's output at ``t``, an entry of ``inversion_timesteps``."""
 
     def add_noise(self, sample: Tensor, noise: Tensor, t) -> Tensor:
-        """The forward process: a clean ``sample`` (z0) noised to ``t``, an entry of ``timesteps``,
+        """The forward process: a clean ``sample`` (z0) noised to ``t``, a timestep of the schedule,
         with ``noise`` (DDIM: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``)."""
 
 
@@ -134,13 +134,15 @@ def sample_progressive(
 ) -> Iterator[Tensor]:
     """Guided sampling from z_T; yields the latent after each of the T steps.
 
-    cond: (B, L, d). uncond: one (B, L, d) embedding per step (a sequence or a (T, B, L, d)
-    tensor), e.g. the optimised null-text embeddings N_t. corrections: optional (T, C, h, w)
-    latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
+    cond: (B, L, d), or one (B, L, d) embedding per step as a (T, B, L, d) tensor (the per-step
+    C_t of textual inversion with a pivot). uncond: one (B, L, d) embedding per step (a sequence
+    or a (T, B, L, d) tensor), e.g. the optimised null-text embeddings N_t. corrections: optional
+    (T, C, h, w) latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
     """
     z = z_T
+    per_step = cond.ndim == 4
     for i, t in enumerate(schedule.timesteps):
-        z = guided_step(model, schedule, z, t, uncond[i], cond, guidance_scale,
+        z = guided_step(model, schedule, z, t, uncond[i], cond[i] if per_step else cond, guidance_scale,
                         None if corrections is None else corrections[i])
         check_finite(z, "sampling", t, i, schedule.num_steps)
         yield z

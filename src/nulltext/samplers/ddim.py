@@ -89,17 +89,17 @@ class Schedule:
         """Forward DDIM step from timestep ``t`` to ``t - k``."""
         return ddim_step(sample, eps, self.abar(t), self.abar(self.prev_timestep(t)))
 
+    def add_noise(self, original: Tensor, noise: Tensor, t: int) -> Tensor:
+        """The forward process at timestep ``t``: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``,
+        in the order of operations of diffusers' ``DDIMScheduler.add_noise``."""
+        abar_t = self.alphas_cumprod[t].to(original)  # on the sample's device and dtype, as diffusers has it
+        return abar_t ** 0.5 * original + (1 - abar_t) ** 0.5 * noise
+
     def inverse_step(self, sample: Tensor, eps: Tensor, t: int) -> Tensor:
         """Inverse DDIM step to timestep ``t`` from the one below it in the schedule (``t - k`` with
         the release's leading spacing, its next_step), capped at ``T_train - 1``."""
         t_prev = min(self.prev_timestep(t), len(self.alphas_cumprod) - 1)
         return ddim_inverse_step(sample, eps, self.abar(t), self.abar(t_prev))
-
-    def add_noise(self, sample: Tensor, noise: Tensor, t: int) -> Tensor:
-        """The forward process to timestep ``t``: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``, in
-        the order of operations of diffusers' ``DDIMScheduler.add_noise``."""
-        abar = self.abar(t).to(sample)
-        return abar ** 0.5 * sample + (1 - abar) ** 0.5 * noise
 
 
 def ddim_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:

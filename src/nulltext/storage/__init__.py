@@ -2,11 +2,13 @@
 metadata in the safetensors header. Never pickle. This package owns the format: its typed records
 are built, written, validated, read and upgraded here, and nowhere else.
 
-Layout (format version 4; versions 1, 2 and 3 load through :func:`upgrade`):
+Layout (format version 5; versions 1 to 4 load through :func:`upgrade`):
 - tensors ``latent_T`` (1, 4, h, w) float32 and ``null_embeddings`` (T, L, d) float32 (SDXL: L + 1
   rows, the last the pooled embedding, see ``Pipeline.embedding_shape``), or (1, L, d)
-  for the methods with one embedding for all steps (global-nti, npi, ddim, direct); ``corrections``
-  (T, 4, h, w) float32 for Direct Inversion only;
+  for the methods with one embedding for all steps (``config.PER_STEP_NULLS`` are the others);
+  ``corrections`` (T, 4, h, w) float32 for Direct Inversion only; ``cond_embeddings``, the source
+  branch's optimised conditional embedding, (1, L, d) for textual-inversion and (T, L, d) for
+  textual-inversion-pivot only;
 - one header metadata key ``nulltext``: JSON ``{"format": "nulltext-inversion", "format_version",
   "meta": {"prompt", "config" (the InversionConfig: steps, guidance, method, crop, ...),
   "model" (:class:`ModelRecord`), "image" (:class:`ImageRecord`), "preprocessing"

@@ -64,12 +64,22 @@ _REQUIRED_V3 = ("model", "model_fingerprint", "scheduler", "num_steps", "guidanc
 
 
 def upgrade(path: str, meta: dict, version: int) -> dict:
-    """The ``meta`` of a file of format 1, 2 or 3 in the current layout, which then reads as a
-    current file's. What those formats stored twice is kept once: steps, guidance and method
+    """The ``meta`` of a file of format 1 to 4 in the current layout, which then reads as a
+    current file's. What formats 1 to 3 stored twice is kept once: steps, guidance and method
     (beside the config's, which must agree), the crop (the config's was the one used). Format 1 knew only Stable
     Diffusion 1.x/2.x (no family or prediction type); formats 1 and 2 recorded no batch size and
-    no diverged steps (read as 1 and none)."""
+    no diverged steps (read as 1 and none). Before format 5, method ``random-pivot`` was what is
+    now ``random-start`` (Gaussian z_T, DDIM pivots as targets): it reads as that."""
     assert 1 <= version < FORMAT_VERSION
+    new = meta if version == 4 else _upgrade_v3(path, meta)
+    config = new.get("config")
+    if isinstance(config, dict) and config.get("method") == "random-pivot":
+        new = {**new, "config": {**config, "method": "random-start"}}
+    return new
+
+
+def _upgrade_v3(path: str, meta: dict) -> dict:
+    """Formats 1 to 3 (one flat meta) in format 4's layout."""
     missing = [k for k in _REQUIRED_V3 if k not in meta]
     if missing:
         raise lacks_metadata(path, missing)
@@ -104,6 +114,8 @@ def optimisation_record(path: str, opt, T: int) -> OptimisationRecord | None:
     for key, value in opt.items():
         if key == "diverged_steps":
             ok = isinstance(value, list) and all(_is_int(v) and 0 <= v < T for v in value)
+        elif key == "noise_seed":
+            ok = _is_int(value) and 0 <= value < 2 ** 32
         elif key in ("iterations", "retries"):
             ok = isinstance(value, list) and len(value) == T and all(_is_int(v) and v >= 0 for v in value)
         elif key in ("lrs", "losses_first", "losses_last", "losses_after", "loss_scales"):
@@ -121,8 +133,9 @@ def optimisation_record(path: str, opt, T: int) -> OptimisationRecord | None:
         raise _damaged(path, f"optimisation lacks {', '.join(missing)}")
     floats = ("lrs", "losses_first", "losses_last", "losses_after", "loss_scales")
     try:  # as floats, so that nothing reading the record meets an integer too large for one
-        return OptimisationRecord(**{k: [float(x) for x in v] if k in floats else list(v) for k, v in opt.items()
-                                     if k in floats or k in ("iterations", "retries", "diverged_steps")})
+        return OptimisationRecord(**{k: [float(x) for x in v] if k in floats else v if k == "noise_seed" else list(v)
+                                     for k, v in opt.items()
+                                     if k in floats or k in ("iterations", "retries", "diverged_steps", "noise_seed")})
     except OverflowError:
         raise _damaged(path, "optimisation") from None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import InversionConfig
+from ..config import COND_METHODS, PER_STEP_NULLS, InversionConfig
 from ..errors import NulltextError, one_line
 from ..files import atomic_write
 from ..fingerprint import fingerprints_match  # pure: storage imports no model code
@@ -50,6 +50,10 @@ class Inversion:
     run: RunRecord = field(default_factory=RunRecord)
     corrections: Tensor | None = None  # (T, 4, h, w): Direct Inversion's source-branch corrections
     format_version: int = FORMAT_VERSION  # of the file it was read from
+    # the textual inversions' optimised conditional embedding, which replaces the prompt's encoding
+    # in the source branch: (1, L, d) for all steps (textual-inversion) or (T, L, d) per step
+    # (textual-inversion-pivot); None for the other methods (the source row encodes the prompt)
+    cond_embeddings: Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -65,6 +69,16 @@ class Inversion:
         if nulls.shape[0] == 1:
             nulls = nulls.expand(self.num_steps, -1, -1)
         return nulls[:, None]
+
+    def step_conds(self, device=None) -> Tensor | None:
+        """The source branch's conditional embedding of every step, (T, 1, L, d) (a view when
+        shared), where the method optimised it; else None (the prompt's encoding is used)."""
+        if self.cond_embeddings is None:
+            return None
+        conds = self.cond_embeddings.to(device) if device is not None else self.cond_embeddings
+        if conds.shape[0] == 1:
+            conds = conds.expand(self.num_steps, -1, -1)
+        return conds[:, None]
 
     def step_corrections(self, device=None) -> Tensor | None:
         """(T, 1, C, h, w) corrections of the source branch, or None."""
@@ -86,7 +100,7 @@ class Inversion:
         return self.preprocessing.size
 
     def metadata(self) -> dict:
-        """The file's ``meta`` (format 4): what :meth:`save` writes and ``nulltext info --json`` shows."""
+        """The file's ``meta`` (format 5): what :meth:`save` writes and ``nulltext info --json`` shows."""
         return metadata(self)
 
     def save(self, path, force: bool = False, reproducible: bool = False) -> None:
@@ -110,6 +124,8 @@ def _tensors(inv: Inversion) -> dict[str, Tensor]:
                "null_embeddings": inv.null_embeddings.detach().float().cpu().contiguous()}
     if inv.corrections is not None:
         tensors["corrections"] = inv.corrections.detach().float().cpu().contiguous()
+    if inv.cond_embeddings is not None:
+        tensors["cond_embeddings"] = inv.cond_embeddings.detach().float().cpu().contiguous()
     return tensors
 
 
@@ -127,7 +143,7 @@ def metadata(inv: Inversion) -> dict:
     if inv.optimisation is not None:
         # loss scales and retries only where the loss was scaled (fp16), as earlier formats wrote them
         meta["optimisation"] = {k: v for k, v in _plain(inv.optimisation).items()
-                                if v or k not in ("loss_scales", "retries")}
+                                if (v or k not in ("loss_scales", "retries")) and not (k == "noise_seed" and v is None)}
     if inv.timings is not None:
         meta["timings"] = _plain(inv.timings)
     return meta
@@ -208,9 +224,10 @@ def load_inversion(path, pipe=None) -> Inversion:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise lacks_metadata(path, missing)
-    for name in ("latent_T", "null_embeddings", "corrections"):
+    optional = ("corrections", "cond_embeddings")
+    for name in ("latent_T", "null_embeddings", *optional):
         if name not in tensors:
-            if name == "corrections":
+            if name in optional:
                 continue
             raise NulltextError(f"{path} lacks the tensor {name!r}")
         if tensors[name].dtype != torch.float32:
@@ -220,7 +237,7 @@ def load_inversion(path, pipe=None) -> Inversion:
         if not bool(torch.isfinite(tensors[name]).all()):
             raise NulltextError(f"{path}: tensor {name} holds NaN or infinite values; the inversion is unusable")
     latent, nulls = tensors["latent_T"], tensors["null_embeddings"]
-    extra = sorted(set(tensors) - {"latent_T", "null_embeddings", "corrections"})
+    extra = sorted(set(tensors) - {"latent_T", "null_embeddings", *optional})
     if extra:
         raise NulltextError(f"{path} holds tensors nulltext does not know: {', '.join(extra)}")
     records = check_records(path, meta)
@@ -238,13 +255,22 @@ def load_inversion(path, pipe=None) -> Inversion:
     if corrections is not None and tuple(corrections.shape) != (T, *latent.shape[1:]):
         raise NulltextError(f"{path}: corrections has shape {tuple(corrections.shape)}, expected "
                             f"({T}, {', '.join(map(str, latent.shape[1:]))})")
-    per_step = config.method in ("nti", "random-pivot")
+    per_step = config.method in PER_STEP_NULLS
     if nulls.shape[0] != (T if per_step else 1) and not (T == 1):
         raise NulltextError(f"{path}: method {config.method!r} stores {'one null embedding per step' if per_step else 'one null embedding'}, "
                             f"but null_embeddings has shape {tuple(nulls.shape)}")
+    conds = tensors.get("cond_embeddings")
+    if (config.method in COND_METHODS) != (conds is not None):
+        raise NulltextError(f"{path}: method {config.method!r} "
+                            f"{'needs a' if config.method in COND_METHODS else 'has no'} cond_embeddings tensor")
+    if conds is not None:
+        rows = T if config.method == "textual-inversion-pivot" else 1
+        if conds.ndim != 3 or conds.shape[0] != rows or conds.shape[1:] != nulls.shape[1:]:
+            raise NulltextError(f"{path}: cond_embeddings has shape {tuple(conds.shape)}, expected "
+                                f"({rows}, {', '.join(map(str, nulls.shape[1:]))})")
     optimisation = optimisation_record(path, meta["optimisation"], T) if "optimisation" in meta else None
     inv = Inversion(latent_T=latent, null_embeddings=nulls, corrections=corrections, format_version=version,
-                    optimisation=optimisation, **records)
+                    optimisation=optimisation, cond_embeddings=conds, **records)
     if pipe is not None:
         check_fits(inv, pipe, path)
     return inv

@@ -1,4 +1,4 @@
-"""The typed records of an inversion file (format 4) and the format's name and version: what
+"""The typed records of an inversion file (format 5) and the format's name and version: what
 :mod:`nulltext.storage.format` writes into the header, and what
 :mod:`nulltext.storage.checks` builds, field by field, from a file's header."""
 
@@ -10,8 +10,10 @@ FORMAT = "nulltext-inversion"
 # 2: methods, shared (1, L, d) null embeddings, Direct Inversion corrections; 3: model families
 # (family, prediction type, the checkpoint's scheduler, SDXL's packed conditioning), size N;
 # 4: typed records (model, image, preprocessing, run, optimisation, timings), each fact once:
-# steps, guidance, method and crop only in the config
-FORMAT_VERSION = 4
+# steps, guidance, method and crop only in the config; 5: the Section-4 ablations (the source's
+# optimised conditional embedding, the noise seed), random-pivot redefined (the earlier one reads as
+# random-start)
+FORMAT_VERSION = 5
 REQUIRED_META = ("prompt", "config", "model", "image", "preprocessing")
 
 
@@ -59,6 +61,8 @@ class OptimisationRecord:
     retries: list[int] = field(default_factory=list)  # fp16: iterations computed again after overflows
     # steps whose loss rose (see inversion.diverged_steps); files before format 3 did not record them
     diverged_steps: list[int] = field(default_factory=list)
+    # the seed (below 2^32) of the Gaussian noise the method drew (random-pivot, textual-inversion, nti-no-pivot)
+    noise_seed: int | None = None
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ class App:
         return said
 
     # --- invert
-    def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None):
+    def invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key=None, method=None):
         """Invert the photo: (inversion file, reconstruction, session); the session's ``summary``
         says what the inversion did (size, time, iterations, the reconstruction's PSNR against
         the photo as inverted, as --check measures it) and what it warned about."""
@@ -212,7 +212,7 @@ class App:
         except NulltextError as e:
             raise gr.Error(for_the_page(str(e)), print_exception=False) from None
         (inv_path, recon_path, session, text), warned = self._run(self._invert, photo, prompt, steps, guidance,
-                                                                  inner_steps, size, state, key)
+                                                                  inner_steps, size, state, key, method)
         session.summary = text + _markdown_lines(warned)
         return inv_path, recon_path, session
 
@@ -233,7 +233,7 @@ class App:
             raise NulltextError(f"the photo is {w}x{h} pixels; at most {self.max_pixels:,} pixels are accepted")
         return w, h
 
-    def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key):
+    def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key, method=None):
         from ..image import load_image
         from ..inversion import invert_image, reconstruct
 
@@ -247,7 +247,8 @@ class App:
         source = load_image(path)
         config = InversionConfig(num_steps=_number(steps, "steps", int), guidance_scale=_number(guidance, "guidance"),
                                  num_inner_steps=_number(inner_steps, "inner steps", int),
-                                 size=_number(size, "size", int) if size else None)
+                                 size=_number(size, "size", int) if size else None,
+                                 method=method or InversionConfig().method)
         from ..image import output_size
 
         w, h = output_size(config.size, source.image.size, config.crop, self.pipe.native_size, self.pipe.size_multiple)

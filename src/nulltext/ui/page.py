@@ -72,6 +72,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                     guidance = widget(gr, InversionConfig, "guidance_scale")
                     inner = widget(gr, InversionConfig, "num_inner_steps")
                     size = widget(gr, InversionConfig, "size")
+                    inv_method = widget(gr, InversionConfig, "method")
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="invert-button")
                 inversion = gr.File(label="Inversion file (download it, or upload a saved one to edit again)",
                                     file_types=[".safetensors"], elem_id="inversion")
@@ -106,9 +107,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
         # Gradio passes the request (its session id) and a progress bar that follows tqdm's. An API
         # client may leave out every parameter whose widget has a value (the configs' defaults), and
         # the mask, whose parameter defaults to None; Python then needs defaults after it too.
-        def invert(photo, prompt, steps, guidance, inner_steps, size, state, request: gr.Request,
+        def invert(photo, prompt, steps, guidance, inner_steps, size, inversion_method, state, request: gr.Request,
                    progress=gr.Progress(track_tqdm=True)):
-            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash)
+            return app.invert(photo, prompt, steps, guidance, inner_steps, size, state, request.session_hash,
+                              inversion_method)
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
                  strength, mask=None, mask_mode=e.mask_mode, state=None, request: gr.Request = None,
@@ -131,7 +133,8 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
             return getattr(state, what, "") if isinstance(state, Session) else ""
 
         private = dict(queue=False, api_visibility="private")
-        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, state], [inversion, recon, state],
+        invert_btn.click(invert, [photo, caption, steps, guidance, inner, size, inv_method, state],
+                         [inversion, recon, state],
                          api_name="invert", **model).then(lambda s: said(s, "summary"), state, summary, **private)
         edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
                               strength, mask, mask_mode, state], [gallery, state], api_name="edit",
