@@ -420,7 +420,7 @@ def test_long_prompt_warns_about_truncation(tmp_path):
     assert_ok(r)
     assert out.is_file()
     warns = warning_lines(r)
-    assert len(warns) == 1 and r.stderr.splitlines() == warns, describe(r)
+    assert len(warns) == 1 and stderr_of(r).splitlines() == warns, describe(r)
     assert "token" in warns[0] and re.search(r"dropped|truncat", warns[0]), warns[0]
     assert load(out).prompt == prompt  # the file keeps what the user typed
 
@@ -433,7 +433,7 @@ def test_guidance_1_warns_that_the_optimisation_has_no_effect(tmp_path):
     assert_ok(r)
     assert out.is_file()
     warns = warning_lines(r)
-    assert len(warns) == 1 and r.stderr.splitlines() == warns, describe(r)
+    assert len(warns) == 1 and stderr_of(r).splitlines() == warns, describe(r)
     assert "guidance" in warns[0] and "no effect" in warns[0], warns[0]
 
 
