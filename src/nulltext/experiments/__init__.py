@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return run(args)
     except NulltextError as e:
         print(f"nulltext.experiments: error: {e}", file=sys.stderr)
         return 2

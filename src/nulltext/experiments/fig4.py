@@ -71,7 +71,7 @@ def run(args, pipe, items: list[common.Sample], paths: dict[str, str]) -> list[P
         values, iters, mses, secs = [], [], [], []
         prompts = shuffled if name == "random-caption" else captions
         for k, (s, prompt, target, z0) in enumerate(common.bar(list(zip(items, prompts, targets, latents)),
-                                                                len(items), f"{name} J={budget}", args.quiet)):
+                                                                len(items), name + (f" J={budget}" if budget else ""), args.quiet)):
             t0 = time.perf_counter()
             inv = nulltext.invert(pipe, s.image, prompt, config, progress=False)
             secs.append(time.perf_counter() - t0)
