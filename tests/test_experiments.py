@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from conftest import make_photo
@@ -78,7 +77,6 @@ def test_fig15_nti_against_textual_inversion_with_a_pivot(tmp_path):
     assert_png(tmp_path / "fig15.png")
 
 
-@pytest.mark.slow
 def test_fig8_and_fig15_on_demo_scenes_use_the_scene_judge(tmp_path):
     common_args = ["--model", "demo", "--scenes", "1", "--steps", "3", "--inner-steps", "1", "-q", "--out",
                    str(tmp_path)]
