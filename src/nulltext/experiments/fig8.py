@@ -14,6 +14,8 @@ Writes ``fig8.md`` and ``fig8.png`` (target agreement against distance, one poin
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from ..config import EditConfig, InversionConfig
@@ -114,8 +116,8 @@ def run(args, pipe, items: list[common.Sample], paths: dict[str, str]) -> list[d
         ax.plot([r["distance"] for r in pts], ys, "o-", label=LABELS[src])
         for r, y in zip(pts, ys):
             ax.annotate(f"{r['strength']:g}", (r["distance"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"distance to input: {dname}", fontsize=8)
-    ax.set_ylabel(f"target: {aname}" if agree is not None else "target: not measured", fontsize=8)
+    ax.set_xlabel("\n".join(textwrap.wrap(f"distance to input: {dname}", 60)), fontsize=8)
+    ax.set_ylabel("\n".join(textwrap.wrap(f"target: {aname}", 45)), fontsize=8)
     ax.set_title(f"{args.model}, T={args.steps}, {len(items)} image(s); labels: t0", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
