@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import make_photo
@@ -113,6 +114,14 @@ def test_a_captioned_folder_and_its_errors(tmp_path, capsys):
     assert "random-caption curve needs at least 2 images" in capsys.readouterr().err
     assert main(["fig4", *TINY, "--steps", "0", "--out", str(tmp_path / "o4")]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_fig8_pixel_mse_is_eval_s_mse():
+    from nulltext.evaluation import image_metrics
+    from nulltext.experiments.fig8 import pixel_mse
+
+    a, b = make_photo(seed=0), make_photo(seed=1)
+    assert pixel_mse(a, b) == pytest.approx(image_metrics(a, b)[2], rel=1e-5) and pixel_mse(a, a) == 0
 
 
 def test_random_captions_are_seeded_and_never_the_image_s_own_slot():

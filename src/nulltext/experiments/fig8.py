@@ -39,19 +39,24 @@ def add_arguments(p) -> None:
                         "the demo scenes' judge stands in, nothing on other images)")
 
 
+def pixel_mse(a, b) -> float:
+    """The mean squared difference of two RGB images in [0, 1] (``nulltext eval``'s ``recon_mse``)."""
+    x = np.asarray(a.convert("RGB"), dtype=np.float32) / 255.0
+    y = np.asarray(b.convert("RGB"), dtype=np.float32) / 255.0
+    return float(np.mean((x - y) ** 2))
+
+
 def metrics(args, items, device):
     """-> (distance(edit, input), its name, agreement(edit, sample) or None, its name)."""
-    from ..evaluation import ModelMetrics, image_metrics
+    models = None
+    if args.clip_model or args.lpips:
+        from ..evaluation import ModelMetrics
 
-    models = ModelMetrics(clip_model=args.clip_model, lpips=args.lpips, device=device) \
-        if (args.clip_model or args.lpips) else None
+        models = ModelMetrics(clip_model=args.clip_model, lpips=args.lpips, device=device)
     if models is not None and models.lpips is not None:
         distance, dname = models.lpips_distance, f"LPIPS ({args.lpips})"
     else:
-        def distance(a, b):
-            return image_metrics(a, b)[2]
-
-        dname = "pixel MSE (stand-in for LPIPS: no --lpips)"
+        distance, dname = pixel_mse, "pixel MSE (stand-in for LPIPS: no --lpips)"
     agree = None
     if models is not None and models.clip is not None:
         def agree(img, s):
