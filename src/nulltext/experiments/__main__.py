@@ -1,0 +1,7 @@
+"""``python -m nulltext.experiments``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
