@@ -150,3 +150,15 @@ def test_help_answers_without_torch():
     r = subprocess.run([sys.executable, "-m", "nulltext.experiments", "--help"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 0 and all(f in r.stdout for f in ("fig4", "fig8", "fig9", "fig15"))
+
+
+def test_random_caption_with_one_image_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import nulltext
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(nulltext, "load_pipeline", no_model)
+    for count in (["--images-count", "1"], ["--scenes", "1"]):
+        assert main(["fig4", *TINY, *count, "--out", str(tmp_path / "o4")]) == 2
+        assert "random-caption curve needs at least 2 images" in capsys.readouterr().err

@@ -86,6 +86,8 @@ def run(args) -> int:
 
     _check(args)
     module = _module(args.figure)
+    if hasattr(module, "check"):  # the figure's own checks that need no model
+        module.check(args)
     paths = common.outputs(args.out, module.FILES, args.force)  # before the model loads
     pipe = nulltext.load_pipeline(args.model, device=args.device, dtype=args.dtype)
     size = (args.size, args.size) if args.size else pipe.native_size

@@ -32,6 +32,14 @@ def add_arguments(p) -> None:
                    help=f"the curves to run (default: all: {' '.join(CURVES)})")
 
 
+def check(args) -> None:
+    """Before the model loads: the random-caption curve with a known count of images under 2 (a
+    folder's is known once it is read)."""
+    count = args.scenes or (None if args.images else args.images_count)
+    if "random-caption" in args.methods and count is not None and count < 2:
+        random_captions([""] * count, args.seed)  # its one-line refusal
+
+
 def random_captions(prompts: list[str], seed: int) -> list[str]:
     """For each image, a caption drawn (seeded) from the other images' captions."""
     if len(prompts) < 2:
