@@ -106,15 +106,13 @@ def split_words(tokenizer, prompt: str) -> list[tuple[str, list[str]]]:
         key = word.lower()
         if key in out:
             continue
-        if not re.match(r"[^\W\d_]", key):  # punctuation and symbols: only those cut into bytes
-            n = _byte_pieces(tokenizer, key)
-            if n:
-                out[key] = [f"{n} byte tokens"]
-            continue
         n = _byte_pieces(tokenizer, key)
-        pieces = [f"{n} byte tokens"] if n else [p.replace("</w>", "") for p in tokenizer.tokenize(key)]
-        if len(pieces) > 1 or n:
-            out[key] = pieces
+        if n:
+            out[key] = [f"{n} byte tokens"]
+        elif re.match(r"[^\W\d_]", key):  # a word (punctuation and symbols count only when cut into bytes)
+            pieces = [p.replace("</w>", "") for p in tokenizer.tokenize(key)]
+            if len(pieces) > 1:
+                out[key] = pieces
     return list(out.items())
 
 

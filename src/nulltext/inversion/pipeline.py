@@ -186,8 +186,7 @@ def _progressive(pipe, images: list, prompts: list[str], config: InversionConfig
         size = image_mod.output_size(config.size, source.image.size, config.crop, pipe.native_size,
                                      pipe.size_multiple)
         pixels = image_mod.preprocess(source.image, size=size, crop=config.crop, multiple=pipe.size_multiple)
-        if hasattr(pipe, "check_photo"):
-            pipe.check_photo(pixels, source.image.size, source.name)
+        pipe.check_photo(pixels, source.image.size, source.name)
         z0 = image_mod.encode(pipe, pixels)  # (1, 4, h, w) float32
         record = ImageRecord(name=source.name, sha256=source.sha256, original_size=tuple(source.image.size),
                              original_mode=source.original_mode)

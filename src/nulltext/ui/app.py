@@ -235,7 +235,7 @@ class App:
 
     def _invert(self, photo, prompt, steps, guidance, inner_steps, size, state, key, method=None):
         from ..image import load_image
-        from ..inversion import invert_image, reconstruct
+        from ..inversion import invert_progressive, reconstruct
 
         session = self.session(state, key)
         path = file_path(photo)
@@ -255,12 +255,14 @@ class App:
         if w * h > self.max_pixels or min(w, h) < self.pipe.size_multiple:
             raise NulltextError(f"inverting at {w}x{h} pixels is outside this server's limits (sides of at least "
                                 f"{self.pipe.size_multiple}, at most {self.max_pixels:,} pixels)")
-        inv = invert_image(self.pipe, source, prompt.strip(), config, progress=True)
-        from ..image import preprocess, psnr
+        # the photo as inverted comes with its inversion (shown beside the edits, the PSNR's reference)
+        # (unpacked whole: the generator finishes, restoring what it set on the pipeline)
+        [(_, inv, photo_as_inverted)] = invert_progressive(self.pipe, [source], prompt.strip(), config, batch_size=1,
+                                                           progress=True, photos=True)
+        from ..image import psnr
         from ..inversion import summary
 
         shown = session.path("source.png")
-        photo_as_inverted = preprocess(source.image, inv.image_size, inv.config.crop, self.pipe.size_multiple)
         photo_as_inverted.save(shown)
         session.sources[(inv.image.sha256, inv.image_size, tuple(inv.config.crop))] = shown
         name = os.path.splitext(os.path.basename(path))[0] or "photo"
