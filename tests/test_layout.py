@@ -91,8 +91,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "nulltext.alignment", "nulltext.controllers", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
     # a checkpoint's components and what runs them: loading, the families, text and images through
     # the pipeline, the attention processors, the tiny and demo models
-    "model": ("nulltext.hub", "nulltext.cpu", "nulltext.families", "nulltext.models", "nulltext.tiny", "nulltext.demo",
-              "nulltext.text", "nulltext.image", "nulltext.processors"),
+    "model": ("nulltext.hub", "nulltext.cpu", "nulltext.families", "nulltext.models", "nulltext.tiny",
+              "nulltext.tiny_sd3", "nulltext.demo", "nulltext.text", "nulltext.image", "nulltext.processors"),
     # the algorithms on a loaded pipeline, and the inversion file
     "library": ("nulltext.storage", "nulltext.inversion", "nulltext.editing"),
     "api": ("nulltext",),
