@@ -227,7 +227,10 @@ def test_a_file_is_refused_by_another_family_and_another_prediction_type(folders
 # Families nulltext does not invert
 
 
-@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline", "KandinskyV22Pipeline",
+SUPPORTED = "Stable Diffusion 1.x, 2.x, XL, 3 and 3.5"
+
+
+@pytest.mark.parametrize("cls", ["PixArtSigmaPipeline", "FluxPipeline", "Flux2Pipeline", "KandinskyV22Pipeline",
                                  "StableDiffusionXLImg2ImgPipeline"])
 def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
     folder = tmp_path / cls
@@ -236,18 +239,32 @@ def test_an_unsupported_family_is_refused_before_loading_weights(tmp_path, cls):
     with pytest.raises(NulltextError) as e:  # no weights in the folder: loading them would fail otherwise
         load_pipeline(str(folder), device="cpu")
     msg = str(e.value)
-    assert cls in msg and "Stable Diffusion 1.x, 2.x and XL" in msg and "\n" not in msg
+    assert cls in msg and SUPPORTED in msg and "\n" not in msg
+    if cls.startswith("Flux"):  # guidance-distilled: the reason is said
+        assert "guidance-distilled" in msg and "no unconditional branch" in msg
+
+
+def test_a_distilled_sd3_checkpoint_is_refused_before_loading_weights(tmp_path):
+    """SD3.5 Large Turbo is a StableDiffusion3Pipeline folder: its name gives it away."""
+    folder = tmp_path / "stable-diffusion-3.5-large-turbo"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                         "text_encoder": ["transformers", "X"]}))
+    with pytest.raises(NulltextError, match="guidance-distilled Stable Diffusion 3.5 .Turbo.: it samples without "
+                                            "classifier-free guidance, so it has no unconditional branch") as e:
+        load_pipeline(str(folder), device="cpu")
+    assert SUPPORTED in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_cli_refuses_an_unsupported_family_in_one_line(tmp_path):
     from test_cli import assert_refused, run_cli
 
-    folder = tmp_path / "sd3"
+    folder = tmp_path / "kandinsky"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     make_photo().save(tmp_path / "p.png")
     r = run_cli("invert", tmp_path / "p.png", "--prompt", "a cat", "-o", tmp_path / "x.safetensors", "--model", folder)
-    assert_refused(r, match="is a StableDiffusion3Pipeline; nulltext inverts Stable Diffusion 1.x, 2.x and XL")
+    assert_refused(r, match=f"is a KandinskyV22Pipeline; nulltext inverts {SUPPORTED}")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -375,7 +392,7 @@ def test_the_registry_refuses_an_unknown_pipeline_class_in_one_line(index):
 
     with pytest.raises(NulltextError) as e:
         families.for_index("some/model", index)
-    assert "nulltext inverts Stable Diffusion 1.x, 2.x and XL" in str(e.value) and "\n" not in str(e.value)
+    assert f"nulltext inverts {SUPPORTED}" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(NulltextError, match="unknown model family 'sd9'"):
         families.get("sd9")
     assert families.for_index("m", None) is families.get("stable-diffusion")
@@ -431,7 +448,7 @@ def test_a_folder_without_a_scheduler_config_falls_back_to_the_release_schedule_
     from nulltext.models import checkpoint_scheduler
 
     (tmp_path / "scheduler").mkdir()  # a scheduler folder without its config counts as none
-    with pytest.warns(NulltextWarning, match="has no scheduler config; using the release's DDIM schedule"):
+    with pytest.warns(NulltextWarning, match="has no scheduler config; using the default DDIM schedule of Stable Diffusion"):
         assert checkpoint_scheduler(str(tmp_path), {}) == SchedulerConfig()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(NulltextError, match="cannot read the scheduler config") as e:

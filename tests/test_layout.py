@@ -87,7 +87,7 @@ def _where(module: str) -> str:
 LAYERS: dict[str, tuple[str, ...]] = {
     # no model components: configs and their options, errors, output files, the model fingerprint,
     # Prompt-to-Prompt's token alignment and controllers, the samplers' step math and loops, pictures
-    "core": ("nulltext.errors", "nulltext.options", "nulltext.config", "nulltext.files", "nulltext.fingerprint",
+    "core": ("nulltext.errors", "nulltext.options", "nulltext.schedules", "nulltext.config", "nulltext.files", "nulltext.fingerprint",
              "nulltext.alignment", "nulltext.controllers", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
     # a checkpoint's components and what runs them: loading, the families, text and images through
     # the pipeline, the attention processors, the tiny and demo models
@@ -181,7 +181,8 @@ def test_the_inversion_file_imports_no_model_code():
         if module not in reached:
             reached.add(module)
             todo += graph[module]
-    allowed = storage | {f"nulltext.{m}" for m in ("config", "options", "errors", "files", "fingerprint")}
+    allowed = storage | {f"nulltext.{m}" for m in ("config", "schedules", "options", "errors", "files",
+                                                           "fingerprint")}
     assert reached <= allowed, sorted(reached - allowed)
     outside = set().union(*(imports[m] for m in reached))
     assert outside <= {"torch", "safetensors"}, sorted(outside)

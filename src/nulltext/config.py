@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass, field
 
 from . import options as cells  # the manifest cells' parsers (name, value) -> value
@@ -27,6 +25,7 @@ from .options import (
 )
 from .options import crop as parse_crop
 from .options import manifest_columns as columns
+from .schedules import FlowMatchConfig, SchedulerConfig, finite
 
 # the checkpoint nulltext loads when none is named (a Hugging Face hub id)
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -48,90 +47,6 @@ COND_METHODS = ("textual-inversion", "textual-inversion-pivot")
 # methods that draw Gaussian noise per image, seeded by InversionConfig.seed and the image's index
 # (the file records the seed); random-start draws its z_T from the seed alone
 SEEDED = ("random-pivot", "textual-inversion", "nti-no-pivot")
-
-
-def _finite(v) -> bool:
-    """A finite real number (a Python or numpy int or float; not a bool)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The DDIM scheduler nulltext samples with. The defaults are the release's, for Stable
-    Diffusion 1.x; a checkpoint's own noise schedule is read with :meth:`from_checkpoint`."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085  # release: DDIMScheduler(beta_start=0.00085, ...)
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    clip_sample: bool = False
-    set_alpha_to_one: bool = False  # so abar(t < 0) = final_alpha_cumprod = abar(0)
-    steps_offset: int = 1  # timesteps 981, 961, ..., 1 for 50 steps
-    timestep_spacing: str = "leading"  # diffusers' DDIM default, the one the release ran with
-    prediction_type: str = "epsilon"  # what the UNet predicts: epsilon (SD 1.x), v_prediction (SD 2.x 768)
-    rescale_betas_zero_snr: bool = False
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.num_train_timesteps, int) and not isinstance(self.num_train_timesteps, bool)
-                and 1 <= self.num_train_timesteps <= 100_000):
-            raise NulltextError(f"scheduler num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
-        if not (_finite(self.beta_start) and _finite(self.beta_end) and 0 < self.beta_start <= self.beta_end < 1):
-            raise NulltextError(f"scheduler betas must satisfy 0 < beta_start <= beta_end < 1, got "
-                                f"{self.beta_start!r} and {self.beta_end!r}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise NulltextError(f"scheduler beta_schedule {self.beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
-        if not all(isinstance(v, bool) for v in (self.clip_sample, self.set_alpha_to_one, self.rescale_betas_zero_snr)):
-            raise NulltextError("scheduler clip_sample, set_alpha_to_one and rescale_betas_zero_snr must be true or false")
-        if not (isinstance(self.steps_offset, int) and not isinstance(self.steps_offset, bool)
-                and 0 <= self.steps_offset < self.num_train_timesteps):
-            raise NulltextError(f"scheduler steps_offset must be a small non-negative integer, got {self.steps_offset!r}")
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise NulltextError(f"scheduler timestep spacing {self.timestep_spacing!r} is not one of "
-                                f"{', '.join(TIMESTEP_SPACINGS)}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise NulltextError(f"scheduler prediction type {self.prediction_type!r} is not one of "
-                                f"{', '.join(PREDICTION_TYPES)}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def of_scheduler(cls, config: dict) -> "SchedulerConfig":
-        """The fields of a configured DDIM scheduler's config, as they are."""
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
-
-    @classmethod
-    def from_checkpoint(cls, config: dict) -> "SchedulerConfig":
-        """The DDIM scheduler for a checkpoint whose scheduler config (any diffusers scheduler's:
-        PNDM for SD 1.x, DDIM or Euler for others) is ``config``: its noise schedule, timestep
-        spacing, offset and prediction type, with the release's ``clip_sample=False,
-        set_alpha_to_one=False``. For SD 1.x this is exactly the default configuration."""
-        kind = str(config.get("_class_name", ""))
-        if kind.startswith(("EDM", "FlowMatch")) or (kind and "beta_schedule" not in config):
-            raise NulltextError(f"the checkpoint's scheduler is a {kind}, without a DDPM noise schedule; nulltext "
-                                f"inverts checkpoints trained with beta schedules (SD 1.x, 2.x, XL)")
-        if config.get("rescale_betas_zero_snr"):
-            raise NulltextError("the checkpoint's scheduler has a zero terminal SNR (rescale_betas_zero_snr): DDIM "
-                                "inversion cannot reach abar = 0, which nulltext does not support")
-        names = {f.name for f in dataclasses.fields(cls)} - {"clip_sample", "set_alpha_to_one"}
-        known = {k: config[k] for k in names if config.get(k) is not None}
-        if config.get("trained_betas") is not None:
-            raise NulltextError("the checkpoint's scheduler has trained_betas, which nulltext does not support")
-        prediction = known.get("prediction_type", "epsilon")
-        if prediction not in PREDICTION_TYPES:
-            raise NulltextError(f"the checkpoint's scheduler predicts {prediction!r}; nulltext supports "
-                                f"{', '.join(PREDICTION_TYPES)}")
-        spacing = known.get("timestep_spacing", "leading")
-        if spacing not in TIMESTEP_SPACINGS:
-            raise NulltextError(f"the checkpoint's scheduler uses timestep spacing {spacing!r}; "
-                                f"nulltext supports {', '.join(TIMESTEP_SPACINGS)}")
-        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -207,7 +122,7 @@ class InversionConfig:
         False, flag="--optimize-pooled", action="store_true", column="optimize_pooled", cell=cells.flag_cell,
         help="SDXL: the null-text optimisation also moves the unconditional pooled embedding (by default only "
              "the token embeddings)")
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig | FlowMatchConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -223,7 +138,7 @@ class InversionConfig:
         for name, value in (("guidance", self.guidance_scale), ("inversion-guidance", self.inversion_guidance),
                             ("lr", self.lr), ("early-stop", self.early_stop_epsilon),
                             ("early-stop-slope", self.early_stop_slope), ("lr-decay-steps", self.lr_decay_steps)):
-            if not _finite(value):
+            if not finite(value):
                 raise NulltextError(f"{name} must be a finite number, got {value!r}")
         if not self.guidance_scale > 0:
             raise NulltextError(f"guidance must be positive, got {self.guidance_scale!r}")

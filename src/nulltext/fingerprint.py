@@ -19,7 +19,7 @@ def _config_dict(module) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
 
 
-def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None) -> dict:
+def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None, text_encoder_3=None) -> dict:
     """What identifies a model: configs, parameter names and shapes (hashed exactly), the
     tokenizer's vocabulary, a sample of every weight tensor (hashed exactly) and the mean square
     of every weight tensor (compared with a tolerance, so the same checkpoint in fp16/bf16 or on
@@ -28,8 +28,8 @@ def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None) -
     weights = hashlib.sha256()
     mean_squares: list[float] = []
     modules = [("text_encoder", text_encoder), ("vae", vae), ("unet", unet)]
-    if text_encoder_2 is not None:
-        modules.append(("text_encoder_2", text_encoder_2))
+    modules += [(name, m) for name, m in (("text_encoder_2", text_encoder_2), ("text_encoder_3", text_encoder_3))
+                if m is not None]
     for name, module in modules:
         h.update(name.encode())
         h.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())

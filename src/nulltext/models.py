@@ -58,11 +58,11 @@ class Pipeline:
     """The components of a checkpoint, frozen, on one device and dtype, with its family (what the
     components mean) and the family's sampler (how latents are stepped)."""
 
-    unet: torch.nn.Module  # the denoiser (a UNet for SD and SDXL)
+    unet: torch.nn.Module  # the denoiser (a UNet for SD and SDXL, an MMDiT transformer for SD3)
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    scheduler: object  # the sampler's diffusers scheduler (DDIM for SD and SDXL)
+    scheduler: object  # the sampler's diffusers scheduler (DDIM for SD and SDXL, flow-matching Euler for SD3)
     model_id: str
     device: torch.device
     dtype: torch.dtype
@@ -74,6 +74,9 @@ class Pipeline:
     # SDXL: the second tokenizer and text encoder (with projection: the pooled embedding)
     tokenizer_2: object = None
     text_encoder_2: torch.nn.Module | None = None
+    # SD3: the T5 tokenizer and encoder (None where the checkpoint or t5=False leaves them out)
+    tokenizer_3: object = None
+    text_encoder_3: torch.nn.Module | None = None
     # whether the unconditional embeddings for an empty prompt are zeros, as diffusers' pipeline has it
     force_zeros_for_empty_prompt: bool = False
     # torch.compile'd UNet (enable_compile), used inside compiled(); None: eager
@@ -155,8 +158,9 @@ class Pipeline:
 
     @property
     def prediction_type(self) -> str:
-        """What the denoiser predicts: ``epsilon`` (SD 1.x, SD 2.x base), ``v_prediction`` (SD 2.x 768)."""
-        return self.scheduler.config.prediction_type
+        """What the denoiser predicts: ``epsilon`` (SD 1.x, SD 2.x base), ``v_prediction`` (SD 2.x 768),
+        ``flow`` (SD3: the velocity of the flow)."""
+        return getattr(self.scheduler.config, "prediction_type", "flow")
 
     @property
     def dtype_name(self) -> str:
@@ -305,8 +309,8 @@ def checkpoint_scheduler(source: str, kw: dict, family: families.Family | None =
     family = family or families.get(families.DEFAULT)
     raw = read_scheduler_config(source, offline=bool(kw.get("local_files_only")))
     if raw is None:
-        warnings.warn(f"{source} has no scheduler config; using the release's DDIM schedule for SD 1.x",
-                      NulltextWarning, stacklevel=3)
+        warnings.warn(f"{source} has no scheduler config; using the default {family.sampler.NAME} schedule of "
+                      f"{family.title}", NulltextWarning, stacklevel=3)
     return family.scheduler_config(raw)
 
 
@@ -317,14 +321,16 @@ def load_pipeline(
     scheduler: SchedulerConfig | None = None,
     low_memory: bool = False,
     compile: bool = False,
+    t5: bool = True,
 ) -> Pipeline:
-    """Load a Stable Diffusion 1.x, 2.x or XL checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
+    """Load a Stable Diffusion 1.x, 2.x, XL, 3 or 3.5 checkpoint: a hub id (``CompVis/stable-diffusion-v1-4``),
     a local diffusers folder, ``demo`` (the small model nulltext trains on procedural scenes and
     ships, see :mod:`nulltext.demo`) or ``tiny`` (a small *random-weight* SD-shaped model built
     offline, for smoke runs and tests). Weights are frozen. The scheduler is DDIM with the
     checkpoint's own noise schedule, spacing and prediction type (``scheduler`` overrides it) and
-    the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's.
-    ``low_memory``: :meth:`Pipeline.enable_low_memory`; ``compile``: :meth:`Pipeline.enable_compile`."""
+    the release's ``clip_sample=False, set_alpha_to_one=False``: for SD 1.x, the release's; SD3
+    steps with the checkpoint's flow-matching Euler scheduler. ``t5=False`` leaves SD3's T5 text
+    encoder out (its tokens are zeros, as diffusers has them). ``low_memory``: :meth:`Pipeline.enable_low_memory`; ``compile``: :meth:`Pipeline.enable_compile`."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     if dev.type == "cpu" and torch_dtype in (torch.float16, torch.bfloat16):
@@ -365,7 +371,7 @@ def load_pipeline(
     try:
         quiet_loading()
         kw = {"local_files_only": True} if offline else {}
-        parts = family.load(source, index, torch_dtype, kw)
+        parts = family.load(source, index, torch_dtype, kw, t5=t5)
         scheduler = scheduler or checkpoint_scheduler(source, kw, family)
     except NulltextError:
         raise
@@ -390,7 +396,7 @@ def load_pipeline(
             module.eval()
             module.to(dev, torch_dtype)  # already loaded in torch_dtype: a no-op cast, then the move
     fingerprint = model_fingerprint(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                                    parts.get("text_encoder_2"))
+                                    parts.get("text_encoder_2"), parts.get("text_encoder_3"))
     pipe = Pipeline(scheduler=family.sampler.make_scheduler(scheduler), model_id=model_id, device=dev,
                     dtype=torch_dtype, fingerprint=fingerprint, vocabulary=vocabulary, family=family.name, scope=scope,
                     **parts)

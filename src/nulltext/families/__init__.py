@@ -1,11 +1,10 @@
 """Model families: one module per family of checkpoints (``sd``: Stable Diffusion 1.x and 2.x;
-``sdxl``: Stable Diffusion XL), behind the small interface of :class:`Family`. The loader
+``sdxl``: Stable Diffusion XL; ``sd3``: Stable Diffusion 3 and 3.5), behind the small interface of :class:`Family`. The loader
 (:mod:`nulltext.models`) asks this registry which family a checkpoint is, from its
 model_index.json, before any weights load; everything after loading (the inversion methods, the
 loops, the controllers, the files) reaches the family only through the pipeline.
 
-A new family (SD3: an MMDiT transformer, flow matching, joint attention, three text encoders, a
-16-channel VAE with a shift) lands as a new module ``families/NAME.py`` defining ``FAMILY``, an
+A new family lands as a new module ``families/NAME.py`` defining ``FAMILY``, an
 instance of a :class:`Family` subclass, plus its lines in ``_MODULES`` and ``_PIPELINES`` below.
 It implements:
 
@@ -17,7 +16,7 @@ It implements:
   inverted (an SDXL refiner), before weights load;
 - ``scheduler_config(raw)``: the sampler's configuration from the checkpoint's scheduler config
   (``raw``: a dict, or None where the checkpoint has none);
-- ``load(source, index, torch_dtype, kw)``: the components, as :class:`nulltext.models.Pipeline`
+- ``load(source, index, torch_dtype, kw, t5=True)``: the components, as :class:`nulltext.models.Pipeline`
   fields (``unet`` holds the denoiser, a transformer for SD3; more text encoders are fields as
   SDXL's ``text_encoder_2`` is); ``finish(pipe)``: adjustments after the move to the device;
 - ``embedding_shape(pipe)``, ``encode_prompt(pipe, prompt)``, ``encode_null(pipe)``: the
@@ -43,11 +42,16 @@ import importlib
 from ..errors import NulltextError
 
 # the family name recorded in files -> the module of this package that implements it
-_MODULES = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl"}
+_MODULES = {"stable-diffusion": "sd", "stable-diffusion-xl": "sdxl", "stable-diffusion-3": "sd3"}
 # model_index.json's pipeline class -> the family nulltext inverts it as
 _PIPELINES = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionImg2ImgPipeline": "stable-diffusion",
-              "StableDiffusionXLPipeline": "stable-diffusion-xl"}
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL (StableDiffusionPipeline and StableDiffusionXLPipeline folders)"
+              "StableDiffusionXLPipeline": "stable-diffusion-xl", "StableDiffusion3Pipeline": "stable-diffusion-3",
+              "StableDiffusion3Img2ImgPipeline": "stable-diffusion-3"}
+# pipeline classes of guidance-distilled models: no unconditional branch to optimise
+_DISTILLED = {"FluxPipeline": "FLUX.1 model", "FluxImg2ImgPipeline": "FLUX.1 model", "Flux2Pipeline": "FLUX.2 model",
+              "FluxKontextPipeline": "FLUX.1 Kontext model"}
+SUPPORTED = ("Stable Diffusion 1.x, 2.x, XL, 3 and 3.5 (StableDiffusionPipeline, StableDiffusionXLPipeline and "
+             "StableDiffusion3Pipeline folders)")
 DEFAULT = "stable-diffusion"  # a folder without model_index.json: its components' loading checks it
 
 
@@ -66,7 +70,8 @@ class Family:
     def scheduler_config(self, raw: dict | None):
         raise NotImplementedError
 
-    def load(self, source: str, index: dict | None, torch_dtype, kw: dict) -> dict:
+    def load(self, source: str, index: dict | None, torch_dtype, kw: dict, t5: bool = True) -> dict:
+        """``t5``: whether to load a T5 text encoder where the family has one (SD3)."""
         raise NotImplementedError
 
     def finish(self, pipe) -> None:
@@ -105,6 +110,13 @@ class Family:
         raise NotImplementedError
 
 
+def refuse_distilled(model: str, kind: str) -> NulltextError:
+    """The one-line refusal of a guidance-distilled checkpoint (``kind``: what it is)."""
+    return NulltextError(f"model '{model}' is a guidance-distilled {kind}: it samples without classifier-free "
+                         f"guidance, so it has no unconditional branch for null-text inversion to optimise; "
+                         f"nulltext inverts {SUPPORTED}")
+
+
 def get(name: str) -> Family:
     """The family recorded as ``name`` (a Pipeline's ``family``)."""
     if name not in _MODULES:
@@ -120,6 +132,8 @@ def for_index(model: str, index: dict | None) -> Family:
     if index is None:
         return get(DEFAULT)
     name = index.get("_class_name")
+    if isinstance(name, str) and name in _DISTILLED:
+        raise refuse_distilled(model, f"{_DISTILLED[name]} ({name})")
     if not isinstance(name, str) or name not in _PIPELINES:
         raise NulltextError(f"model '{model}' is a {name or 'pipeline of unknown class'}; nulltext inverts {SUPPORTED}")
     family = get(_PIPELINES[name])

@@ -109,7 +109,7 @@ class StableDiffusion(UNetFamily):
     title = "Stable Diffusion"
     layout = "Stable Diffusion checkpoint with tokenizer/, text_encoder/, vae/ and unet/"
 
-    def load(self, source: str, index: dict | None, torch_dtype, kw: dict) -> dict:
+    def load(self, source: str, index: dict | None, torch_dtype, kw: dict, t5: bool = True) -> dict:
         return {**self._load_base(source, torch_dtype, kw), **self._load_vae_unet(source, torch_dtype, kw),
                 "force_zeros_for_empty_prompt": bool((index or {}).get("force_zeros_for_empty_prompt", False))}
 

@@ -16,7 +16,7 @@ class StableDiffusionXL(UNetFamily):
     layout = ("Stable Diffusion XL checkpoint with tokenizer/, tokenizer_2/, text_encoder/, text_encoder_2/, vae/ "
               "and unet/")
 
-    def load(self, source: str, index: dict | None, torch_dtype, kw: dict) -> dict:
+    def load(self, source: str, index: dict | None, torch_dtype, kw: dict, t5: bool = True) -> dict:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
         parts = self._load_base(source, torch_dtype, kw)

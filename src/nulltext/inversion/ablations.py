@@ -48,10 +48,10 @@ def draw_noise(like: Tensor, gen: torch.Generator) -> Tensor:
 
 def random_trajectory(z0: Tensor, noise: Tensor, schedule: Schedule) -> list[Tensor]:
     """The random pivot [z0, z^r_1, ..., z^r_T]: z0 noised with the one ``noise`` by the forward
-    process at each inversion timestep (z^r_k = sqrt(abar) z0 + sqrt(1 - abar) noise at the k-th,
+    process at each timestep, least noisy first (z^r_k = sqrt(abar) z0 + sqrt(1 - abar) noise at the k-th,
     1, 21, ..., 981 for T = 50), in the layout of the DDIM pivots, so that null-text optimisation
     starts at z^r_T and targets z^r_(T-1) ... z^r_1, z0."""
-    return [z0, *(schedule.add_noise(z0, noise, t) for t in schedule.inversion_timesteps)]
+    return [z0, *(schedule.add_noise(z0, noise, t) for t in reversed(schedule.timesteps))]
 
 
 def _result(T: int, embedding: Tensor, iterations, first, last, lrs) -> NullTextResult:

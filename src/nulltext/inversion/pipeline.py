@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import image as image_mod
 from .. import samplers
-from ..config import OPTIMISED, SEEDED, InversionConfig, SchedulerConfig
+from ..config import OPTIMISED, SEEDED, InversionConfig
 from ..errors import NonFiniteError, NulltextError, NulltextWarning
 from ..image import probe
 from ..storage import ImageRecord, Inversion, ModelRecord, OptimisationRecord, Preprocessing, RunRecord, Timings
@@ -158,7 +158,7 @@ def invert_progressive(
     encoded and inverted as the iterator is consumed."""
     req = images if isinstance(images, InversionRequest) else request(images, prompts, config, batch_size)
     # the file records the schedule the pipeline really samples with (the checkpoint's own)
-    config = dataclasses.replace(req.config, scheduler=SchedulerConfig.of_scheduler(pipe.scheduler_config))
+    config = dataclasses.replace(req.config, scheduler=pipe.sampler.CONFIG.of_scheduler(pipe.scheduler_config))
     if (config.guidance_scale == 1.0 and config.num_inner_steps > 0 and config.method in OPTIMISED
             and not config.method.startswith("textual-inversion")):
         warnings.warn("guidance 1 makes the null-text optimisation have no effect (the unconditional "
@@ -244,7 +244,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     else:  # at inversion guidance 1 (the default) the conditional prediction alone: the pivot
         walk = samplers.invert_progressive(eps_fn, z0, inversion_cond, schedule, null0.expand(B, -1, -1),
                                            config.inversion_guidance)
-        pivots = [z0, *tqdm(walk, total=T, desc="DDIM inversion", unit="step", disable=not progress, leave=False)]
+        pivots = [z0, *tqdm(walk, total=T, desc=f"{schedule.name} inversion", unit="step", disable=not progress, leave=False)]
     ddim_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -28,11 +28,12 @@ from . import (
     sample_progressive,
 )
 
-__all__ = ["NAME", "EpsFn", "ModelFn", "Schedule", "check_finite", "ddim_inverse_step", "ddim_step", "guidance",
+__all__ = ["CONFIG", "NAME", "EpsFn", "ModelFn", "Schedule", "check_finite", "ddim_inverse_step", "ddim_step", "guidance",
            "guided_eps", "guided_step", "inverse_step", "invert", "invert_progressive", "make_scheduler",
            "model_quantity", "sample", "sample_progressive", "schedule", "step", "to_eps"]
 
 NAME = "DDIM"
+CONFIG = SchedulerConfig  # the configuration inversion files record
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import math
 
 from ..config import InversionConfig, SchedulerConfig
 from ..errors import NulltextError, one_line
+from ..schedules import FlowMatchConfig
 from .records import (
     FORMAT_VERSION,
     REQUIRED_META,
@@ -23,7 +24,8 @@ from .records import (
 
 def _config_from_dict(d: dict) -> InversionConfig:
     d = dict(d)
-    d["scheduler"] = SchedulerConfig(**d["scheduler"])
+    # a flow-matching schedule (SD3) has a shift, a DDIM one a noise schedule
+    d["scheduler"] = (FlowMatchConfig if "shift" in d["scheduler"] else SchedulerConfig)(**d["scheduler"])
     d["crop"] = tuple(d["crop"])
     d["size"] = tuple(d["size"]) if isinstance(d.get("size"), list) else d.get("size")
     return InversionConfig(**d)

@@ -1,0 +1,99 @@
+"""Flow matching with Euler steps (the sampler of Stable Diffusion 3 / 3.5, diffusers'
+``FlowMatchEulerDiscreteScheduler``). Its quantity is the velocity v of the rectified flow
+``z_sigma = (1 - sigma) z0 + sigma * noise``; a step from sigma to the next, smaller sigma is
+``z + (sigma_next - sigma) * v`` (written in the order of the scheduler's ``step``, so it is
+bit-identical to it: a test checks this), and the inversion runs the same Euler step backwards
+with the velocity at the current point (docs/algorithm.md, flow matching). The timesteps the
+model sees are ``sigma * num_train_timesteps``, as diffusers passes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import NulltextError
+from ..schedules import FlowMatchConfig
+
+NAME = "flow-matching Euler"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sigmas of a configured scheduler for ``num_steps`` steps: ``sigmas`` (T + 1,) float32,
+    noisiest first, ending in 0; ``timesteps`` the model's times ``sigma * num_train_timesteps``
+    of the first T (a :class:`nulltext.samplers.Schedule`)."""
+
+    timesteps: tuple[float, ...]
+    sigmas: Tensor
+    num_train_timesteps: int = 1000
+    name = NAME
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
+        scheduler.set_timesteps(num_steps)
+        sigmas = scheduler.sigmas.float().cpu()
+        timesteps = tuple(float(t) for t in scheduler.timesteps)
+        if len(timesteps) != num_steps or len(sigmas) != num_steps + 1:
+            raise NulltextError(f"the scheduler gives {len(timesteps)} timesteps for {num_steps} steps")
+        return cls(timesteps, sigmas, scheduler.config.num_train_timesteps)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def inversion_timesteps(self) -> tuple[float, ...]:
+        """The time of the current point of each inverse step, least noisy first: 0 (the photo's
+        latent), then the sampling timesteps from the last to the second."""
+        return (0.0, *reversed(self.timesteps[1:]))
+
+    def _index(self, t) -> int:
+        try:
+            return self.timesteps.index(float(t))
+        except ValueError:
+            raise NulltextError(f"timestep {t} is not one of this {self.num_steps}-step schedule's") from None
+
+    def step(self, sample: Tensor, out: Tensor, t) -> Tensor:
+        """Euler step from ``t`` to the next sigma: ``sample + (sigma_next - sigma) * v``."""
+        i = self._index(t)
+        dt = (self.sigmas[i + 1] - self.sigmas[i]).to(sample.device)
+        return sample + dt * out
+
+    def inverse_step(self, sample: Tensor, out: Tensor, t) -> Tensor:
+        """The Euler step backwards, from the sigma of ``t`` (an entry of ``inversion_timesteps``)
+        to the next larger one, with the velocity ``out`` at the current point."""
+        i = self.num_steps if float(t) == 0.0 else self._index(t)
+        dt = (self.sigmas[i - 1] - self.sigmas[i]).to(sample.device)
+        return sample + dt * out
+
+    def add_noise(self, sample: Tensor, noise: Tensor, t) -> Tensor:
+        """``(1 - sigma) z0 + sigma * noise`` at timestep ``t``, as the scheduler's ``scale_noise``."""
+        sigma = self.sigmas[self._index(t)].to(sample)
+        return sigma * noise + (1.0 - sigma) * sample
+
+
+CONFIG = FlowMatchConfig  # the configuration inversion files record
+
+
+def schedule(scheduler, num_steps: int) -> Schedule:
+    return Schedule.from_scheduler(scheduler, num_steps)
+
+
+def model_quantity(scheduler, out: Tensor, z: Tensor, t) -> Tensor:
+    """The transformer's output is the velocity already."""
+    return out
+
+
+def make_scheduler(config: FlowMatchConfig | None = None):
+    """diffusers' FlowMatchEulerDiscreteScheduler with ``config`` (default: SD3's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**(config or FlowMatchConfig()).to_dict())
+
+
+def timestep_tensor(t, batch: int, device) -> Tensor:
+    """The timestep as the SD3 pipeline passes it: float32, one per row."""
+    return torch.full((batch,), float(t), dtype=torch.float32, device=device)
