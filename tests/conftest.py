@@ -92,3 +92,23 @@ def photo_path(tmp_path):
     path = tmp_path / "photo.png"
     make_photo().save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sd3_folders(tmp_path_factory):
+    """Tiny random SD3-shaped checkpoints (tiny_sd3), saved by diffusers' StableDiffusion3Pipeline:
+    ``sd3`` (with T5), ``sd3.5`` (dual attention, QK norm, with T5) and ``sd3-no-t5``."""
+    from nulltext.tiny_sd3 import build_tiny_sd3_model
+
+    root = tmp_path_factory.mktemp("sd3")
+    return {"sd3": build_tiny_sd3_model(str(root / "sd3")),
+            "sd3.5": build_tiny_sd3_model(str(root / "sd3.5"), variant="sd3.5"),
+            "sd3-no-t5": build_tiny_sd3_model(str(root / "sd3-no-t5"), t5=False)}
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(sd3_folders):
+    """The SD3.5-shaped tiny pipeline (dual attention, T5), loaded as a user's checkpoint is."""
+    from nulltext import load_pipeline
+
+    return load_pipeline(sd3_folders["sd3.5"], device="cpu")
