@@ -117,11 +117,11 @@ class InversionConfig:
         help="seed of the Gaussian noise of random-pivot, textual-inversion and nti-no-pivot (the first image "
              "of a run draws with N, the others with seeds derived from N; the file records each) and of "
              "random-start's z_T; below 2^31")
-    # SDXL: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
+    # SDXL and SD3: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
     optimize_pooled: bool = option(
         False, flag="--optimize-pooled", action="store_true", column="optimize_pooled", cell=cells.flag_cell,
-        help="SDXL: the null-text optimisation also moves the unconditional pooled embedding (by default only "
-             "the token embeddings)")
+        help="SDXL and SD3: the null-text optimisation also moves the unconditional pooled embedding (by default "
+             "only the token embeddings)")
     scheduler: SchedulerConfig | FlowMatchConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

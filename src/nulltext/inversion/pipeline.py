@@ -167,7 +167,7 @@ def invert_progressive(
     for prompt in dict.fromkeys(req.prompts):
         warn_split_words(pipe, prompt)
     if config.optimize_pooled and getattr(pipe, "text_encoder_2", None) is None:
-        warnings.warn("optimize_pooled applies to SDXL only; this model has no pooled text embedding",
+        warnings.warn("optimize_pooled applies to SDXL and SD3 only; this model has no pooled text embedding",
                       NulltextWarning, stacklevel=2)
     if loss_scaling is None:
         loss_scaling = pipe.dtype == torch.float16
