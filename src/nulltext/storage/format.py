@@ -285,10 +285,10 @@ def _check_t5(path, model, pipe) -> None:
         return
     if "text_encoder_3" in made:
         raise NulltextError(f"{path} was made with the T5 text encoder of '{model.id}' loaded; this pipeline of "
-                            f"'{pipe.model_id}' has none (--no-t5, or t5=False in Python): load the model it was made "
-                            f"with, with T5")
-    raise NulltextError(f"{path} was made without a T5 text encoder (--no-t5, or t5=False in Python); this pipeline "
-                        f"of '{pipe.model_id}' has one: load it with --no-t5 too")
+                            f"'{pipe.model_id}' was loaded without it (--no-t5 on the command line, t5=False in "
+                            f"Python): load the model it was made with, with T5")
+    raise NulltextError(f"{path} was made without a T5 text encoder; this pipeline of '{pipe.model_id}' has one: "
+                        f"load it without T5 too (--no-t5 on the command line, t5=False in Python)")
 
 
 def check_fits(inv: Inversion, pipe, path="inversion") -> None:
