@@ -16,9 +16,19 @@ Model shapes (random weights):
   sd15   Stable Diffusion 1.5's layer sizes: UNet (320, 640, 1280, 1280), SD VAE, CLIP ViT-L/14 text encoder
   sdxl   SDXL base's layer sizes: UNet (320, 640, 1280) with 1/2/10 transformer layers, CLIP ViT-L and
          OpenCLIP ViT-bigG text encoders, the SD VAE; the time ids and pooled embedding as SDXL's
+  sd35m  Stable Diffusion 3.5 medium's transformer: SD3Transformer2DModel, 24 MMDiT blocks of 24 heads
+         x 64 (width 1536), dual attention in blocks 0-12, RMS-normalised q/k, joint_attention_dim 4096,
+         pooled_projection_dim 2048, patch 2, pos_embed_max_size 384 (2.24 B parameters); SD3's
+         16-channel VAE (128, 256, 512, 512) with its scale and shift; flow matching with shift 3.
+         The text encoders are small CLIPs with the real output widths (projections 768 + 1280 =
+         2048) and no T5 (its 256 tokens are zeros, as with --no-t5: the transformer still sees
+         77 + 256 text tokens, so its cost is the real one; T5-XXL's one forward per prompt is not
+         counted). --sd3-layers N keeps the first N blocks, each at its real size, for CPU smoke runs.
 small/sd15/sdxl are built with the real diffusers/transformers classes; by default written with
 save_pretrained and loaded with nulltext.load_pipeline(folder), the path a real checkpoint takes;
---direct builds them in memory on the device (faster for the large shapes, no fingerprint).
+--direct builds them in memory on the device (faster for the large shapes, no fingerprint). sd35m
+is always built on the device: its transformer on the meta device, then materialised and filled
+with seeded random values there (no 9 GB folder is written).
 
 A configuration is MODEL/DTYPE/bB[/low-memory][/compile][/release], e.g. sd15/bf16/b4; without
 --config the product of --model-size, --dtype and --batch-size is run. "release" runs the
@@ -30,6 +40,7 @@ Examples:
     python benchmarks/bench_invert.py --model-size tiny --size 64
     python benchmarks/bench_invert.py --config small/fp32/b1/release small/fp32/b1 small/fp32/b4 --size 64 --steps 20
     python benchmarks/bench_invert.py --config sd15/bf16/b1 sd15/bf16/b4 sd15/fp16/b1/low-memory --device cuda --direct
+    python benchmarks/bench_invert.py --config sd35m/fp32/b1 --size 256 --steps 2 --inner-steps 1 --sd3-layers 2
     benchmarks/gpu_check.sh          # the GPU rows of benchmarks/RESULTS.md
 """
 
@@ -95,7 +106,22 @@ SIZES = {
                   projection_dim=768, hidden_act="quick_gelu"),
         text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                     projection_dim=1280, hidden_act="gelu")),
+    # Stable Diffusion 3.5 medium (stabilityai/stable-diffusion-3.5-medium's transformer/ and vae/ configs)
+    "sd35m": dict(
+        transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        vae=dict(sample_size=1024, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                 use_post_quant_conv=False),
+        # small CLIPs with SD3's output widths: projections 768 (CLIP-L) + 1280 (CLIP-G) = pooled 2048
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  projection_dim=768),
+        text_2=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    projection_dim=1280)),
 }
+SD3_SHAPES = ("sd35m",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +213,71 @@ def direct_pipeline(size: str, seed: int, device: str, dtype: str, low_memory: b
     return pipe
 
 
+def random_sd3_transformer(spec: dict, layers: int, seed: int, device):
+    """SD3Transformer2DModel of ``spec`` with its first ``layers`` blocks: built on the meta device
+    (no weights allocated by the constructor, no slow default initialisation), materialised on
+    ``device`` and filled there, seeded: matrices N(0, 0.02^2), norm weights 1, biases 0; the
+    sin-cos position table (a buffer) recomputed as the constructor computes it."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.embeddings import PatchEmbed
+
+    kw = dict(spec, num_layers=layers, dual_attention_layers=tuple(i for i in spec["dual_attention_layers"] if i < layers))
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**kw)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        inner = kw["num_attention_heads"] * kw["attention_head_dim"]
+        table = PatchEmbed(height=kw["sample_size"], width=kw["sample_size"], patch_size=kw["patch_size"],
+                           in_channels=kw["in_channels"], embed_dim=inner, pos_embed_max_size=kw["pos_embed_max_size"])
+        model.pos_embed.pos_embed.copy_(table.pos_embed)
+    return model
+
+
+def sd3_pipeline(size: str, seed: int, device: str, dtype: str, low_memory: bool, compile: bool, layers: int):
+    """The sd35m shape wrapped in nulltext.models.Pipeline, built on the device (see the docstring)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from nulltext.models import SD3, Pipeline, resolve_device, resolve_dtype
+    from nulltext.samplers import flow
+    from nulltext.tiny import SPECIAL_BOS, SPECIAL_EOS, write_tokenizer
+
+    spec = SIZES[size]
+    dev, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    vocab = tokenizer.get_vocab()
+    parts = {"tokenizer": tokenizer, "tokenizer_2": tokenizer}
+    with torch.device(dev):
+        torch.manual_seed(seed)
+        for name, key in (("text_encoder", "text"), ("text_encoder_2", "text_2")):
+            parts[name] = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(vocab), max_position_embeddings=tokenizer.model_max_length, bos_token_id=vocab[SPECIAL_BOS],
+                eos_token_id=vocab[SPECIAL_EOS], pad_token_id=vocab[SPECIAL_EOS], **spec[key]))
+        torch.manual_seed(seed + 1)
+        parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                     up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"])
+    parts["unet"] = random_sd3_transformer(spec["transformer"], layers, seed + 2, dev)
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):  # as load_pipeline does
+        parts[name].requires_grad_(False).eval().to(dev, torch_dtype)
+    pipe = Pipeline(scheduler=flow.make_scheduler(), model_id=f"bench-{size}", device=dev, dtype=torch_dtype,
+                    family=SD3, **parts)
+    if low_memory:
+        pipe.enable_low_memory()
+    if compile:
+        pipe.enable_compile()
+    return pipe
+
+
 def get_pipeline(size: str, dtype: str, low_memory: bool, compile: bool, args) -> tuple[object, dict]:
     """(pipeline, how it was made: load path and seconds)."""
     t0 = time.perf_counter()
@@ -194,6 +285,11 @@ def get_pipeline(size: str, dtype: str, low_memory: bool, compile: bool, args) -
     if size == "tiny":
         pipe = nulltext.load_pipeline("tiny", **kw)
         return pipe, dict(load_path="nulltext.load_pipeline('tiny')", build_s=0.0, load_s=time.perf_counter() - t0)
+    if size in SD3_SHAPES:
+        pipe = sd3_pipeline(size, args.seed, args.device, dtype, low_memory, compile, args.sd3_layers)
+        return pipe, dict(load_path=f"built on the device (transformer: meta, then filled), {args.sd3_layers} of "
+                                    f"{SIZES[size]['transformer']['num_layers']} blocks, wrapped in nulltext.models.Pipeline",
+                          build_s=time.perf_counter() - t0, load_s=0.0)
     if args.direct:
         pipe = direct_pipeline(size, args.seed, args.device, dtype, low_memory, compile)
         return pipe, dict(load_path="built on the device, wrapped in nulltext.models.Pipeline (--direct)",
@@ -308,7 +404,7 @@ def synthetic_photo(size: tuple[int, int], seed: int):
 
 def weight_problems(pipe) -> list[str]:
     out = []
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         m = getattr(pipe, name, None)
         if m is None:
             continue
@@ -327,6 +423,8 @@ def parse_config(text: str) -> dict:
     flags = set(parts[3:])
     if flags - {"low-memory", "compile", "release"}:
         raise argparse.ArgumentTypeError(f"unknown flags {sorted(flags - {'low-memory', 'compile', 'release'})}")
+    if "release" in flags and parts[0] in SD3_SHAPES:
+        raise argparse.ArgumentTypeError(f"{text}: the release's loop is DDIM's; {parts[0]} samples by flow matching")
     return dict(model=parts[0], dtype=parts[1], batch=int(parts[2][1:]), low_memory="low-memory" in flags,
                 compile="compile" in flags, release="release" in flags, name=text)
 
@@ -465,13 +563,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", nargs="+", type=int, default=[1])
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: the model's native size: tiny 128, small 256, sd15 512, "
-                        "sdxl 1024)")
+                        "sdxl 1024, sd35m 1024)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps T (default 50, the release's)")
     p.add_argument("--inner-steps", type=int, default=10, help="Adam iterations per timestep, all run (default 10)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic images")
     p.add_argument("--cache-dir", metavar="DIR", help="keep the built model folders here (default: the temp folder)")
     p.add_argument("--direct", action="store_true", help="build small/sd15/sdxl on the device, no save/load")
+    p.add_argument("--sd3-layers", type=int, default=24, metavar="N",
+                   help="sd35m: keep the first N of its 24 transformer blocks, each at its real size (default 24, the "
+                        "real depth; 2 for a CPU smoke run)")
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="start no configuration after this many seconds (the rest are reported as not measured)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

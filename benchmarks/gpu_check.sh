@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/RESULTS.md in one command, under 8 minutes on one H100 or H200:
+# The GPU rows of benchmarks/RESULTS.md in one command, under 10 minutes on one H100 or H200:
 # null-text inversion of random-weight models of Stable Diffusion 1.5's shape at 512x512 (T = 50 x 10
 # Adam iterations, early stop off: the paper's setting) in fp32, bf16 and fp16, batches of 1 and 4, and
 # --low-memory; SDXL's shape at 1024x1024 (T = 10 x 10, enough for its time per iteration and its
-# peak memory) in bf16 and fp16 with --low-memory. Writes $OUT_DIR/gpu_check.{json,md} (default out/).
+# peak memory) in bf16 and fp16 with --low-memory; Stable Diffusion 3.5 medium's shape at 1024x1024 (T = 28
+# x 10, diffusers' default steps for SD3) in bf16, with and without --low-memory. Writes
+# $OUT_DIR/gpu_check.{json,md} (default out/).
 #
 #     benchmarks/gpu_check.sh                 # PYTHON=/path/to/python to choose the interpreter
 set -uo pipefail  # a failed part still leaves the others' figures
@@ -27,13 +29,18 @@ left=$(( 420 - ($(date +%s) - start) ))
     --steps 10 --inner-steps 10 \
     --config sdxl/bf16/b1 sdxl/fp16/b1/low-memory sdxl/bf16/b1/low-memory sdxl/bf16/b4 \
     --json "$OUT_DIR/gpu_check_sdxl.json" --markdown "$OUT_DIR/gpu_check_sdxl.md" || rc=$?
+# sd35m shape (SD3.5 medium's transformer, 24 blocks; small CLIPs, no T5): the second row starts only
+# within 2 minutes
+"$PY" benchmarks/bench_invert.py --device cuda -q --deadline 120 --steps 28 --inner-steps 10 \
+    --config sd35m/bf16/b1 sd35m/bf16/b1/low-memory \
+    --json "$OUT_DIR/gpu_check_sd35m.json" --markdown "$OUT_DIR/gpu_check_sd35m.md" || rc=$?
 # the model fingerprint every command computes when it loads a model (seconds)
 "$PY" benchmarks/bench_fingerprint.py --device cuda --dtype fp16 --model-size sd15 sdxl \
     > "$OUT_DIR/gpu_check_fingerprint.md" || rc=$?
 "$PY" - "$OUT_DIR" <<'PY'
 import json, os, sys
 out = sys.argv[1]
-parts = {k: os.path.join(out, f"gpu_check_{k}") for k in ("sd15", "sdxl")}
+parts = {k: os.path.join(out, f"gpu_check_{k}") for k in ("sd15", "sdxl", "sd35m")}
 runs = {k: json.load(open(p + ".json")) if os.path.exists(p + ".json") else None for k, p in parts.items()}
 json.dump({"runs": runs}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 with open(os.path.join(out, "gpu_check.md"), "w") as f:

@@ -42,8 +42,10 @@ def model_fingerprint(unet, vae, text_encoder, tokenizer, text_encoder_2=None, t
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(str(tokenizer.model_max_length).encode())
+    # the components hashed: an SD3 pipeline loaded without its T5 encoder lacks text_encoder_3
+    # (check_fits names that difference; the hashes above already tell the models apart)
     return {"config_sha256": h.hexdigest(), "weights_sample_sha256": weights.hexdigest(),
-            "weights_mean_square": mean_squares}
+            "weights_mean_square": mean_squares, "modules": [name for name, _ in modules]}
 
 
 def weight_statistics(params) -> tuple[bytes, list[float]]:

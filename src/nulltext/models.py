@@ -24,6 +24,7 @@ from .samplers.ddim import make_scheduler, to_eps  # noqa: F401  (part of this m
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL = "stable-diffusion-xl"  # a family's name, as Pipeline.family and inversion files record it
+SD3 = "stable-diffusion-3"  # the family with an optional T5 text encoder (load_pipeline's t5)
 
 
 @dataclass
@@ -368,6 +369,9 @@ def load_pipeline(
     offline = not os.path.isdir(source) and hub_unreachable()
     index = read_model_index(source, offline)
     family = families.for_index(model, index)
+    if not t5 and family.name != SD3:
+        warnings.warn(f"t5=False (--no-t5 on the command line) has no effect on '{model}': a {family.title} "
+                      f"checkpoint has no T5 text encoder", NulltextWarning, stacklevel=2)
     try:
         quiet_loading()
         kw = {"local_files_only": True} if offline else {}

@@ -120,6 +120,10 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None, eithe
     p.add_argument("--low-memory", action="store_true",
                    help="less GPU memory for more time: gradient checkpointing in the UNet during the optimisation "
                         "and one image at a time through the VAE (same results to rounding)")
+    p.add_argument("--no-t5", dest="no_t5", action="store_true",
+                   help="Stable Diffusion 3 / 3.5: leave the T5 text encoder out (its tokens are zeros, as diffusers "
+                        "has them; about 9 GB less for T5-XXL in bf16, somewhat weaker prompt following); an inversion "
+                        "made with T5 is refused without it and the reverse. No effect on other families")
 
 
 def _add_inversion_args(p: argparse.ArgumentParser, d, qualified: bool = False, exclude=()) -> None:

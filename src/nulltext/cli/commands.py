@@ -23,7 +23,7 @@ def _load_pipe(args, model: str):
     from ..models import load_pipeline
 
     return load_pipeline(model, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
-                         compile=getattr(args, "compile", False))
+                         compile=getattr(args, "compile", False), t5=not args.no_t5)
 
 
 def _inversion_name(path: str, flag: str, folder: bool = False) -> None:
@@ -144,7 +144,10 @@ def cmd_info(args) -> int:
           + (f"   cond_embeddings {tuple(inv.cond_embeddings.shape)}" if inv.cond_embeddings is not None else ""))
     print(f"steps T        {c.num_steps}   guidance {c.guidance_scale}   inner steps {c.num_inner_steps}   "
           f"early stop {c.early_stop_epsilon:g} + i*{c.early_stop_slope:g}   lr {c.lr:g}")
-    print(f"inversion      DDIM at guidance {c.inversion_guidance:g}; z_T log-likelihood "
+    sampler = families.get(model.family).sampler
+    shift = getattr(c.scheduler, "shift", None)  # flow matching's (SD3): the schedule's shift of the sigmas
+    print(f"inversion      {sampler.NAME} at guidance {c.inversion_guidance:g}"
+          + (f" (scheduler shift {shift:g})" if shift is not None else "") + "; z_T log-likelihood "
           f"{inv.latent_log_likelihood:.4f} per dimension under N(0, I) (Gaussian noise: -1.4189)")
     print(f"family         {model.family}, predicts {model.prediction_type}")
     scales = opt.loss_scales if opt else None

@@ -276,6 +276,21 @@ def load_inversion(path, pipe=None) -> Inversion:
     return inv
 
 
+def _check_t5(path, model, pipe) -> None:
+    """Where the two fingerprints' components differ by SD3's T5 text encoder alone, say so: the
+    same checkpoint loaded with and without T5 (``--no-t5``) conditions the model differently.
+    (Files whose fingerprint lists no components, before this check, get the general refusal.)"""
+    made, here = model.fingerprint.get("modules"), pipe.fingerprint.get("modules")
+    if not isinstance(made, list) or not isinstance(here, list) or set(made) ^ set(here) != {"text_encoder_3"}:
+        return
+    if "text_encoder_3" in made:
+        raise NulltextError(f"{path} was made with the T5 text encoder of '{model.id}' loaded; this pipeline of "
+                            f"'{pipe.model_id}' was loaded without it (--no-t5 on the command line, t5=False in "
+                            f"Python): load the model it was made with, with T5")
+    raise NulltextError(f"{path} was made without a T5 text encoder; this pipeline of '{pipe.model_id}' has one: "
+                        f"load it without T5 too (--no-t5 on the command line, t5=False in Python)")
+
+
 def check_fits(inv: Inversion, pipe, path="inversion") -> None:
     """Refuse an inversion made with another model (or whose shapes this model cannot take)."""
     model = inv.model
@@ -286,6 +301,7 @@ def check_fits(inv: Inversion, pipe, path="inversion") -> None:
                             f"pass the model it was made with (--model on the command line)")
     same, why = fingerprints_match(model.fingerprint, pipe.fingerprint)
     if not same:
+        _check_t5(path, model, pipe)
         raise NulltextError(f"{path} was made with model '{model.id}', which does not match "
                             f"'{pipe.model_id}' ({why}); pass the model it was made with (--model on the command line)")
     _, c, h, w = inv.latent_T.shape
