@@ -219,3 +219,18 @@ def test_an_sd3_file_is_refused_by_another_family(sd3_pipe, tiny_pipe, tmp_path)
     inv.save(tmp_path / "inv.safetensors")
     with pytest.raises(NulltextError, match="made with a stable-diffusion-3 model"):
         type(inv).load(tmp_path / "inv.safetensors", pipe=tiny_pipe)
+
+
+def test_the_denoising_objective_of_the_ablations_is_the_velocity_on_a_flow_model(sd3_pipe):
+    """textual-inversion and nti-no-pivot fit the model's output to its training target: on a flow
+    model the velocity noise - z0 (diffusers' SD3 training scripts' target), the noise for DDIM."""
+    schedule = sd3_pipe.schedule(4)
+    g = torch.Generator().manual_seed(4)
+    z0, noise = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 4, 4, generator=g)
+    target = schedule.training_target(z0, noise)
+    assert torch.equal(target, noise - z0)
+    t = schedule.timesteps[1]  # the straight path's velocity carries z_t to the noise at sigma 1, z0 at sigma 0
+    z_t = schedule.add_noise(z0, noise, t)
+    sigma = float(schedule.sigmas[1])
+    torch.testing.assert_close(z_t + (1 - sigma) * target, noise, rtol=0, atol=1e-5)
+    torch.testing.assert_close(z_t - sigma * target, z0, rtol=0, atol=1e-5)

@@ -65,6 +65,7 @@ def optimize_textual_inversion(eps_fn: EpsFn, z0: Tensor, cond: Tensor, schedule
     """Textual inversion of one image (the paper's ablation after Gal et al., Eq. 4): C, starting
     at ``cond`` (psi(P)), minimises ``mean((noise - eps(z_t, t, C))^2)`` with
     ``z_t = schedule.add_noise(z0, noise, t)``; the conditional prediction alone, no guidance.
+    (On a flow model the target is the velocity ``noise - z0``: ``schedule.training_target``.)
 
     ``T x num_inner_steps`` Adam iterations (null-text inversion's budget) at the constant rate
     ``config.lr``; each draws, from ``generator(seed)``, first the timestep index
@@ -82,7 +83,7 @@ def optimize_textual_inversion(eps_fn: EpsFn, z0: Tensor, cond: Tensor, schedule
         t = schedule.timesteps[i]
         noise = draw_noise(z0, gen)
         z_t = schedule.add_noise(z0, noise, t)
-        loss = (eps_fn(z_t, t, c) - noise).pow(2).mean()
+        loss = (eps_fn(z_t, t, c) - schedule.training_target(z0, noise)).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         samplers.check_finite(c.grad, "the textual inversion's gradient", t, i, T)
@@ -119,7 +120,8 @@ def optimize_null_text_no_pivot(eps_fn: EpsFn, z0: Tensor, cond: Tensor, null0: 
             z_t = schedule.add_noise(z0, noise, t)
             with torch.no_grad():
                 eps_cond = eps_fn(z_t, t, cond)
-            loss = (samplers.guidance(eps_fn(z_t, t, null), eps_cond, w) - noise).pow(2).mean()
+            target = schedule.training_target(z0, noise)
+            loss = (samplers.guidance(eps_fn(z_t, t, null), eps_cond, w) - target).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             samplers.check_finite(null.grad, "the null-text (no pivot) gradient", t, i, T)

@@ -60,6 +60,11 @@ class Schedule(Protocol):
         """The forward process: a clean ``sample`` (z0) noised to ``t``, a timestep of the schedule,
         with ``noise`` (DDIM: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``)."""
 
+    def training_target(self, sample: Tensor, noise: Tensor) -> Tensor:
+        """What the model's quantity is trained to predict at ``add_noise(sample, noise, t)``
+        (DDIM: the noise; flow matching: the velocity ``noise - sample``): the objective of the
+        ablations that fit embeddings to the denoising loss."""
+
 
 def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears

@@ -96,6 +96,10 @@ class Schedule:
         abar_t = self.alphas_cumprod[t].to(original)  # on the sample's device and dtype, as diffusers has it
         return abar_t ** 0.5 * original + (1 - abar_t) ** 0.5 * noise
 
+    def training_target(self, sample: Tensor, noise: Tensor) -> Tensor:
+        """eps is trained to predict the noise."""
+        return noise
+
     def inverse_step(self, sample: Tensor, eps: Tensor, t: int) -> Tensor:
         """Inverse DDIM step to timestep ``t`` from the one below it in the schedule (``t - k`` with
         the release's leading spacing, its next_step), capped at ``T_train - 1``."""

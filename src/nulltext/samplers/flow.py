@@ -74,6 +74,10 @@ class Schedule:
         sigma = self.sigmas[self._index(t)].to(sample)
         return sigma * noise + (1.0 - sigma) * sample
 
+    def training_target(self, sample: Tensor, noise: Tensor) -> Tensor:
+        """The velocity of the straight path from ``sample`` to ``noise``: ``noise - sample``."""
+        return noise - sample
+
 
 CONFIG = FlowMatchConfig  # the configuration inversion files record
 
