@@ -60,7 +60,9 @@ def test_t5_can_be_left_out_and_the_fingerprint_tells(sd3_folders, sd3_pipe):
     assert with_t5.fingerprint["config_sha256"] != without.fingerprint["config_sha256"]
 
 
-def test_dynamic_shifting_is_refused_in_one_line(sd3_folders, tmp_path):
+def test_a_schedule_shifted_by_the_image_size_is_the_sd3_pipelines(sd3_folders, tmp_path):
+    """use_dynamic_shifting: the sigmas depend on the image's token count, as diffusers computes
+    them; sampling from a given z_T equals StableDiffusion3Pipeline's at two sizes."""
     import shutil
 
     folder = tmp_path / "dynamic"
@@ -68,8 +70,27 @@ def test_dynamic_shifting_is_refused_in_one_line(sd3_folders, tmp_path):
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "use_dynamic_shifting": True}))
-    with pytest.raises(NulltextError, match="use_dynamic_shifting") as e:
-        load_pipeline(str(folder), device="cpu")
+    pipe = load_pipeline(str(folder), device="cpu")
+    assert pipe.schedule(4, (4, 4)).timesteps != pipe.schedule(4, (8, 12)).timesteps
+    with pytest.raises(NulltextError, match="needs the image's size"):
+        pipe.schedule(4)
+    ref = reference(str(folder), t5=False)
+    cond, null = encode_prompt(pipe, PROMPT), encode_null(pipe)
+    for h, w in ((4, 4), (8, 12)):
+        z_T = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(5))
+        expected = ref(PROMPT, negative_prompt="", latents=z_T.clone(), height=8 * h, width=8 * w,
+                       num_inference_steps=4, guidance_scale=4.0, output_type="latent").images
+        ours = samplers.sample(pipe.eps, z_T, cond, [null] * 4, 4.0, pipe.schedule(4, (h, w)))
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # an inversion records the schedule and replays it at its own size
+    photo = preprocess(make_photo(96, 64), (96, 64), multiple=16)
+    inv = invert(pipe, photo, PROMPT, InversionConfig(num_steps=3, num_inner_steps=0, method="ddim"), progress=False)
+    assert inv.config.scheduler.use_dynamic_shifting and torch.isfinite(reconstruct_latent(pipe, inv, progress=False)).all()
+
+
+def test_stochastic_sampling_is_refused_in_one_line():
+    with pytest.raises(NulltextError, match="no deterministic inverse|samples stochastically") as e:
+        FlowMatchConfig.from_checkpoint({"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": True})
     assert "\n" not in str(e.value)
 
 

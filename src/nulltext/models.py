@@ -199,9 +199,10 @@ class Pipeline:
     def scheduler_config(self) -> dict:
         return {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
 
-    def schedule(self, num_steps: int):
-        """The sampler's schedule of ``num_steps`` steps (:class:`nulltext.samplers.Schedule`)."""
-        return self.sampler.schedule(self.scheduler, num_steps)
+    def schedule(self, num_steps: int, latent_hw: tuple[int, int] | None = None):
+        """The sampler's schedule of ``num_steps`` steps (:class:`nulltext.samplers.Schedule`) for a
+        latent of ``latent_hw`` (h, w): a flow schedule shifted by the image's size needs it."""
+        return self.sampler.schedule(self.scheduler, num_steps, self.model_family.image_seq_len(self, latent_hw))
 
     def eps(self, z: Tensor, t: int, emb: Tensor, optimize_pooled: bool = False) -> Tensor:
         """The model callable of the loops: the denoiser's prediction at (z, t) with conditioning

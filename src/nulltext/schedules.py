@@ -102,13 +102,19 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class FlowMatchConfig:
     """The ``FlowMatchEulerDiscreteScheduler`` configuration nulltext steps with: the
-    checkpoint's own (SD3 and SD3.5: ``shift=3.0``), recorded in inversion files. Dynamic
-    shifting (a shift that depends on the image size, FLUX's) and stochastic sampling are
-    refused: the first would tie a file's schedule to its size, the second has no inverse."""
+    checkpoint's own (SD3 and SD3.5: ``shift=3.0``), recorded in inversion files. With
+    ``use_dynamic_shifting`` the sigmas are shifted by the image's token count, as diffusers'
+    StableDiffusion3Pipeline computes it (``mu`` from ``base_shift``, ``max_shift`` and the
+    sequence lengths). Stochastic sampling and inverted sigmas are refused: they have no
+    deterministic inverse."""
 
     num_train_timesteps: int = 1000
     shift: float = 3.0
     use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
     invert_sigmas: bool = False
     shift_terminal: float | None = None
     use_karras_sigmas: bool = False
@@ -120,15 +126,29 @@ class FlowMatchConfig:
         check_train_timesteps(self.num_train_timesteps)
         if not (finite(self.shift) and self.shift > 0):
             raise NulltextError(f"scheduler shift must be a positive number, got {self.shift!r}")
-        if self.use_dynamic_shifting:
-            raise NulltextError("the checkpoint's flow-matching scheduler shifts its sigmas by the image size "
-                                "(use_dynamic_shifting); nulltext inverts checkpoints with a fixed shift (SD3, SD3.5)")
+        if self.use_dynamic_shifting and not (finite(self.base_shift) and finite(self.max_shift)
+                                              and 0 < self.base_image_seq_len < self.max_image_seq_len):
+            raise NulltextError("the checkpoint's flow-matching scheduler shifts its sigmas by the image size with "
+                                "base_shift, max_shift, base_image_seq_len and max_image_seq_len that nulltext cannot "
+                                "read")
         if self.stochastic_sampling or self.invert_sigmas:
             raise NulltextError("the checkpoint's flow-matching scheduler samples stochastically or inverts its sigmas; "
                                 "nulltext inverts the deterministic flow of SD3 and SD3.5")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def mu(self, image_seq_len: int | None) -> float | None:
+        """The dynamic shift for an image of ``image_seq_len`` tokens, diffusers' ``calculate_shift``
+        (a line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift));
+        None without dynamic shifting."""
+        if not self.use_dynamic_shifting:
+            return None
+        if image_seq_len is None:
+            raise NulltextError("a dynamically shifted flow schedule needs the image's size")
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        b = self.base_shift - m * self.base_image_seq_len
+        return image_seq_len * m + b
 
     @classmethod
     def of_scheduler(cls, config: dict) -> "FlowMatchConfig":

@@ -178,7 +178,9 @@ def cmd_info(args) -> int:
 def _timesteps(inv) -> list[int]:
     """The timesteps of the file's steps, from the sampler of the family it was made with."""
     sampler = families.get(inv.model.family).sampler
-    return list(sampler.schedule(sampler.make_scheduler(inv.config.scheduler), inv.num_steps).timesteps)
+    # a schedule shifted by the image's size (flow matching, dynamic shifting): SD3's patches of 2
+    tokens = (inv.latent_T.shape[-2] // 2) * (inv.latent_T.shape[-1] // 2)
+    return list(sampler.schedule(sampler.make_scheduler(inv.config.scheduler), inv.num_steps, tokens).timesteps)
 
 
 def _is_inversion_path(path: str) -> bool:

@@ -62,7 +62,7 @@ class EditResult:
 
 
 def _setup(pipe, inversion, targets):
-    schedule = pipe.schedule(inversion.num_steps)
+    schedule = pipe.schedule(inversion.num_steps, tuple(inversion.latent_T.shape[-2:]))
     # (T, 1, L, d), as reconstruct_latent: the file's optimised C (textual inversions) or the prompt's
     cond_src = inversion.step_conds(pipe.device)
     if cond_src is None:
@@ -141,7 +141,7 @@ def sdedit_noise_progressive(pipe, photo: PhotoLatent, targets: list[str], stren
     ``photo.config``. No inversion: the source row stays z0 (it decodes to the VAE's round trip,
     which strength 0 returns). With ``user_mask``, after each step the targets keep outside it
     the photo's latent noised, with the same noise, to the level they are at."""
-    schedule, T, n = pipe.schedule(photo.num_steps), photo.num_steps, len(targets)
+    schedule, T, n = pipe.schedule(photo.num_steps, tuple(photo.z0.shape[-2:])), photo.num_steps, len(targets)
     cond = torch.cat([encode_prompt(pipe, t) for t in targets])  # (n, L, d)
     null = encode_null(pipe).expand(n, -1, -1)
     w = photo.config.guidance_scale

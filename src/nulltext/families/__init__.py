@@ -32,7 +32,8 @@ It implements:
   ``latent_hw``); Prompt-to-Prompt installs its processors by these names;
 - ``latent_scale_shift(pipe)``: z = (mean(E(x)) - shift) * scale, decoded as D(z / scale + shift);
 - ``latent_channels(pipe)``, ``vae_scale_factor(pipe)``, ``size_multiple(pipe)``, ``native_size(pipe)``:
-  latent and image geometry.
+  latent and image geometry; ``image_seq_len(pipe, latent_hw)``: a transformer's image tokens, for a
+  schedule shifted by the image's size.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class Family:
 
     def size_multiple(self, pipe) -> int:
         raise NotImplementedError
+
+    def image_seq_len(self, pipe, latent_hw: tuple[int, int] | None) -> int | None:
+        """The image's token count for a latent of ``latent_hw`` (None: the denoiser has no tokens,
+        or no size was given), for schedules shifted by it."""
+        return None
 
     def native_size(self, pipe) -> tuple[int, int]:
         raise NotImplementedError

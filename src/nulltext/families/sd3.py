@@ -28,6 +28,11 @@ MAX_SEQUENCE_LENGTH = 256  # T5 tokens, diffusers' StableDiffusion3Pipeline defa
 DISTILLED = ("turbo",)
 
 
+def patch_count(latent_hw: tuple[int, int], patch_size: int = 2) -> int:
+    """The image tokens of a latent of ``latent_hw`` (SD3 and SD3.5 patch by 2)."""
+    return (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
+
+
 class StableDiffusion3(Family):
     name = "stable-diffusion-3"
     title = "Stable Diffusion 3"
@@ -131,6 +136,10 @@ class StableDiffusion3(Family):
     def size_multiple(self, pipe) -> int:
         """Image sides are multiples of the VAE factor times the patch size (16 for SD3)."""
         return self.vae_scale_factor(pipe) * pipe.unet.config.patch_size
+
+    def image_seq_len(self, pipe, latent_hw: tuple[int, int] | None) -> int | None:
+        """The image's patches, as the SD3 pipeline counts them for a dynamic shift."""
+        return None if latent_hw is None else patch_count(latent_hw, pipe.unet.config.patch_size)
 
     def native_size(self, pipe) -> tuple[int, int]:
         """The transformer's sample size (1024x1024 for SD3 and SD3.5)."""

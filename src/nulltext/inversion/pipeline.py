@@ -221,7 +221,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     B = len(batch)
     z0 = torch.cat([item.z0 for item in batch])
     cond = torch.cat([item.cond for item in batch])  # (B, L, d)
-    schedule = pipe.schedule(config.num_steps)
+    schedule = pipe.schedule(config.num_steps, tuple(z0.shape[-2:]))
     eps_fn = functools.partial(pipe.eps, optimize_pooled=config.optimize_pooled)
     T = schedule.num_steps
 
@@ -320,7 +320,7 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
 def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Tensor:
     """Sample from z_T with C (the file's optimised one where the method has it) and the stored N_t
     at every step: z_0 of the reconstruction."""
-    schedule = pipe.schedule(inversion.num_steps)
+    schedule = pipe.schedule(inversion.num_steps, tuple(inversion.latent_T.shape[-2:]))
     cond = inversion.step_conds(pipe.device)  # (T, 1, L, d), or None: the prompt's encoding
     cond = encode_prompt(pipe, inversion.prompt) if cond is None else cond
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)

@@ -164,7 +164,8 @@ def model_quantity(scheduler, out: Tensor, z: Tensor, t: int) -> Tensor:
     return to_eps(out, z.float(), scheduler.alphas_cumprod[int(t)].to(out.device), prediction_type)
 
 
-def schedule(scheduler, num_steps: int) -> Schedule:
+def schedule(scheduler, num_steps: int, image_seq_len: int | None = None) -> Schedule:
+    """``image_seq_len`` is for samplers whose schedule depends on the image's size: not DDIM."""
     return Schedule.from_scheduler(scheduler, num_steps)
 
 

@@ -32,8 +32,10 @@ class Schedule:
     name = NAME
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
-        scheduler.set_timesteps(num_steps)
+    def from_scheduler(cls, scheduler, num_steps: int, image_seq_len: int | None = None) -> "Schedule":
+        """``image_seq_len``: the image's token count, for a dynamically shifted schedule."""
+        mu = FlowMatchConfig.of_scheduler(dict(scheduler.config)).mu(image_seq_len)
+        scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
         sigmas = scheduler.sigmas.float().cpu()
         timesteps = tuple(float(t) for t in scheduler.timesteps)
         if len(timesteps) != num_steps or len(sigmas) != num_steps + 1:
@@ -82,8 +84,8 @@ class Schedule:
 CONFIG = FlowMatchConfig  # the configuration inversion files record
 
 
-def schedule(scheduler, num_steps: int) -> Schedule:
-    return Schedule.from_scheduler(scheduler, num_steps)
+def schedule(scheduler, num_steps: int, image_seq_len: int | None = None) -> Schedule:
+    return Schedule.from_scheduler(scheduler, num_steps, image_seq_len)
 
 
 def model_quantity(scheduler, out: Tensor, z: Tensor, t) -> Tensor:
