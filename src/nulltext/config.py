@@ -55,8 +55,9 @@ class InversionConfig:
 
     num_steps: int = option(  # T, DDIM steps
         50, flag="--steps", metavar="T", parse=positive_int, column="steps", cell=cells.integer_cell,
-        help="DDIM steps T, at most the scheduler's training timesteps (1000 for SD)",
-        widget=Widget("slider", "DDIM steps", {"minimum": 1, "maximum": 200, "step": 1}))
+        help="sampling steps T (DDIM; flow-matching Euler on SD3), at most the scheduler's training timesteps "
+             "(1000)",
+        widget=Widget("slider", "Steps", {"minimum": 1, "maximum": 200, "step": 1}))
     guidance_scale: float = option(  # w, classifier-free guidance of the optimisation and sampling
         7.5, flag="--guidance", metavar="W", parse=positive_float, column="guidance", cell=cells.number_cell,
         help="classifier-free guidance scale w, positive; reconstruction and edits use the same value",
