@@ -69,7 +69,7 @@ def ddpm_noise_maps(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, schedule, 
 
 # --- EDICT --------------------------------------------------------------------------------------
 
-def _coefficients(schedule, t: int) -> tuple[Tensor, Tensor, Tensor]:
+def edict_coefficients(schedule, t: int) -> tuple[Tensor, Tensor, Tensor]:
     """The float64 coefficients of the DDIM step from ``t``: ``a = sqrt(abar_t / abar_prev)``,
     ``b = sqrt(1 - abar_t)``, ``c = sqrt(1 - abar_prev)``."""
     abar_t = schedule.abar(t).double()
@@ -89,12 +89,19 @@ def edict_reverse(x: Tensor, eps: Tensor, coef) -> Tensor:
     return a * x + b * eps - a * c * eps
 
 
-def _order(i: int) -> tuple[int, int]:
+def edict_order(i: int) -> tuple[int, int]:
     """Which latent of the pair the i-th denoising step updates first (leapfrog: alternating)."""
     return (0, 1) if i % 2 == 0 else (1, 0)
 
 
-def _guided64(eps_fn, z: Tensor, t, uncond: Tensor, cond: Tensor, w: float) -> Tensor:
+def edict_mix(x: list[Tensor], mix: float = EDICT_MIX) -> None:
+    """The mixing layer, in place on the pair [x, y]: ``x' = p x + (1 - p) y``, ``y' = (1 - p) x' + p y``."""
+    x[0] = mix * x[0] + (1 - mix) * x[1]
+    x[1] = (1 - mix) * x[0] + mix * x[1]
+
+
+def guided64(eps_fn, z: Tensor, t, uncond: Tensor, cond: Tensor, w: float) -> Tensor:
+    """The guided prediction at a float64 latent (the model runs in float32), as float64."""
     return samplers.guided_eps(eps_fn, z.float(), t, uncond, cond, w).double()
 
 
@@ -108,13 +115,12 @@ def edict_sample_progressive(eps_fn, pair: Tensor, cond, uncond, guidance_scale:
     needs_ddim("edict", schedule)
     x = [pair[0].double(), pair[1].double()]
     for i, t in enumerate(schedule.timesteps):
-        coef = _coefficients(schedule, t)
+        coef = edict_coefficients(schedule, t)
         c = cond[i] if cond.ndim == 4 else cond
         u = uncond[i] if uncond.ndim == 4 else uncond
-        for k in _order(i):
-            x[k] = edict_forward(x[k], _guided64(eps_fn, x[1 - k], t, u, c, guidance_scale), coef)
-        x[0] = mix * x[0] + (1 - mix) * x[1]
-        x[1] = (1 - mix) * x[0] + mix * x[1]
+        for k in edict_order(i):
+            x[k] = edict_forward(x[k], guided64(eps_fn, x[1 - k], t, u, c, guidance_scale), coef)
+        edict_mix(x, mix)
         samplers.check_finite(x[0], "EDICT sampling", t, i, schedule.num_steps)
         yield torch.stack(x)
 
@@ -130,11 +136,11 @@ def edict_invert(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, guidance_scal
     T = schedule.num_steps
     for i in reversed(range(T)):
         t = schedule.timesteps[i]
-        coef = _coefficients(schedule, t)
+        coef = edict_coefficients(schedule, t)
         x[1] = (x[1] - (1 - mix) * x[0]) / mix
         x[0] = (x[0] - (1 - mix) * x[1]) / mix
-        for k in reversed(_order(i)):
-            x[k] = edict_reverse(x[k], _guided64(eps_fn, x[1 - k], t, uncond, cond, guidance_scale), coef)
+        for k in reversed(edict_order(i)):
+            x[k] = edict_reverse(x[k], guided64(eps_fn, x[1 - k], t, uncond, cond, guidance_scale), coef)
         samplers.check_finite(x[0], "the EDICT inversion", t, T - 1 - i, T)
     return torch.stack(x)
 
