@@ -120,7 +120,7 @@ class InversionConfig:
     seed: int = option(  # the random methods' noise (image i of a run: inversion.ablations.noise_seed)
         0, flag="--seed", metavar="N", parse=nonneg_int, column="seed", cell=cells.integer_cell,
         help="seed of the Gaussian noise of random-pivot, textual-inversion, nti-no-pivot and ddpm (the first image "
-             "of a run draws with N, the others with seeds derived from N; the file records each) and of "
+             "of a run draws with N, the others with seeds derived from N; the file records each, ddpm's its noise maps) and of "
              "random-start's z_T; below 2^31")
     prox: str = option(  # ProxEdit's operator (its code's prox="l0" / "l1"), for method proxnpi
         "l0", flag="--prox", choices=PROX_KINDS, column="prox", cell=cells.text_cell,
