@@ -168,6 +168,7 @@ def test_every_method_saves_loads_and_edits_with_every_edit_method(tiny_pipe, in
     assert back.metadata()["config"]["method"] == method and back.method == method
     assert torch.equal(back.null_embeddings, inv.null_embeddings)
     assert (back.corrections is None) == (method != "direct")
+    assert (back.noise_maps is None) == (method != "ddpm") and (back.coupled_latent is None) == (method != "edict")
     assert (back.cond_embeddings is None) == (method not in COND_METHODS)
     if back.cond_embeddings is not None:
         assert torch.equal(back.cond_embeddings, inv.cond_embeddings)

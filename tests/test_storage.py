@@ -58,7 +58,7 @@ def test_file_is_safetensors_with_json_metadata(saved):
     tensors, header = _read(saved)
     assert set(tensors) == {"latent_T", "null_embeddings"}
     doc = json.loads(header["nulltext"])
-    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 5
+    assert doc["format"] == "nulltext-inversion" and doc["format_version"] == 6
     meta = doc["meta"]
     assert meta["prompt"] == "a photo of a cat" and meta["config"]["method"] == "nti"
     # each fact once: steps, guidance and method only in the config, the version only beside the meta
@@ -156,7 +156,7 @@ def test_size_mismatch_is_refused(inversion, tiny_pipe):
 # Files of earlier formats: real files written by those versions (tests/fixtures/README.md)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-OLD = [1, 2, 3, 4]
+OLD = [1, 2, 3, 4, 5]
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +230,9 @@ def test_an_old_file_saved_again_is_the_current_format(tmp_path):
     old = Inversion.load(FIXTURES / "format1.safetensors")
     old.save(tmp_path / "again.safetensors")
     _, header = _read(tmp_path / "again.safetensors")
-    assert json.loads(header["nulltext"])["format_version"] == 5
+    assert json.loads(header["nulltext"])["format_version"] == 6
     again = Inversion.load(tmp_path / "again.safetensors")
-    assert again.format_version == 5
+    assert again.format_version == 6
     for name in ("prompt", "config", "model", "image", "preprocessing", "optimisation", "timings", "run"):
         assert getattr(again, name) == getattr(old, name), name
 

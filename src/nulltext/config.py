@@ -33,9 +33,12 @@ DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 # inversion methods: null-text inversion (the paper), its Section-4 ablations (global null-text,
 # random pivot, textual inversion with and without a pivot, null-text without a pivot, plain DDIM
 # inversion), Negative-Prompt Inversion (Miyake et al. 2023) and Direct Inversion (Ju et al. 2024);
-# random-start is the random pivot of files before format 5 (see docs/algorithm.md section 5)
+# random-start is the random pivot of files before format 5 (see docs/algorithm.md section 5); the
+# exact inversions of inversion/exact.py: edit-friendly DDPM inversion (Huberman-Spiegelglas et al.
+# 2024), EDICT (Wallace et al. 2023), and NPI with ProxEdit's proximal guidance (Han et al. 2023)
 METHODS = ("nti", "npi", "direct", "global-nti", "random-pivot", "ddim", "textual-inversion",
-           "textual-inversion-pivot", "nti-no-pivot", "random-start")
+           "textual-inversion-pivot", "nti-no-pivot", "random-start", "ddpm", "edict", "proxnpi")
+PROX_KINDS = ("l0", "l1")  # ProxEdit's proximal operators (inversion.exact.proximal_delta)
 # methods that run an optimisation (of the null text, or of C for the textual inversions)
 OPTIMISED = ("nti", "global-nti", "random-pivot", "textual-inversion", "textual-inversion-pivot", "nti-no-pivot",
              "random-start")
@@ -110,14 +113,24 @@ class InversionConfig:
              "one seeded Gaussian noise), textual-inversion (optimise C on random noise, Eq. 4), "
              "textual-inversion-pivot (optimise C_t per step around the pivot), nti-no-pivot (optimise N_t on "
              "random noise, Eq. 4); random-start (the random pivot of older files: from Gaussian z_T towards "
-             "the DDIM pivots)",
+             "the DDIM pivots); ddpm (edit-friendly DDPM inversion: eta = 1 steps replaying stored noise maps), "
+             "edict (EDICT: a coupled pair of latents, exactly invertible), proxnpi (npi, edited with ProxEdit's "
+             "proximal guidance: see --prox)",
         widget=Widget("dropdown", "Inversion method (nti: the paper's; the others: cheaper methods and the "
                       "paper's ablations)", {"choices": list(METHODS)}))
     seed: int = option(  # the random methods' noise (image i of a run: inversion.ablations.noise_seed)
         0, flag="--seed", metavar="N", parse=nonneg_int, column="seed", cell=cells.integer_cell,
-        help="seed of the Gaussian noise of random-pivot, textual-inversion and nti-no-pivot (the first image "
-             "of a run draws with N, the others with seeds derived from N; the file records each) and of "
+        help="seed of the Gaussian noise of random-pivot, textual-inversion, nti-no-pivot and ddpm (the first image "
+             "of a run draws with N, the others with seeds derived from N; the file records each, ddpm's its noise maps) and of "
              "random-start's z_T; below 2^31")
+    prox: str = option(  # ProxEdit's operator (its code's prox="l0" / "l1"), for method proxnpi
+        "l0", flag="--prox", choices=PROX_KINDS, column="prox", cell=cells.text_cell,
+        help="proxnpi: the proximal operator on the guidance difference eps(C_target) - eps(N) when editing: l0 "
+             "(zero below the threshold, shrunk by it above) or l1 (ProxEdit's second variant); the file records it")
+    prox_quantile: float = option(  # ProxEdit's quantile (its code's default 0.7)
+        0.7, flag="--prox-quantile", metavar="Q", parse=float, column="prox_quantile", cell=cells.number_cell,
+        help="proxnpi: the threshold is the Q-quantile of |eps(C_target) - eps(N)| per target and step, Q in (0, 1); "
+             "Q <= 0 is the fixed threshold -Q")
     # SDXL and SD3: optimise the unconditional pooled embedding too (ours; off: only the token embeddings)
     optimize_pooled: bool = option(
         False, flag="--optimize-pooled", action="store_true", column="optimize_pooled", cell=cells.flag_cell,
@@ -166,6 +179,11 @@ class InversionConfig:
             raise NulltextError(f"crop must be four non-negative integers L,R,T,B, got {self.crop!r}")
         if self.method not in METHODS:
             raise NulltextError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.prox not in PROX_KINDS:
+            raise NulltextError(f"unknown proximal operator {self.prox!r}; choose one of {', '.join(PROX_KINDS)}")
+        if (isinstance(self.prox_quantile, bool) or not isinstance(self.prox_quantile, (int, float))
+                or not finite(self.prox_quantile) or self.prox_quantile >= 1):
+            raise NulltextError(f"prox-quantile must be a number below 1, got {self.prox_quantile!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 31:
             raise NulltextError(f"seed must be an integer from 0 to 2^31 - 1, got {self.seed!r}")
 

@@ -14,6 +14,7 @@ Then the local blend, if any. All rows start from z_T and use the inversion's N_
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from ..controllers import SOURCE, TARGET, AttentionStore, Controller
 from ..errors import NulltextError
 from ..image import composite, load_mask
 from ..image import decode as decode_latents
+from ..inversion import exact
 from ..processors import installed
 from ..text import encode_null, encode_prompt
 from .planning import EditPlan, PhotoLatent, latent_size, original_size, plan_for, request
@@ -75,6 +77,20 @@ def _setup(pipe, inversion, targets):
     return schedule, cond_src, cond_tgt, nulls, z_T, corr
 
 
+def _steps(pipe, inversion) -> tuple:
+    """What the method adds to the rows' steps: edit-friendly DDPM inversion's noise maps (T, 1, C,
+    h, w), replayed by the source and every target (that is how it edits), or None; proxnpi's
+    proximal guidance of the target rows (the source's guidance difference is zero: N = C), or None."""
+    guide = None
+    if inversion.method == "proxnpi":
+        guide = exact.proximal_guidance(inversion.config.prox, inversion.config.prox_quantile)
+    return inversion.step_noise(pipe.device), guide
+
+
+def _at(x: Tensor | None, i: int) -> Tensor | None:
+    return None if x is None else x[i]
+
+
 @torch.no_grad()
 def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
                    progress: bool = False, desc: str = "editing") -> Iterator[EditStep]:
@@ -83,6 +99,7 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
     The processors stay installed while the generator is suspended: run it to the end, or close
     it (``contextlib.closing``) before using the UNet for anything else."""
     schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
+    noise, guide = _steps(pipe, inversion)
     n, w = len(targets), inversion.config.guidance_scale
     z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
     with installed(pipe.denoiser, controller, pipe.attention_sites(tuple(z_src.shape[-2:]))):
@@ -90,13 +107,14 @@ def run_controlled(pipe, inversion, targets: list[str], controller: Controller,
             controller.begin_step(i)
             # 1. source row: the reconstruction's own computation
             controller.phase = SOURCE
-            z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w,
-                                     None if corr is None else corr[i])
+            z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w, _at(corr, i),
+                                         _at(noise, i))
             mask = None
             if n:
                 # 2. all targets in one batch, attention edited from the source's maps
                 controller.phase = TARGET
-                z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+                z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w,
+                                             noise=_at(noise, i), guide=guide)
                 # 3. local blend
                 z_tgt = controller.end_step(z_src, z_tgt)
                 blend = getattr(controller, "local_blend", None)
@@ -114,21 +132,73 @@ def sdedit_progressive(pipe, inversion, targets: list[str], strength: float,
     latent at that timestep, which null-text optimisation fits to the DDIM pivot z*_t (the file
     does not store the pivots); strength 0 returns the reconstruction, 1 starts from z_T."""
     schedule, cond_src, cond_tgt, nulls, z_src, corr = _setup(pipe, inversion, targets)
+    noise, guide = _steps(pipe, inversion)
     n, w, T = len(targets), inversion.config.guidance_scale, inversion.num_steps
     start = T - int(round(strength * T))
     z_tgt = None
     for i, t in enumerate(tqdm(schedule.timesteps, desc="SDEdit", unit="step", disable=not progress, leave=False)):
         if i == start:
             z_tgt = z_src.expand(n, *z_src.shape[1:]).clone()
-        z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w,
-                                 None if corr is None else corr[i])
+        z_src = samplers.guided_step(pipe.eps, schedule, z_src, t, nulls[i], cond_src[i], w, _at(corr, i),
+                                     _at(noise, i))
         if z_tgt is not None:
-            z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+            z_tgt = samplers.guided_step(pipe.eps, schedule, z_tgt, t, nulls[i].expand(n, -1, -1), cond_tgt, w,
+                                         noise=_at(noise, i), guide=guide)
             if user_mask is not None:  # outside the mask, the targets follow the source
                 m = user_mask.to(z_tgt)
                 z_tgt = z_src + m * (z_tgt - z_src)
         samplers.check_finite(z_src if z_tgt is None else torch.cat([z_src, z_tgt]), "SDEdit", t, i, T)
         yield EditStep(i, t, z_src, z_tgt if z_tgt is not None else z_src.expand(n, *z_src.shape[1:]))
+
+
+@torch.no_grad()
+def edict_progressive(pipe, inversion, targets: list[str], controller: Controller | None, start: int = 0,
+                      progress: bool = False, user_mask: Tensor | None = None) -> Iterator[EditStep]:
+    """The edit loop of an EDICT inversion: every row runs EDICT's coupled sampling
+    (:func:`nulltext.inversion.exact.edict_sample_progressive`), the source from the file's
+    coupled latent exactly as reconstruction does (its x is the reconstruction bit for bit), the
+    targets with their prompt (EDICT's own edit). With a ``controller`` (Prompt-to-Prompt) each of
+    the two updates of a step runs the source pass, then the targets' with the source's maps; the
+    local blend acts on both latents of the pair after the mixing. Without (SDEdit), the targets
+    branch off the source's pair at step ``start``, ``user_mask`` keeping the source outside it."""
+    schedule, cond_src, cond_tgt, nulls, _, _ = _setup(pipe, inversion, targets)
+    n, w = len(targets), inversion.config.guidance_scale
+    src = list(inversion.coupled_latent.to(pipe.device)[:, None].double().unbind(0))  # [x_T, y_T], (1, C, h, w)
+    tgt = None
+    ctx = (installed(pipe.denoiser, controller, pipe.attention_sites(tuple(src[0].shape[-2:])))
+           if controller is not None else contextlib.nullcontext())
+    with ctx:
+        for i, t in enumerate(tqdm(schedule.timesteps, desc="EDICT", unit="step", disable=not progress, leave=False)):
+            if n and tgt is None and i >= start:
+                tgt = [z.expand(n, *z.shape[1:]).clone() for z in src]
+            coef = exact.edict_coefficients(schedule, t)
+            if controller is not None:
+                controller.begin_step(i)
+            for k in exact.edict_order(i):
+                if controller is not None:
+                    controller.phase = SOURCE
+                src[k] = exact.edict_forward(src[k], exact.guided64(pipe.eps, src[1 - k], t, nulls[i], cond_src[i], w),
+                                             coef)
+                if tgt is not None:
+                    if controller is not None:
+                        controller.phase = TARGET
+                    eps = exact.guided64(pipe.eps, tgt[1 - k], t, nulls[i].expand(n, -1, -1), cond_tgt, w)
+                    tgt[k] = exact.edict_forward(tgt[k], eps, coef)
+            exact.edict_mix(src)
+            mask = None
+            if tgt is not None:
+                exact.edict_mix(tgt)
+                for k in range(2):
+                    if controller is not None:
+                        tgt[k] = controller.end_step(src[k], tgt[k])
+                    elif user_mask is not None:
+                        tgt[k] = src[k] + user_mask.to(tgt[k]) * (tgt[k] - src[k])
+                blend = getattr(controller, "local_blend", None)
+                mask = blend.last_mask if blend is not None else None
+            x_src = src[0].float()
+            x_tgt = tgt[0].float() if tgt is not None else x_src.expand(n, *x_src.shape[1:])
+            samplers.check_finite(torch.cat([x_src, x_tgt]), "EDICT editing", t, i, schedule.num_steps)
+            yield EditStep(i, t, x_src, x_tgt, mask)
 
 
 @torch.no_grad()
@@ -190,6 +260,11 @@ def run(pipe, inversion, plan: EditPlan, progress: bool = False) -> Iterator[Edi
     if isinstance(inversion, PhotoLatent):
         yield from sdedit_noise_progressive(pipe, inversion, plan.targets, plan.config.sdedit_strength,
                                             plan.config.noise_seed, progress, plan.latent_mask)
+        return
+    if inversion.coupled_latent is not None:  # EDICT: its coupled sampling for every row
+        T = inversion.num_steps
+        start = T - int(round(plan.config.sdedit_strength * T)) if plan.controller is None else 0
+        yield from edict_progressive(pipe, inversion, plan.targets, plan.controller, start, progress, plan.latent_mask)
         return
     if plan.controller is None:
         yield from sdedit_progressive(pipe, inversion, plan.targets, plan.config.sdedit_strength, progress,

@@ -35,6 +35,7 @@ from .ablations import (
     optimize_textual_inversion,
     random_trajectory,
 )
+from .exact import ddpm_noise_maps, edict_invert, edict_sample_progressive, needs_ddim
 from .optimise import direct_inversion_corrections, diverged_steps, optimize_global_null_text, optimize_null_text_batch
 
 
@@ -226,6 +227,8 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     T = schedule.num_steps
 
     method = config.method
+    if method in ("ddpm", "edict"):
+        needs_ddim(method, schedule)
     seeds = [noise_seed(config.seed, item.index) for item in batch]
     results, conds, optimisation_s = None, None, 0.0
     inversion_cond = cond
@@ -238,7 +241,16 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
         optimisation_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if method == "random-pivot":  # the paper's random pivot: z0 noised with one noise per image
+    noise_maps = coupled = None
+    if method == "ddpm":  # edit-friendly DDPM inversion: fresh noise per step (seeded per image), noise maps
+        gens = [generator(s) for s in seeds]
+        latent_T, noise_maps = ddpm_noise_maps(eps_fn, z0, cond, null0.expand(B, -1, -1), schedule,
+                                               config.guidance_scale, gens)
+        pivots = None
+    elif method == "edict":  # EDICT: the coupled pair, inverted exactly in float64
+        coupled = edict_invert(eps_fn, z0, cond, null0.expand(B, -1, -1), config.guidance_scale, schedule)
+        latent_T, pivots = coupled[0].float(), None
+    elif method == "random-pivot":  # the paper's random pivot: z0 noised with one noise per image
         noise = torch.cat([draw_noise(z0[b:b + 1], generator(seeds[b])) for b in range(B)])
         pivots = random_trajectory(z0, noise, schedule)
     else:  # at inversion guidance 1 (the default) the conditional prediction alone: the pivot
@@ -248,7 +260,9 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     ddim_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    latent_T, corrections = pivots[-1], None
+    corrections = None
+    if pivots is not None:
+        latent_T = pivots[-1]
     if method in ("nti", "random-pivot", "random-start", "textual-inversion-pivot"):
         if method == "random-start":
             # the random pivot of files before format 5: the same optimisation towards the DDIM
@@ -273,10 +287,11 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
         results = [optimize_null_text_no_pivot(eps_fn, z0[b:b + 1], cond[b:b + 1], null0, schedule, config, seeds[b],
                                                progress=progress) for b in range(B)]
         nulls = [r.null_embeddings for r in results]
-    elif method in ("npi", "textual-inversion"):
-        # Negative-Prompt Inversion: N_t = C, no optimisation; textual inversion: N0 (C is the file's)
-        nulls = [item.cond for item in batch] if method == "npi" else [null0] * B
-    elif method == "ddim":  # DDIM inversion alone: the plain empty-prompt embedding
+    elif method in ("npi", "proxnpi", "textual-inversion"):
+        # Negative-Prompt Inversion: N_t = C, no optimisation (proxnpi: the same, its edits proximal);
+        # textual inversion: N0 (C is the file's)
+        nulls = [item.cond for item in batch] if method != "textual-inversion" else [null0] * B
+    elif method in ("ddim", "ddpm", "edict"):  # the plain empty-prompt embedding
         nulls = [null0] * B
     elif method == "direct":  # Direct Inversion: N0 plus per-step corrections of the source branch
         nulls = [null0] * B
@@ -313,6 +328,8 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
             # the DDIM inversion and optimisation times are the whole batch's
             timings=Timings(encode_s=item.encode_s, ddim_inversion_s=ddim_s, optimisation_s=optimisation_s),
             corrections=None if corrections is None else corrections[:, b].detach().float().cpu(),
+            noise_maps=None if noise_maps is None else noise_maps[:, b].detach().float().cpu(),
+            coupled_latent=None if coupled is None else coupled[:, b].detach().double().cpu(),
             cond_embeddings=None if conds is None else conds[b].detach().float().cpu()))
     return out
 
@@ -324,12 +341,18 @@ def reconstruct_latent(pipe, inversion: Inversion, progress: bool = True) -> Ten
     cond = inversion.step_conds(pipe.device)  # (T, 1, L, d), or None: the prompt's encoding
     cond = encode_prompt(pipe, inversion.prompt) if cond is None else cond
     nulls = inversion.step_nulls(pipe.device)  # (T, 1, L, d)
-    z = inversion.latent_T.to(pipe.device)
-    for z in tqdm(samplers.sample_progressive(pipe.eps, z, cond, nulls, inversion.config.guidance_scale, schedule,
-                                          inversion.step_corrections(pipe.device)),
-                  total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress, leave=False):
+    w = inversion.config.guidance_scale
+    if inversion.coupled_latent is not None:  # EDICT: the coupled sampling, in float64; z_0 is x_0
+        walk = edict_sample_progressive(pipe.eps, inversion.coupled_latent.to(pipe.device)[:, None], cond, nulls, w,
+                                        schedule)
+    else:
+        walk = samplers.sample_progressive(pipe.eps, inversion.latent_T.to(pipe.device), cond, nulls, w, schedule,
+                                           inversion.step_corrections(pipe.device), inversion.step_noise(pipe.device))
+    z = None
+    for z in tqdm(walk, total=schedule.num_steps, desc="reconstruction", unit="step", disable=not progress,
+                  leave=False):
         pass
-    return z
+    return z[0].float() if inversion.coupled_latent is not None else z
 
 
 def reconstruct(pipe, inversion: Inversion, progress: bool = True):

@@ -80,23 +80,35 @@ def guidance(uncond: Tensor, cond: Tensor, w: float) -> Tensor:
     return uncond + w * (cond - uncond)
 
 
-def guided_eps(model: ModelFn, z: Tensor, t, uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+# guide(uncond, cond, w) -> the guided prediction: :func:`guidance`, or another rule of the same
+# shape (ProxEdit's proximal guidance, nulltext.inversion.exact.proximal_guidance)
+GuideFn = Callable[[Tensor, Tensor, float], Tensor]
+
+
+def guided_eps(model: ModelFn, z: Tensor, t, uncond: Tensor, cond: Tensor, guidance_scale: float,
+               guide: GuideFn | None = None) -> Tensor:
     """Classifier-free guidance with one batched forward: rows [uncond..., cond...].
 
     z: (B, C, h, w); uncond, cond: (B, L, d). Returns the guided prediction, (B, C, h, w).
+    ``guide`` replaces :func:`guidance`'s rule where given.
     """
     out = model(torch.cat([z, z]), t, torch.cat([uncond, cond]))  # (2B, C, h, w)
     out_uncond, out_cond = out.chunk(2)
-    return guidance(out_uncond, out_cond, guidance_scale)
+    return (guide or guidance)(out_uncond, out_cond, guidance_scale)
 
 
 def guided_step(model: ModelFn, schedule: Schedule, z: Tensor, t, uncond: Tensor, cond: Tensor,
-                guidance_scale: float, correction: Tensor | None = None) -> Tensor:
-    """One guided step from ``t``, plus an optional correction (Direct Inversion).
+                guidance_scale: float, correction: Tensor | None = None, noise: Tensor | None = None,
+                guide: GuideFn | None = None) -> Tensor:
+    """One guided step from ``t``, plus an optional correction (Direct Inversion); with ``noise``
+    the stochastic step (eta = 1) with that noise instead of the deterministic one (edit-friendly
+    DDPM inversion's stored noise maps: the schedule's ``stochastic_step``, DDIM's only); with
+    ``guide`` another guidance rule (ProxEdit).
 
     The one place reconstruction and the edit loops take a step, so the source row of an edit is
     the reconstruction bit for bit."""
-    z = schedule.step(z, guided_eps(model, z, t, uncond, cond, guidance_scale), t)
+    eps = guided_eps(model, z, t, uncond, cond, guidance_scale, guide)
+    z = schedule.step(z, eps, t) if noise is None else schedule.stochastic_step(z, eps, t, noise)
     return z if correction is None else z + correction
 
 
@@ -136,6 +148,7 @@ def sample_progressive(
     guidance_scale: float,
     schedule: Schedule,
     corrections: Tensor | None = None,
+    noise: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Guided sampling from z_T; yields the latent after each of the T steps.
 
@@ -143,12 +156,13 @@ def sample_progressive(
     C_t of textual inversion with a pivot). uncond: one (B, L, d) embedding per step (a sequence
     or a (T, B, L, d) tensor), e.g. the optimised null-text embeddings N_t. corrections: optional
     (T, C, h, w) latents added after each step (Direct Inversion's z*_{t-1} - zbar_{t-1}).
+    noise: optional (T, C, h, w) noise maps of stochastic steps (edit-friendly DDPM inversion).
     """
     z = z_T
     per_step = cond.ndim == 4
     for i, t in enumerate(schedule.timesteps):
         z = guided_step(model, schedule, z, t, uncond[i], cond[i] if per_step else cond, guidance_scale,
-                        None if corrections is None else corrections[i])
+                        None if corrections is None else corrections[i], None if noise is None else noise[i])
         check_finite(z, "sampling", t, i, schedule.num_steps)
         yield z
 

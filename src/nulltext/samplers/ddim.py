@@ -28,7 +28,8 @@ from . import (
     sample_progressive,
 )
 
-__all__ = ["CONFIG", "NAME", "EpsFn", "ModelFn", "Schedule", "check_finite", "ddim_inverse_step", "ddim_step", "guidance",
+__all__ = ["CONFIG", "NAME", "EpsFn", "ModelFn", "Schedule", "check_finite", "ddim_inverse_step", "ddim_step", "ddpm_step", "ddpm_variance",
+           "guidance",
            "guided_eps", "guided_step", "inverse_step", "invert", "invert_progressive", "make_scheduler",
            "model_quantity", "sample", "sample_progressive", "schedule", "step", "to_eps"]
 
@@ -90,6 +91,16 @@ class Schedule:
         """Forward DDIM step from timestep ``t`` to ``t - k``."""
         return ddim_step(sample, eps, self.abar(t), self.abar(self.prev_timestep(t)))
 
+    def variance(self, t: int) -> Tensor:
+        """sigma_t^2 of the step from ``t`` at eta = 1 (DDIM formula (16), diffusers'
+        ``DDIMScheduler._get_variance``): the DDPM posterior variance over the step."""
+        return ddpm_variance(self.abar(t), self.abar(self.prev_timestep(t)))
+
+    def stochastic_step(self, sample: Tensor, eps: Tensor, t: int, noise: Tensor) -> Tensor:
+        """The DDPM step (DDIM's eta = 1) from ``t`` with the given ``noise``: ``mu_t + sigma_t noise``
+        (zero noise: the mean mu_t alone)."""
+        return ddpm_step(sample, eps, self.abar(t), self.abar(self.prev_timestep(t)), noise)
+
     def add_noise(self, original: Tensor, noise: Tensor, t: int) -> Tensor:
         """The forward process at timestep ``t``: ``sqrt(abar(t)) z0 + sqrt(1 - abar(t)) noise``,
         in the order of operations of diffusers' ``DDIMScheduler.add_noise``."""
@@ -117,6 +128,25 @@ def ddim_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) ->
     pred_sample_direction = (1 - abar_prev) ** (0.5) * eps
     # 4. x_{t-1} without random noise of formula (12)
     return abar_prev ** (0.5) * pred_original_sample + pred_sample_direction
+
+
+def ddpm_variance(abar_t: Tensor, abar_prev: Tensor) -> Tensor:
+    """sigma_t^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev), diffusers' order."""
+    beta_prod_t = 1 - abar_t
+    beta_prod_t_prev = 1 - abar_prev
+    return (beta_prod_t_prev / beta_prod_t) * (1 - abar_t / abar_prev)
+
+
+def ddpm_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor, noise: Tensor) -> Tensor:
+    """One stochastic step z_t -> z_{t-k} (DDIM formula (12) with eta = 1, the DDPM posterior):
+    ``mu_t + sigma_t noise``, in the order of operations of diffusers' ``DDIMScheduler.step`` with
+    ``eta=1`` and ``variance_noise=noise`` (bit for bit; a test checks this)."""
+    beta_prod_t = 1 - abar_t
+    pred_original_sample = (sample - beta_prod_t ** (0.5) * eps) / abar_t ** (0.5)
+    std_dev_t = ddpm_variance(abar_t, abar_prev) ** (0.5)
+    pred_sample_direction = (1 - abar_prev - std_dev_t ** 2) ** (0.5) * eps
+    prev_sample = abar_prev ** (0.5) * pred_original_sample + pred_sample_direction
+    return prev_sample + std_dev_t * noise
 
 
 def ddim_inverse_step(sample: Tensor, eps: Tensor, abar_t: Tensor, abar_prev: Tensor) -> Tensor:

@@ -66,16 +66,17 @@ _REQUIRED_V3 = ("model", "model_fingerprint", "scheduler", "num_steps", "guidanc
 
 
 def upgrade(path: str, meta: dict, version: int) -> dict:
-    """The ``meta`` of a file of format 1 to 4 in the current layout, which then reads as a
+    """The ``meta`` of a file of format 1 to 5 in the current layout, which then reads as a
     current file's. What formats 1 to 3 stored twice is kept once: steps, guidance and method
     (beside the config's, which must agree), the crop (the config's was the one used). Format 1 knew only Stable
     Diffusion 1.x/2.x (no family or prediction type); formats 1 and 2 recorded no batch size and
     no diverged steps (read as 1 and none). Before format 5, method ``random-pivot`` was what is
-    now ``random-start`` (Gaussian z_T, DDIM pivots as targets): it reads as that."""
+    now ``random-start`` (Gaussian z_T, DDIM pivots as targets): it reads as that. Format 5 is
+format 6 without its methods (a config without ``prox`` reads with its default)."""
     assert 1 <= version < FORMAT_VERSION
-    new = meta if version == 4 else _upgrade_v3(path, meta)
+    new = meta if version >= 4 else _upgrade_v3(path, meta)
     config = new.get("config")
-    if isinstance(config, dict) and config.get("method") == "random-pivot":
+    if version < 5 and isinstance(config, dict) and config.get("method") == "random-pivot":
         new = {**new, "config": {**config, "method": "random-start"}}
     return new
 

@@ -54,6 +54,10 @@ class Inversion:
     # in the source branch: (1, L, d) for all steps (textual-inversion) or (T, L, d) per step
     # (textual-inversion-pivot); None for the other methods (the source row encodes the prompt)
     cond_embeddings: Tensor | None = None
+    # edit-friendly DDPM inversion's noise maps z_t, (T, C, h, w), index i the i-th denoising step
+    noise_maps: Tensor | None = None
+    # EDICT's coupled latent (x_T, y_T), (2, C, h, w) float64 (its arithmetic's precision)
+    coupled_latent: Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -80,6 +84,12 @@ class Inversion:
             conds = conds.expand(self.num_steps, -1, -1)
         return conds[:, None]
 
+    def step_noise(self, device=None) -> Tensor | None:
+        """(T, 1, C, h, w) noise maps of the DDPM steps (method ddpm), or None."""
+        if self.noise_maps is None:
+            return None
+        return (self.noise_maps.to(device) if device is not None else self.noise_maps)[:, None]
+
     def step_corrections(self, device=None) -> Tensor | None:
         """(T, 1, C, h, w) corrections of the source branch, or None."""
         if self.corrections is None:
@@ -100,7 +110,7 @@ class Inversion:
         return self.preprocessing.size
 
     def metadata(self) -> dict:
-        """The file's ``meta`` (format 5): what :meth:`save` writes and ``nulltext info --json`` shows."""
+        """The file's ``meta`` (format 6): what :meth:`save` writes and ``nulltext info --json`` shows."""
         return metadata(self)
 
     def save(self, path, force: bool = False, reproducible: bool = False) -> None:
@@ -126,6 +136,10 @@ def _tensors(inv: Inversion) -> dict[str, Tensor]:
         tensors["corrections"] = inv.corrections.detach().float().cpu().contiguous()
     if inv.cond_embeddings is not None:
         tensors["cond_embeddings"] = inv.cond_embeddings.detach().float().cpu().contiguous()
+    if inv.noise_maps is not None:
+        tensors["noise_maps"] = inv.noise_maps.detach().float().cpu().contiguous()
+    if inv.coupled_latent is not None:  # float64, as EDICT computes it
+        tensors["coupled_latent"] = inv.coupled_latent.detach().double().cpu().contiguous()
     return tensors
 
 
@@ -224,14 +238,15 @@ def load_inversion(path, pipe=None) -> Inversion:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise lacks_metadata(path, missing)
-    optional = ("corrections", "cond_embeddings")
+    optional = ("corrections", "cond_embeddings", "noise_maps", "coupled_latent")
     for name in ("latent_T", "null_embeddings", *optional):
         if name not in tensors:
             if name in optional:
                 continue
             raise NulltextError(f"{path} lacks the tensor {name!r}")
-        if tensors[name].dtype != torch.float32:
-            raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected float32")
+        dtype = torch.float64 if name == "coupled_latent" else torch.float32
+        if tensors[name].dtype != dtype:
+            raise NulltextError(f"{path}: tensor {name} is {tensors[name].dtype}, expected {str(dtype).split('.')[-1]}")
         if sums.get(name) != tensor_sha256(tensors[name]):
             raise NulltextError(f"{path}: tensor {name} does not match its checksum; the file was altered or damaged")
         if not bool(torch.isfinite(tensors[name]).all()):
@@ -268,9 +283,21 @@ def load_inversion(path, pipe=None) -> Inversion:
         if conds.ndim != 3 or conds.shape[0] != rows or conds.shape[1:] != nulls.shape[1:]:
             raise NulltextError(f"{path}: cond_embeddings has shape {tuple(conds.shape)}, expected "
                                 f"({rows}, {', '.join(map(str, nulls.shape[1:]))})")
+    noise_maps, coupled = tensors.get("noise_maps"), tensors.get("coupled_latent")
+    for name, value, method, shape in (("noise_maps", noise_maps, "ddpm", (T, *latent.shape[1:])),
+                                       ("coupled_latent", coupled, "edict", (2, *latent.shape[1:]))):
+        if (config.method == method) != (value is not None):
+            raise NulltextError(f"{path}: method {config.method!r} "
+                                f"{'needs a' if config.method == method else 'has no'} {name} tensor")
+        if value is not None and tuple(value.shape) != shape:
+            raise NulltextError(f"{path}: {name} has shape {tuple(value.shape)}, expected "
+                                f"({', '.join(map(str, shape))})")
+    if coupled is not None and not torch.equal(coupled[:1].float(), latent):
+        raise NulltextError(f"{path}: latent_T is not the first latent of coupled_latent; the file was altered")
     optimisation = optimisation_record(path, meta["optimisation"], T) if "optimisation" in meta else None
     inv = Inversion(latent_T=latent, null_embeddings=nulls, corrections=corrections, format_version=version,
-                    optimisation=optimisation, cond_embeddings=conds, **records)
+                    optimisation=optimisation, cond_embeddings=conds, noise_maps=noise_maps,
+                    coupled_latent=coupled, **records)
     if pipe is not None:
         check_fits(inv, pipe, path)
     return inv

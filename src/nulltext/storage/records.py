@@ -1,4 +1,4 @@
-"""The typed records of an inversion file (format 5) and the format's name and version: what
+"""The typed records of an inversion file (format 6) and the format's name and version: what
 :mod:`nulltext.storage.format` writes into the header, and what
 :mod:`nulltext.storage.checks` builds, field by field, from a file's header."""
 
@@ -12,8 +12,9 @@ FORMAT = "nulltext-inversion"
 # 4: typed records (model, image, preprocessing, run, optimisation, timings), each fact once:
 # steps, guidance, method and crop only in the config; 5: the Section-4 ablations (the source's
 # optimised conditional embedding, the noise seed), random-pivot redefined (the earlier one reads as
-# random-start)
-FORMAT_VERSION = 5
+# random-start); 6: the exact inversions (ddpm's noise maps, edict's coupled latent in float64,
+# proxnpi's prox and prox_quantile in the config)
+FORMAT_VERSION = 6
 REQUIRED_META = ("prompt", "config", "model", "image", "preprocessing")
 
 

@@ -1,0 +1,80 @@
+"""The SD3 family through the outer rooms: ``nulltext batch`` and ``nulltext eval`` on a manifest,
+and the web UI's /invert and /edit endpoints, on the tiny SD3.5-shaped checkpoint (the same
+commands, files and endpoints as the other families)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+
+import pytest
+
+from conftest import make_photo
+from nulltext import Inversion, NulltextWarning
+from nulltext.evaluation import load_done
+from test_cli import assert_ok, run_cli
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "a cat sitting next to a mirror"
+TARGET = "a dog sitting next to a mirror"
+
+
+def _fast(folder) -> list:
+    return ["--model", folder, "--size", "96x64", "--steps", "3", "--inner-steps", "1"]
+
+
+def test_batch_inverts_and_edits_sd3_jobs(sd3_folders, tmp_path):
+    for i in range(2):
+        make_photo(96, 64, seed=i).save(tmp_path / f"p{i}.png")
+    jobs = [{"id": "a", "image": "p0.png", "prompt": PROMPT, "targets": [TARGET]},
+            {"id": "b", "image": "p1.png", "prompt": PROMPT}]
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = tmp_path / "out"
+    r = run_cli("batch", manifest, "-o", out, *_fast(sd3_folders["sd3.5"]), "-q", timeout=600)
+    assert_ok(r)
+    for job in ("a", "b"):
+        with open(out / job / "result.json") as f:
+            assert json.load(f)["status"] == "ok"
+        inv = Inversion.load(next(str(p) for p in (out / job).iterdir() if p.suffix == ".safetensors"))
+        assert inv.model.family == "stable-diffusion-3" and inv.image_size == (96, 64)
+    assert any(p.suffix == ".png" and p.name.startswith("edit-") for p in (out / "a").iterdir())
+
+
+def test_eval_runs_two_methods_on_sd3(sd3_folders, tmp_path):
+    make_photo(96, 64).save(tmp_path / "img.png")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"id,image,prompt,target,blend\ns0,img.png,{PROMPT},{TARGET},cat dog\n")
+    out = tmp_path / "out"
+    r = run_cli("eval", manifest, "--methods", "nti,npi", "-o", out, *_fast(sd3_folders["sd3.5"]), timeout=600)
+    assert_ok(r)
+    rows = list(load_done(str(out / "results.jsonl")).values())
+    assert len(rows) == 2 and all(row["status"] == "ok" and row["recon_psnr"] > 0 for row in rows)
+
+
+def test_the_web_ui_inverts_and_edits_with_sd3(sd3_pipe, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from nulltext.ui import serve
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    photo = tmp_path / "photo.png"
+    make_photo(96, 64).save(photo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NulltextWarning)
+        demo = serve(sd3_pipe, "127.0.0.1", port, max_pixels=200 * 200, block=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        inv, _ = client.predict(handle_file(str(photo)), PROMPT, 3, 5.0, 1, 0, api_name="/invert")
+        loaded = Inversion.load(inv)
+        assert loaded.model.family == "stable-diffusion-3" and loaded.num_steps == 3
+        gallery = client.predict(handle_file(inv), TARGET, api_name="/edit")
+        assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {PROMPT}", f"replace: {TARGET}"]
+    finally:
+        demo.close()
