@@ -20,7 +20,7 @@ from nulltext.samplers import ddim
 @dataclass(frozen=True)
 class EulerSchedule:
     """z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v(z_i, sigma_i), times = 1000 sigma; inverted by the
-    same step backwards with the velocity at the current point (docs/algorithm.md section 8)."""
+    same step backwards with the velocity at the current point (docs/algorithm.md section 7)."""
 
     sigmas: tuple[float, ...]  # 1 > ... > 0, T + 1 of them
     name = "flow-matching Euler"
