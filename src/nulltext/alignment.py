@@ -283,3 +283,13 @@ def spaces_refinement_mapper(spaces, source: str, target: str) -> tuple[Tensor, 
             mapper[keys] = (m[sp.skip:] - sp.skip).clamp(min=0) + sp.offset
             alphas[keys] = a[sp.skip:]
     return mapper, alphas
+
+
+def spaces_word_keys(spaces, prompt: str) -> list[list[list[int]]]:
+    """For each space-separated word of ``prompt``, its keys in each space (in the order of
+    ``spaces``; [] in a space without a tokenizer)."""
+    per_space = []
+    for sp in spaces:
+        ws = [] if sp.tokenizer is None else words(sp.tokenizer, prompt)
+        per_space.append([[sp.offset + p - sp.skip for p in w.positions] for w in ws])
+    return [[keys[i] if i < len(keys) else [] for keys in per_space] for i in range(len(prompt.split()))]

@@ -4,7 +4,9 @@ processor (:mod:`nulltext.processors`) calls these hooks, and tests call them on
 
 Shapes: ``probs`` are softmax(QK^T/sqrt(d)) of the *conditional* half of a UNet batch,
 ``(rows, heads, Q, K)`` with Q = query positions (h*w of the layer) and K = key positions (the L
-text tokens for cross-attention, Q for self-attention). The edit loop runs the source row and the
+text tokens for cross-attention, Q for self-attention). A joint layer (SD3's MMDiT: one softmax
+over image and text keys) is two Sites: its image x text block (cross, K = the text tokens) and its
+image x image block (self), both normalised over all its keys. The edit loop runs the source row and the
 target rows in two UNet passes (see :mod:`nulltext.editing`): the ``source`` hook sees
 ``(1, heads, Q, K)``, the ``target`` hook ``(n, heads, Q, K)`` and returns the edited maps.
 
