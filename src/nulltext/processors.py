@@ -5,8 +5,10 @@ installing a processor per layer with ``set_attn_processor`` (never by replacing
 and put the previous processors back in ``finally``. Layers no controller uses keep theirs (the
 fast scaled-dot-product ``AttnProcessor2_0`` by default). The layers and their query grids come
 from the model's family (``pipe.attention_sites``); :class:`P2PAttnProcessor` serves diffusers'
-plain ``Attention`` kind (a UNet's self- and cross-attention). Another kind (SD3's joint attention
-over image and text tokens) gets its own processor here, with the same controller hooks.
+plain ``Attention`` kind (a UNet's self- and cross-attention, SD3.5's image-only ``attn2``);
+:class:`JointP2PAttnProcessor` serves SD3's joint attention over image and text tokens, with the
+same controller hooks on its image x text and image x image blocks (two Sites of one layer) and
+the hooks of the qk control.
 """
 
 from __future__ import annotations
