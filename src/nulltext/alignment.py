@@ -4,6 +4,11 @@ token mappers of the replace (word swap) and refine (add/remove words) edits.
 Pure functions over a tokenizer (anything with ``__call__(text, add_special_tokens=...)`` returning
 ``input_ids``, as Hugging Face tokenizers do). Positions are indices into the padded token
 sequence of length ``L = tokenizer.model_max_length``: 0 is the start token, words start at 1.
+A tokenizer without a start token (T5) is seen through :class:`NoStartToken`.
+
+Where the cross-attention keys hold the tokens of several tokenizers side by side (SD3: 77 CLIP
+then 256 T5 tokens), a :class:`TokenSpace` says where each one's tokens sit, and the ``spaces_*``
+functions build the mappers, positions and checks over all of them, block by block.
 """
 
 from __future__ import annotations
@@ -195,3 +200,96 @@ def refinement_mapper(tokenizer, source: str, target: str) -> tuple[Tensor, Tens
 
 def same_token_count(tokenizer, source: str, target: str) -> bool:
     return len(prompt_tokens(tokenizer, source)) == len(prompt_tokens(tokenizer, target))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several tokenizers side by side among the keys
+
+
+class NoStartToken:
+    """A tokenizer without a start token (T5's: words from position 0, ``</s>`` after them) seen as
+    a CLIP-shaped one of ``length + 1`` positions: a placeholder start id before its tokens, so
+    every function above applies; a position p of this view is the tokenizer's p - 1."""
+
+    START = -1  # no token has this id
+
+    def __init__(self, tokenizer, length: int) -> None:
+        self.tokenizer, self.model_max_length = tokenizer, length + 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        return _Ids([self.START, *ids] if add_special_tokens else ids)
+
+
+@dataclass(frozen=True)
+class _Ids:
+    input_ids: list
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """One tokenizer's tokens among the keys: its (CLIP-shaped) view's position p is the key
+    ``offset + p - skip``, for ``length`` keys. ``tokenizer`` None: keys that hold no text (SD3's
+    T5 keys without T5), mapped to themselves."""
+
+    tokenizer: object
+    offset: int
+    length: int
+    skip: int = 0  # leading positions of the view that are no key (NoStartToken's placeholder)
+
+    @classmethod
+    def without_start(cls, tokenizer, offset: int, length: int) -> "TokenSpace":
+        """A space of a tokenizer with no start token (or None)."""
+        return cls(None if tokenizer is None else NoStartToken(tokenizer, length), offset, length, 1)
+
+
+def spaces_length(spaces) -> int:
+    """K: the number of keys the spaces cover."""
+    return max(sp.offset + sp.length for sp in spaces)
+
+
+def spaces_check(spaces, prompt: str) -> None:
+    """:func:`check_length` in every space."""
+    for sp in spaces:
+        if sp.tokenizer is not None:
+            check_length(sp.tokenizer, prompt)
+
+
+def spaces_positions(spaces, prompt: str, word: str) -> list[int]:
+    """The keys of ``word`` in every space (CLIP's, then T5's); empty if it does not occur."""
+    return [sp.offset + p - sp.skip for sp in spaces if sp.tokenizer is not None
+            for p in word_positions(sp.tokenizer, prompt, word)]
+
+
+def spaces_replacement_mapper(spaces, source: str, target: str) -> Tensor:
+    """The (K, K) word-swap mapper: each space's :func:`replacement_mapper` as a diagonal block."""
+    K = spaces_length(spaces)
+    mapper = torch.eye(K)
+    for sp in spaces:
+        if sp.tokenizer is not None:
+            block = replacement_mapper(sp.tokenizer, source, target)[sp.skip:, sp.skip:]
+            mapper[sp.offset:sp.offset + sp.length, sp.offset:sp.offset + sp.length] = block
+    return mapper
+
+
+def spaces_refinement_mapper(spaces, source: str, target: str) -> tuple[Tensor, Tensor]:
+    """(mapper, alphas), each (K,): each space's :func:`refinement_mapper` at its keys."""
+    K = spaces_length(spaces)
+    mapper, alphas = torch.arange(K, dtype=torch.long), torch.ones(K)
+    for sp in spaces:
+        if sp.tokenizer is not None:
+            m, a = refinement_mapper(sp.tokenizer, source, target)
+            keys = slice(sp.offset, sp.offset + sp.length)
+            mapper[keys] = (m[sp.skip:] - sp.skip).clamp(min=0) + sp.offset
+            alphas[keys] = a[sp.skip:]
+    return mapper, alphas
+
+
+def spaces_word_keys(spaces, prompt: str) -> list[list[list[int]]]:
+    """For each space-separated word of ``prompt``, its keys in each space (in the order of
+    ``spaces``; [] in a space without a tokenizer)."""
+    per_space = []
+    for sp in spaces:
+        ws = [] if sp.tokenizer is None else words(sp.tokenizer, prompt)
+        per_space.append([[sp.offset + p - sp.skip for p in w.positions] for w in ws])
+    return [[keys[i] if i < len(keys) else [] for keys in per_space] for i in range(len(prompt.split()))]

@@ -196,6 +196,7 @@ class InversionConfig:
 
 EDIT_MODES = ("auto", "replace", "refine")
 MASK_MODES = ("intersect", "replace")
+MMDIT_CONTROLS = ("attention", "qk")  # how P2P acts on joint (MMDiT) attention: the maps, or the image queries/keys
 EDIT_METHODS = ("p2p", "sdedit")
 SDEDIT_SOURCES = ("inversion", "noise")  # what SDEdit starts from: the inverted trajectory, or the photo noised
 
@@ -301,6 +302,18 @@ class EditConfig:
         methods=("p2p",),
         help="the blend mask comes from the cross-attention layers at 1/N of the latent size (the nearest "
              "size the UNet has)")
+    mmdit_control: str = option(  # ours: on joint (MMDiT, SD3) attention, replace the maps as P2P, or
+        #                            the targets' image queries and keys ("Exploring MMDiT", ICCV 2025)
+        "attention", flag="--mmdit-control", choices=MMDIT_CONTROLS, column="mmdit_control", cell=cells.text_cell,
+        methods=("p2p",),
+        help="Stable Diffusion 3: attention (Prompt-to-Prompt on the image x text block of the joint attention, the "
+             "image x image block replaced during --self-replace) or qk (the targets' image queries and keys are the "
+             "source's for the --qk-steps fraction; no map is replaced; --reweight and --blend still act)")
+    qk_steps: object = option(  # ours: the qk control's steps
+        0.2, flag="--qk-steps", metavar="SPEC", parse=fraction_or_range, column="qk_steps", cell=cells.fraction_cell,
+        methods=("p2p",),
+        help="Stable Diffusion 3 with --mmdit-control qk: fraction (0.2) or range (0.1,0.3) of steps in which the "
+             "targets' image queries and keys are the source's")
     sdedit_strength: float = option(  # ours: fraction of the steps SDEdit re-denoises with the target
         0.6, flag="--strength", metavar="S", parse=float, column="strength", cell=cells.number_cell, methods=("sdedit",),
         help="SDEdit: fraction of the steps re-denoised with the target prompt (0: the reconstruction, from noise the "
@@ -337,6 +350,8 @@ class EditConfig:
             object.__setattr__(self, "cross_replace", tuple(self.cross_replace))
         if isinstance(self.self_replace, list):
             object.__setattr__(self, "self_replace", tuple(self.self_replace))
+        if isinstance(self.qk_steps, list):
+            object.__setattr__(self, "qk_steps", tuple(self.qk_steps))
         self.validate()
 
     def validate(self) -> None:
@@ -358,6 +373,10 @@ class EditConfig:
         else:
             _check_fraction_spec(self.cross_replace, "cross-replace")
         _check_fraction_spec(self.self_replace, "self-replace")
+        _check_fraction_spec(self.qk_steps, "qk-steps")
+        if self.mmdit_control not in MMDIT_CONTROLS:
+            raise NulltextError(f"unknown MMDiT control {self.mmdit_control!r}; choose one of "
+                                f"{', '.join(MMDIT_CONTROLS)} (--mmdit-control on the command line)")
         for word, factor in self.reweight:
             if not isinstance(word, str) or not word.strip():
                 raise NulltextError(f"reweight needs word=factor pairs, got {word!r}")

@@ -4,7 +4,9 @@ processor (:mod:`nulltext.processors`) calls these hooks, and tests call them on
 
 Shapes: ``probs`` are softmax(QK^T/sqrt(d)) of the *conditional* half of a UNet batch,
 ``(rows, heads, Q, K)`` with Q = query positions (h*w of the layer) and K = key positions (the L
-text tokens for cross-attention, Q for self-attention). The edit loop runs the source row and the
+text tokens for cross-attention, Q for self-attention). A joint layer (SD3's MMDiT: one softmax
+over image and text keys) is two Sites: its image x text block (cross, K = the text tokens) and its
+image x image block (self), both normalised over all its keys. The edit loop runs the source row and the
 target rows in two UNet passes (see :mod:`nulltext.editing`): the ``source`` hook sees
 ``(1, heads, Q, K)``, the ``target`` hook ``(n, heads, Q, K)`` and returns the edited maps.
 
@@ -32,10 +34,19 @@ class Site:
     place: str  # "down" | "mid" | "up"
     is_cross: bool  # keys are text tokens (attn2) rather than image positions (attn1)
     size: tuple[int, int]  # (h, w) of its query grid for the latent being edited
+    # one block of a JOINT attention layer (SD3's MMDiT): the image-query rows x text-key columns
+    # block (is_cross, named by the processor) or the image x image block (named by
+    # :func:`joint_self_name`), both of the one softmax over image and text keys
+    joint: bool = False
 
     @property
     def num_queries(self) -> int:
         return self.size[0] * self.size[1]
+
+
+def joint_self_name(name: str) -> str:
+    """The name of the self-attention Site of the joint layer whose processor is ``name``."""
+    return name + "#self"
 
 
 class Controller:
@@ -63,6 +74,19 @@ class Controller:
     def on_target(self, site: Site, probs: Tensor) -> Tensor:
         """Target rows' maps, (n, heads, Q, K) -> the maps the UNet uses."""
         return probs
+
+    def swaps_qk(self, site: Site) -> bool:
+        """Whether, at the current step, the target rows' image queries and keys of the joint
+        layer of ``site`` (its cross Site) are the source row's ("Exploring MMDiT")."""
+        return False
+
+    def on_source_qk(self, site: Site, query: Tensor, key: Tensor) -> None:
+        """The source pass's image queries and keys, (2, heads, N, d): [uncond, cond] rows."""
+
+    def on_target_qk(self, site: Site, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """The target pass's image queries and keys (2n, heads, N, d), [uncond..., cond...] ->
+        those the layer uses."""
+        return query, key
 
     def end_step(self, z_source: Tensor, z_targets: Tensor) -> Tensor:
         """After the step's DDIM update: z_source (1, C, h, w), z_targets (n, C, h, w)."""
@@ -174,6 +198,13 @@ class Refine(CrossEdit):
         taken = src[:, :, self.mappers.to(src.device)].permute(2, 0, 1, 3)  # (n, heads, Q, K)
         a = self.alphas.to(src)[:, None, None, :]
         return taken * a + tgt * (1 - a)
+
+
+class Keep(CrossEdit):
+    """The target's own maps (the base of a reweight that replaces nothing: MMDiT's qk control)."""
+
+    def __call__(self, src: Tensor, tgt: Tensor) -> Tensor:
+        return tgt
 
 
 class Reweight(CrossEdit):
@@ -300,14 +331,18 @@ class P2PController(Controller):
     cross_edit: replace / refine / reweight (chain), applied while ``cross_alphas[step]`` is on;
     self_steps: [start, end) steps of self-attention replacement, on layers with at most
     ``self_max_keys`` keys; local_blend: optional; stores: observers that see the maps the UNet
-    actually uses (after edits)."""
+    actually uses (after edits); qk_steps: [start, end) steps during which, in joint (MMDiT)
+    layers, the targets' image queries and keys are the source's."""
 
     def __init__(self, cross_edit: CrossEdit | None, cross_alphas: Tensor | None,
                  self_steps: tuple[int, int] = (0, 0), self_max_keys: int = SELF_MAX_KEYS,
-                 local_blend: LocalBlend | None = None, stores: Sequence[AttentionStore] = ()) -> None:
+                 local_blend: LocalBlend | None = None, stores: Sequence[AttentionStore] = (),
+                 qk_steps: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.cross_edit, self.cross_alphas = cross_edit, cross_alphas
         self.self_steps, self.self_max_keys = tuple(self_steps), self_max_keys
+        self.qk_steps = tuple(qk_steps)
+        self._qk: dict[str, tuple[Tensor, Tensor]] = {}  # this step's source image queries and keys
         self.local_blend = local_blend
         self.stores = list(stores)
         self._source: dict[str, Tensor] = {}  # this step's source maps, per layer
@@ -334,7 +369,8 @@ class P2PController(Controller):
 
     def uses(self, site: Site) -> bool:
         if site.is_cross:
-            return self.cross_edit is not None or bool(self._observers(site))
+            qk = site.joint and self.qk_steps[1] > self.qk_steps[0]
+            return qk or self.cross_edit is not None or bool(self._observers(site))
         edits_self = self.self_steps[1] > self.self_steps[0] and site.num_queries <= self.self_max_keys
         return edits_self or bool(self._observers(site))
 
@@ -344,6 +380,7 @@ class P2PController(Controller):
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
         self._source.clear()
+        self._qk.clear()
         for s in self._all_stores():
             s.begin_step(step)
 
@@ -370,6 +407,25 @@ class P2PController(Controller):
         for obs in self._observers(site):
             obs.on_target(site, probs)
         return probs
+
+    def swaps_qk(self, site: Site) -> bool:
+        return site.joint and site.is_cross and self.qk_steps[0] <= self.step < self.qk_steps[1]
+
+    def on_source_qk(self, site: Site, query: Tensor, key: Tensor) -> None:
+        self._qk[site.name] = (query, key)
+
+    def on_target_qk(self, site: Site, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """Each target row takes the source's row of its half: uncond from uncond, cond from cond."""
+        if site.name not in self._qk:
+            raise RuntimeError(f"no source queries for {site.name} at step {self.step}: the source "
+                               "pass must run before the target pass")
+        n = query.shape[0] // 2
+
+        def rows(x: Tensor) -> Tensor:
+            return torch.cat([x[:1].expand(n, *x.shape[1:]), x[1:2].expand(n, *x.shape[1:])]).to(query)
+
+        src_q, src_k = self._qk[site.name]
+        return rows(src_q), rows(src_k)
 
     def edit(self, site: Site, src: Tensor, tgt: Tensor) -> Tensor:
         """src (heads, Q, K), tgt (n, heads, Q, K) -> edited target maps."""

@@ -196,6 +196,11 @@ class Pipeline:
         return self.model_family.attention_sites(self, latent_hw)
 
     @property
+    def token_spaces(self) -> list:
+        """Where each tokenizer's tokens sit among the cross-attention keys (the family's)."""
+        return self.model_family.token_spaces(self)
+
+    @property
     def scheduler_config(self) -> dict:
         return {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
 

@@ -5,8 +5,10 @@ installing a processor per layer with ``set_attn_processor`` (never by replacing
 and put the previous processors back in ``finally``. Layers no controller uses keep theirs (the
 fast scaled-dot-product ``AttnProcessor2_0`` by default). The layers and their query grids come
 from the model's family (``pipe.attention_sites``); :class:`P2PAttnProcessor` serves diffusers'
-plain ``Attention`` kind (a UNet's self- and cross-attention). Another kind (SD3's joint attention
-over image and text tokens) gets its own processor here, with the same controller hooks.
+plain ``Attention`` kind (a UNet's self- and cross-attention, SD3.5's image-only ``attn2``);
+:class:`JointP2PAttnProcessor` serves SD3's joint attention over image and text tokens, with the
+same controller hooks on its image x text and image x image blocks (two Sites of one layer) and
+the hooks of the qk control.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .controllers import SOURCE, Controller, Site
+from .controllers import SOURCE, Controller, Site, joint_self_name
 
 
 def project_attention(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask, temb):
@@ -114,17 +117,131 @@ class P2PAttnProcessor:
         return finish_attention(attn, probs, v, restore)
 
 
+def joint_project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None):
+    """The projections of diffusers' ``JointAttnProcessor2_0``: image (to_q/k/v, norm_q/k) and
+    text (add_q/k/v_proj, norm_added_q/k) queries, keys and values, each (B, heads, S, d)."""
+    b = hidden_states.shape[0]
+    q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = k.shape[-1] // attn.heads
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    text = None
+    if encoder_hidden_states is not None:
+        tq, tk, tv = (heads(proj(encoder_hidden_states)) for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        text = (tq, tk, tv)
+    return (q, k, v), text
+
+
+def joint_probs(attn, query: Tensor, key: Tensor) -> Tensor:
+    """softmax(q k^T * scale) over all keys, (B, heads, Q, K), as ``Attention.get_attention_scores``."""
+    b, h = query.shape[:2]
+    probs = attn.get_attention_scores(query.reshape(b * h, *query.shape[2:]), key.reshape(b * h, *key.shape[2:]))
+    return probs.reshape(b, h, *probs.shape[1:])
+
+
+def joint_finish(attn, hidden: Tensor, num_image: int, has_text: bool):
+    """The second half of ``JointAttnProcessor2_0``: (B, heads, S, d) -> the image stream's output
+    (and the text stream's, where the layer has text)."""
+    b, h, _, d = hidden.shape
+    hidden = hidden.transpose(1, 2).reshape(b, -1, h * d)
+    text = None
+    if has_text:
+        hidden, text = hidden[:, :num_image], hidden[:, num_image:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+    hidden = attn.to_out[1](attn.to_out[0](hidden))
+    return (hidden, text) if has_text else hidden
+
+
+class JointP2PAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` (SD3's MMDiT: one softmax over [image | text] keys)
+    computed explicitly, with the controller's hooks on two blocks of the conditional half's
+    probabilities: image queries x text keys (``cross``, (n, heads, N, K_text), normalised over
+    all keys) and image queries x image keys (``self_site``, (n, heads, N, N)). Edited blocks are
+    written back into the joint probabilities; the text queries' rows stay as computed.
+
+    As :class:`P2PAttnProcessor`: in the source phase the output is the previous processor's and
+    the maps (and, for the qk control, the image queries and keys) are computed beside it; in the
+    target phase the edited maps (and the source's image queries and keys) are used."""
+
+    def __init__(self, controller: Controller, cross: Site, self_site: Site, base) -> None:
+        self.controller, self.cross, self.self_site, self.base = controller, cross, self_site, base
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs):
+        c = self.controller
+        hooks = [s for s in (self.cross, self.self_site) if c.needs(s)]
+        qk = c.swaps_qk(self.cross)
+        if not hooks and not qk:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        n_img = hidden_states.shape[1]
+        if c.phase == SOURCE:
+            out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+            with torch.no_grad():
+                (q, k, _), text = joint_project(attn, hidden_states, encoder_hidden_states)
+                if qk:
+                    c.on_source_qk(self.cross, q, k)
+                if hooks:
+                    half = q.shape[0] // 2
+                    qc, kc = q[half:], k[half:]
+                    if text is not None:
+                        qc, kc = torch.cat([qc, text[0][half:]], dim=2), torch.cat([kc, text[1][half:]], dim=2)
+                    probs = joint_probs(attn, qc, kc)
+                    for site, block in self._blocks(probs, n_img, hooks):
+                        c.on_source(site, block)
+            return out
+        (q, k, v), text = joint_project(attn, hidden_states, encoder_hidden_states)
+        if qk:
+            q, k = c.on_target_qk(self.cross, q, k)
+        if text is not None:
+            q, k, v = (torch.cat([x, t], dim=2) for x, t in zip((q, k, v), text))
+        if hooks:
+            probs = joint_probs(attn, q, k)
+            half = probs.shape[0] // 2
+            for site, block in self._blocks(probs[half:], n_img, hooks):
+                edited = c.on_target(site, block)
+                if edited is not block:
+                    block.copy_(edited.to(block.dtype))  # a view: written into the joint probabilities
+            hidden = probs @ v
+        else:
+            hidden = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        return joint_finish(attn, hidden.to(q.dtype), n_img, text is not None)
+
+    def _blocks(self, probs: Tensor, n_img: int, hooks: list[Site]):
+        for site in hooks:
+            yield site, probs[:, :, :n_img, n_img:] if site is self.cross else probs[:, :, :n_img, :n_img]
+
+
 @contextmanager
 def installed(denoiser, controller: Controller, sites: dict[str, Site]) -> Iterator[dict[str, Site]]:
-    """Install :class:`P2PAttnProcessor` on the layers of ``denoiser`` that ``controller`` uses,
+    """Install :class:`P2PAttnProcessor` (:class:`JointP2PAttnProcessor` on joint layers) on the layers of ``denoiser`` that ``controller`` uses,
     restoring the previous processors on exit, error included. ``sites``: the layers and their
     query grids, as the model's family describes them (``pipe.attention_sites(latent_hw)``);
     yielded back."""
     previous = dict(denoiser.attn_processors)
-    new = {name: P2PAttnProcessor(controller, sites[name], proc) if controller.uses(sites[name]) else proc
-           for name, proc in previous.items()}
+    new = {name: _processor(controller, sites, name, proc) for name, proc in previous.items()}
     denoiser.set_attn_processor(new)  # diffusers pops from the dict it is given: pass a fresh one
     try:
         yield sites
     finally:
         denoiser.set_attn_processor(dict(previous))
+
+
+def _processor(controller: Controller, sites: dict[str, Site], name: str, proc):
+    site = sites[name]
+    if site.joint:  # the layer's cross Site, and its self Site beside it
+        self_site = sites[joint_self_name(name)]
+        used = controller.uses(site) or controller.uses(self_site)
+        return JointP2PAttnProcessor(controller, site, self_site, proc) if used else proc
+    return P2PAttnProcessor(controller, site, proc) if controller.uses(site) else proc

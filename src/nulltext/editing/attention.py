@@ -12,7 +12,7 @@ from ..config import EditConfig
 from ..controllers import AttentionStore
 from ..text import token_labels
 from .loops import edit
-from .planning import EditPlan, plan_for, request
+from .planning import EditPlan, plan_for, request, token_spaces
 
 
 @dataclass
@@ -32,7 +32,25 @@ def maps_from_store(pipe, store: AttentionStore, size: tuple[int, int], prompts:
         places = ("mid",)
     maps = store.average(size, places=places)
     tokens = [token_labels(pipe.tokenizer, alignment.prompt_tokens(pipe.tokenizer, p)) for p in prompts]
-    return AttentionMaps(list(prompts), tokens, maps, size, images)
+    return AttentionMaps(list(prompts), tokens, fold_spaces(maps, token_spaces(pipe), prompts), size, images)
+
+
+def fold_spaces(maps: Tensor, spaces, prompts: list[str]) -> Tensor:
+    """(rows, h, w, K) maps over the keys of all token spaces -> (rows, h, w, L) over the first
+    space's tokens (CLIP's, whose labels are shown). With several spaces (SD3: CLIP and T5), each
+    word's maps in the other spaces are summed and split evenly over its CLIP tokens, so a word's
+    tokens show its attention through both encoders; start and end tokens and padding show
+    CLIP's alone. One space: the maps as they are."""
+    first = spaces[0]
+    out = maps[..., first.offset:first.offset + first.length].clone()
+    if len(spaces) == 1:
+        return out
+    for r, prompt in enumerate(prompts):
+        for keys in alignment.spaces_word_keys(spaces, prompt):
+            own, others = keys[0], [k for ks in keys[1:] for k in ks]
+            if own and others:
+                out[r, ..., [k - first.offset for k in own]] += maps[r, ..., others].sum(-1, keepdim=True) / len(own)
+    return out
 
 
 def attention_maps(pipe, inversion, targets: Sequence[str] | EditPlan = (), config: EditConfig | None = None,

@@ -26,6 +26,7 @@ from ..controllers import (
     AttentionStore,
     Controller,
     CrossEdit,
+    Keep,
     LocalBlend,
     P2PController,
     Refine,
@@ -141,8 +142,9 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
     targets, config = list(req.targets), req.config
     if not targets and not attention:
         raise NulltextError("no target prompt given")
+    spaces = token_spaces(pipe)
     for p in (source, *targets):
-        alignment.check_length(pipe.tokenizer, p)
+        alignment.spaces_check(spaces, p)
     # the targets' new words only: the source prompt's were named at its inversion
     warn_split_words(pipe, targets, skip=source)
     pixels = user = None
@@ -207,26 +209,41 @@ def attention_store(pipe, latent_hw: tuple[int, int], config: EditConfig | None 
 
 
 
-def _mappers(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[tuple[str, object]]:
+def token_spaces(pipe) -> list:
+    """Where each tokenizer's tokens sit among the cross-attention keys (the family's
+    ``token_spaces``; a bare tokenizer is one space at 0)."""
+    spaces = getattr(pipe, "token_spaces", None)
+    return list(spaces) if spaces is not None else _spaces(pipe.tokenizer)
+
+
+def _spaces(tokenizer_or_spaces) -> list:
+    if isinstance(tokenizer_or_spaces, (list, tuple)):
+        return list(tokenizer_or_spaces)
+    return [alignment.TokenSpace(tokenizer_or_spaces, 0, tokenizer_or_spaces.model_max_length)]
+
+
+def _mappers(spaces, source: str, targets: Sequence[str], mode: str) -> list[tuple[str, object]]:
     """(mode, mapper) of each target, each mapper computed once: ``auto`` takes the word swap's
-    mapper where the prompts swap one for one (same tokens and words), else refine's."""
-    out = []
+    mapper where the prompts swap one for one (same tokens and words, in every tokenizer), else
+    refine's."""
+    spaces, out = _spaces(spaces), []
     for t in targets:
         if mode == "auto":
             try:
-                out.append(("replace", alignment.replacement_mapper(tokenizer, source, t)))
+                out.append(("replace", alignment.spaces_replacement_mapper(spaces, source, t)))
                 continue
             except NulltextError:
                 pass  # another token or word count: refine
         kind = "refine" if mode == "auto" else mode
-        mapper = (alignment.replacement_mapper if kind == "replace" else alignment.refinement_mapper)(tokenizer, source, t)
-        out.append((kind, mapper))
+        build = alignment.spaces_replacement_mapper if kind == "replace" else alignment.spaces_refinement_mapper
+        out.append((kind, build(spaces, source, t)))
     return out
 
 
 def resolve_modes(tokenizer, source: str, targets: Sequence[str], mode: str) -> list[str]:
     """The mode of each target: ``auto`` picks replace for the same token count (and the same
-    number of words, so they can be swapped one for one), else refine."""
+    number of words, so they can be swapped one for one), else refine. ``tokenizer``: a tokenizer
+    or a list of :class:`nulltext.alignment.TokenSpace`."""
     return [kind for kind, _ in _mappers(tokenizer, source, targets, mode)]
 
 
@@ -253,7 +270,7 @@ def _cross_edit(mappers: list[tuple[str, object]]) -> CrossEdit:
     return PerTarget([one(kind, [m]) for kind, m in mappers])
 
 
-def _cross_overrides(tokenizer, targets: list[str], spec) -> tuple[object, list]:
+def _cross_overrides(spaces, targets: list[str], spec) -> tuple[object, list]:
     if not isinstance(spec, dict):
         return spec, []
     default = (0.0, 1.0)  # the release's default when the dict names none
@@ -264,7 +281,7 @@ def _cross_overrides(tokenizer, targets: list[str], spec) -> tuple[object, list]
             continue
         found = False
         for r, t in enumerate(targets):
-            pos = alignment.word_positions(tokenizer, t, word)
+            pos = alignment.spaces_positions(spaces, t, word)
             if pos:
                 overrides.append((r, pos, value))
                 found = True
@@ -274,13 +291,12 @@ def _cross_overrides(tokenizer, targets: list[str], spec) -> tuple[object, list]
     return default, overrides
 
 
-def _equalizer(tokenizer, targets: list[str], reweight) -> Tensor:
-    L = tokenizer.model_max_length
-    eq = torch.ones(len(targets), L)
+def _equalizer(spaces, targets: list[str], reweight) -> Tensor:
+    eq = torch.ones(len(targets), alignment.spaces_length(spaces))
     for word, factor in reweight:
         found = False
         for r, t in enumerate(targets):
-            pos = alignment.word_positions(tokenizer, t, word)
+            pos = alignment.spaces_positions(spaces, t, word)
             if pos:
                 eq[r, pos] = float(factor)
                 found = True
@@ -294,7 +310,7 @@ def blend_size(sites, latent_hw: tuple[int, int], factor: int) -> tuple[int, int
     """Size of the cross-attention layers the blend mask is built from: latent / factor (the
     release: 16x16 for a 64x64 latent) or, when no down/up cross-attention layer has that size,
     the nearest size one has."""
-    sizes = sorted({s.size for s in sites.values() if s.is_cross and s.place in ("down", "up")})
+    sizes = sorted({s.size for s in sites.values() if s.is_cross and s.place in blend_places(sites)})
     if not sizes:
         raise NulltextError("this UNet has no cross-attention layers to build a blend mask from")
     want = (max(1, latent_hw[0] // factor), max(1, latent_hw[1] // factor))
@@ -304,20 +320,32 @@ def blend_size(sites, latent_hw: tuple[int, int], factor: int) -> tuple[int, int
     return min(sizes, key=lambda s: (abs(math.log(s[0] * s[1] / area)), s[0] * s[1]))
 
 
-def _local_blend(tokenizer, source: str, targets: list[str], config: EditConfig, num_steps: int,
-                 size: tuple[int, int], user_mask: Tensor | None = None) -> LocalBlend:
+def blend_places(sites) -> tuple[str, ...]:
+    """Where the blend's layers sit: down and up (the release's), or, for a model with no such
+    cross-attention layer (SD3's transformer: all "mid"), mid."""
+    if any(s.is_cross and s.place in ("down", "up") for s in sites.values()):
+        return ("down", "up")
+    return ("mid",)
+
+
+def _local_blend(spaces, source: str, targets: list[str], config: EditConfig, num_steps: int,
+                 size: tuple[int, int], user_mask: Tensor | None = None,
+                 places: tuple[str, ...] = ("down", "up")) -> LocalBlend:
     if not config.blend:  # a user mask alone
         return LocalBlend(None, size=size, start_step=int(config.blend_start * num_steps), user_mask=user_mask,
                           user_mode="replace")
-    L = tokenizer.model_max_length
+    L = alignment.spaces_length(spaces)
     prompts = [source, *targets]
     words = torch.zeros(len(prompts), L)
     for word in config.blend_source:
-        words[0, alignment.require_positions(tokenizer, source, word, "blend")] = 1.0
+        pos = alignment.spaces_positions(spaces, source, word)
+        if not pos:
+            raise NulltextError(f"blend word {word!r} is not in the prompt {source!r}")
+        words[0, pos] = 1.0
     for word in config.blend_target:
         found = False
         for r, t in enumerate(targets, start=1):
-            pos = alignment.word_positions(tokenizer, t, word)
+            pos = alignment.spaces_positions(spaces, t, word)
             if pos:
                 words[r, pos] = 1.0
                 found = True
@@ -328,14 +356,14 @@ def _local_blend(tokenizer, source: str, targets: list[str], config: EditConfig,
     if config.blend_subtract:
         subtract = torch.zeros(len(prompts), L)
         for word in config.blend_subtract:
-            hits = [(r, alignment.word_positions(tokenizer, p, word)) for r, p in enumerate(prompts)]
+            hits = [(r, alignment.spaces_positions(spaces, p, word)) for r, p in enumerate(prompts)]
             if not any(pos for _, pos in hits):
                 raise NulltextError(f"blend-subtract word {word!r} is in none of the prompts")
             for r, pos in hits:
                 subtract[r, pos] = 1.0
     return LocalBlend(words, size=size, start_step=int(config.blend_start * num_steps),
                       threshold=config.blend_threshold, subtract=subtract,
-                      subtract_threshold=config.blend_subtract_threshold, user_mask=user_mask,
+                      subtract_threshold=config.blend_subtract_threshold, places=places, user_mask=user_mask,
                       user_mode=config.mask_mode)
 
 
@@ -344,21 +372,36 @@ def build_controller(pipe, source: str, targets: list[str], config: EditConfig, 
                      user_mask: Tensor | None = None) -> tuple[P2PController, list[str]]:
     """The Prompt-to-Prompt controller of an edit, and the mode used for each target.
     ``user_mask``: (1, 1, h, w) boolean at the latent size, where edits may happen."""
-    tok = pipe.tokenizer
-    mappers = _mappers(tok, source, targets, config.mode)
+    spaces = token_spaces(pipe)
+    sites = pipe.attention_sites(latent_hw)
+    qk = mmdit_qk(sites, config)
+    mappers = _mappers(spaces, source, targets, config.mode)
     modes = [kind for kind, _ in mappers]
-    cross = _cross_edit(mappers)
+    # qk control: the targets' maps are their own (no replacement); a reweight scales them
+    cross = None if qk else _cross_edit(mappers)
     if config.reweight:
-        cross = Reweight(_equalizer(tok, targets, config.reweight), prev=cross)
-    default, overrides = _cross_overrides(tok, targets, config.cross_replace)
-    alphas = build_cross_alphas(num_steps, len(targets), tok.model_max_length, default, overrides)
-    self_steps = schedule_bounds(config.self_replace, num_steps)
+        cross = Reweight(_equalizer(spaces, targets, config.reweight), prev=Keep() if qk else cross)
+    default, overrides = _cross_overrides(spaces, targets, config.cross_replace)
+    alphas = build_cross_alphas(num_steps, len(targets), alignment.spaces_length(spaces), default, overrides)
+    self_steps = (0, 0) if qk else schedule_bounds(config.self_replace, num_steps)
+    qk_steps = schedule_bounds(config.qk_steps, num_steps) if qk else (0, 0)
     blend = None
     if config.blend:
-        size = blend_size(pipe.attention_sites(latent_hw), latent_hw, config.blend_factor)
-        blend = _local_blend(tok, source, targets, config, num_steps, size, user_mask)
+        size = blend_size(sites, latent_hw, config.blend_factor)
+        blend = _local_blend(spaces, source, targets, config, num_steps, size, user_mask, blend_places(sites))
     elif user_mask is not None:
-        blend = _local_blend(tok, source, targets, config, num_steps, (1, 1), user_mask)
+        blend = _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
     controller = P2PController(cross, alphas, self_steps=self_steps, self_max_keys=config.self_max_keys,
-                               local_blend=blend, stores=stores)
+                               local_blend=blend, stores=stores, qk_steps=qk_steps)
     return controller, modes
+
+
+def mmdit_qk(sites, config: EditConfig) -> bool:
+    """Whether the edit uses the qk control of joint (MMDiT) attention; refused on a model
+    without joint attention layers."""
+    if config.mmdit_control != "qk":
+        return False
+    if not any(s.joint for s in sites.values()):
+        raise NulltextError("the qk control acts on joint image-text attention (Stable Diffusion 3 and 3.5); "
+                            "this model has none: use attention (--mmdit-control on the command line)")
+    return True

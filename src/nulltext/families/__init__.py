@@ -29,7 +29,10 @@ It implements:
   into its quantity (``sampler.model_quantity``);
 - ``attention_sites(pipe, latent_hw)``: every attention layer the controllers may see, as a
   :class:`nulltext.controllers.Site` (name, place, cross or not, the query grid for a latent of
-  ``latent_hw``); Prompt-to-Prompt installs its processors by these names;
+  ``latent_hw``); Prompt-to-Prompt installs its processors by these names (a joint layer, SD3's,
+  is two Sites: its image x text block, named by its processor, and its image x image block);
+- ``token_spaces(pipe)``: which tokenizers' tokens the cross-attention keys hold, and where
+  (:class:`nulltext.alignment.TokenSpace`; default: the CLIP tokenizer at 0; SD3: CLIP, then T5);
 - ``latent_scale_shift(pipe)``: z = (mean(E(x)) - shift) * scale, decoded as D(z / scale + shift);
 - ``latent_channels(pipe)``, ``vae_scale_factor(pipe)``, ``size_multiple(pipe)``, ``native_size(pipe)``:
   latent and image geometry; ``image_seq_len(pipe, latent_hw)``: a transformer's image tokens, for a
@@ -92,6 +95,13 @@ class Family:
 
     def attention_sites(self, pipe, latent_hw: tuple[int, int]) -> dict:
         raise NotImplementedError
+
+    def token_spaces(self, pipe) -> list:
+        """Where each tokenizer's tokens sit among the cross-attention keys
+        (:class:`nulltext.alignment.TokenSpace`): by default the CLIP tokenizer alone, at 0."""
+        from ..alignment import TokenSpace
+
+        return [TokenSpace(pipe.tokenizer, 0, pipe.tokenizer.model_max_length)]
 
     def latent_scale_shift(self, pipe) -> tuple[float, float | None]:
         """The VAE's ``scaling_factor`` and ``shift_factor`` (None where it has none: SD, SDXL)."""

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..controllers import Site
+from ..alignment import TokenSpace
+from ..controllers import Site, joint_self_name
 from ..errors import NulltextError
 from ..samplers import flow
 from ..samplers.flow import FlowMatchConfig
@@ -119,16 +120,29 @@ class StableDiffusion3(Family):
         return out.float()
 
     def attention_sites(self, pipe, latent_hw: tuple[int, int]) -> dict[str, Site]:
-        """Each block's joint attention (``attn``: image queries over image and text keys, a
-        cross-attention site for the controllers) and SD3.5's image-only ``attn2`` (self-attention),
-        at the patch grid."""
+        """Each block's joint attention ``attn`` as two Sites of one softmax over [image | text]
+        keys: its image x text block (cross, named by the processor, K = 77 CLIP + 256 T5 keys)
+        and its image x image block (self, named by ``joint_self_name``); SD3.5's image-only
+        ``attn2`` is a plain self-attention Site. All at the patch grid, place "mid"."""
         p = pipe.unet.config.patch_size
         size = (latent_hw[0] // p, latent_hw[1] // p)
         sites = {}
         for name in pipe.unet.attn_processors:
-            layer = name.rsplit(".", 2)[-2]
-            sites[name] = Site(name=name, place="mid", is_cross=layer == "attn", size=size)
+            if name.rsplit(".", 2)[-2] == "attn":  # joint: added (text) projections
+                sites[name] = Site(name=name, place="mid", is_cross=True, size=size, joint=True)
+                sites[joint_self_name(name)] = Site(name=joint_self_name(name), place="mid", is_cross=False,
+                                                    size=size, joint=True)
+            else:
+                sites[name] = Site(name=name, place="mid", is_cross=False, size=size)
         return sites
+
+    def token_spaces(self, pipe) -> list[TokenSpace]:
+        """The CLIP tokens at keys 0..76 (start token at 0), then the T5 tokens at 77..332 (no
+        start token: words from 77, ``</s>`` after them, then ``<pad>``); without T5 its keys
+        hold zeros and map to themselves."""
+        clip = pipe.tokenizer.model_max_length
+        t5 = None if pipe.text_encoder_3 is None else pipe.tokenizer_3
+        return [TokenSpace(pipe.tokenizer, 0, clip), TokenSpace.without_start(t5, clip, MAX_SEQUENCE_LENGTH)]
 
     def latent_channels(self, pipe) -> int:
         return pipe.unet.config.in_channels
