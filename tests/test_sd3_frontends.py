@@ -36,12 +36,15 @@ def test_batch_inverts_and_edits_sd3_jobs(sd3_folders, tmp_path):
     out = tmp_path / "out"
     r = run_cli("batch", manifest, "-o", out, *_fast(sd3_folders["sd3.5"]), "-q", timeout=600)
     assert_ok(r)
-    for job in ("a", "b"):
-        with open(out / job / "result.json") as f:
-            assert json.load(f)["status"] == "ok"
-        inv = Inversion.load(next(str(p) for p in (out / job).iterdir() if p.suffix == ".safetensors"))
+    folders = sorted(p for p in out.iterdir() if (p / "result.json").is_file())
+    assert len(folders) == 2
+    edits = 0
+    for folder in folders:
+        assert json.loads((folder / "result.json").read_text())["status"] == "ok"
+        inv = Inversion.load(folder / "inversion.safetensors")
         assert inv.model.family == "stable-diffusion-3" and inv.image_size == (96, 64)
-    assert any(p.suffix == ".png" and p.name.startswith("edit-") for p in (out / "a").iterdir())
+        edits += sum(p.name.startswith("edit-") for p in folder.iterdir())
+    assert edits == 1
 
 
 def test_eval_runs_two_methods_on_sd3(sd3_folders, tmp_path):
