@@ -15,7 +15,7 @@ from nulltext.jobs import OPTION_COLUMNS, read_jobs
 
 # flags of `nulltext batch` that are not a job's options
 # (--protocol: a preset of the edit options, which the columns override)
-NOT_OPTIONS = {"help", "manifest", "output", "batch_size", "model", "device", "dtype", "low_memory", "quiet",
+NOT_OPTIONS = {"help", "manifest", "output", "batch_size", "model", "device", "dtype", "low_memory", "no_t5", "quiet",
                "protocol"}
 # argparse destination -> manifest column, where they differ
 DEST_TO_COLUMN = {"inversion_method": "method", "method": "edit_method", "sdedit_from": "from"}
