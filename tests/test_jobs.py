@@ -31,7 +31,8 @@ VALUES = {
     "edit_method": ("sdedit", "sdedit"), "strength": ("0.5", 0.5), "lr_decay_steps": ("50", 50),
     "blend_start": ("0.3", 0.3), "blend_subtract_threshold": ("0.5", 0.5), "blend_factor": ("2", 2),
     "inversion_guidance": ("2.5", 2.5), "from": ("noise", "noise"), "noise_seed": ("4", 4),
-    "mmdit_control": ("qk", "qk"), "qk_steps": ("0.1,0.3", [0.1, 0.3]),
+    "mmdit_control": ("qk", "qk"), "qk_steps": ("0.1,0.3", [0.1, 0.3]), "prox": ("l1", "l1"),
+    "prox_quantile": ("0.8", 0.8),
 }
 
 
