@@ -371,3 +371,27 @@ def test_eval_help_says_what_relative_image_paths_are_resolved_against():
     text = " ".join(r.stdout.split())
     assert "relative image paths in the manifest are resolved against" in text
     assert "the manifest's own folder" in text and "absolute paths are used as they are" in text
+
+
+@pytest.mark.slow
+def test_eval_edits_each_inversion_with_each_edit_method(tmp_path):
+    """--edit-methods: one row per (sample, inversion method, edit method), labelled METHOD/EDITOR,
+    resumable like the others; the summary has a line per pair."""
+    out = tmp_path / "out"
+    manifest = _manifest(tmp_path, n=1)
+    r = run_cli("eval", manifest, "--methods", "npi,ddpm", "--edit-methods", "p2p,sdedit", "-o", out, *FAST)
+    assert_ok(r)
+    rows = load_done(str(out / "results.jsonl"))
+    assert set(rows) == {("s0", f"{m}/{e}") for m in ("npi", "ddpm") for e in ("p2p", "sdedit")}
+    assert all(row["status"] == "ok" and row["bg_psnr"] > 0 for row in rows.values())
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {m}/{e} | 1 | 0 |" in summary for m in ("npi", "ddpm") for e in ("p2p", "sdedit"))
+    r = run_cli("eval", manifest, "--methods", "npi,ddpm", "--edit-methods", "p2p,sdedit", "-o", out, *FAST)
+    assert_ok(r)
+    assert r.stdout.count("recorded, skipped") == 4
+
+
+def test_eval_refuses_an_unknown_edit_method_in_one_line(tmp_path):
+    r = run_cli("eval", _manifest(tmp_path, n=1), "--edit-methods", "p2p,warp", "-o", tmp_path / "out", *FAST)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "unknown edit method warp in --edit-methods; choose from p2p, sdedit" in r.stderr

@@ -249,19 +249,38 @@ def _metric_settings(models: ModelMetrics | None) -> list:
             getattr(models, "lpips_net", None) if getattr(models, "lpips", None) is not None else None]
 
 
+def _with_editor(job: Job, editor: str | None) -> tuple[object, str]:
+    """The job's edit config with the edit method ``editor`` (None: as it is), or the reason it cannot."""
+    if editor is None or job.edit is None:
+        return job.edit, ""
+    try:
+        return dataclasses.replace(job.edit, method=editor), ""
+    except NulltextError as e:
+        return job.edit, f"edit method {editor}: {e}"
+
+
 def evaluate(pipe, jobs: list[Job], methods: list[str], out_dir: str, log: Callable[[str], None] = print,
-             models: ModelMetrics | None = None, state=None) -> list[dict] | None:
+             models: ModelMetrics | None = None, state=None, editors: list[str] | None = None) -> list[dict] | None:
     """Run every (sample, method) not yet recorded, through the runner (split between
     accelerate's processes where ``state`` has several); write the CSV and the markdown summary and
-    return this run's rows on the main process (None on the others)."""
+    return this run's rows on the main process (None on the others). ``editors``: edit methods
+    each (sample, method) is edited with, labelled ``METHOD/EDITOR`` (None: the jobs' own, labelled
+    ``METHOD``); the inversion runs again for each editor."""
     methods = list(dict.fromkeys(methods))
+    editors = list(dict.fromkeys(editors)) if editors else None
+    labels = [m if editors is None else f"{m}/{e}" for m in methods for e in (editors or [None])]
     runs = []
     for job in jobs:
         refused = [f"column {c} does not apply: {why}" for c, why in NOT_EVALUATED.items() if c in job.columns]
+        if editors is not None and "edit_method" in job.columns:
+            refused.append("column edit_method does not apply: nulltext eval edits with each of its --edit-methods")
         for method in methods:
             inversion = dataclasses.replace(job.inversion, method=method) if job.inversion else None
-            runs.append(dataclasses.replace(job, inversion=inversion, variant=method,
-                                            error=job.error or "; ".join(refused)))
+            for editor in editors or [None]:
+                edit_cfg, why = _with_editor(job, editor)
+                runs.append(dataclasses.replace(job, inversion=inversion, edit=edit_cfg,
+                                                variant=method if editor is None else f"{method}/{editor}",
+                                                error=job.error or "; ".join(refused + ([why] if why else []))))
     number = {id(job): k for k, job in enumerate(runs, 1)}
     total = len(runs)
 
@@ -282,7 +301,7 @@ def evaluate(pipe, jobs: list[Job], methods: list[str], out_dir: str, log: Calla
     if done is None:
         return None
     rows = done[0]
-    write_tables(rows, methods, out_dir)  # this run's samples and methods only
+    write_tables(rows, labels, out_dir)  # this run's samples and methods only
     return rows
 
 

@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the results")
     p.add_argument("--methods", default="nti", help="comma-separated inversion methods, e.g. nti,npi,direct "
                                                     "(default nti)")
+    p.add_argument("--edit-methods", metavar="EDITORS",
+                   help="comma-separated edit methods, e.g. p2p,sdedit: every sample and inversion method is edited "
+                        "with each (rows and tables labelled METHOD/EDITOR); default: --edit-method alone")
     p.add_argument("--images-root", metavar="DIR",
                    help="folder that relative image paths in the manifest are resolved against, mask paths too "
                         "(default: the manifest's own folder; for a PIE-Bench mapping file, its annotation_images/ subfolder "

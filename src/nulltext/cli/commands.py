@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from .. import families
-from ..config import DEFAULT_MODEL, METHODS, InversionConfig
+from ..config import DEFAULT_MODEL, EDIT_METHODS, METHODS, InversionConfig
 from ..errors import NulltextError, NulltextWarning, one_line
 from ..files import check_writable, edit_file_name, image_format, save_image
 from ..options import options
@@ -383,6 +383,13 @@ def cmd_eval(args) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise NulltextError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    editors = None
+    if args.edit_methods is not None:
+        editors = [m.strip() for m in args.edit_methods.split(",") if m.strip()]
+        unknown = [m for m in editors if m not in EDIT_METHODS]
+        if not editors or unknown:
+            raise NulltextError(f"unknown edit method {', '.join(unknown) or '(none)'} in --edit-methods; choose "
+                                f"from {', '.join(EDIT_METHODS)}")
     config = inversion_config(args, methods[0])
     edit_cfg = edit_config(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -399,7 +406,7 @@ def cmd_eval(args) -> int:
     state = process_state()  # one process, or those of accelerate launch: the jobs are split
     pipe = _load_pipe(args, args.model)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    rows = evaluate(pipe, jobs, methods, args.output, log=log, models=models, state=state)
+    rows = evaluate(pipe, jobs, methods, args.output, log=log, models=models, state=state, editors=editors)
     if rows is None:  # not the main process: the main one reports
         return 0
     with open(os.path.join(args.output, "summary.md"), encoding="utf-8") as f:
