@@ -384,6 +384,9 @@ def test_eval_edits_each_inversion_with_each_edit_method(tmp_path):
     rows = load_done(str(out / "results.jsonl"))
     assert set(rows) == {("s0", f"{m}/{e}") for m in ("npi", "ddpm") for e in ("p2p", "sdedit")}
     assert all(row["status"] == "ok" and row["bg_psnr"] > 0 for row in rows.values())
+    for m in ("npi", "ddpm"):  # one inversion serves both editors
+        assert rows[("s0", f"{m}/p2p")]["invert_s"] == rows[("s0", f"{m}/sdedit")]["invert_s"]
+        assert rows[("s0", f"{m}/p2p")]["recon_psnr"] == rows[("s0", f"{m}/sdedit")]["recon_psnr"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {m}/{e} | 1 | 0 |" in summary for m in ("npi", "ddpm") for e in ("p2p", "sdedit"))
     r = run_cli("eval", manifest, "--methods", "npi,ddpm", "--edit-methods", "p2p,sdedit", "-o", out, *FAST)

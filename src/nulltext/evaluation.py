@@ -172,8 +172,10 @@ def _peak_mb(pipe) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
-    """One (sample, method): the metrics of a result row, or raises for the runner to record."""
+def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None, last: dict | None = None) -> dict:
+    """One (sample, method): the metrics of a result row, or raises for the runner to record.
+    ``last``: the previous job's inversion, reused when this job inverts the same photo and caption
+    with the same settings (eval's edit methods of one inversion run one after the other)."""
     from .editing import EditRequest, PhotoLatent, edit, plan
     from .image import load_image, output_size, preprocess
     from .inversion import InversionRequest, invert_progressive, reconstruct
@@ -190,9 +192,17 @@ def evaluate_job(pipe, job: Job, models: ModelMetrics | None = None) -> dict:
                          (size[1] // f, size[0] // f), size, source.image.size, cfg.crop)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    t0 = time.perf_counter()
-    (_, inv), = invert_progressive(pipe, InversionRequest((source,), (job.prompt,), cfg, 1), progress=False)
-    row = {"invert_s": time.perf_counter() - t0, "zT_loglik": inv.latent_log_likelihood}
+    key = (job.image, job.prompt, cfg)
+    if last is not None and last.get("key") == key:
+        inv, invert_s = last["inversion"], last["invert_s"]
+    else:
+        t0 = time.perf_counter()
+        (_, inv), = invert_progressive(pipe, InversionRequest((source,), (job.prompt,), cfg, 1), progress=False)
+        invert_s = time.perf_counter() - t0
+        if last is not None:
+            last.clear()
+            last.update(key=key, inversion=inv, invert_s=invert_s)
+    row = {"invert_s": invert_s, "zT_loglik": inv.latent_log_likelihood}
     target = preprocess(source.image, inv.image_size, cfg.crop, pipe.size_multiple)
     if job.targets:
         from_noise = ec.method == "sdedit" and ec.sdedit_from == "noise"
@@ -265,7 +275,7 @@ def evaluate(pipe, jobs: list[Job], methods: list[str], out_dir: str, log: Calla
     accelerate's processes where ``state`` has several); write the CSV and the markdown summary and
     return this run's rows on the main process (None on the others). ``editors``: edit methods
     each (sample, method) is edited with, labelled ``METHOD/EDITOR`` (None: the jobs' own, labelled
-    ``METHOD``); the inversion runs again for each editor."""
+    ``METHOD``); one inversion serves them all (its time is in each row)."""
     methods = list(dict.fromkeys(methods))
     editors = list(dict.fromkeys(editors)) if editors else None
     labels = [m if editors is None else f"{m}/{e}" for m in methods for e in (editors or [None])]
@@ -296,7 +306,8 @@ def evaluate(pipe, jobs: list[Job], methods: list[str], out_dir: str, log: Calla
 
     store = ResultStore(out_dir, per_job_folder=False, log="results.jsonl", fields=lambda job: {
         "method": job.variant, "target": job.targets[0] if job.targets else ""})
-    done = run(runs, each(lambda job: evaluate_job(pipe, job, models)), store, pipe.fingerprint,
+    last: dict = {}  # the inversion the edit methods of one (sample, method) share
+    done = run(runs, each(lambda job: evaluate_job(pipe, job, models, last)), store, pipe.fingerprint,
                extra=_metric_settings(models), state=state, log=log, describe=describe, on_skip=skipped)
     if done is None:
         return None
