@@ -1,5 +1,5 @@
 """Two editors beside Prompt-to-Prompt, as controllers of plain tensors (docs/algorithm.md sections
-4.7 and 4.8): MasaCtrl (Cao et al., ICCV 2023), whose targets' self-attention queries read the
+4.8 and 4.9): MasaCtrl (Cao et al., ICCV 2023), whose targets' self-attention queries read the
 source's keys and values, and Plug-and-Play (Tumanyan et al., CVPR 2023), which gives the targets
 the source's decoder features and self-attention maps. Nothing here imports diffusers: the
 attention processors and feature hooks of :mod:`nulltext.processors` call these hooks, and tests
