@@ -311,3 +311,34 @@ def test_sd3_masactrl_on_the_joint_attention_and_pnp_refused(sd3_pipe):
     with pytest.raises(NulltextError, match="Plug-and-Play") as e:
         plan_for(sd3_pipe, inv, request(["a dog on a table"], EditConfig(method="pnp")))
     assert "\n" not in str(e.value)
+
+
+def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_image_keys_and_values(sd3_pipe):
+    from nulltext.controllers import joint_self_name
+    from nulltext.processors import JointP2PAttnProcessor, joint_finish, joint_project
+
+    sites = sd3_pipe.attention_sites((4, 6))
+    name = next(n for n, s in sites.items() if s.joint and s.is_cross)
+    attn = sd3_pipe.unet.get_submodule(name.removesuffix(".processor"))
+    self_site = sites[joint_self_name(name)]
+    c = MasaCtrl([self_site.name], start_step=0)
+    proc = JointP2PAttnProcessor(c, sites[name], self_site, attn.processor)
+    g = torch.Generator().manual_seed(0)
+    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
+    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
+    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    with torch.no_grad():
+        c.begin_step(0)
+        c.phase = SOURCE
+        out_s = proc(attn, xs, es)
+        c.phase = TARGET
+        out_t = proc(attn, xt, et)
+        base = attn.processor(attn, xs, es)
+        (q, _, _), (tq, tk, tv) = joint_project(attn, xt, et)
+        (_, ks, vs), _ = joint_project(attn, xs, es)
+        rows = [0, 0, 1, 1]  # target rows 0, 1 (uncond) from the source's row 0, rows 2, 3 from its row 1
+        q, k, v = torch.cat([q, tq], 2), torch.cat([ks[rows], tk], 2), torch.cat([vs[rows], tv], 2)
+        want = joint_finish(attn, (q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v, 6, True)
+    assert all(torch.equal(a, b) for a, b in zip(out_s, base))  # the source pass: the layer's own processor
+    for got, exp in zip(out_t, want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
