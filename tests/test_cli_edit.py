@@ -162,7 +162,7 @@ def test_sdedit_with_attention_is_refused_and_p2p_options_warned(files, tmp_path
     r = run_main("edit", files["inv"], "--target", SWAP, "--method", "sdedit", "--blend", "cat", "dog",
                 "-o", tmp_path / "o2", *QUIET)
     assert_ok(r)
-    assert "nulltext: warning: --blend apply to --method p2p only" in r.stderr
+    assert "nulltext: warning: --blend applies to --method p2p, masactrl or pnp only" in r.stderr
 
 
 @pytest.mark.slow

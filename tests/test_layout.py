@@ -88,7 +88,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # no model components: configs and their options, errors, output files, the model fingerprint,
     # Prompt-to-Prompt's token alignment and controllers, the samplers' step math and loops, pictures
     "core": ("nulltext.errors", "nulltext.options", "nulltext.schedules", "nulltext.config", "nulltext.files", "nulltext.fingerprint",
-             "nulltext.alignment", "nulltext.controllers", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
+             "nulltext.alignment", "nulltext.controllers", "nulltext.editors", "nulltext.samplers", "nulltext.ddim", "nulltext.visual"),
     # a checkpoint's components and what runs them: loading, the families, text and images through
     # the pipeline, the attention processors, the tiny and demo models
     "model": ("nulltext.hub", "nulltext.cpu", "nulltext.families", "nulltext.models", "nulltext.tiny",

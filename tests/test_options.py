@@ -68,7 +68,8 @@ def test_a_method_only_option_is_warned_about_with_the_other_method():
         warnings.simplefilter("always")
         _warn_ignored(args, config)
     assert [str(w.message) for w in caught if w.category is NulltextWarning] == [
-        "--blend-threshold, --sharpen apply to --method p2p only; ignored with sdedit"]
+        "--blend-threshold applies to --method p2p, masactrl or pnp only; ignored with sdedit",
+        "--sharpen applies to --method p2p only; ignored with sdedit"]
 
 
 def test_docs_tables_are_the_generated_ones():

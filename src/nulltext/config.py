@@ -197,7 +197,8 @@ class InversionConfig:
 EDIT_MODES = ("auto", "replace", "refine")
 MASK_MODES = ("intersect", "replace")
 MMDIT_CONTROLS = ("attention", "qk")  # how P2P acts on joint (MMDiT) attention: the maps, or the image queries/keys
-EDIT_METHODS = ("p2p", "sdedit")
+EDIT_METHODS = ("p2p", "sdedit", "masactrl", "pnp")
+BLENDING = ("p2p", "masactrl", "pnp")  # the methods with the local blend and the user mask as a blend
 SDEDIT_SOURCES = ("inversion", "noise")  # what SDEdit starts from: the inverted trajectory, or the photo noised
 
 
@@ -238,7 +239,9 @@ class EditConfig:
     method: str = option(  # "p2p" (Prompt-to-Prompt) or "sdedit" (paper 5.2; ours: offered as a baseline)
         "p2p", flag="--method", dest="method", qualified="--edit-method", qualified_where="in eval and batch",
         metavar="METHOD", column="edit_method", cell=cells.text_cell,
-        help="p2p (Prompt-to-Prompt) or sdedit (SDEdit, from the inversion or from noise: see --from)",
+        help="p2p (Prompt-to-Prompt), sdedit (SDEdit, from the inversion or from noise: see --from), masactrl "
+             "(MasaCtrl: the source's self-attention keys and values; changes poses) or pnp (Plug-and-Play: the "
+             "source's decoder features and self-attention maps)",
         widget=Widget("radio", "Method", {"choices": list(EDIT_METHODS)}))
     mode: str = option(  # "replace" (word swap), "refine" (add/remove words), "auto": replace when
         #                  source and target have the same number of tokens, refine otherwise
@@ -274,7 +277,7 @@ class EditConfig:
     blend_source: tuple = option(  # local blend: words of the source prompt ...
         (), flag="--blend", metavar=("WORDS_SRC", "WORDS_TGT"), nargs=2, arg_default=None,
         fields=("blend_source", "blend_target"), convert=_blend_words, column="blend", cell=cells.blend_cell,
-        methods=("p2p",),
+        methods=BLENDING,
         help="local blend: only the region of these source and target words changes (comma-separate several "
              "words on each side; a manifest cell: 'SRC TGT')",
         widget=Widget("textbox", "Local blend: words of the caption whose region may change", value=""))
@@ -282,24 +285,24 @@ class EditConfig:
         (), widget=Widget("textbox", "Local blend: words of the targets whose region may change", value=""))
     blend_subtract: tuple = option(  # optional: words whose region is removed from the blend mask
         (), flag="--blend-subtract", metavar="WORDS", parse=words, column="blend_subtract", cell=cells.words_cell,
-        methods=("p2p",),
+        methods=BLENDING,
         help="words whose region is removed from the blend mask")
     blend_start: float = option(  # blend after each step once steps done > int(blend_start * T)
         0.2, flag="--blend-start", metavar="F", parse=float, column="blend_start", cell=cells.number_cell,
-        methods=("p2p",),
+        methods=BLENDING,
         help="the local blend (or the mask) acts after each step once more than this fraction of the steps is done")
     blend_threshold: float = option(  # of the mask normalised by its maximum (release th=(.3, .3))
         0.3, flag="--blend-threshold", metavar="X", parse=float, column="blend_threshold", cell=cells.number_cell,
-        methods=("p2p",), help="threshold of the blend mask, as a fraction of its maximum")
+        methods=BLENDING, help="threshold of the blend mask, as a fraction of its maximum")
     blend_subtract_threshold: float = option(
         0.3, flag="--blend-subtract-threshold", metavar="X", parse=float, column="blend_subtract_threshold",
-        cell=cells.number_cell, methods=("p2p",),
+        cell=cells.number_cell, methods=BLENDING,
         help="threshold of the subtracted words' mask, as a fraction of its maximum")
     # blend mask from the cross-attention layers at latent/blend_factor (release: 16x16 of a 64x64
     # latent); when the UNet has none at that size, the nearest size it has
     blend_factor: int = option(
         4, flag="--blend-factor", metavar="N", parse=positive_int, column="blend_factor", cell=cells.integer_cell,
-        methods=("p2p",),
+        methods=BLENDING,
         help="the blend mask comes from the cross-attention layers at 1/N of the latent size (the nearest "
              "size the UNet has)")
     mmdit_control: str = option(  # ours: on joint (MMDiT, SD3) attention, replace the maps as P2P, or
@@ -329,10 +332,26 @@ class EditConfig:
     noise_seed: int = option(  # ours: the seed of plain SDEdit's noise
         0, flag="--noise-seed", metavar="N", parse=nonneg_int, column="noise_seed", cell=cells.integer_cell,
         methods=("sdedit",), help="SDEdit from noise: seed of the Gaussian noise added to z0")
+    masactrl_step: int = option(  # the authors' default (of 50 steps)
+        4, flag="--masactrl-step", metavar="N", parse=nonneg_int, column="masactrl_step", cell=cells.integer_cell,
+        methods=("masactrl",), help="MasaCtrl: the first denoising step (0-based) whose targets read the source's keys "
+                                    "and values")
+    masactrl_layer: int = option(  # the authors' default, of SD 1.x's 16 self-attention layers
+        10, flag="--masactrl-layer", metavar="N", parse=nonneg_int, column="masactrl_layer", cell=cells.integer_cell,
+        methods=("masactrl",), help="MasaCtrl: the first controlled self-attention layer, of 16 as on SD 1.x (the "
+                                    "authors' count); other models: the same relative depth (SDXL: 10 is 44 of 70)")
+    pnp_features: object = option(  # the authors' pnp_f_t
+        0.8, flag="--pnp-features", metavar="SPEC", parse=fraction_or_range, column="pnp_features",
+        cell=cells.fraction_cell, methods=("pnp",),
+        help="Plug-and-Play: fraction (0.8) or range of steps with the source's decoder features")
+    pnp_attention: object = option(  # the authors' pnp_attn_t
+        0.5, flag="--pnp-attention", metavar="SPEC", parse=fraction_or_range, column="pnp_attention",
+        cell=cells.fraction_cell, methods=("pnp",),
+        help="Plug-and-Play: fraction (0.5) or range of steps with the source's self-attention maps (queries, keys)")
     # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
     # without blend words the mask alone is the blend
     mask_mode: str = option(
-        "intersect", flag="--mask-mode", choices=MASK_MODES, column="mask_mode", cell=cells.text_cell, methods=("p2p",),
+        "intersect", flag="--mask-mode", choices=MASK_MODES, column="mask_mode", cell=cells.text_cell, methods=BLENDING,
         help="with --blend, the mask intersects the blend words' region or replaces it",
         widget=Widget("radio", "With local-blend words, the mask intersects or replaces their region",
                       {"choices": list(MASK_MODES)}))
@@ -350,8 +369,9 @@ class EditConfig:
             object.__setattr__(self, "cross_replace", tuple(self.cross_replace))
         if isinstance(self.self_replace, list):
             object.__setattr__(self, "self_replace", tuple(self.self_replace))
-        if isinstance(self.qk_steps, list):
-            object.__setattr__(self, "qk_steps", tuple(self.qk_steps))
+        for name in ("qk_steps", "pnp_features", "pnp_attention"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -373,7 +393,12 @@ class EditConfig:
         else:
             _check_fraction_spec(self.cross_replace, "cross-replace")
         _check_fraction_spec(self.self_replace, "self-replace")
-        _check_fraction_spec(self.qk_steps, "qk-steps")
+        for name in ("qk_steps", "pnp_features", "pnp_attention"):
+            _check_fraction_spec(getattr(self, name), name.replace("_", "-"))
+        for name in ("masactrl_step", "masactrl_layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise NulltextError(f"{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
         if self.mmdit_control not in MMDIT_CONTROLS:
             raise NulltextError(f"unknown MMDiT control {self.mmdit_control!r}; choose one of "
                                 f"{', '.join(MMDIT_CONTROLS)} (--mmdit-control on the command line)")

@@ -88,9 +88,40 @@ class Controller:
         those the layer uses."""
         return query, key
 
+    def controls_qkv(self, site: Site) -> bool:
+        """Whether, at the current step, the target rows' queries, keys or values of the
+        self-attention ``site`` are edited (MasaCtrl, Plug-and-Play: :mod:`nulltext.editors`)."""
+        return False
+
+    def on_source_qkv(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """The source pass's queries, keys and values, (2, heads, N, d): [uncond, cond] rows."""
+
+    def on_target_qkv(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The target pass's (2n, heads, N, d), [uncond..., cond...] -> those the layer uses."""
+        return q, k, v
+
+    # feature hooks: outputs of modules named by ``feature_names`` (dotted names in the denoiser)
+    feature_names: tuple[str, ...] = ()
+
+    def controls_features(self, name: str) -> bool:
+        return False
+
+    def on_source_features(self, name: str, h: Tensor) -> None:
+        """The source pass's output of module ``name``, (2, ...): [uncond, cond]."""
+
+    def on_target_features(self, name: str, h: Tensor) -> Tensor:
+        """The target pass's output (2n, ...) -> the output the denoiser goes on with."""
+        return h
+
     def end_step(self, z_source: Tensor, z_targets: Tensor) -> Tensor:
         """After the step's DDIM update: z_source (1, C, h, w), z_targets (n, C, h, w)."""
         return z_targets
+
+
+def per_half(source: Tensor, n: int) -> Tensor:
+    """A source pass's [uncond, cond] rows (2, ...) as a target pass's (2n, ...): each target row
+    takes the source's row of its classifier-free-guidance half."""
+    return torch.cat([source[:1].expand(n, *source.shape[1:]), source[1:2].expand(n, *source.shape[1:])])
 
 
 class PassThrough(Controller):

@@ -89,7 +89,9 @@ class P2PAttnProcessor:
     In the controller's source phase the output is computed by the layer's previous processor
     (so the source row is bit-identical to a plain reconstruction) and the conditional
     probabilities are computed beside it for the controller to read. In the target phase the
-    probabilities the UNet uses are the ones the controller returns."""
+    probabilities the UNet uses are the ones the controller returns. Where the controller
+    ``controls_qkv`` (MasaCtrl, Plug-and-Play), it sees both halves' queries, keys and values of
+    the source pass and chooses those of the target pass, before the probabilities."""
 
     def __init__(self, controller: Controller, site: Site, base) -> None:
         self.controller, self.site, self.base = controller, site, base
@@ -97,24 +99,38 @@ class P2PAttnProcessor:
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
         c = self.controller
-        if not c.needs(self.site):
+        needs, qkv = c.needs(self.site), c.controls_qkv(self.site)
+        if not needs and not qkv:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if c.phase == SOURCE:
             out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
             with torch.no_grad():
-                q, k, _, mask, _ = project_attention(attn, _half(hidden_states), _half(encoder_hidden_states),
-                                            _half(attention_mask), _half(temb))
-                probs = attn.get_attention_scores(q, k, mask)  # (heads, Q, K): one source row
-            c.on_source(self.site, probs.reshape(-1, attn.heads, *probs.shape[1:]))
+                if qkv:  # both halves' queries, keys and values, beside the output
+                    q, k, v, _, _ = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+                    c.on_source_qkv(self.site, *(_heads(x, attn.heads) for x in (q, k, v)))
+                if needs:
+                    q, k, _, mask, _ = project_attention(attn, _half(hidden_states), _half(encoder_hidden_states),
+                                                         _half(attention_mask), _half(temb))
+                    probs = attn.get_attention_scores(q, k, mask)  # (heads, Q, K): one source row
+                    c.on_source(self.site, probs.reshape(-1, attn.heads, *probs.shape[1:]))
             return out
         q, k, v, mask, restore = project_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if qkv:
+            edited = c.on_target_qkv(self.site, *(_heads(x, attn.heads) for x in (q, k, v)))
+            q, k, v = (x.reshape(-1, *x.shape[2:]).to(q.dtype) for x in edited)
         probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K), batch-major
-        half = probs.shape[0] // 2
-        cond = probs[half:].reshape(-1, attn.heads, *probs.shape[1:])  # (n, heads, Q, K)
-        edited = c.on_target(self.site, cond)
-        if edited is not cond:
-            probs = torch.cat([probs[:half], edited.reshape(-1, *probs.shape[1:]).to(probs.dtype)])
+        if needs:
+            half = probs.shape[0] // 2
+            cond = probs[half:].reshape(-1, attn.heads, *probs.shape[1:])  # (n, heads, Q, K)
+            edited = c.on_target(self.site, cond)
+            if edited is not cond:
+                probs = torch.cat([probs[:half], edited.reshape(-1, *probs.shape[1:]).to(probs.dtype)])
         return finish_attention(attn, probs, v, restore)
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(B*heads, S, d) batch-major -> (B, heads, S, d)."""
+    return x.reshape(-1, heads, *x.shape[1:])
 
 
 def joint_project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None):
@@ -182,16 +198,18 @@ class JointP2PAttnProcessor:
                  attention_mask: Tensor | None = None, *args, **kwargs):
         c = self.controller
         hooks = [s for s in (self.cross, self.self_site) if c.needs(s)]
-        qk = c.swaps_qk(self.cross)
-        if not hooks and not qk:
+        qk, qkv = c.swaps_qk(self.cross), c.controls_qkv(self.self_site)
+        if not hooks and not qk and not qkv:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         n_img = hidden_states.shape[1]
         if c.phase == SOURCE:
             out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             with torch.no_grad():
-                (q, k, _), text = joint_project(attn, hidden_states, encoder_hidden_states)
+                (q, k, v), text = joint_project(attn, hidden_states, encoder_hidden_states)
                 if qk:
                     c.on_source_qk(self.cross, q, k)
+                if qkv:  # the image tokens' queries, keys and values
+                    c.on_source_qkv(self.self_site, q, k, v)
                 if hooks:
                     half = q.shape[0] // 2
                     qc, kc = q[half:], k[half:]
@@ -204,6 +222,8 @@ class JointP2PAttnProcessor:
         (q, k, v), text = joint_project(attn, hidden_states, encoder_hidden_states)
         if qk:
             q, k = c.on_target_qk(self.cross, q, k)
+        if qkv:
+            q, k, v = (x.to(q.dtype) for x in c.on_target_qkv(self.self_site, q, k, v))
         if text is not None:
             q, k, v = (torch.cat([x, t], dim=2) for x, t in zip((q, k, v), text))
         if hooks:
@@ -232,10 +252,35 @@ def installed(denoiser, controller: Controller, sites: dict[str, Site]) -> Itera
     previous = dict(denoiser.attn_processors)
     new = {name: _processor(controller, sites, name, proc) for name, proc in previous.items()}
     denoiser.set_attn_processor(new)  # diffusers pops from the dict it is given: pass a fresh one
+    handles = []
     try:
+        for name in controller.feature_names:  # Plug-and-Play's features: forward hooks, removed below
+            handles.append(denoiser.get_submodule(name).register_forward_hook(_feature_hook(controller, name)))
         yield sites
     finally:
+        for handle in handles:
+            handle.remove()
         denoiser.set_attn_processor(dict(previous))
+
+
+def _feature_hook(controller: Controller, name: str):
+    """A forward hook that shows the source pass's output of module ``name`` to the controller and
+    replaces the target pass's by what the controller returns (the source's, unchanged)."""
+    def hook(module, inputs, output):
+        if not controller.controls_features(name):
+            return None
+        if controller.phase == SOURCE:
+            controller.on_source_features(name, output.detach())
+            return None
+        return controller.on_target_features(name, output).to(output.dtype)
+    return hook
+
+
+def decoder_resnets(denoiser) -> list[str]:
+    """The dotted names of a UNet's decoder residual blocks in the order they run
+    (``up_blocks.I.resnets.J``); none for a denoiser without ``up_blocks`` (SD3's transformer)."""
+    blocks = getattr(denoiser, "up_blocks", None) or []
+    return [f"up_blocks.{i}.resnets.{j}" for i, b in enumerate(blocks) for j in range(len(getattr(b, "resnets", [])))]
 
 
 def _processor(controller: Controller, sites: dict[str, Site], name: str, proc):

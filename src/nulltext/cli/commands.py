@@ -272,15 +272,16 @@ def _warn_ignored(args, config) -> None:
     """Options the chosen method does not use (their metadata names the methods they act on) are
     reported, not silently dropped."""
     default = type(config)()
-    unused = [o.flag for o in options(config) if o.flag and o.methods and config.method not in o.methods
-              and any(getattr(config, name) != getattr(default, name) for name in o.names)]
-    if not unused:
-        return
-    if config.method == "sdedit":
-        warnings.warn(f"{', '.join(unused)} apply to --method p2p only; ignored with sdedit", NulltextWarning)
-    else:
-        verb = "applies" if len(unused) == 1 else "apply"
-        warnings.warn(f"{', '.join(unused)} {verb} to --method sdedit only; ignored", NulltextWarning)
+    groups: dict[tuple[str, ...], list[str]] = {}  # the methods an option acts on -> its flags given
+    for o in options(config):
+        if (o.flag and o.methods and config.method not in o.methods
+                and any(getattr(config, name) != getattr(default, name) for name in o.names)):
+            groups.setdefault(tuple(o.methods), []).append(o.flag)
+    for methods, flags in groups.items():
+        verb = "applies" if len(flags) == 1 else "apply"
+        names = ", ".join(methods[:-1]) + " or " + methods[-1] if len(methods) > 1 else methods[0]
+        warnings.warn(f"{', '.join(flags)} {verb} to --method {names} only; ignored with {config.method}",
+                      NulltextWarning)
 
 
 def cmd_edit(args) -> int:
@@ -291,7 +292,7 @@ def cmd_edit(args) -> int:
     # every check that needs no model, the mask's decoding included, before loading one
     req = request(args.target, config, mask=args.mask, what="--target")
     if args.attention and config.method != "p2p":
-        raise NulltextError("--attention records the maps of P2P edits; leave it out with --method sdedit")
+        raise NulltextError(f"--attention records the maps of P2P edits; leave it out with --method {config.method}")
     _warn_ignored(args, config)
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):

@@ -35,8 +35,10 @@ from ..controllers import (
     build_cross_alphas,
     schedule_bounds,
 )
+from ..editors import Editor, MasaCtrl, PlugAndPlay, masactrl_layers, pnp_layers
 from ..errors import NulltextError
 from ..image import as_source, encode, latent_mask, load_mask, output_size, preprocess, read_mask
+from ..processors import decoder_resnets
 from ..text import check_prompt, warn_split_words
 
 
@@ -99,7 +101,7 @@ class EditPlan:
     config: EditConfig
     num_steps: int
     latent_hw: tuple[int, int]
-    modes: list[str]  # per target: "replace" | "refine" | "sdedit"
+    modes: list[str]  # per target: "replace" | "refine" | "sdedit" | "masactrl" | "pnp"
     controller: Controller | None  # None for SDEdit; the attention store alone without targets
     mask: Tensor | None = None  # (H, W) bool at the image's size: where the edit may change it
     latent_mask: Tensor | None = None  # (1, 1, h, w) bool: the same at the latent's size
@@ -164,6 +166,9 @@ def plan(pipe, req: EditRequest, source: str, num_steps: int, latent_hw: tuple[i
         modes, controller = [], store
     elif config.method == "sdedit":
         modes, controller = ["sdedit"] * len(targets), None
+    elif config.method in ("masactrl", "pnp"):
+        modes = [config.method] * len(targets)
+        controller = build_editor(pipe, source, targets, config, num_steps, latent_hw, stores, user)
     else:
         controller, modes = build_controller(pipe, source, targets, config, num_steps, latent_hw, stores, user)
     return EditPlan(source, targets, config, num_steps, tuple(latent_hw), modes, controller, pixels, user,
@@ -405,3 +410,27 @@ def mmdit_qk(sites, config: EditConfig) -> bool:
         raise NulltextError("the qk control acts on joint image-text attention (Stable Diffusion 3 and 3.5); "
                             "this model has none: use attention (--mmdit-control on the command line)")
     return True
+
+
+def build_editor(pipe, source: str, targets: list[str], config: EditConfig, num_steps: int,
+                 latent_hw: tuple[int, int], stores: Sequence[AttentionStore] = (),
+                 user_mask: Tensor | None = None) -> Editor:
+    """The MasaCtrl or Plug-and-Play controller of an edit (:mod:`nulltext.editors`), its layers
+    at the relative depth of the authors' SD 1.x layers, with the local blend and the user mask
+    as Prompt-to-Prompt has them. Plug-and-Play needs a UNet's decoder: refused on SD3."""
+    spaces, sites = token_spaces(pipe), pipe.attention_sites(latent_hw)
+    blend = None
+    if config.blend:
+        size = blend_size(sites, latent_hw, config.blend_factor)
+        blend = _local_blend(spaces, source, targets, config, num_steps, size, user_mask, blend_places(sites))
+    elif user_mask is not None:
+        blend = _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
+    if config.method == "masactrl":
+        return MasaCtrl(masactrl_layers(sites, config.masactrl_layer), config.masactrl_step, blend, stores)
+    resnets = decoder_resnets(pipe.denoiser)
+    if not resnets:
+        raise NulltextError("Plug-and-Play injects a UNet decoder's features, which this model (a transformer: "
+                            "Stable Diffusion 3) has not: use masactrl or p2p (--method on the command line)")
+    features, layers = pnp_layers(sites, resnets)
+    return PlugAndPlay(features, layers, schedule_bounds(config.pnp_features, num_steps),
+                       schedule_bounds(config.pnp_attention, num_steps), blend, stores)

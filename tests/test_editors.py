@@ -1,0 +1,344 @@
+"""MasaCtrl and Plug-and-Play (nulltext.editors): the substitutions on a bare attention layer and on
+plain features, exactly (which queries, keys, values and features come from the source, in which
+step and layer), the layers they pick on SD 1.x- and SDXL-shaped UNets (the authors' layers), and
+edits on the tiny SD 1.x, SDXL and SD3 models: the source row is the reconstruction bit for bit, an
+identical target reproduces it, other inversion methods, the user's mask, the command line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from conftest import make_photo
+from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert_image, load_pipeline
+from nulltext.controllers import SOURCE, TARGET, Site, per_half
+from nulltext.editing import plan_for, request
+from nulltext.editors import MasaCtrl, PlugAndPlay, masactrl_layers, pnp_layers, self_layers
+from nulltext.inversion import reconstruct_latent
+from nulltext.processors import P2PAttnProcessor, _feature_hook, decoder_resnets
+
+HEADS, DIM_HEAD, C = 2, 4, 8
+T = 10
+PROMPT = "a cat sitting next to a mirror"
+SWAP = "a dog sitting next to a mirror"
+
+
+# ---------------------------------------------------------------------------------------------
+# The substitutions on a bare attention layer, against hand-computed attention
+
+
+def bare_attention() -> Attention:
+    torch.manual_seed(0)
+    return Attention(C, heads=HEADS, dim_head=DIM_HEAD).eval()
+
+
+def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, heads*d) -> (B, heads, N, d)
+    return x.view(x.shape[0], x.shape[1], HEADS, DIM_HEAD).transpose(1, 2)
+
+
+def attend(attn, q, k, v) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, heads merged, then the layer's output projection."""
+    probs = (q @ k.transpose(-1, -2) * DIM_HEAD ** -0.5).softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], HEADS * DIM_HEAD)
+    return attn.to_out[0](out)
+
+
+SITE = Site("up_blocks.1.attentions.0.transformer_blocks.0.attn1.processor", "up", False, (3, 3))
+OTHER = Site("down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor", "down", False, (3, 3))
+
+
+def run_layer(controller, site, step, n=2, seed=1):
+    """One step of the two passes through a bare layer: the source pass [uncond, cond] (2, 9, C),
+    then the targets' [uncond x n, cond x n]; returns (source input, target input, source output,
+    target output)."""
+    attn = bare_attention()
+    attn.set_processor(P2PAttnProcessor(controller, site, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(seed)
+    xs, xt = torch.randn(2, 9, C, generator=g), torch.randn(2 * n, 9, C, generator=g)
+    controller.begin_step(step)
+    with torch.no_grad():
+        controller.phase = SOURCE
+        out_s = attn(xs)
+        controller.phase = TARGET
+        out_t = attn(xt)
+    return attn, xs, xt, out_s, out_t
+
+
+def test_masactrl_targets_query_the_source_keys_and_values_of_their_half_from_the_start_step():
+    c = MasaCtrl([SITE.name], start_step=4)
+    attn, xs, xt, out_s, out_t = run_layer(c, SITE, step=4)
+    with torch.no_grad():
+        base = AttnProcessor2_0()(attn, xs)
+        qt, ks, vs = heads(attn.to_q(xt)), heads(attn.to_k(xs)), heads(attn.to_v(xs))
+        # target rows 0, 1 (uncond) read the source's row 0; rows 2, 3 (cond) its row 1
+        want = attend(attn, qt, ks[[0, 0, 1, 1]], vs[[0, 0, 1, 1]])
+    assert torch.equal(out_s, base)  # the source pass is the layer's own processor, bit for bit
+    torch.testing.assert_close(out_t, want, rtol=1e-5, atol=1e-6)
+    assert c.edited == {4: {SITE.name}}
+    for step, site in ((3, SITE), (4, OTHER)):  # before the start step, or another layer: plain attention
+        c = MasaCtrl([SITE.name], start_step=4)
+        attn, xs, xt, _, out_t = run_layer(c, site, step=step)
+        with torch.no_grad():
+            torch.testing.assert_close(out_t, AttnProcessor2_0()(attn, xt), rtol=1e-5, atol=1e-6)
+        assert not c.edited
+
+
+def test_pnp_targets_take_the_source_maps_of_their_half_and_keep_their_values():
+    c = PlugAndPlay([], [SITE.name], feature_steps=(0, 0), attention_steps=(0, 5))
+    attn, xs, xt, out_s, out_t = run_layer(c, SITE, step=4)
+    with torch.no_grad():
+        qs, ks, vt = heads(attn.to_q(xs)), heads(attn.to_k(xs)), heads(attn.to_v(xt))
+        want = attend(attn, qs[[0, 0, 1, 1]], ks[[0, 0, 1, 1]], vt)  # the source's maps times the target's values
+        assert torch.equal(out_s, AttnProcessor2_0()(attn, xs))
+    torch.testing.assert_close(out_t, want, rtol=1e-5, atol=1e-6)
+    c = PlugAndPlay([], [SITE.name], feature_steps=(0, 0), attention_steps=(0, 5))
+    attn, xs, xt, _, out_t = run_layer(c, SITE, step=5)  # the attention steps are over
+    with torch.no_grad():
+        torch.testing.assert_close(out_t, AttnProcessor2_0()(attn, xt), rtol=1e-5, atol=1e-6)
+
+
+def test_pnp_feature_hook_replaces_the_target_rows_by_the_source_row_of_their_half():
+    conv = torch.nn.Conv2d(2, 3, 1)
+    name = "up_blocks.1.resnets.1.conv2"
+    c = PlugAndPlay([name], [], feature_steps=(0, 3), attention_steps=(0, 0))
+    handle = conv.register_forward_hook(_feature_hook(c, name))
+    g = torch.Generator().manual_seed(0)
+    xs, xt = torch.randn(2, 2, 4, 4, generator=g), torch.randn(6, 2, 4, 4, generator=g)
+    with torch.no_grad():
+        plain_s, plain_t = torch.nn.functional.conv2d(xs, conv.weight, conv.bias), torch.nn.functional.conv2d(
+            xt, conv.weight, conv.bias)
+        for step in (2, 3):
+            c.begin_step(step)
+            c.phase = SOURCE
+            out_s = conv(xs)
+            c.phase = TARGET
+            out_t = conv(xt)
+            assert torch.equal(out_s, plain_s)
+            if step == 2:  # three targets: rows 0-2 (uncond) are the source's row 0, rows 3-5 its row 1
+                assert torch.equal(out_t, plain_s[[0, 0, 0, 1, 1, 1]])
+            else:
+                assert torch.equal(out_t, plain_t)
+    handle.remove()
+    assert c.edited == {2: {name}}
+    assert torch.equal(per_half(torch.tensor([1, 2]), 2), torch.tensor([1, 1, 2, 2]))
+
+
+def test_a_target_pass_without_its_source_pass_is_a_programming_error():
+    c = MasaCtrl([SITE.name], start_step=0)
+    c.begin_step(0)
+    x = torch.zeros(2, HEADS, 9, DIM_HEAD)
+    with pytest.raises(RuntimeError, match="source pass must run"):
+        c.on_target_qkv(SITE, x, x, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers: the authors' on SD 1.x, the same relative depth on SDXL
+
+
+def unet_sites(down, mid, up) -> dict[str, Site]:
+    """Sites named as diffusers' ``attn_processors`` lists a UNet's (down blocks, up blocks, then
+    the mid block): ``down``/``up``: {block: (attentions, transformer layers)}, ``mid``: layers."""
+    sites = {}
+
+    def add(prefix, place, attentions, layers):
+        for a in range(attentions):
+            for t in range(layers):
+                for kind, cross in (("attn1", False), ("attn2", True)):
+                    name = f"{prefix}.attentions.{a}.transformer_blocks.{t}.{kind}.processor"
+                    sites[name] = Site(name, place, cross, (8, 8))
+
+    for b, (a, t) in down.items():
+        add(f"down_blocks.{b}", "down", a, t)
+    for b, (a, t) in up.items():
+        add(f"up_blocks.{b}", "up", a, t)
+    add("mid_block", "mid", 1, mid)
+    return sites
+
+
+SD1 = unet_sites({0: (2, 1), 1: (2, 1), 2: (2, 1)}, 1, {1: (3, 1), 2: (3, 1), 3: (3, 1)})
+SDXL = unet_sites({1: (2, 2), 2: (2, 10)}, 10, {0: (3, 10), 1: (3, 2)})
+
+
+def test_masactrl_layers_are_the_authors_on_sd1_and_at_their_depth_on_sdxl():
+    order = self_layers(SD1)
+    assert len(order) == 16 and order[6].startswith("mid_block") and order[7].startswith("up_blocks.1.")
+    layers = masactrl_layers(SD1)  # the authors' 10..15: the decoder's last two stages
+    assert layers == [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
+                      for b in (2, 3) for a in range(3)]
+    assert len(self_layers(SDXL)) == 70
+    xl = masactrl_layers(SDXL)  # 10/16 of 70: from 44 (one of the authors' SDXL choices) to 69
+    assert len(xl) == 26 and xl[0] == "up_blocks.0.attentions.1.transformer_blocks.0.attn1.processor"
+    assert masactrl_layers(SD1, 0) == self_layers(SD1) and masactrl_layers(SD1, 16) == []
+
+
+def test_pnp_layers_are_the_authors_on_sd1_and_at_their_depth_on_sdxl():
+    resnets = [f"up_blocks.{b}.resnets.{r}" for b in range(4) for r in range(3)]
+    features, layers = pnp_layers(SD1, resnets)
+    assert features == ["up_blocks.1.resnets.1.conv2"]  # the authors' "layer 4"
+    # decoder blocks 4-11: up_blocks[1].attentions[1, 2] and every attention of up_blocks[2] and [3]
+    assert layers == [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
+                      for b, a in [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
+    features, layers = pnp_layers(SDXL, [f"up_blocks.{b}.resnets.{r}" for b in range(3) for r in range(3)])
+    assert features == ["up_blocks.1.resnets.0.conv2"]  # 4/12 of 9 decoder resnets: the fourth
+    assert len(layers) == 32 and layers[0] == "up_blocks.0.attentions.0.transformer_blocks.4.attn1.processor"
+
+
+def test_the_options_are_checked():
+    with pytest.raises(NulltextError, match="masactrl-step"):
+        EditConfig(method="masactrl", masactrl_step=-1)
+    with pytest.raises(NulltextError, match="pnp-attention"):
+        EditConfig(method="pnp", pnp_attention=1.5)
+    assert EditConfig(method="pnp", pnp_features=[0.1, 0.7]).pnp_features == (0.1, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits on the tiny SD 1.x model
+
+
+@pytest.fixture(scope="module")
+def inv(tiny_pipe):
+    torch.manual_seed(0)
+    return invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=T, num_inner_steps=2),
+                        progress=False)
+
+
+@pytest.fixture(scope="module")
+def recon(tiny_pipe, inv):
+    return reconstruct_latent(tiny_pipe, inv, progress=False)
+
+
+OPTIONS = {"masactrl": {"masactrl_step": 2}, "pnp": {}}
+
+
+@pytest.mark.parametrize("method", ["masactrl", "pnp"])
+def test_source_row_is_the_reconstruction_and_the_same_prompt_reproduces_it(tiny_pipe, inv, recon, method):
+    before = dict(tiny_pipe.unet.attn_processors)
+    config = EditConfig(method=method, **OPTIONS[method])
+    plan = plan_for(tiny_pipe, inv, request([SWAP, PROMPT], config))
+    r = edit(tiny_pipe, inv, plan, progress=False)
+    assert torch.equal(r.latents[:1], recon)  # bit for bit
+    assert r.modes == [method, method]
+    # an identical target: the same attention, computed explicitly: equal to float rounding
+    torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+    assert np.abs(np.asarray(r.images[2]).astype(int) - np.asarray(r.images[0]).astype(int)).max() <= 1
+    # the controls acted where and when configured, and the model is left as it was
+    c, sites = plan.controller, tiny_pipe.attention_sites(plan.latent_hw)
+    if method == "masactrl":
+        assert sorted(c.edited) == list(range(2, T)) and all(v == set(masactrl_layers(sites)) for v in c.edited.values())
+    else:
+        features, layers = pnp_layers(sites, decoder_resnets(tiny_pipe.unet))
+        assert sorted(c.edited) == list(range(int(0.8 * T)))
+        assert all(v == set(features) | (set(layers) if i < T // 2 else set()) for i, v in c.edited.items())
+    assert all(tiny_pipe.unet.attn_processors[n] is p for n, p in before.items())
+    assert not any(m._forward_hooks for m in tiny_pipe.unet.modules())
+    # the edit is not the prompt's alone: the source's keys/values (features, maps) moved it
+    plain = edit(tiny_pipe, inv, [SWAP], EditConfig(cross_replace=0.0, self_replace=0.0), progress=False,
+                 decode=False)
+    assert (plain.latents[1] - r.latents[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["direct", "ddpm", "edict"])
+def test_other_inversion_methods_replay_with_the_editors(tiny_pipe, method):
+    torch.manual_seed(0)
+    inv = invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=6, method=method), progress=False)
+    recon = reconstruct_latent(tiny_pipe, inv, progress=False)
+    for editor in ("masactrl", "pnp"):
+        r = edit(tiny_pipe, inv, [SWAP], EditConfig(method=editor, masactrl_step=1), progress=False, decode=False)
+        assert torch.equal(r.latents[:1], recon), (method, editor)
+        assert torch.isfinite(r.latents).all()
+
+
+def test_a_user_mask_keeps_the_source_outside_it(tiny_pipe, inv):
+    mask = np.zeros((128, 128), np.uint8)  # the inverted size (a 16x16 latent)
+    mask[:, :64] = 255  # the left half may change
+    r = edit(tiny_pipe, inv, [SWAP], EditConfig(method="masactrl", masactrl_step=0), mask=mask, progress=False)
+    right = (r.latents[1:, :, :, 8:] - r.latents[:1, :, :, 8:]).abs().max()
+    assert right == 0 and (r.latents[1:, :, :, :8] - r.latents[:1, :, :, :8]).abs().max() > 0
+    assert np.array_equal(np.asarray(r.images[1])[:, 64:], np.asarray(r.images[0])[:, 64:])
+
+
+def test_masactrl_from_the_command_line(tmp_path):
+    from test_cli import FAST, assert_ok, run_main
+
+    photo, inv_path, out = tmp_path / "photo.png", tmp_path / "photo.safetensors", tmp_path / "out"
+    make_photo().save(photo)
+    assert_ok(run_main("invert", photo, "--prompt", PROMPT, "-o", inv_path, *FAST))
+    r = run_main("edit", inv_path, "--method", "masactrl", "--masactrl-step", "1", "--target", SWAP,
+                 "-o", out, "-q")
+    assert_ok(r)
+    assert f"masactrl: {SWAP}" in r.stdout and (out / "reconstruction.png").exists()
+    r = run_main("edit", inv_path, "--method", "pnp", "--pnp-attention", "0.25", "--masactrl-step", "2",
+                 "--target", SWAP, "-o", tmp_path / "out2", "-q")
+    assert_ok(r)
+    assert "--masactrl-step applies to --method masactrl only; ignored with pnp" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL and SD3
+
+
+def test_sdxl_edits_with_both_editors(tmp_path):
+    from nulltext.tiny import build_tiny_sdxl_model
+
+    pipe = load_pipeline(build_tiny_sdxl_model(str(tmp_path / "sdxl")), device="cpu")
+    torch.manual_seed(0)
+    inv = invert_image(pipe, make_photo(), PROMPT, InversionConfig(num_steps=4, num_inner_steps=1), progress=False)
+    recon = reconstruct_latent(pipe, inv, progress=False)
+    for method in ("masactrl", "pnp"):
+        plan = plan_for(pipe, inv, request([SWAP, PROMPT], EditConfig(method=method, masactrl_step=1)))
+        r = edit(pipe, inv, plan, progress=False, decode=False)
+        assert torch.equal(r.latents[:1], recon)
+        torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+        assert plan.controller.edited
+
+
+def test_sd3_masactrl_on_the_joint_attention_and_pnp_refused(sd3_pipe):
+    config = InversionConfig(num_steps=4, num_inner_steps=1, size=(96, 64))
+    inv = invert_image(sd3_pipe, make_photo(), "a cat on a table", config=config, progress=False)
+    recon = reconstruct_latent(sd3_pipe, inv, progress=False)
+    sites = sd3_pipe.attention_sites((8, 12))
+    layers = masactrl_layers(sites)
+    joint = self_layers(sites)
+    assert all(sites[n].joint for n in joint) and layers == joint[int(10 * len(joint) / 16 + 0.5):]
+    plan = plan_for(sd3_pipe, inv, request(["a dog on a table", "a cat on a table"],
+                                           EditConfig(method="masactrl", masactrl_step=1, masactrl_layer=0)))
+    r = edit(sd3_pipe, inv, plan, progress=False, decode=False)
+    assert torch.equal(r.latents[:1], recon)
+    torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+    assert plan.controller.edited[1] == set(joint)
+    with pytest.raises(NulltextError, match="Plug-and-Play") as e:
+        plan_for(sd3_pipe, inv, request(["a dog on a table"], EditConfig(method="pnp")))
+    assert "\n" not in str(e.value)
+
+
+def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_image_keys_and_values(sd3_pipe):
+    from nulltext.controllers import joint_self_name
+    from nulltext.processors import JointP2PAttnProcessor, joint_finish, joint_project
+
+    sites = sd3_pipe.attention_sites((4, 6))
+    name = next(n for n, s in sites.items() if s.joint and s.is_cross)
+    attn = sd3_pipe.unet.get_submodule(name.removesuffix(".processor"))
+    self_site = sites[joint_self_name(name)]
+    c = MasaCtrl([self_site.name], start_step=0)
+    proc = JointP2PAttnProcessor(c, sites[name], self_site, attn.processor)
+    g = torch.Generator().manual_seed(0)
+    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
+    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
+    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    with torch.no_grad():
+        c.begin_step(0)
+        c.phase = SOURCE
+        out_s = proc(attn, xs, es)
+        c.phase = TARGET
+        out_t = proc(attn, xt, et)
+        base = attn.processor(attn, xs, es)
+        (q, _, _), (tq, tk, tv) = joint_project(attn, xt, et)
+        (_, ks, vs), _ = joint_project(attn, xs, es)
+        rows = [0, 0, 1, 1]  # target rows 0, 1 (uncond) from the source's row 0, rows 2, 3 from its row 1
+        q, k, v = torch.cat([q, tq], 2), torch.cat([ks[rows], tk], 2), torch.cat([vs[rows], tv], 2)
+        want = joint_finish(attn, (q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v, 6, True)
+    assert all(torch.equal(a, b) for a, b in zip(out_s, base))  # the source pass: the layer's own processor
+    for got, exp in zip(out_t, want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
