@@ -342,3 +342,168 @@ def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_ima
     assert all(torch.equal(a, b) for a, b in zip(out_s, base))  # the source pass: the layer's own processor
     for got, exp in zip(out_t, want):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# MasaCtrl's mask-guided variant (the authors' MaskAuto): the masks from given cross-attention
+# maps, the masked substitution on a bare layer, edits on the tiny model, the command line
+
+
+def test_the_object_masks_average_heads_then_layers_sum_the_words_normalise_and_threshold():
+    from nulltext.editors import resize_mask, word_masks
+
+    # one row, 2x2 query positions, 3 tokens; the words are tokens 1 and 2 (token 0 is not counted)
+    a, b = torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4, 3)
+    a[0, :, :, 0] = b[0, :, :, 0] = 0.7
+    a[0, 0, :, 1], a[0, 1, :, 1] = torch.tensor([0.2, 0.4, 0.6, 0.8]), torch.tensor([0.0, 0.2, 0.2, 0.4])
+    a[0, :, 0, 2] = 0.1
+    b[0, :, :, 1] = 0.2
+    words = torch.tensor([[0.0, 1.0, 1.0]])
+    # heads: a's token 1 [0.1, 0.3, 0.4, 0.6], token 2 [0.1, 0, 0, 0]; b's token 1 [0.2] * 4
+    # layers: token 1 [0.15, 0.25, 0.3, 0.4], token 2 [0.05, 0, 0, 0]; the words: [0.2, 0.25, 0.3, 0.4]
+    # normalised by the minimum 0.2 and maximum 0.4: [0, 0.25, 0.5, 1]
+    assert word_masks([a, b], words, (2, 2), 0.1).tolist() == [[[False, True], [True, True]]]
+    assert word_masks([a, b], words, (2, 2), 0.6).tolist() == [[[False, False], [False, True]]]
+    assert word_masks([a, b], words, (2, 2), 0.0).all()  # >= the threshold: every position
+    flat = torch.full((1, 2, 4, 3), 0.3)  # no contrast: background everywhere
+    assert not word_masks([flat], words, (2, 2), 0.1).any()
+    # resized to a layer's grid by nearest neighbour, as the authors' F.interpolate
+    m = torch.tensor([[[False, True], [True, False]]])
+    assert torch.equal(resize_mask(m, (4, 4))[0], m[0].repeat_interleave(2, 0).repeat_interleave(2, 1))
+
+
+def test_the_target_object_queries_read_the_source_object_keys_and_the_background_the_background():
+    from nulltext.editors import masked_keys
+
+    source = torch.tensor([True, True, False, False])  # the source's object: keys 0, 1
+    targets = torch.tensor([[True, False, False], [False, False, False]])  # target 0's object: query 0
+    allowed = masked_keys(source, targets)
+    assert allowed.tolist() == [[[True, True, False, False], [False, False, True, True], [False, False, True, True]],
+                                [[False, False, True, True]] * 3]
+    # a source without object (or without background): those queries read every key
+    assert masked_keys(torch.zeros(4, dtype=torch.bool), targets)[0, 0].all()
+    assert masked_keys(torch.ones(4, dtype=torch.bool), targets)[0, 1].all()
+
+
+CROSS = Site("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor", "up", True, (3, 3))
+
+
+def test_masactrl_with_masks_attends_object_to_object_and_background_to_background_on_a_bare_layer():
+    """Hand-made cross-attention maps give the source's object {4, 5, 7, 8} of the 3x3 grid and
+    the two targets' objects {0, 1, 3, 4} and {8}; the layer's output is the authors' two
+    attentions (the source's keys masked to its object, to its background) blended by each
+    target's mask, every target row from the source's row of its half."""
+    from nulltext.editors import ObjectMasks
+
+    def word_map(rows: list[list[float]]) -> torch.Tensor:  # token 1 = the word, token 0 the rest
+        m = torch.tensor(rows)[:, None, :, None].expand(-1, HEADS, -1, 1)
+        return torch.cat([1 - m, m], dim=-1)  # (rows, heads, 9, 2)
+
+    src_obj = [4, 5, 7, 8]
+    tgt_obj = [[0, 1, 3, 4], [8]]
+    words = torch.tensor([[0.0, 1.0]] * 3)
+    c = MasaCtrl([SITE.name], start_step=1, masks=ObjectMasks(words, (3, 3), threshold=0.5))
+    assert c.uses(CROSS) and not c.needs(CROSS)  # the maps are read from the start step on
+    attn = bare_attention()
+    attn.set_processor(P2PAttnProcessor(c, SITE, AttnProcessor2_0()))
+    g = torch.Generator().manual_seed(1)
+    xs, xt = torch.randn(2, 9, C, generator=g), torch.randn(4, 9, C, generator=g)
+    c.begin_step(1)
+    assert c.needs(CROSS)
+    with torch.no_grad():
+        c.phase = SOURCE
+        c.on_source(CROSS, word_map([[1.0 if i in src_obj else 0.0 for i in range(9)]]))
+        out_s = attn(xs)
+        c.phase = TARGET
+        c.on_target(CROSS, word_map([[1.0 if i in obj else 0.0 for i in range(9)] for obj in tgt_obj]))
+        out_t = attn(xt)
+        qt, ks, vs = heads(attn.to_q(xt)), heads(attn.to_k(xs)), heads(attn.to_v(xs))
+        rows = [0, 0, 1, 1]  # target rows 0, 1 (uncond) read the source's row 0; rows 2, 3 (cond) its row 1
+        ks, vs = ks[rows], vs[rows]
+        scores = qt @ ks.transpose(-1, -2) * DIM_HEAD ** -0.5  # (4, heads, 9, 9)
+        fg = torch.tensor([i in src_obj for i in range(9)])
+        out_fg = scores.masked_fill(~fg, float("-inf")).softmax(-1) @ vs
+        out_bg = scores.masked_fill(fg, float("-inf")).softmax(-1) @ vs
+        m = torch.tensor([[float(i in obj) for i in range(9)] for obj in tgt_obj])[[0, 1, 0, 1], None, :, None]
+        mixed = out_fg * m + out_bg * (1 - m)  # the authors' blend by the target's mask
+        want = attn.to_out[0](mixed.transpose(1, 2).reshape(4, 9, HEADS * DIM_HEAD))
+        assert torch.equal(out_s, AttnProcessor2_0()(attn, xs))  # the source pass: the layer's own processor
+    torch.testing.assert_close(out_t, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert (out_t - attend(attn, qt, ks, vs)).abs().max() > 1e-3  # not plain MasaCtrl
+    src_mask, tgt_masks = c.masks.last
+    assert src_mask.flatten().nonzero().flatten().tolist() == src_obj
+    assert [t.flatten().nonzero().flatten().tolist() for t in tgt_masks] == tgt_obj
+    # without this step's maps (a layer before any at the masks' size): plain MasaCtrl, as the authors'
+    c.begin_step(2)
+    with torch.no_grad():
+        c.phase = SOURCE
+        attn(xs)
+        c.phase = TARGET
+        out_t = attn(xt)
+        want = attend(attn, qt, ks, vs)
+    torch.testing.assert_close(out_t, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mask_options_are_checked(tiny_pipe, sd3_pipe):
+    from nulltext.editing import plan
+
+    with pytest.raises(NulltextError, match="--masactrl-mask WORDS_SRC WORDS_TGT"):
+        EditConfig(method="masactrl", masactrl_mask_source=("cat",))
+    with pytest.raises(NulltextError, match="masactrl-mask-threshold"):
+        EditConfig(method="masactrl", masactrl_mask_source="cat", masactrl_mask_target="dog",
+                   masactrl_mask_threshold=1.5)
+    config = EditConfig(method="masactrl", masactrl_mask_source="cat", masactrl_mask_target="tiger")
+    with pytest.raises(NulltextError, match="'tiger' is in the target prompt 'a dog sitting"):
+        plan(tiny_pipe, request([SWAP], config), PROMPT, T, (16, 16))
+    with pytest.raises(NulltextError, match=r"joint attention: drop the mask \(--masactrl-mask on the command line\)") as e:
+        plan(sd3_pipe, request(["a dog on a table"], EditConfig(method="masactrl", masactrl_mask_source="cat",
+                                                                 masactrl_mask_target="dog")),
+             "a cat on a table", 4, (8, 12))
+    assert "\n" not in str(e.value)
+
+
+MASKED = {"method": "masactrl", "masactrl_step": 2, "masactrl_mask_source": "cat", "masactrl_mask_target": ("dog", "cat")}
+
+
+def test_masked_masactrl_keeps_the_source_row_and_an_identical_target_with_masks_everywhere(tiny_pipe, inv, recon):
+    """The source row is the reconstruction bit for bit. An identical target reproduces it where
+    the masks cover every position (threshold 0: every key is object, every query reads them); at
+    the authors' threshold it does not, by design: its object queries read only the source's
+    object keys, where the source's own queries read every key."""
+    before = dict(tiny_pipe.unet.attn_processors)
+    plan = plan_for(tiny_pipe, inv, request([SWAP, PROMPT], EditConfig(**MASKED, masactrl_mask_threshold=0.0)))
+    r = edit(tiny_pipe, inv, plan, progress=False, decode=False)
+    assert torch.equal(r.latents[:1], recon)
+    torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+    src_mask, tgt_masks = plan.controller.masks.last
+    assert src_mask.all() and tgt_masks.all() and src_mask.shape == (8, 8)  # 1/4 of the 16x16 latent: 8x8
+    assert all(tiny_pipe.unet.attn_processors[n] is p for n, p in before.items())
+
+    plan = plan_for(tiny_pipe, inv, request([SWAP, PROMPT], EditConfig(**MASKED)))
+    r = edit(tiny_pipe, inv, plan, progress=False, decode=False)
+    assert torch.equal(r.latents[:1], recon)
+    c = plan.controller
+    assert sorted(c.edited) == list(range(2, T))
+    src_mask, tgt_masks = c.masks.last
+    assert src_mask.any() and not src_mask.all()  # an object and a background
+    plain = edit(tiny_pipe, inv, [SWAP, PROMPT], EditConfig(method="masactrl", masactrl_step=2), progress=False,
+                 decode=False)
+    torch.testing.assert_close(plain.latents[2:], recon, rtol=0, atol=1e-3)
+    assert (plain.latents[1] - r.latents[1]).abs().max() > 1e-3  # the masks moved the edit
+    assert (r.latents[2:] - recon).abs().max() > 1e-3
+
+
+def test_masked_masactrl_from_the_command_line(tmp_path):
+    from test_cli import FAST, assert_ok, run_main
+
+    photo, inv_path, out = tmp_path / "photo.png", tmp_path / "photo.safetensors", tmp_path / "out"
+    make_photo().save(photo)
+    assert_ok(run_main("invert", photo, "--prompt", PROMPT, "-o", inv_path, *FAST))
+    r = run_main("edit", inv_path, "--method", "masactrl", "--masactrl-step", "1", "--masactrl-mask", "cat", "dog",
+                 "--masactrl-mask-threshold", "0.2", "--target", SWAP, "-o", out, "-q")
+    assert_ok(r)
+    assert f"masactrl: {SWAP}" in r.stdout and (out / "reconstruction.png").exists()
+    r = run_main("edit", inv_path, "--method", "masactrl", "--masactrl-mask", "cat", "tiger", "--target", SWAP,
+                 "-o", tmp_path / "out2", "-q")
+    assert r.returncode != 0 and "--masactrl-mask on the command line" in r.stderr

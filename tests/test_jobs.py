@@ -32,7 +32,9 @@ VALUES = {
     "blend_start": ("0.3", 0.3), "blend_subtract_threshold": ("0.5", 0.5), "blend_factor": ("2", 2),
     "inversion_guidance": ("2.5", 2.5), "from": ("noise", "noise"), "noise_seed": ("4", 4),
     "mmdit_control": ("qk", "qk"), "qk_steps": ("0.1,0.3", [0.1, 0.3]), "prox": ("l1", "l1"),
-    "prox_quantile": ("0.8", 0.8),
+    "prox_quantile": ("0.8", 0.8), "masactrl_step": ("3", 3), "masactrl_layer": ("8", 8),
+    "pnp_features": ("0.1,0.7", [0.1, 0.7]), "pnp_attention": ("0.4", 0.4),
+    "masactrl_mask": (["cat", "dog"], "cat dog"), "masactrl_mask_threshold": ("0.2", 0.2),
 }
 
 
@@ -76,6 +78,7 @@ def test_a_column_takes_what_its_flag_takes_and_gives_the_same_config(tmp_path):
 
     texts = {c: (t if t is not None else "true") for c, (t, _) in VALUES.items()}
     texts["blend"] = " ".join(VALUES["blend"][0])
+    texts["masactrl_mask"] = " ".join(VALUES["masactrl_mask"][0])
     row = {"image": "p.png", "prompt": "a cat sitting next to a mirror", "targets": "a dog sitting next to a mirror"}
     csv_path = tmp_path / "m.csv"
     csv_path.write_text(",".join([*row, *texts]) + "\n"
@@ -92,6 +95,7 @@ def test_a_column_takes_what_its_flag_takes_and_gives_the_same_config(tmp_path):
 @pytest.mark.parametrize("cell,reason", [
     ({"blend": "cat"}, "blend takes two word lists, 'SRC TGT', got 'cat'"),
     ({"blend": "cat dog tiger"}, "blend takes two word lists, 'SRC TGT', got 'cat dog tiger'"),
+    ({"masactrl_mask": "cat"}, "masactrl_mask takes two word lists, 'SRC TGT', got 'cat'"),
     ({"optimize_pooled": "maybe"}, "optimize_pooled must be true or false, got 'maybe'"),
     ({"crop": "1,2"}, "crop must be four integers L,R,T,B, got '1,2'"),
     ({"self_replace": [0.1, 0.2, 0.3]}, "self_replace must be a fraction or a range a,b, got [0.1, 0.2, 0.3]"),

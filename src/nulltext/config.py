@@ -340,6 +340,18 @@ class EditConfig:
         10, flag="--masactrl-layer", metavar="N", parse=nonneg_int, column="masactrl_layer", cell=cells.integer_cell,
         methods=("masactrl",), help="MasaCtrl: the first controlled self-attention layer, of 16 as on SD 1.x (the "
                                     "authors' count); other models: the same relative depth (SDXL: 10 is 44 of 70)")
+    masactrl_mask_source: tuple = option(  # the authors' MaskAuto: the object's words in the source ...
+        (), flag="--masactrl-mask", metavar=("WORDS_SRC", "WORDS_TGT"), nargs=2, arg_default=None,
+        fields=("masactrl_mask_source", "masactrl_mask_target"), convert=_blend_words, column="masactrl_mask",
+        cell=cells.blend_cell, methods=("masactrl",),
+        help="MasaCtrl guided by the object's masks from these source and target words' cross-attention (comma-"
+             "separate several words on each side; a manifest cell: 'SRC TGT'): the target's object reads the "
+             "source's object, its background the source's background")
+    masactrl_mask_target: tuple = option(())  # ... and in the target prompts (set with --masactrl-mask)
+    masactrl_mask_threshold: float = option(  # the authors' thres
+        0.1, flag="--masactrl-mask-threshold", metavar="X", parse=float, column="masactrl_mask_threshold",
+        cell=cells.number_cell, methods=("masactrl",),
+        help="MasaCtrl with --masactrl-mask: threshold of the words' cross-attention, normalised to [0, 1]")
     pnp_features: object = option(  # the authors' pnp_f_t
         0.8, flag="--pnp-features", metavar="SPEC", parse=fraction_or_range, column="pnp_features",
         cell=cells.fraction_cell, methods=("pnp",),
@@ -359,7 +371,7 @@ class EditConfig:
     def __post_init__(self) -> None:
         if isinstance(self.reweight, dict):
             object.__setattr__(self, "reweight", tuple(self.reweight.items()))
-        for name in ("blend_source", "blend_target", "blend_subtract"):
+        for name in ("blend_source", "blend_target", "blend_subtract", "masactrl_mask_source", "masactrl_mask_target"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, tuple(value.split()))
@@ -412,7 +424,11 @@ class EditConfig:
         if self.blend_subtract and not self.blend_source:
             raise NulltextError("blend-subtract needs a local blend (blend_source and blend_target: "
                                 "--blend WORDS_SRC WORDS_TGT on the command line)")
-        for name in ("blend_start", "blend_threshold", "blend_subtract_threshold", "sdedit_strength"):
+        if bool(self.masactrl_mask_source) != bool(self.masactrl_mask_target):
+            raise NulltextError("the MasaCtrl mask needs words of the source and of the target prompt "
+                                "(--masactrl-mask WORDS_SRC WORDS_TGT on the command line)")
+        for name in ("blend_start", "blend_threshold", "blend_subtract_threshold", "sdedit_strength",
+                     "masactrl_mask_threshold"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise NulltextError(f"{name.replace('_', '-')} must lie in [0, 1], got {v!r}")

@@ -100,6 +100,11 @@ class Controller:
         """The target pass's (2n, heads, N, d), [uncond..., cond...] -> those the layer uses."""
         return q, k, v
 
+    def target_keys(self, site: Site) -> Tensor | None:
+        """After :meth:`on_target_qkv`: which keys each target query may attend to, (2n, Q, K)
+        boolean (MasaCtrl's masks), or None: all of them."""
+        return None
+
     # feature hooks: outputs of modules named by ``feature_names`` (dotted names in the denoiser)
     feature_names: tuple[str, ...] = ()
 

@@ -1,7 +1,8 @@
 """Two editors beside Prompt-to-Prompt, as controllers of plain tensors (docs/algorithm.md sections
 4.8 and 4.9): MasaCtrl (Cao et al., ICCV 2023), whose targets' self-attention queries read the
-source's keys and values, and Plug-and-Play (Tumanyan et al., CVPR 2023), which gives the targets
-the source's decoder features and self-attention maps. Nothing here imports diffusers: the
+source's keys and values (optionally guided by the object's masks from its words'
+cross-attention), and Plug-and-Play (Tumanyan et al., CVPR 2023), which gives the targets the
+source's decoder features and self-attention maps. Nothing here imports diffusers: the
 attention processors and feature hooks of :mod:`nulltext.processors` call these hooks, and tests
 call them on plain tensors.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .controllers import AttentionStore, Controller, LocalBlend, Site, per_half
@@ -111,19 +114,93 @@ class Editor(Controller):
         return self.local_blend(self.step, z_source, z_targets)
 
 
+def word_masks(maps: Sequence[Tensor], words: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
+    """The object's masks of MasaCtrl's mask-guided variant (the authors' ``MaskAuto``): each
+    layer's cross-attention maps ``maps`` ((rows, heads, h*w, K) each) averaged over heads, then
+    over layers, summed over the ``words``' tokens ((rows, K) one-hot), normalised to [0, 1] by
+    the row's minimum and maximum, and thresholded: (rows, h, w) boolean, True where >= threshold.
+    A map without contrast (maximum = minimum) is background everywhere."""
+    m = torch.stack([x.float().mean(1) for x in maps]).mean(0)  # (rows, Q, K)
+    m = (m * words.to(m)[:, None, :]).sum(-1)  # (rows, Q)
+    low, high = m.amin(-1, keepdim=True), m.amax(-1, keepdim=True)
+    m = (m - low) / torch.where(high > low, high - low, torch.ones_like(high))
+    return (m >= threshold).reshape(-1, *size) & (high > low)[:, :, None]
+
+
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """(rows, h, w) boolean -> (rows, H, W), nearest neighbour (``F.interpolate``'s default, as the
+    authors resize the maps)."""
+    return F.interpolate(mask[:, None].float(), size=tuple(size)).bool()[:, 0]
+
+
+def masked_keys(source: Tensor, targets: Tensor) -> Tensor:
+    """Which source keys each target query reads: ``source`` (K,) the source's object, ``targets``
+    (n, Q) each target's object, both at the layer's resolution -> (n, Q, K) boolean. The target's
+    object queries read the source's object keys, its background queries the source's background
+    keys; where the source has no object (or no background) those queries read every key."""
+    fg = source if source.any() else torch.ones_like(source)
+    bg = ~source if not source.all() else torch.ones_like(source)
+    return torch.where(targets[:, :, None], fg[None, None, :], bg[None, None, :])
+
+
+class ObjectMasks:
+    """The masks of MasaCtrl's mask-guided variant, from the cross-attention of the object's words
+    in this step: the source pass's maps and the target pass's maps so far, of the layers at
+    ``size`` (latent / 4: 16x16 for a 512 image, as the authors'), both from the layers the target
+    pass has run so far (the authors run one batch). ``words``: (1+n, K) one-hot, row 0 the
+    source's words."""
+
+    def __init__(self, words: Tensor, size: tuple[int, int], threshold: float = 0.1) -> None:
+        self.words, self.size, self.threshold = words, tuple(size), threshold
+        self.source: dict[str, Tensor] = {}  # this step's (1, heads, Q, K) per layer
+        self.target: dict[str, Tensor] = {}  # (n, heads, Q, K)
+        self.last: tuple[Tensor, Tensor] | None = None  # the last masks: source (h, w), targets (n, h, w)
+
+    def uses(self, site: Site) -> bool:
+        return site.is_cross and not site.joint and site.size == self.size
+
+    def clear(self) -> None:
+        self.source.clear()
+        self.target.clear()
+
+    def keys(self, size: tuple[int, int]) -> Tensor | None:
+        """(n, Q, K) boolean at a layer of ``size`` (:func:`masked_keys`), or None before any map
+        of this step (the authors' plain MasaCtrl then)."""
+        names = [name for name in self.target if name in self.source]
+        if not names:
+            return None
+        src = word_masks([self.source[n] for n in names], self.words[:1], self.size, self.threshold)
+        tgt = word_masks([self.target[n] for n in names], self.words[1:], self.size, self.threshold)
+        self.last = (src[0], tgt)
+        return masked_keys(resize_mask(src, size).flatten(1)[0], resize_mask(tgt, size).flatten(1))
+
+
 class MasaCtrl(Editor):
     """Mutual self-attention control: from step ``start_step`` on, in the self-attention
     ``layers``, each target row's queries attend to the keys and values of the source's row of
-    the same half (uncond to uncond, cond to cond): softmax(Q_t K_s^T / sqrt(d)) V_s."""
+    the same half (uncond to uncond, cond to cond): softmax(Q_t K_s^T / sqrt(d)) V_s.
+
+    With ``masks`` (the authors' mask-guided ``MaskAuto`` variant): the target's object queries
+    attend only to the source's object keys, its background queries to the source's background
+    (:class:`ObjectMasks`; the conditional rows' masks serve both halves, as the authors')."""
 
     def __init__(self, layers: Sequence[str], start_step: int = 4, local_blend: LocalBlend | None = None,
-                 stores: Sequence[AttentionStore] = ()) -> None:
+                 stores: Sequence[AttentionStore] = (), masks: ObjectMasks | None = None) -> None:
         super().__init__(local_blend, stores)
-        self.layers, self.start_step = frozenset(layers), start_step
+        self.layers, self.start_step, self.masks = frozenset(layers), start_step, masks
         self._kv: dict[str, tuple[Tensor, Tensor]] = {}
 
     def controls(self, site: Site) -> bool:
         return site.name in self.layers
+
+    def _watches(self, site: Site) -> bool:
+        return self.masks is not None and self.masks.uses(site)
+
+    def uses(self, site: Site) -> bool:
+        return super().uses(site) or self._watches(site)
+
+    def needs(self, site: Site) -> bool:
+        return super().needs(site) or (self._watches(site) and self.step >= self.start_step)
 
     def controls_qkv(self, site: Site) -> bool:
         return site.name in self.layers and self.step >= self.start_step
@@ -131,6 +208,24 @@ class MasaCtrl(Editor):
     def begin_step(self, step: int) -> None:
         super().begin_step(step)
         self._kv.clear()
+        if self.masks is not None:
+            self.masks.clear()
+
+    def on_source(self, site: Site, probs: Tensor) -> None:
+        super().on_source(site, probs)
+        if self._watches(site) and self.step >= self.start_step:
+            self.masks.source[site.name] = probs.detach()
+
+    def on_target(self, site: Site, probs: Tensor) -> Tensor:
+        if self._watches(site) and self.step >= self.start_step:
+            self.masks.target[site.name] = probs.detach()
+        return super().on_target(site, probs)
+
+    def target_keys(self, site: Site) -> Tensor | None:
+        if self.masks is None:
+            return None
+        allowed = self.masks.keys(site.size)
+        return None if allowed is None else torch.cat([allowed, allowed])  # uncond rows, cond rows
 
     def on_source_qkv(self, site: Site, q: Tensor, k: Tensor, v: Tensor) -> None:
         self._kv[site.name] = (k, v)

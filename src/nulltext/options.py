@@ -346,13 +346,14 @@ def words_cell(name: str, value) -> tuple[str, ...]:
 
 
 def blend_cell(name: str, value) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """'SRC TGT' (comma-separated words on each side) or [SRC, TGT]: the --blend flag's two values."""
+    """'SRC TGT' (comma-separated words on each side) or [SRC, TGT]: the two values of --blend
+    (and of --masactrl-mask)."""
     sides = value.split() if isinstance(value, str) else value if isinstance(value, list) else None
     if sides is None or len(sides) != 2 or not all(isinstance(s, str) for s in sides):
-        raise NulltextError(f"blend takes two word lists, 'SRC TGT', got {value!r}"[:200])
+        raise NulltextError(f"{name} takes two word lists, 'SRC TGT', got {value!r}"[:200])
     source, target = words_cell(name, sides[0]), words_cell(name, sides[1])
     if not source or not target:
-        raise NulltextError(f"blend takes two word lists, 'SRC TGT', got {value!r}"[:200])
+        raise NulltextError(f"{name} takes two word lists, 'SRC TGT', got {value!r}"[:200])
     return source, target
 
 

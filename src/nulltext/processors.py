@@ -118,6 +118,9 @@ class P2PAttnProcessor:
         if qkv:
             edited = c.on_target_qkv(self.site, *(_heads(x, attn.heads) for x in (q, k, v)))
             q, k, v = (x.reshape(-1, *x.shape[2:]).to(q.dtype) for x in edited)
+            allowed = c.target_keys(self.site)
+            if allowed is not None:
+                mask = key_bias(allowed, attn.heads, torch.float32 if attn.upcast_attention else q.dtype, mask)
         probs = attn.get_attention_scores(q, k, mask)  # (B*heads, Q, K), batch-major
         if needs:
             half = probs.shape[0] // 2
@@ -126,6 +129,14 @@ class P2PAttnProcessor:
             if edited is not cond:
                 probs = torch.cat([probs[:half], edited.reshape(-1, *probs.shape[1:]).to(probs.dtype)])
         return finish_attention(attn, probs, v, restore)
+
+
+def key_bias(allowed: Tensor, heads: int, dtype, mask: Tensor | None = None) -> Tensor:
+    """(B, Q, K) boolean -> the additive (B*heads, Q, K) bias of ``get_attention_scores``: 0 where
+    a query may attend a key, the dtype's lowest value where not (a softmax weight of exactly 0)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    bias = bias[:, None].expand(-1, heads, -1, -1).reshape(-1, *allowed.shape[1:])
+    return bias if mask is None else bias + mask.to(dtype)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:

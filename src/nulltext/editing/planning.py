@@ -35,7 +35,7 @@ from ..controllers import (
     build_cross_alphas,
     schedule_bounds,
 )
-from ..editors import Editor, MasaCtrl, PlugAndPlay, masactrl_layers, pnp_layers
+from ..editors import Editor, MasaCtrl, ObjectMasks, PlugAndPlay, masactrl_layers, pnp_layers
 from ..errors import NulltextError
 from ..image import as_source, encode, latent_mask, load_mask, output_size, preprocess, read_mask
 from ..processors import decoder_resnets
@@ -426,7 +426,8 @@ def build_editor(pipe, source: str, targets: list[str], config: EditConfig, num_
     elif user_mask is not None:
         blend = _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
     if config.method == "masactrl":
-        return MasaCtrl(masactrl_layers(sites, config.masactrl_layer), config.masactrl_step, blend, stores)
+        masks = object_masks(spaces, sites, source, targets, config, latent_hw) if config.masactrl_mask_source else None
+        return MasaCtrl(masactrl_layers(sites, config.masactrl_layer), config.masactrl_step, blend, stores, masks)
     resnets = decoder_resnets(pipe.denoiser)
     if not resnets:
         raise NulltextError("Plug-and-Play injects a UNet decoder's features, which this model (a transformer: "
@@ -434,3 +435,24 @@ def build_editor(pipe, source: str, targets: list[str], config: EditConfig, num_
     features, layers = pnp_layers(sites, resnets)
     return PlugAndPlay(features, layers, schedule_bounds(config.pnp_features, num_steps),
                        schedule_bounds(config.pnp_attention, num_steps), blend, stores)
+
+
+def object_masks(spaces, sites, source: str, targets: list[str], config: EditConfig,
+                 latent_hw: tuple[int, int]) -> ObjectMasks:
+    """MasaCtrl's object masks from the cross-attention of the ``--masactrl-mask`` words (the
+    source's in the source prompt, the targets' in each target prompt) at 1/4 of the latent size
+    (16x16 for a 512 image, the authors'; the nearest size the UNet has). Refused on joint attention."""
+    if any(s.joint for s in sites.values()):
+        raise NulltextError("the MasaCtrl mask is built for a UNet's separate cross-attention; this model (Stable "
+                            "Diffusion 3) has joint attention: drop the mask (--masactrl-mask on the command line)")
+    words = torch.zeros(1 + len(targets), alignment.spaces_length(spaces))
+    for r, (prompt, chosen) in enumerate([(source, config.masactrl_mask_source)]
+                                         + [(t, config.masactrl_mask_target) for t in targets]):
+        for word in chosen:
+            pos = alignment.spaces_positions(spaces, prompt, word)
+            words[r, pos] = 1.0
+        if not words[r].any():
+            raise NulltextError(f"none of the MasaCtrl mask words {', '.join(map(repr, chosen))} is in the "
+                                f"{'prompt' if r == 0 else 'target prompt'} {prompt!r} (--masactrl-mask on the "
+                                "command line)")
+    return ObjectMasks(words, blend_size(sites, latent_hw, 4), config.masactrl_mask_threshold)
