@@ -390,15 +390,21 @@ def build_controller(pipe, source: str, targets: list[str], config: EditConfig, 
     alphas = build_cross_alphas(num_steps, len(targets), alignment.spaces_length(spaces), default, overrides)
     self_steps = (0, 0) if qk else schedule_bounds(config.self_replace, num_steps)
     qk_steps = schedule_bounds(config.qk_steps, num_steps) if qk else (0, 0)
-    blend = None
-    if config.blend:
-        size = blend_size(sites, latent_hw, config.blend_factor)
-        blend = _local_blend(spaces, source, targets, config, num_steps, size, user_mask, blend_places(sites))
-    elif user_mask is not None:
-        blend = _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
+    blend = _blend_of(spaces, sites, source, targets, config, num_steps, latent_hw, user_mask)
     controller = P2PController(cross, alphas, self_steps=self_steps, self_max_keys=config.self_max_keys,
                                local_blend=blend, stores=stores, qk_steps=qk_steps)
     return controller, modes
+
+
+def _blend_of(spaces, sites, source: str, targets, config: EditConfig, num_steps: int, latent_hw, user_mask):
+    """The local blend of an edit: from the --blend words' maps (and the user's mask), from the
+    user's mask alone, or none."""
+    if config.blend:
+        size = blend_size(sites, latent_hw, config.blend_factor)
+        return _local_blend(spaces, source, targets, config, num_steps, size, user_mask, blend_places(sites))
+    if user_mask is not None:
+        return _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
+    return None
 
 
 def mmdit_qk(sites, config: EditConfig) -> bool:
@@ -419,12 +425,7 @@ def build_editor(pipe, source: str, targets: list[str], config: EditConfig, num_
     at the relative depth of the authors' SD 1.x layers, with the local blend and the user mask
     as Prompt-to-Prompt has them. Plug-and-Play needs a UNet's decoder: refused on SD3."""
     spaces, sites = token_spaces(pipe), pipe.attention_sites(latent_hw)
-    blend = None
-    if config.blend:
-        size = blend_size(sites, latent_hw, config.blend_factor)
-        blend = _local_blend(spaces, source, targets, config, num_steps, size, user_mask, blend_places(sites))
-    elif user_mask is not None:
-        blend = _local_blend(spaces, source, targets, config, num_steps, (1, 1), user_mask)
+    blend = _blend_of(spaces, sites, source, targets, config, num_steps, latent_hw, user_mask)
     if config.method == "masactrl":
         masks = object_masks(spaces, sites, source, targets, config, latent_hw) if config.masactrl_mask_source else None
         return MasaCtrl(masactrl_layers(sites, config.masactrl_layer), config.masactrl_step, blend, stores, masks)
