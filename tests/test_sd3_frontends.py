@@ -9,7 +9,9 @@ import os
 import socket
 import warnings
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import make_photo
 from nulltext import Inversion, NulltextWarning
@@ -79,5 +81,17 @@ def test_the_web_ui_inverts_and_edits_with_sd3(sd3_pipe, tmp_path):
         assert loaded.model.family == "stable-diffusion-3" and loaded.num_steps == 3
         gallery = client.predict(handle_file(inv), TARGET, api_name="/edit")
         assert [g["caption"] for g in gallery] == ["source", f"reconstruction: {PROMPT}", f"replace: {TARGET}"]
+        qk = client.predict(handle_file(inv), TARGET, mmdit_control="qk", api_name="/edit")
+        same = [np.array_equal(np.asarray(Image.open(a["image"])), np.asarray(Image.open(b["image"])))
+                for a, b in zip(gallery, qk)]
+        assert same == [True, True, False]  # the photo and the reconstruction are the same, the edit not
     finally:
         demo.close()
+
+
+
+def test_the_page_names_its_joint_attention_control_in_messages():
+    from nulltext.ui import for_the_page
+
+    msg = for_the_page("this model has none: use attention (--mmdit-control on the command line)")
+    assert "'Joint attention control (Stable Diffusion 3)'" in msg and "--mmdit-control" not in msg

@@ -65,7 +65,7 @@ def test_the_api_lists_invert_and_edit(server):
     assert names == ["photo", "prompt", "steps", "guidance", "inner_steps", "size", "inversion_method"]
     names = [p["parameter_name"] for p in api["/edit"]["parameters"]]
     assert names == ["inversion", "targets", "method", "mode", "cross_replace", "self_replace", "blend_source",
-                     "blend_target", "reweight", "strength", "mask", "mask_mode"]
+                     "blend_target", "reweight", "strength", "mask", "mask_mode", "mmdit_control"]
 
 
 def test_only_the_photo_caption_inversion_and_targets_are_required(server):
@@ -83,7 +83,8 @@ def test_only_the_photo_caption_inversion_and_targets_are_required(server):
     assert defaults == {"steps": d.num_steps, "guidance": d.guidance_scale, "inner_steps": d.num_inner_steps,
                         "size": 0, "inversion_method": d.method, "method": e.method, "mode": e.mode, "cross_replace": e.cross_replace,
                         "self_replace": e.self_replace, "blend_source": "", "blend_target": "", "reweight": "",
-                        "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode}
+                        "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode,
+                        "mmdit_control": e.mmdit_control}
 
 
 def test_the_short_calls_of_the_readme(server):

@@ -311,7 +311,8 @@ class EditConfig:
         methods=("p2p",),
         help="Stable Diffusion 3: attention (Prompt-to-Prompt on the image x text block of the joint attention, the "
              "image x image block replaced during --self-replace) or qk (the targets' image queries and keys are the "
-             "source's for the --qk-steps fraction; no map is replaced; --reweight and --blend still act)")
+             "source's for the --qk-steps fraction; no map is replaced; --reweight and --blend still act)",
+        widget=Widget("radio", "Joint attention control (Stable Diffusion 3)", {"choices": list(MMDIT_CONTROLS)}))
     qk_steps: object = option(  # ours: the qk control's steps
         0.2, flag="--qk-steps", metavar="SPEC", parse=fraction_or_range, column="qk_steps", cell=cells.fraction_cell,
         methods=("p2p",),

@@ -281,9 +281,10 @@ class App:
 
     # --- edit
     def edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-             reweight, strength, mask, mask_mode, state, key=None):
+             reweight, strength, mask, mask_mode, state, key=None, mmdit_control=None):
         (out, session), warned = self._run(self._edit, inversion, targets, method, mode, cross_replace, self_replace,
-                                           blend_source, blend_target, reweight, strength, mask, mask_mode, state, key)
+                                           blend_source, blend_target, reweight, strength, mask, mask_mode, state, key,
+                                           mmdit_control)
         session.notes = _markdown_lines(warned).strip()
         return out, session
 
@@ -296,7 +297,7 @@ class App:
         return Inversion.load(path, pipe=self.pipe)
 
     def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-              reweight, strength, mask, mask_mode, state, key):
+              reweight, strength, mask, mask_mode, state, key, mmdit_control=None):
         from ..editing import edit
 
         session = self.session(state, key)
@@ -309,7 +310,7 @@ class App:
                             self_replace=_number(self_replace, "self-attention replace"), blend_source=src,
                             blend_target=tgt, reweight=parse_reweight(reweight),
                             sdedit_strength=_number(strength, "SDEdit strength"),
-                            mask_mode=mask_mode or d.mask_mode)
+                            mask_mode=mask_mode or d.mask_mode, mmdit_control=mmdit_control or d.mmdit_control)
         mask_path = file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []

@@ -91,10 +91,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                 targets = gr.Textbox(label="Target prompts, one per line", lines=3, elem_id="targets",
                                      placeholder=target_example)
                 with gr.Accordion("Edit options", open=False):
-                    method, mode, cross, self_, blend_src, blend_tgt, reweight, strength, mask_mode = (
+                    method, mode, cross, self_, blend_src, blend_tgt, reweight, strength, mask_mode, mmdit = (
                         widget(gr, EditConfig, name) for name in (
                             "method", "mode", "cross_replace", "self_replace", "blend_source", "blend_target",
-                            "reweight", "sdedit_strength", "mask_mode"))
+                            "reweight", "sdedit_strength", "mask_mode", "mmdit_control"))
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
                 gallery = gr.Gallery(label="Source, reconstruction and edits", columns=3, elem_id="gallery")
@@ -113,10 +113,10 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                               inversion_method)
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
-                 strength, mask=None, mask_mode=e.mask_mode, state=None, request: gr.Request = None,
-                 progress=gr.Progress(track_tqdm=True)):
+                 strength, mask=None, mask_mode=e.mask_mode, mmdit_control=e.mmdit_control, state=None,
+                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
             return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-                            reweight, strength, mask, mask_mode, state, request.session_hash)
+                            reweight, strength, mask, mask_mode, state, request.session_hash, mmdit_control)
 
         def attention(inversion, targets, word, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
             return app.attention(inversion, targets, word, state, request.session_hash)
@@ -137,7 +137,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                          [inversion, recon, state],
                          api_name="invert", **model).then(lambda s: said(s, "summary"), state, summary, **private)
         edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
-                              strength, mask, mask_mode, state], [gallery, state], api_name="edit",
+                              strength, mask, mask_mode, mmdit, state], [gallery, state], api_name="edit",
                        **model).then(lambda s: said(s, "notes"), state, notes, **private)
         attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention",
                        **model).then(lambda s: said(s, "notes"), state, notes, **private)
