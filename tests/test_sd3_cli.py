@@ -40,6 +40,7 @@ def inverted(sd3_folders, photo, tmp_path_factory):
     return files
 
 
+@pytest.mark.slow  # command-line subprocesses
 def test_the_cli_inverts_sd3_with_and_without_t5(inverted):
     with_t5, without = (load_file(inverted[k]) for k in ("t5", "no-t5"))
     # 77 CLIP + 256 T5 tokens + the pooled row, at the tiny T5's width; the same shape either way
@@ -49,6 +50,7 @@ def test_the_cli_inverts_sd3_with_and_without_t5(inverted):
     assert not torch.equal(with_t5["null_embeddings"], without["null_embeddings"])
 
 
+@pytest.mark.slow  # command-line subprocesses
 def test_info_shows_the_family_and_the_scheduler_shift(inverted):
     r = run_cli("info", inverted["t5"])
     assert_ok(r)
@@ -56,6 +58,7 @@ def test_info_shows_the_family_and_the_scheduler_shift(inverted):
     assert "inversion      flow-matching Euler at guidance 1 (scheduler shift 3);" in r.stdout
 
 
+@pytest.mark.slow  # command-line subprocesses
 def test_a_file_made_with_t5_is_refused_without_it_and_the_reverse(inverted, sd3_folders, tmp_path):
     r = run_cli("reconstruct", inverted["t5"], "--no-t5", "-o", tmp_path / "r.png", "-q")
     line = assert_refused(r, match="was made with the T5 text encoder")
@@ -67,6 +70,7 @@ def test_a_file_made_with_t5_is_refused_without_it_and_the_reverse(inverted, sd3
     assert_ok(run_cli("reconstruct", inverted["no-t5"], "--no-t5", "-o", tmp_path / "r.png", "-q"))
 
 
+@pytest.mark.slow  # command-line subprocesses
 def test_low_memory_checkpoints_the_transformer_and_gives_the_same_file(inverted, sd3_folders, photo, tmp_path):
     from nulltext import load_pipeline
 
@@ -82,6 +86,7 @@ def test_low_memory_checkpoints_the_transformer_and_gives_the_same_file(inverted
         torch.testing.assert_close(low[key], plain[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # command-line subprocesses
 def test_bf16_runs_with_float32_updates(sd3_folders, photo, tmp_path):
     out = tmp_path / "bf16.safetensors"
     r = run_cli("invert", photo, "--prompt", PROMPT, "--model", sd3_folders["sd3"], "-o", out, *FAST,
