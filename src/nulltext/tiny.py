@@ -188,6 +188,18 @@ def build_tiny_model(path: str, seed: int = 0, variant: str = "sd1") -> str:
     return path
 
 
+def clip_tokenizer_in(path: str):
+    """The CLIP tokenizer of :func:`write_tokenizer`, written in a scratch folder under ``path``,
+    loaded and the folder removed (a pipeline's ``save_pretrained`` writes it where it belongs)."""
+    from transformers import CLIPTokenizer
+
+    raw = os.path.join(path, "_tokenizer")
+    write_tokenizer(raw)
+    tokenizer = CLIPTokenizer.from_pretrained(raw)
+    shutil.rmtree(raw)
+    return tokenizer
+
+
 def cache_dir() -> str:
     root = os.environ.get("NULLTEXT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nulltext")
@@ -220,15 +232,12 @@ def build_tiny_sdxl_model(path: str, seed: int = 0) -> str:
     pattern (no attention at the top resolution), a VAE that asks for float32 in fp16
     (``force_upcast``) and SDXL's Euler scheduler config, with ``force_zeros_for_empty_prompt``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 
     quiet_loading()
     os.makedirs(path, exist_ok=True)
-    raw = os.path.join(path, "_tokenizer")
-    write_tokenizer(raw)
-    tokenizer = CLIPTokenizer.from_pretrained(raw)
-    shutil.rmtree(raw)
+    tokenizer = clip_tokenizer_in(path)
     vocab = tokenizer.get_vocab()
 
     def text_config(hidden: int) -> CLIPTextConfig:

@@ -18,7 +18,7 @@ import string
 import torch
 
 from .hub import quiet_loading
-from .tiny import SPECIAL_BOS, SPECIAL_EOS, WORDS, write_tokenizer
+from .tiny import SPECIAL_BOS, SPECIAL_EOS, WORDS, clip_tokenizer_in
 
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 T5_SPACE = "\u2581"  # SentencePiece's word-start mark: "cat" after a space is the piece "▁cat"
@@ -103,7 +103,6 @@ def build_tiny_sd3_model(path: str, seed: int = 0, variant: str = "sd3", t5: boo
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
         T5TokenizerFast,
@@ -112,10 +111,7 @@ def build_tiny_sd3_model(path: str, seed: int = 0, variant: str = "sd3", t5: boo
     spec = VARIANTS[variant]
     quiet_loading()
     os.makedirs(path, exist_ok=True)
-    raw = os.path.join(path, "_tokenizer")
-    write_tokenizer(raw)
-    tokenizer = CLIPTokenizer.from_pretrained(raw)
-    shutil.rmtree(raw)
+    tokenizer = clip_tokenizer_in(path)
     vocab = tokenizer.get_vocab()
 
     def clip(hidden: int, projection: int, component_seed: int):
