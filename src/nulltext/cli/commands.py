@@ -376,21 +376,22 @@ def _read_jobs(args, inversion, edit, root: str | None = None, limit: int | None
     return jobs
 
 
+def _names(text: str, known, what: str, where: str = "") -> list[str]:
+    """A comma-separated list of names, each one of ``known`` (and at least one)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if not names or unknown:
+        raise NulltextError(f"unknown {what} {', '.join(unknown) or '(none)'}{where}; choose from {', '.join(known)}")
+    return names
+
+
 def cmd_eval(args) -> int:
     from ..evaluation import evaluate
     from ..jobs import check_manifest, process_state
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise NulltextError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    editors = None
-    if args.edit_methods is not None:
-        editors = [m.strip() for m in args.edit_methods.split(",") if m.strip()]
-        unknown = [m for m in editors if m not in EDIT_METHODS]
-        if not editors or unknown:
-            raise NulltextError(f"unknown edit method {', '.join(unknown) or '(none)'} in --edit-methods; choose "
-                                f"from {', '.join(EDIT_METHODS)}")
+    methods = _names(args.methods, METHODS, "method")
+    editors = None if args.edit_methods is None else _names(args.edit_methods, EDIT_METHODS, "edit method",
+                                                           " in --edit-methods")
     config = inversion_config(args, methods[0])
     edit_cfg = edit_config(args)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
