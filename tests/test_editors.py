@@ -15,9 +15,9 @@ from conftest import make_photo
 from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert_image, load_pipeline
 from nulltext.controllers import SOURCE, TARGET, Site, per_half
 from nulltext.editing import plan_for, request
-from nulltext.editors import MasaCtrl, PlugAndPlay, masactrl_layers, pnp_layers, self_layers
+from nulltext.editors import MasaCtrl, PlugAndPlay, decoder_self_layers, masactrl_layers, pnp_layers, self_layers
 from nulltext.inversion import reconstruct_latent
-from nulltext.processors import P2PAttnProcessor, _feature_hook, decoder_resnets
+from nulltext.processors import P2PAttnProcessor, _feature_hook
 
 HEADS, DIM_HEAD, C = 2, 4, 8
 T = 10
@@ -174,13 +174,13 @@ def test_masactrl_layers_are_the_authors_on_sd1_and_at_their_depth_on_sdxl():
 
 
 def test_pnp_layers_are_the_authors_on_sd1_and_at_their_depth_on_sdxl():
-    resnets = [f"up_blocks.{b}.resnets.{r}" for b in range(4) for r in range(3)]
+    resnets = [f"up_blocks.{b}.resnets.{r}.conv2" for b in range(4) for r in range(3)]
     features, layers = pnp_layers(SD1, resnets)
     assert features == ["up_blocks.1.resnets.1.conv2"]  # the authors' "layer 4"
     # decoder blocks 4-11: up_blocks[1].attentions[1, 2] and every attention of up_blocks[2] and [3]
     assert layers == [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1.processor"
                       for b, a in [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
-    features, layers = pnp_layers(SDXL, [f"up_blocks.{b}.resnets.{r}" for b in range(3) for r in range(3)])
+    features, layers = pnp_layers(SDXL, [f"up_blocks.{b}.resnets.{r}.conv2" for b in range(3) for r in range(3)])
     assert features == ["up_blocks.1.resnets.0.conv2"]  # 4/12 of 9 decoder resnets: the fourth
     assert len(layers) == 32 and layers[0] == "up_blocks.0.attentions.0.transformer_blocks.4.attn1.processor"
 
@@ -228,7 +228,7 @@ def test_source_row_is_the_reconstruction_and_the_same_prompt_reproduces_it(tiny
     if method == "masactrl":
         assert sorted(c.edited) == list(range(2, T)) and all(v == set(masactrl_layers(sites)) for v in c.edited.values())
     else:
-        features, layers = pnp_layers(sites, decoder_resnets(tiny_pipe.unet))
+        features, layers = pnp_layers(sites, tiny_pipe.decoder_features)
         assert sorted(c.edited) == list(range(int(0.8 * T)))
         assert all(v == set(features) | (set(layers) if i < T // 2 else set()) for i, v in c.edited.items())
     assert all(tiny_pipe.unet.attn_processors[n] is p for n, p in before.items())
@@ -294,7 +294,7 @@ def test_sdxl_edits_with_both_editors(tmp_path):
         assert plan.controller.edited
 
 
-def test_sd3_masactrl_on_the_joint_attention_and_pnp_refused(sd3_pipe):
+def test_sd3_edits_with_both_editors_on_the_joint_attention(sd3_pipe):
     config = InversionConfig(num_steps=4, num_inner_steps=1, size=(96, 64))
     inv = invert_image(sd3_pipe, make_photo(), "a cat on a table", config=config, progress=False)
     recon = reconstruct_latent(sd3_pipe, inv, progress=False)
@@ -302,15 +302,107 @@ def test_sd3_masactrl_on_the_joint_attention_and_pnp_refused(sd3_pipe):
     layers = masactrl_layers(sites)
     joint = self_layers(sites)
     assert all(sites[n].joint for n in joint) and layers == joint[int(10 * len(joint) / 16 + 0.5):]
-    plan = plan_for(sd3_pipe, inv, request(["a dog on a table", "a cat on a table"],
-                                           EditConfig(method="masactrl", masactrl_step=1, masactrl_layer=0)))
-    r = edit(sd3_pipe, inv, plan, progress=False, decode=False)
-    assert torch.equal(r.latents[:1], recon)
-    torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
-    assert plan.controller.edited[1] == set(joint)
-    with pytest.raises(NulltextError, match="Plug-and-Play") as e:
-        plan_for(sd3_pipe, inv, request(["a dog on a table"], EditConfig(method="pnp")))
-    assert "\n" not in str(e.value)
+    features, pnp = pnp_layers(sites, sd3_pipe.decoder_features)
+    blocks = len(sd3_pipe.unet.transformer_blocks)
+    assert sd3_pipe.decoder_features == [f"transformer_blocks.{i}.ff" for i in range(blocks // 2, blocks)]
+    assert features == [f"transformer_blocks.{blocks // 2}.ff"] and pnp == joint[blocks // 2:]
+    for method, options, edited in [("masactrl", {"masactrl_step": 1, "masactrl_layer": 0}, {1: set(joint)}),
+                                    ("pnp", {"pnp_features": 0.5, "pnp_attention": 0.25},
+                                     {0: set(features) | set(pnp), 1: set(features)})]:
+        plan = plan_for(sd3_pipe, inv, request(["a dog on a table", "a cat on a table"],
+                                               EditConfig(method=method, **options)))
+        r = edit(sd3_pipe, inv, plan, progress=False, decode=False)
+        assert torch.equal(r.latents[:1], recon), method
+        torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+        assert {k: v for k, v in plan.controller.edited.items() if k in edited} == edited, method
+        assert not any(m._forward_hooks for m in sd3_pipe.unet.modules())
+        plain = edit(sd3_pipe, inv, ["a dog on a table"], EditConfig(cross_replace=0.0, self_replace=0.0),
+                     progress=False, decode=False)
+        assert (plain.latents[1] - r.latents[1]).abs().max() > 1e-4, method
+
+
+def test_pnp_layers_of_a_transformer_are_its_later_half_at_the_authors_depth():
+    sites = {}
+    for i in range(24):  # SD3.5 medium's 24 joint blocks
+        name = f"transformer_blocks.{i}.attn.processor"
+        sites[name] = Site(name, "mid", True, (4, 4), joint=True)
+        sites[name + "#self"] = Site(name + "#self", "mid", False, (4, 4), joint=True)
+    later = [f"transformer_blocks.{i}.attn.processor#self" for i in range(12, 24)]
+    assert decoder_self_layers(sites) == later
+    features, layers = pnp_layers(sites, [f"transformer_blocks.{i}.ff" for i in range(12, 24)])
+    assert features == ["transformer_blocks.16.ff"]  # 4/12 of the later 12 blocks
+    assert layers == later[1:]  # all but the first ninth of 12 (one)
+    assert decoder_self_layers(SD1) == [n for n in self_layers(SD1) if n.startswith("up_blocks")]
+
+
+def test_the_decoder_features_are_the_unet_resnets_residual_branches(tiny_pipe):
+    names = tiny_pipe.decoder_features
+    resnets = [m for m in tiny_pipe.unet.up_blocks.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert len(names) == len(resnets) and all(n.endswith(".conv2") for n in names)
+    assert [tiny_pipe.unet.get_submodule(n) for n in names] == [r.conv2 for r in resnets]
+
+
+def test_pnp_on_a_joint_block_takes_the_source_image_queries_keys_and_feed_forward(sd3_pipe):
+    """One joint block of the tiny SD3 transformer, run as its model runs it: the target rows'
+    image queries and keys are the source's of their half, their values and text tokens their
+    own, and the image stream's feed-forward branch is the source's."""
+    from nulltext.controllers import joint_self_name
+    from nulltext.processors import JointP2PAttnProcessor, joint_finish, joint_project
+
+    sites = sd3_pipe.attention_sites((4, 6))
+    name = next(n for n, s in sites.items() if s.joint and s.is_cross)
+    block = sd3_pipe.unet.get_submodule(name.removesuffix(".attn.processor"))
+    attn, ff = block.attn, f"{name.removesuffix('.attn.processor')}.ff"
+    self_site = sites[joint_self_name(name)]
+    c = PlugAndPlay([ff], [self_site.name], feature_steps=(0, 1), attention_steps=(0, 1))
+    base = attn.processor
+    attn.set_processor(JointP2PAttnProcessor(c, sites[name], self_site, base))
+    handle = block.ff.register_forward_hook(_feature_hook(c, ff))
+    g = torch.Generator().manual_seed(0)
+    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
+    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
+    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    temb_s, temb_t = torch.randn(2, d, generator=g), torch.randn(4, d, generator=g)
+    try:
+        with torch.no_grad():
+            c.begin_step(0)
+            c.phase = SOURCE
+            out_s = block(xs, es, temb_s)
+            c.phase = TARGET
+            out_t = block(xt, et, temb_t)
+            attn.set_processor(base)
+            handle.remove()
+            plain_s = block(xs, es, temb_s)
+            # the target by hand: the block's own computation with the source's image q, k (its
+            # half's rows) in the attention and the source's feed-forward output
+            ff_src = {}
+            h2 = block.ff.register_forward_hook(lambda m, i, o: ff_src.setdefault("o", o))
+            block(xs, es, temb_s)
+            h2.remove()
+            rows = [0, 0, 1, 1]
+
+            class Swap:
+                def __call__(self, attn_, hidden, encoder_hidden_states=None, attention_mask=None, **kw):
+                    enc = encoder_hidden_states
+                    (q, k, v), (tq, tk, tv) = joint_project(attn_, hidden, enc)
+                    (qs, ks, _), _ = joint_project(attn_, xs_normed, es_normed)
+                    q, k, v = (torch.cat(p, 2) for p in ((qs[rows], tq), (ks[rows], tk), (v, tv)))
+                    return joint_finish(attn_, (q @ k.transpose(-1, -2) * attn_.scale).softmax(-1) @ v, 6, True)
+
+            # the normed inputs the attention of the source pass sees
+            xs_normed = block.norm1(xs, emb=temb_s)[0]
+            es_normed = block.norm1_context(es, emb=temb_s)[0]
+            attn.set_processor(Swap())
+            h3 = block.ff.register_forward_hook(lambda m, i, o: ff_src["o"][rows])
+            want = block(xt, et, temb_t)
+            h3.remove()
+    finally:
+        attn.set_processor(base)
+        handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(out_s, plain_s))  # the source pass: the block's own
+    for got, exp in zip(out_t, want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    assert c.edited == {0: {ff, self_site.name}}
 
 
 def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_image_keys_and_values(sd3_pipe):

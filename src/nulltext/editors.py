@@ -2,9 +2,9 @@
 4.8 and 4.9): MasaCtrl (Cao et al., ICCV 2023), whose targets' self-attention queries read the
 source's keys and values (optionally guided by the object's masks from its words'
 cross-attention), and Plug-and-Play (Tumanyan et al., CVPR 2023), which gives the targets the
-source's decoder features and self-attention maps. Nothing here imports diffusers: the
-attention processors and feature hooks of :mod:`nulltext.processors` call these hooks, and tests
-call them on plain tensors.
+source's decoder features and self-attention maps (on a transformer, of its later half of
+blocks). Nothing here imports diffusers: the attention processors and feature hooks of
+:mod:`nulltext.processors` call these hooks, and tests call them on plain tensors.
 
 Both see the source pass's [uncond, cond] rows and give each target row the source's row of its
 classifier-free-guidance half (:func:`nulltext.controllers.per_half`), as the authors' code
@@ -51,13 +51,25 @@ def masactrl_layers(sites: dict[str, Site], start_layer: int = 10) -> list[str]:
     return names[at_depth(start_layer, MASA_LAYERS, len(names)):]
 
 
-def pnp_layers(sites: dict[str, Site], resnets: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Plug-and-Play's (feature modules, self-attention layers): the output of the residual branch
-    (``conv2``) of the decoder resnet at the relative depth of SD 1.x's block 4 of 12, and the
-    decoder's self-attention layers but the first ninth (SD 1.x: all but the first of 9)."""
+def decoder_self_layers(sites: dict[str, Site]) -> list[str]:
+    """The decoder's self-attention layers in the order they run: a UNet's up path, or, for a
+    transformer (no up path; SD3), the later half of its blocks' (:func:`self_layers`), as its
+    family's ``decoder_features`` take the later half of its blocks."""
     up = [s.name for s in sites.values() if s.place == "up" and not s.is_cross]
-    features = [f"{resnets[min(len(resnets) - 1, at_depth(PNP_RESNET, PNP_RESNETS, len(resnets)))]}.conv2"] if resnets else []
-    return features, up[at_depth(PNP_SKIP, PNP_ATTENTION, len(up)):]
+    if up:
+        return up
+    names = self_layers(sites)
+    return names[len(names) // 2:]
+
+
+def pnp_layers(sites: dict[str, Site], features: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Plug-and-Play's (feature modules, self-attention layers): of the decoder's residual
+    branches ``features`` (the family's ``decoder_features``: a UNet resnet's ``conv2``), the one
+    at the relative depth of SD 1.x's block 4 of 12, and the decoder's self-attention layers but
+    the first ninth (SD 1.x: all but the first of 9)."""
+    up = decoder_self_layers(sites)
+    chosen = [features[min(len(features) - 1, at_depth(PNP_RESNET, PNP_RESNETS, len(features)))]] if features else []
+    return chosen, up[at_depth(PNP_SKIP, PNP_ATTENTION, len(up)):]
 
 
 class Editor(Controller):

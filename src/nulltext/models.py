@@ -196,6 +196,11 @@ class Pipeline:
         return self.model_family.attention_sites(self, latent_hw)
 
     @property
+    def decoder_features(self) -> list[str]:
+        """The denoiser's decoder residual branches, in the order they run (the family's)."""
+        return self.model_family.decoder_features(self)
+
+    @property
     def token_spaces(self) -> list:
         """Where each tokenizer's tokens sit among the cross-attention keys (the family's)."""
         return self.model_family.token_spaces(self)

@@ -287,13 +287,6 @@ def _feature_hook(controller: Controller, name: str):
     return hook
 
 
-def decoder_resnets(denoiser) -> list[str]:
-    """The dotted names of a UNet's decoder residual blocks in the order they run
-    (``up_blocks.I.resnets.J``); none for a denoiser without ``up_blocks`` (SD3's transformer)."""
-    blocks = getattr(denoiser, "up_blocks", None) or []
-    return [f"up_blocks.{i}.resnets.{j}" for i, b in enumerate(blocks) for j in range(len(getattr(b, "resnets", [])))]
-
-
 def _processor(controller: Controller, sites: dict[str, Site], name: str, proc):
     site = sites[name]
     if site.joint:  # the layer's cross Site, and its self Site beside it

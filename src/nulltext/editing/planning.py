@@ -38,7 +38,6 @@ from ..controllers import (
 from ..editors import Editor, MasaCtrl, ObjectMasks, PlugAndPlay, masactrl_layers, pnp_layers
 from ..errors import NulltextError
 from ..image import as_source, encode, latent_mask, load_mask, output_size, preprocess, read_mask
-from ..processors import decoder_resnets
 from ..text import check_prompt, warn_split_words
 
 
@@ -423,17 +422,13 @@ def build_editor(pipe, source: str, targets: list[str], config: EditConfig, num_
                  user_mask: Tensor | None = None) -> Editor:
     """The MasaCtrl or Plug-and-Play controller of an edit (:mod:`nulltext.editors`), its layers
     at the relative depth of the authors' SD 1.x layers, with the local blend and the user mask
-    as Prompt-to-Prompt has them. Plug-and-Play needs a UNet's decoder: refused on SD3."""
+    as Prompt-to-Prompt has them."""
     spaces, sites = token_spaces(pipe), pipe.attention_sites(latent_hw)
     blend = _blend_of(spaces, sites, source, targets, config, num_steps, latent_hw, user_mask)
     if config.method == "masactrl":
         masks = object_masks(spaces, sites, source, targets, config, latent_hw) if config.masactrl_mask_source else None
         return MasaCtrl(masactrl_layers(sites, config.masactrl_layer), config.masactrl_step, blend, stores, masks)
-    resnets = decoder_resnets(pipe.denoiser)
-    if not resnets:
-        raise NulltextError("Plug-and-Play injects a UNet decoder's features, which this model (a transformer: "
-                            "Stable Diffusion 3) has not: use masactrl or p2p (--method on the command line)")
-    features, layers = pnp_layers(sites, resnets)
+    features, layers = pnp_layers(sites, pipe.decoder_features)
     return PlugAndPlay(features, layers, schedule_bounds(config.pnp_features, num_steps),
                        schedule_bounds(config.pnp_attention, num_steps), blend, stores)
 

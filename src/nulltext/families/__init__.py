@@ -96,6 +96,11 @@ class Family:
     def attention_sites(self, pipe, latent_hw: tuple[int, int]) -> dict:
         raise NotImplementedError
 
+    def decoder_features(self, pipe) -> list[str]:
+        """The residual branches of the denoiser's decoder, in the order they run (the modules whose
+        outputs Plug-and-Play injects): dotted module names."""
+        raise NotImplementedError
+
     def token_spaces(self, pipe) -> list:
         """Where each tokenizer's tokens sit among the cross-attention keys
         (:class:`nulltext.alignment.TokenSpace`): by default the CLIP tokenizer alone, at 0."""

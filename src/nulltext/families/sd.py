@@ -93,6 +93,11 @@ class UNetFamily(Family):
     def attention_sites(self, pipe, latent_hw: tuple[int, int]) -> dict[str, Site]:
         return unet_attention_sites(pipe.unet, latent_hw)
 
+    def decoder_features(self, pipe) -> list[str]:
+        """The decoder resnets' residual branches (``up_blocks.I.resnets.J.conv2``)."""
+        return [f"up_blocks.{i}.resnets.{j}.conv2" for i, block in enumerate(pipe.unet.up_blocks)
+                for j in range(len(getattr(block, "resnets", None) or []))]
+
     def size_multiple(self, pipe) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
         return self.vae_scale_factor(pipe) * 2 ** (len(pipe.unet.config.down_block_types) - 1)

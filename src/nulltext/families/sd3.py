@@ -136,6 +136,13 @@ class StableDiffusion3(Family):
                 sites[name] = Site(name=name, place="mid", is_cross=False, size=size)
         return sites
 
+    def decoder_features(self, pipe) -> list[str]:
+        """A transformer has no decoder; its later half of blocks stands for one (as a UNet's up
+        path follows its middle): their image streams' feed-forward branches
+        (``transformer_blocks.I.ff``), the residual branch added to the image tokens after attention."""
+        n = len(pipe.unet.transformer_blocks)
+        return [f"transformer_blocks.{i}.ff" for i in range(n // 2, n)]
+
     def token_spaces(self, pipe) -> list[TokenSpace]:
         """The CLIP tokens at keys 0..76 (start token at 0), then the T5 tokens at 77..332 (no
         start token: words from 77, ``</s>`` after them, then ``<pad>``); without T5 its keys
