@@ -6,6 +6,8 @@ identical target reproduces it, other inversion methods, the user's mask, the co
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -548,11 +550,13 @@ def test_the_mask_options_are_checked(tiny_pipe, sd3_pipe):
     config = EditConfig(method="masactrl", masactrl_mask_source="cat", masactrl_mask_target="tiger")
     with pytest.raises(NulltextError, match="'tiger' is in the target prompt 'a dog sitting"):
         plan(tiny_pipe, request([SWAP], config), PROMPT, T, (16, 16))
-    with pytest.raises(NulltextError, match=r"joint attention: drop the mask \(--masactrl-mask on the command line\)") as e:
-        plan(sd3_pipe, request(["a dog on a table"], EditConfig(method="masactrl", masactrl_mask_source="cat",
-                                                                 masactrl_mask_target="dog")),
-             "a cat on a table", 4, (8, 12))
-    assert "\n" not in str(e.value)
+    sd3 = plan(sd3_pipe, request(["a dog on a table"], EditConfig(method="masactrl", masactrl_mask_source="cat",
+                                                                masactrl_mask_target="dog")),
+               "a cat on a table", 4, (8, 12))
+    sites = sd3_pipe.attention_sites((8, 12))
+    watched = [n for n, site in sites.items() if sd3.controller.masks.uses(site)]
+    assert watched == [n for n, site in sites.items() if site.joint and site.is_cross]  # the image x text blocks
+    assert sd3.controller.masks.words.shape == (2, 77 + 256)  # CLIP, then T5 keys
 
 
 MASKED = {"method": "masactrl", "masactrl_step": 2, "masactrl_mask_source": "cat", "masactrl_mask_target": ("dog", "cat")}
@@ -599,3 +603,80 @@ def test_masked_masactrl_from_the_command_line(tmp_path):
     r = run_main("edit", inv_path, "--method", "masactrl", "--masactrl-mask", "cat", "tiger", "--target", SWAP,
                  "-o", tmp_path / "out2", "-q")
     assert r.returncode != 0 and "--masactrl-mask on the command line" in r.stderr
+
+
+def test_masked_masactrl_on_a_joint_layer_attends_object_to_object_among_the_image_keys(sd3_pipe):
+    """On SD3's joint attention the target's image queries read the source's image keys and
+    values masked as on a UNet (object to object, background to background) and all text keys
+    (their own), in the one softmax; the text queries' rows are unmasked."""
+    from nulltext.controllers import joint_self_name
+    from nulltext.editors import ObjectMasks
+    from nulltext.processors import JointP2PAttnProcessor, joint_finish, joint_project
+
+    sites = sd3_pipe.attention_sites((4, 6))
+    name = next(n for n, s in sites.items() if s.joint and s.is_cross)
+    attn = sd3_pipe.unet.get_submodule(name.removesuffix(".processor"))
+    cross, self_site = sites[name], sites[joint_self_name(name)]
+    words = torch.zeros(3, 5)
+    words[:, 1] = 1.0  # the word: text key 1
+    c = MasaCtrl([self_site.name], start_step=0, masks=ObjectMasks(words, (2, 3), threshold=0.5))
+    proc = JointP2PAttnProcessor(c, cross, self_site, attn.processor)
+    src_obj, tgt_obj = [0, 1, 3], [[4, 5], [2]]  # of the 2x3 patch grid
+
+    def word_map(objs):  # (rows, heads, 6, 5): the word's column high on the object
+        m = torch.full((len(objs), attn.heads, 6, 5), 0.1)
+        for r, obj in enumerate(objs):
+            m[r, :, obj, 1] = 0.9
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
+    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
+    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    with torch.no_grad():
+        c.begin_step(0)
+        c.phase = SOURCE
+        earlier = Site("transformer_blocks.earlier.attn.processor", "mid", True, (2, 3), joint=True)
+        c.on_source(earlier, word_map([src_obj]))  # as an earlier layer of this step gives them
+        proc(attn, xs, es)
+        c.phase = TARGET
+        c.on_target(earlier, word_map(tgt_obj))
+        out_t = proc(attn, xt, et)
+        (q, _, _), (tq, tk, tv) = joint_project(attn, xt, et)
+        (_, ks, vs), _ = joint_project(attn, xs, es)
+        rows = [0, 0, 1, 1]
+        q, k, v = torch.cat([q, tq], 2), torch.cat([ks[rows], tk], 2), torch.cat([vs[rows], tv], 2)
+        scores = q @ k.transpose(-1, -2) * attn.scale  # (4, heads, 11, 11)
+        fg = torch.tensor([i in src_obj for i in range(6)])
+        for r in range(4):
+            obj = torch.tensor([i in tgt_obj[r % 2] for i in range(6)])
+            for i in range(6):  # image query i: the source's object keys or its background, and every text key
+                scores[r, :, i, :6] = scores[r, :, i, :6].masked_fill(fg != obj[i], float("-inf"))
+        want = joint_finish(attn, scores.softmax(-1) @ v, 6, True)
+        plain = joint_finish(attn, (q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v, 6, True)
+    for got, exp in zip(out_t, want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    assert (out_t[0] - plain[0]).abs().max() > 1e-3  # not plain MasaCtrl
+    src_mask, tgt_masks = c.masks.last
+    assert src_mask.flatten().nonzero().flatten().tolist() == src_obj
+
+
+def test_masked_masactrl_on_sd3_keeps_the_source_row_and_an_identical_target_with_masks_everywhere(sd3_pipe):
+    config = InversionConfig(num_steps=4, num_inner_steps=1, size=(96, 64))
+    inv = invert_image(sd3_pipe, make_photo(), "a cat on a table", config=config, progress=False)
+    recon = reconstruct_latent(sd3_pipe, inv, progress=False)
+    masked = EditConfig(method="masactrl", masactrl_step=1, masactrl_layer=0, masactrl_mask_source="cat",
+                        masactrl_mask_target=("dog", "cat"))
+    for threshold in (0.0, 0.1):
+        plan = plan_for(sd3_pipe, inv, request(["a dog on a table", "a cat on a table"],
+                                               dataclasses.replace(masked, masactrl_mask_threshold=threshold)))
+        r = edit(sd3_pipe, inv, plan, progress=False, decode=False)
+        assert torch.equal(r.latents[:1], recon)
+        src_mask, tgt_masks = plan.controller.masks.last
+        assert src_mask.shape == (4, 6)  # the 8x12 latent's patch grid
+        if threshold == 0.0:
+            assert src_mask.all() and tgt_masks.all()
+            torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
+        else:
+            assert src_mask.any() and not src_mask.all()
+            assert (r.latents[2:] - recon).abs().max() > 1e-5

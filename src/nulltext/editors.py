@@ -159,8 +159,8 @@ class ObjectMasks:
     """The masks of MasaCtrl's mask-guided variant, from the cross-attention of the object's words
     in this step: the source pass's maps and the target pass's maps so far, of the layers at
     ``size`` (latent / 4: 16x16 for a 512 image, as the authors'), both from the layers the target
-    pass has run so far (the authors run one batch). ``words``: (1+n, K) one-hot, row 0 the
-    source's words."""
+    pass has run so far (the authors run one batch); on SD3, the image x text blocks of the joint
+    attention. ``words``: (1+n, K) one-hot, row 0 the source's words."""
 
     def __init__(self, words: Tensor, size: tuple[int, int], threshold: float = 0.1) -> None:
         self.words, self.size, self.threshold = words, tuple(size), threshold
@@ -169,7 +169,7 @@ class ObjectMasks:
         self.last: tuple[Tensor, Tensor] | None = None  # the last masks: source (h, w), targets (n, h, w)
 
     def uses(self, site: Site) -> bool:
-        return site.is_cross and not site.joint and site.size == self.size
+        return site.is_cross and site.size == self.size
 
     def clear(self) -> None:
         self.source.clear()

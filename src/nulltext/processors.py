@@ -170,11 +170,21 @@ def joint_project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | N
     return (q, k, v), text
 
 
-def joint_probs(attn, query: Tensor, key: Tensor) -> Tensor:
-    """softmax(q k^T * scale) over all keys, (B, heads, Q, K), as ``Attention.get_attention_scores``."""
+def joint_probs(attn, query: Tensor, key: Tensor, bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scale + bias) over all keys, (B, heads, Q, K), as
+    ``Attention.get_attention_scores``; ``bias`` (B*heads, Q, K) additive, or None."""
     b, h = query.shape[:2]
-    probs = attn.get_attention_scores(query.reshape(b * h, *query.shape[2:]), key.reshape(b * h, *key.shape[2:]))
+    probs = attn.get_attention_scores(query.reshape(b * h, *query.shape[2:]), key.reshape(b * h, *key.shape[2:]),
+                                      bias)
     return probs.reshape(b, h, *probs.shape[1:])
+
+
+def joint_key_bias(allowed: Tensor, heads: int, dtype, num_text: int) -> Tensor:
+    """The additive (B*heads, N + M, N + M) bias of a joint softmax over [image | text] tokens
+    from ``allowed`` (B, N, N) over image queries and image keys (:func:`key_bias`): the image
+    queries' image keys as allowed, their text keys and the text queries' rows all allowed."""
+    full = F.pad(allowed, (0, num_text, 0, num_text), value=True)
+    return key_bias(full, heads, dtype)
 
 
 def joint_finish(attn, hidden: Tensor, num_image: int, has_text: bool):
@@ -233,12 +243,17 @@ class JointP2PAttnProcessor:
         (q, k, v), text = joint_project(attn, hidden_states, encoder_hidden_states)
         if qk:
             q, k = c.on_target_qk(self.cross, q, k)
+        bias = None
         if qkv:
             q, k, v = (x.to(q.dtype) for x in c.on_target_qkv(self.self_site, q, k, v))
+            allowed = c.target_keys(self.self_site)  # (B, N, N) over the image keys, or None
+            if allowed is not None:
+                dtype = torch.float32 if attn.upcast_attention else q.dtype
+                bias = joint_key_bias(allowed, attn.heads, dtype, 0 if text is None else text[1].shape[2])
         if text is not None:
             q, k, v = (torch.cat([x, t], dim=2) for x, t in zip((q, k, v), text))
-        if hooks:
-            probs = joint_probs(attn, q, k)
+        if hooks or bias is not None:
+            probs = joint_probs(attn, q, k, bias)
             half = probs.shape[0] // 2
             for site, block in self._blocks(probs[half:], n_img, hooks):
                 edited = c.on_target(site, block)

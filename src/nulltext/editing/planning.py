@@ -437,10 +437,8 @@ def object_masks(spaces, sites, source: str, targets: list[str], config: EditCon
                  latent_hw: tuple[int, int]) -> ObjectMasks:
     """MasaCtrl's object masks from the cross-attention of the ``--masactrl-mask`` words (the
     source's in the source prompt, the targets' in each target prompt) at 1/4 of the latent size
-    (16x16 for a 512 image, the authors'; the nearest size the UNet has). Refused on joint attention."""
-    if any(s.joint for s in sites.values()):
-        raise NulltextError("the MasaCtrl mask is built for a UNet's separate cross-attention; this model (Stable "
-                            "Diffusion 3) has joint attention: drop the mask (--masactrl-mask on the command line)")
+    (16x16 for a 512 image, the authors'; the nearest size the UNet has; SD3: the image x text
+    blocks of the joint attention, at the patch grid)."""
     words = torch.zeros(1 + len(targets), alignment.spaces_length(spaces))
     for r, (prompt, chosen) in enumerate([(source, config.masactrl_mask_source)]
                                          + [(t, config.masactrl_mask_target) for t in targets]):
