@@ -165,3 +165,28 @@ def test_eval_on_two_accelerate_processes_records_each_sample_once(tmp_path):
         assert a[key]["recon_psnr"] == b[key]["recon_psnr"] and a[key]["bg_psnr"] == b[key]["bg_psnr"]
     assert (tmp_path / "two" / "results.csv").read_text().count("\n") == 7  # header + 6 rows, by the main process
     assert two.stdout.count("| npi | 3 | 0 |") == 1
+
+
+def test_jobs_edit_with_masactrl_and_pnp_as_the_api_does(tmp_path, tiny_pipe):
+    from PIL import Image
+
+    from nulltext import EditConfig, edit
+
+    make_photo(64, 64).save(tmp_path / "p.png")
+    target = "a dog sitting next to a mirror"
+    jobs = [{"id": method, "image": "p.png", "prompt": "a cat sitting next to a mirror", "targets": [target],
+             "edit_method": method, **options}
+            for method, options in [("masactrl", {"masactrl_step": 1}), ("pnp", {"pnp_attention": 0.4})]]
+    manifest, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    manifest.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    r = _batch(manifest, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out / "summary.csv") as f:
+        rows = {row["id"]: row for row in csv.DictReader(f)}
+    for method, config in [("masactrl", EditConfig(method="masactrl", masactrl_step=1)),
+                           ("pnp", EditConfig(method="pnp", pnp_attention=0.4))]:
+        folder = out / rows[method]["folder"]
+        inv = Inversion.load(folder / "inversion.safetensors")
+        want = edit(tiny_pipe, inv, [target], config, progress=False).images[1]
+        got = Image.open(folder / "edit-1-a-dog-sitting-next-to-a-mirror.png")
+        assert list(got.getdata()) == list(want.getdata()), method

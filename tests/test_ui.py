@@ -112,6 +112,15 @@ def test_the_inversion_method_is_a_choice_of_invert(server):
     assert loaded.method == "textual-inversion-pivot" and loaded.cond_embeddings.shape[0] == 5
 
 
+def test_the_edit_method_is_a_choice_of_edit(server):
+    client = Client(server["url"], verbose=False)
+    inv, _ = client.predict(handle_file(RED), CAPTION, steps=5, inner_steps=1, api_name="/invert")
+    target = "a green circle on a blue background"
+    for method in ("masactrl", "pnp"):
+        gallery = client.predict(handle_file(inv), target, method=method, api_name="/edit")
+        assert [g["caption"] for g in gallery][1:] == [f"reconstruction: {CAPTION}", f"{method}: {target}"]
+
+
 def test_two_clients_invert_and_edit_at_once(server):
     """Each client gets the inversion of its own photo and prompt and the edit of its own target,
     with the jobs queued one at a time on the model."""
