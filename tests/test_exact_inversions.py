@@ -1,6 +1,7 @@
 """The exact inversions of nulltext.inversion.exact: edit-friendly DDPM inversion (ddpm), EDICT
 (edict) and negative-prompt inversion with ProxEdit's proximal guidance (proxnpi), on the tiny
-model: exact reconstruction, files, edits, and diffusers' LEDITS++ DDPM inversion as a reference."""
+model: exact reconstruction, files, edits, and diffusers' LEDITS++ DDPM inversion as a reference
+(on SD3's flow-matching sampler: tests/test_sd3_exact.py)."""
 
 from __future__ import annotations
 
@@ -123,15 +124,6 @@ def test_edict_sampling_inverts_its_inversion_in_float64(tiny_pipe):
     *_, back = exact.edict_sample_progressive(tiny_pipe.eps, pair, cond, null, 7.5, schedule)
     assert back.dtype == torch.float64
     torch.testing.assert_close(back, torch.stack([z0, z0]).double(), rtol=0, atol=1e-9)
-
-
-def test_ddpm_and_edict_are_refused_on_a_flow_matching_sampler():
-    class Flow:
-        name = "flow-matching Euler"
-
-    for method in ("ddpm", "edict"):
-        with pytest.raises(NulltextError, match=f"method '{method}' runs DDIM's steps .* flow-matching Euler"):
-            exact.needs_ddim(method, Flow())
 
 
 # --- proxnpi ------------------------------------------------------------------------------------

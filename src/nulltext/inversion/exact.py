@@ -2,8 +2,10 @@
 edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024), EDICT (Wallace et al.,
 CVPR 2023), and ProxEdit's proximal guidance (Han et al. 2023) for negative-prompt inversion.
 
-Everything here runs over a model callable ``eps_fn(z, t, emb)`` and a DDIM schedule
-(:class:`nulltext.samplers.ddim.Schedule`): no model code."""
+Everything here runs over a model callable ``eps_fn(z, t, emb)`` (the sampler's quantity: DDIM's
+noise eps, flow matching's velocity) and a schedule that states its steps (DDIM's,
+:class:`nulltext.samplers.ddim.Schedule`, or SD3's flow matching, :class:`nulltext.samplers.flow.Schedule`:
+``stochastic_step`` and ``noise_scale`` for ddpm, ``affine_step`` for edict): no model code."""
 
 from __future__ import annotations
 
@@ -20,22 +22,16 @@ from ..errors import NulltextError
 EDICT_MIX = 0.93
 
 
-def needs_ddim(method: str, schedule) -> None:
-    """ddpm and edict are steps of the DDIM sampler: refused on another (SD3's flow matching)."""
-    if getattr(schedule, "name", "DDIM") != "DDIM":
-        raise NulltextError(f"method {method!r} runs DDIM's steps (eta = 1 or EDICT's coupled ones); this model "
-                            f"samples with {schedule.name}: use another method")
-
-
 # --- edit-friendly DDPM inversion ---------------------------------------------------------------
 
 def ddpm_noisy_latents(z0: Tensor, schedule, generators: Sequence[torch.Generator]) -> list[Tensor]:
-    """x_1, ..., x_T (least noisy first): z0 noised to each timestep with its own fresh Gaussian
-    noise, ``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps_t`` (the schedule's ``add_noise``). Image b
-    draws from ``generators[b]``, one (1, C, h, w) draw per timestep, least noisy first (the
-    authors' and LEDITS++'s order)."""
+    """x_1, ..., x_T (least noisy first): z0 noised to each sampling timestep, x_i at
+    ``timesteps[T - i]`` (x_T at the first), with its own fresh Gaussian noise (the schedule's
+    ``add_noise``: DDIM's ``sqrt(abar_t) z0 + sqrt(1 - abar_t) eps_t``, flow matching's
+    ``(1 - sigma) z0 + sigma eps_t``). Image b draws from ``generators[b]``, one (1, C, h, w) draw
+    per timestep, least noisy first (the authors' and LEDITS++'s order)."""
     out = []
-    for t in schedule.inversion_timesteps:
+    for t in reversed(schedule.timesteps):
         noise = torch.cat([torch.randn(z0[:1].shape, generator=g) for g in generators]).to(z0)
         out.append(schedule.add_noise(z0, noise, t))
     return out
@@ -50,8 +46,9 @@ def ddpm_noise_maps(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, schedule, 
     Going down from x_T: the guided prediction at the source prompt (``guidance_scale``, the
     authors' cfg_src) at the current x_t, mu_t the DDPM mean, ``z_t = (x_{t-1} - mu_t) / sigma_t``,
     and x_{t-1} replaced by ``mu_t + sigma_t z_t`` (the schedule's ``stochastic_step``, which
-    reconstruction runs): the replayed trajectory lands on z0 to float rounding."""
-    needs_ddim("ddpm", schedule)
+    reconstruction runs): the replayed trajectory lands on z0 to float rounding. sigma_t is the
+    schedule's ``noise_scale``: the posterior's standard deviation, and on flow matching 1 at the
+    last step, which lands on sigma = 0 with no variance (its map is the residual ``z0 - mu``)."""
     xs = [z0, *ddpm_noisy_latents(z0, schedule, generators)]  # x_0 .. x_T
     T = schedule.num_steps
     maps = []
@@ -59,7 +56,7 @@ def ddpm_noise_maps(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, schedule, 
     for i, t in enumerate(schedule.timesteps):
         eps = samplers.guided_eps(eps_fn, x, t, uncond, cond, guidance_scale)
         mu = schedule.stochastic_step(x, eps, t, torch.zeros_like(x))
-        sigma = schedule.variance(t).to(x) ** 0.5
+        sigma = schedule.noise_scale(t).to(x)
         z = (xs[T - 1 - i] - mu) / sigma
         maps.append(z)
         x = schedule.stochastic_step(x, eps, t, z)  # the corrected x_{t-1}, as reconstruction computes it
@@ -69,22 +66,22 @@ def ddpm_noise_maps(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, schedule, 
 
 # --- EDICT --------------------------------------------------------------------------------------
 
-def edict_coefficients(schedule, t: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The float64 coefficients of the DDIM step from ``t``: ``a = sqrt(abar_t / abar_prev)``,
-    ``b = sqrt(1 - abar_t)``, ``c = sqrt(1 - abar_prev)``."""
-    abar_t = schedule.abar(t).double()
-    abar_prev = schedule.abar(schedule.prev_timestep(t)).double()
-    return (abar_t / abar_prev) ** 0.5, (1 - abar_t) ** 0.5, (1 - abar_prev) ** 0.5
+def edict_coefficients(schedule, t) -> tuple[Tensor, Tensor, Tensor]:
+    """The float64 coefficients ``(a, b, c)`` of the schedule's step from ``t`` as an affine map of
+    the latent (its ``affine_step``). DDIM: ``a = sqrt(abar_t / abar_prev)``, ``b = sqrt(1 - abar_t)``,
+    ``c = sqrt(1 - abar_prev)``; flow matching's Euler step: ``(1, 0, sigma_next - sigma)``."""
+    return schedule.affine_step(t)
 
 
 def edict_forward(x: Tensor, eps: Tensor, coef) -> Tensor:
-    """The authors' DDIM step written as an affine map of the latent: ``x / a - b / a eps + c eps``."""
+    """The step written as an affine map of the latent, ``x / a - b / a eps + c eps`` (the authors'
+    DDIM step; with ``(1, 0, dt)`` the Euler step ``x + dt v``)."""
     a, b, c = coef
     return x / a - (b / a) * eps + c * eps
 
 
 def edict_reverse(x: Tensor, eps: Tensor, coef) -> Tensor:
-    """Its exact inverse: ``a x + b eps - a c eps``."""
+    """Its exact inverse: ``a x + b eps - a c eps`` (the Euler step's: ``x - dt v``)."""
     a, b, c = coef
     return a * x + b * eps - a * c * eps
 
@@ -112,7 +109,6 @@ def edict_sample_progressive(eps_fn, pair: Tensor, cond, uncond, guidance_scale:
     the pair after each step. cond and uncond: (B, L, d) or one per step, (T, B, L, d). Each step
     updates one latent with the guided prediction at the other (alternating which goes first),
     then mixes: ``x' = p x + (1 - p) y``, ``y' = (1 - p) x' + p y``."""
-    needs_ddim("edict", schedule)
     x = [pair[0].double(), pair[1].double()]
     for i, t in enumerate(schedule.timesteps):
         coef = edict_coefficients(schedule, t)
@@ -131,7 +127,6 @@ def edict_invert(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, guidance_scal
     """EDICT inversion: the pair (x_T, y_T), (2, B, C, h, w) float64, from x_0 = y_0 = z0, each
     step of :func:`edict_sample_progressive` undone in reverse order (unmix, then the two updates
     inverted, the later first); sampling it returns z0 to float64 rounding."""
-    needs_ddim("edict", schedule)
     x = [z0.double().clone(), z0.double().clone()]
     T = schedule.num_steps
     for i in reversed(range(T)):

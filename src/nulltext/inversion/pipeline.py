@@ -35,7 +35,7 @@ from .ablations import (
     optimize_textual_inversion,
     random_trajectory,
 )
-from .exact import ddpm_noise_maps, edict_invert, edict_sample_progressive, needs_ddim
+from .exact import ddpm_noise_maps, edict_invert, edict_sample_progressive
 from .optimise import direct_inversion_corrections, diverged_steps, optimize_global_null_text, optimize_null_text_batch
 
 
@@ -227,8 +227,6 @@ def _invert_batch_unchecked(pipe, batch: list[_Prepared], null0: Tensor, config:
     T = schedule.num_steps
 
     method = config.method
-    if method in ("ddpm", "edict"):
-        needs_ddim(method, schedule)
     seeds = [noise_seed(config.seed, item.index) for item in batch]
     results, conds, optimisation_s = None, None, 0.0
     inversion_cond = cond

@@ -65,6 +65,20 @@ class Schedule(Protocol):
         (DDIM: the noise; flow matching: the velocity ``noise - sample``): the objective of the
         ablations that fit embeddings to the denoising loss."""
 
+    # The exact inversions (nulltext.inversion.exact) use three more; a schedule without them
+    # serves every other method.
+
+    def stochastic_step(self, sample: Tensor, out: Tensor, t, noise: Tensor) -> Tensor:
+        """The DDPM posterior step from ``t`` with the given ``noise``, ``mu + noise_scale(t) * noise``
+        (edit-friendly DDPM inversion)."""
+
+    def noise_scale(self, t) -> Tensor:
+        """What :meth:`stochastic_step` multiplies its noise by."""
+
+    def affine_step(self, t) -> tuple[Tensor, Tensor, Tensor]:
+        """The float64 ``(a, b, c)`` of the step from ``t`` as the affine map
+        ``x / a - (b / a) out + c out`` of the latent (EDICT)."""
+
 
 def check_finite(x: Tensor, what: str, t, i: int, T: int) -> None:
     """Raise :class:`NonFiniteError` naming the step where a NaN or infinity first appears
@@ -102,7 +116,8 @@ def guided_step(model: ModelFn, schedule: Schedule, z: Tensor, t, uncond: Tensor
                 guide: GuideFn | None = None) -> Tensor:
     """One guided step from ``t``, plus an optional correction (Direct Inversion); with ``noise``
     the stochastic step (eta = 1) with that noise instead of the deterministic one (edit-friendly
-    DDPM inversion's stored noise maps: the schedule's ``stochastic_step``, DDIM's only); with
+    DDPM inversion's stored noise maps: the schedule's ``stochastic_step``, DDIM's eta = 1 step or
+    flow matching's posterior step); with
     ``guide`` another guidance rule (ProxEdit).
 
     The one place reconstruction and the edit loops take a step, so the source row of an edit is

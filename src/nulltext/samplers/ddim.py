@@ -96,6 +96,18 @@ class Schedule:
         ``DDIMScheduler._get_variance``): the DDPM posterior variance over the step."""
         return ddpm_variance(self.abar(t), self.abar(self.prev_timestep(t)))
 
+    def noise_scale(self, t: int) -> Tensor:
+        """What :meth:`stochastic_step` multiplies its noise by: sigma_t, the root of :meth:`variance`."""
+        return self.variance(t) ** 0.5
+
+    def affine_step(self, t: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The step from ``t`` as EDICT's affine map ``x / a - (b / a) eps + c eps`` of the latent,
+        its float64 ``(a, b, c)``: ``a = sqrt(abar_t / abar_prev)``, ``b = sqrt(1 - abar_t)``,
+        ``c = sqrt(1 - abar_prev)``."""
+        abar_t = self.abar(t).double()
+        abar_prev = self.abar(self.prev_timestep(t)).double()
+        return (abar_t / abar_prev) ** 0.5, (1 - abar_t) ** 0.5, (1 - abar_prev) ** 0.5
+
     def stochastic_step(self, sample: Tensor, eps: Tensor, t: int, noise: Tensor) -> Tensor:
         """The DDPM step (DDIM's eta = 1) from ``t`` with the given ``noise``: ``mu_t + sigma_t noise``
         (zero noise: the mean mu_t alone)."""
