@@ -18,6 +18,7 @@ from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert_im
 from nulltext.controllers import SOURCE, TARGET, Site, per_half
 from nulltext.editing import plan_for, request
 from nulltext.editors import MasaCtrl, PlugAndPlay, decoder_self_layers, masactrl_layers, pnp_layers, self_layers
+from nulltext.image import encode, preprocess
 from nulltext.inversion import reconstruct_latent
 from nulltext.processors import P2PAttnProcessor, _feature_hook
 
@@ -261,6 +262,20 @@ def test_a_user_mask_keeps_the_source_outside_it(tiny_pipe, inv):
     assert np.array_equal(np.asarray(r.images[1])[:, 64:], np.asarray(r.images[0])[:, 64:])
 
 
+@pytest.mark.parametrize("method", ["masactrl", "pnp"])
+def test_the_local_blend_of_words_keeps_the_source_outside_their_region(tiny_pipe, inv, recon, method):
+    config = EditConfig(method=method, masactrl_step=1, blend_source=("cat",), blend_target=("dog",),
+                        blend_threshold=0.95)  # the tiny model's maps are nearly flat: a high threshold
+    plan = plan_for(tiny_pipe, inv, request([SWAP], config))
+    r = edit(tiny_pipe, inv, plan, progress=False, decode=False)
+    assert torch.equal(r.latents[:1], recon)
+    mask = plan.controller.local_blend.last_mask  # the last step's (1, 1, h, w)
+    assert mask is not None and (mask == 0).any() and (mask == 1).any()
+    outside = (mask == 0).expand_as(r.latents[1:])
+    assert torch.equal(r.latents[1:][outside], r.latents[:1].expand_as(r.latents[1:])[outside])
+    assert (r.latents[1:] - r.latents[:1]).abs().max() > 0
+
+
 def test_masactrl_from_the_command_line(tmp_path):
     from test_cli import FAST, assert_ok, run_main
 
@@ -294,6 +309,14 @@ def test_sdxl_edits_with_both_editors(tmp_path):
         assert torch.equal(r.latents[:1], recon)
         torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-3)
         assert plan.controller.edited
+    for method in ("ddpm", "edict"):  # the exact inversions on SDXL (DDIM's steps), edited by both editors
+        exact = invert_image(pipe, make_photo(), PROMPT, InversionConfig(num_steps=4, method=method), progress=False)
+        recon = reconstruct_latent(pipe, exact, progress=False)
+        z0 = encode(pipe, preprocess(make_photo(), exact.image_size))
+        torch.testing.assert_close(recon, z0, rtol=0, atol=1e-4)
+        for editor in ("masactrl", "pnp"):
+            r = edit(pipe, exact, [SWAP], EditConfig(method=editor, masactrl_step=1), progress=False, decode=False)
+            assert torch.equal(r.latents[:1], recon), (method, editor)
 
 
 def test_sd3_edits_with_both_editors_on_the_joint_attention(sd3_pipe):
