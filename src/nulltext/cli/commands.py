@@ -177,9 +177,9 @@ def cmd_info(args) -> int:
 
 def _timesteps(inv) -> list[int]:
     """The timesteps of the file's steps, from the sampler of the family it was made with."""
-    sampler = families.get(inv.model.family).sampler
-    # a schedule shifted by the image's size (flow matching, dynamic shifting): SD3's patches of 2
-    tokens = (inv.latent_T.shape[-2] // 2) * (inv.latent_T.shape[-1] // 2)
+    family = families.get(inv.model.family)
+    sampler = family.sampler
+    tokens = family.file_image_seq_len(tuple(inv.latent_T.shape[-2:]))  # a schedule shifted by the image's size
     return list(sampler.schedule(sampler.make_scheduler(inv.config.scheduler), inv.num_steps, tokens).timesteps)
 
 

@@ -127,6 +127,11 @@ class Family:
         or no size was given), for schedules shifted by it."""
         return None
 
+    def file_image_seq_len(self, latent_hw: tuple[int, int]) -> int | None:
+        """:meth:`image_seq_len` without the model (``nulltext info`` reads a file alone): from the
+        family's released checkpoints' patch size, None where the schedule has no size."""
+        return None
+
     def native_size(self, pipe) -> tuple[int, int]:
         raise NotImplementedError
 

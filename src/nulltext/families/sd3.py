@@ -25,6 +25,7 @@ from . import SUPPORTED, Family, refuse_distilled
 from .sd import token_ids
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, diffusers' StableDiffusion3Pipeline default
+RELEASED_PATCH_SIZE = 2  # the transformer patch size of every released SD3 and SD3.5 checkpoint
 # checkpoints of this pipeline class distilled to sample without guidance: no negative branch
 DISTILLED = ("turbo",)
 
@@ -161,6 +162,10 @@ class StableDiffusion3(Family):
     def image_seq_len(self, pipe, latent_hw: tuple[int, int] | None) -> int | None:
         """The image's patches, as the SD3 pipeline counts them for a dynamic shift."""
         return None if latent_hw is None else patch_count(latent_hw, pipe.unet.config.patch_size)
+
+    def file_image_seq_len(self, latent_hw: tuple[int, int]) -> int | None:
+        """The patches of every released SD3 and SD3.5 transformer (patch size 2)."""
+        return patch_count(latent_hw, RELEASED_PATCH_SIZE)
 
     def native_size(self, pipe) -> tuple[int, int]:
         """The transformer's sample size (1024x1024 for SD3 and SD3.5)."""
