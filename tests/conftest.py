@@ -73,6 +73,30 @@ def tiny_pipe(nulltext_cache):
     return load_pipeline("tiny", device="cpu")
 
 
+TINY_PROMPT, TINY_STEPS = "a cat sitting next to a mirror", 10
+
+
+@pytest.fixture(scope="session")
+def tiny_inv(tiny_pipe):
+    """The test photo inverted on the tiny model (``TINY_STEPS`` steps, 2 Adam iterations each),
+    shared by the editing tests (read only)."""
+    import torch
+
+    from nulltext import InversionConfig, invert_image
+
+    torch.manual_seed(0)
+    return invert_image(tiny_pipe, make_photo(), TINY_PROMPT,
+                        InversionConfig(num_steps=TINY_STEPS, num_inner_steps=2), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_recon(tiny_pipe, tiny_inv):
+    """Its reconstruction's final latent."""
+    from nulltext.inversion import reconstruct_latent
+
+    return reconstruct_latent(tiny_pipe, tiny_inv, progress=False)
+
+
 def make_photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:
     """A smooth synthetic RGB picture with an object in it (deterministic)."""
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_photo
+from conftest import TINY_PROMPT, TINY_STEPS, make_photo
 from nulltext import InversionConfig, alignment, invert_image, reconstruct
 from nulltext.config import EditConfig
 from nulltext.controllers import SOURCE, TARGET, AttentionStore
@@ -19,21 +19,18 @@ from nulltext.editing import attention_maps, build_controller, edit, edit_progre
 from nulltext.errors import NulltextError
 from nulltext.inversion import reconstruct_latent
 
-T = 10
-PROMPT = "a cat sitting next to a mirror"
+T, PROMPT = TINY_STEPS, TINY_PROMPT
 SWAP = "a dog sitting next to a mirror"
 
 
-@pytest.fixture(scope="module")
-def inv(tiny_pipe):
-    torch.manual_seed(0)
-    return invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=T, num_inner_steps=2),
-                        progress=False)
+@pytest.fixture
+def inv(tiny_inv):
+    return tiny_inv
 
 
-@pytest.fixture(scope="module")
-def recon(tiny_pipe, inv):
-    return reconstruct_latent(tiny_pipe, inv, progress=False)
+@pytest.fixture
+def recon(tiny_recon):
+    return tiny_recon
 
 
 def with_prompt(inv, prompt):

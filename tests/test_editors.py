@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from conftest import make_photo
+from conftest import TINY_PROMPT, TINY_STEPS, make_photo
 from nulltext import EditConfig, InversionConfig, NulltextError, edit, invert_image, load_pipeline
 from nulltext.controllers import SOURCE, TARGET, Site, per_half
 from nulltext.editing import plan_for, request
@@ -23,8 +23,7 @@ from nulltext.inversion import reconstruct_latent
 from nulltext.processors import P2PAttnProcessor, _feature_hook
 
 HEADS, DIM_HEAD, C = 2, 4, 8
-T = 10
-PROMPT = "a cat sitting next to a mirror"
+T, PROMPT = TINY_STEPS, TINY_PROMPT
 SWAP = "a dog sitting next to a mirror"
 
 
@@ -200,16 +199,14 @@ def test_the_options_are_checked():
 # Edits on the tiny SD 1.x model
 
 
-@pytest.fixture(scope="module")
-def inv(tiny_pipe):
-    torch.manual_seed(0)
-    return invert_image(tiny_pipe, make_photo(), PROMPT, InversionConfig(num_steps=T, num_inner_steps=2),
-                        progress=False)
+@pytest.fixture
+def inv(tiny_inv):
+    return tiny_inv
 
 
-@pytest.fixture(scope="module")
-def recon(tiny_pipe, inv):
-    return reconstruct_latent(tiny_pipe, inv, progress=False)
+@pytest.fixture
+def recon(tiny_recon):
+    return tiny_recon
 
 
 OPTIONS = {"masactrl": {"masactrl_step": 2}, "pnp": {}}
