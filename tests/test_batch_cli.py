@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,10 +184,14 @@ def test_jobs_edit_with_masactrl_and_pnp_as_the_api_does(tmp_path, tiny_pipe):
     assert r.returncode == 0, r.stdout + r.stderr
     with open(out / "summary.csv") as f:
         rows = {row["id"]: row for row in csv.DictReader(f)}
+    edits = {}
     for method, config in [("masactrl", EditConfig(method="masactrl", masactrl_step=1)),
                            ("pnp", EditConfig(method="pnp", pnp_attention=0.4))]:
         folder = out / rows[method]["folder"]
         inv = Inversion.load(folder / "inversion.safetensors")
         want = edit(tiny_pipe, inv, [target], config, progress=False).images[1]
-        got = Image.open(folder / "edit-1-a-dog-sitting-next-to-a-mirror.png")
-        assert list(got.getdata()) == list(want.getdata()), method
+        got = np.asarray(Image.open(folder / "edit-1-a-dog-sitting-next-to-a-mirror.png")).astype(int)
+        diff = np.abs(got - np.asarray(want).astype(int))  # the subprocess runs one thread: float rounding
+        assert diff.max() <= 3 and diff.mean() < 0.05, (method, diff.max(), diff.mean())
+        edits[method] = got
+    assert np.abs(edits["masactrl"] - edits["pnp"]).max() > 10  # two editors, two edits

@@ -65,7 +65,8 @@ def test_the_api_lists_invert_and_edit(server):
     assert names == ["photo", "prompt", "steps", "guidance", "inner_steps", "size", "inversion_method"]
     names = [p["parameter_name"] for p in api["/edit"]["parameters"]]
     assert names == ["inversion", "targets", "method", "mode", "cross_replace", "self_replace", "blend_source",
-                     "blend_target", "reweight", "strength", "mask", "mask_mode", "mmdit_control"]
+                     "blend_target", "reweight", "strength", "mask", "mask_mode", "mmdit_control", "masactrl_step",
+                     "masactrl_layer", "pnp_features", "pnp_attention"]
 
 
 def test_only_the_photo_caption_inversion_and_targets_are_required(server):
@@ -84,7 +85,9 @@ def test_only_the_photo_caption_inversion_and_targets_are_required(server):
                         "size": 0, "inversion_method": d.method, "method": e.method, "mode": e.mode, "cross_replace": e.cross_replace,
                         "self_replace": e.self_replace, "blend_source": "", "blend_target": "", "reweight": "",
                         "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode,
-                        "mmdit_control": e.mmdit_control}
+                        "mmdit_control": e.mmdit_control, "masactrl_step": e.masactrl_step,
+                        "masactrl_layer": e.masactrl_layer, "pnp_features": e.pnp_features,
+                        "pnp_attention": e.pnp_attention}
 
 
 def test_the_short_calls_of_the_readme(server):
@@ -112,13 +115,30 @@ def test_the_inversion_method_is_a_choice_of_invert(server):
     assert loaded.method == "textual-inversion-pivot" and loaded.cond_embeddings.shape[0] == 5
 
 
+def _pixels(path) -> bytes:
+    return np.asarray(Image.open(path)).tobytes()
+
+
 def test_the_edit_method_is_a_choice_of_edit(server):
+    from gradio_client.exceptions import AppError
+
     client = Client(server["url"], verbose=False)
     inv, _ = client.predict(handle_file(RED), CAPTION, steps=5, inner_steps=1, api_name="/invert")
     target = "a green circle on a blue background"
     for method in ("masactrl", "pnp"):
         gallery = client.predict(handle_file(inv), target, method=method, api_name="/edit")
         assert [g["caption"] for g in gallery][1:] == [f"reconstruction: {CAPTION}", f"{method}: {target}"]
+    # the editors' options: the page's widgets and /edit's parameters, as EditConfig's options
+    a = client.predict(handle_file(inv), target, method="pnp", api_name="/edit")[-1]["image"]
+    b = client.predict(handle_file(inv), target, method="pnp", pnp_features=0.2, pnp_attention=0.0,
+                       api_name="/edit")[-1]["image"]
+    c = client.predict(handle_file(inv), target, method="masactrl", masactrl_step=4, masactrl_layer=10,
+                       api_name="/edit")[-1]["image"]
+    d = client.predict(handle_file(inv), target, method="masactrl", masactrl_step=0, masactrl_layer=0,
+                       api_name="/edit")[-1]["image"]
+    assert _pixels(a) != _pixels(b) and _pixels(c) != _pixels(d)
+    with pytest.raises(AppError, match="Value -1 is less than minimum value 0"):  # the widget's bounds
+        client.predict(handle_file(inv), target, method="masactrl", masactrl_step=-1, api_name="/edit")
 
 
 def test_two_clients_invert_and_edit_at_once(server):

@@ -336,11 +336,12 @@ class EditConfig:
     masactrl_step: int = option(  # the authors' default (of 50 steps)
         4, flag="--masactrl-step", metavar="N", parse=nonneg_int, column="masactrl_step", cell=cells.integer_cell,
         methods=("masactrl",), help="MasaCtrl: the first denoising step (0-based) whose targets read the source's keys "
-                                    "and values")
+                                    "and values", widget=Widget("number", "MasaCtrl: first step", {"minimum": 0, "precision": 0}))
     masactrl_layer: int = option(  # the authors' default, of SD 1.x's 16 self-attention layers
         10, flag="--masactrl-layer", metavar="N", parse=nonneg_int, column="masactrl_layer", cell=cells.integer_cell,
         methods=("masactrl",), help="MasaCtrl: the first controlled self-attention layer, of 16 as on SD 1.x (the "
-                                    "authors' count); other models: the same relative depth (SDXL: 10 is 44 of 70)")
+                                    "authors' count); other models: the same relative depth (SDXL: 10 is 44 of 70)",
+        widget=Widget("number", "MasaCtrl: first layer, of 16 as on SD 1.x", {"minimum": 0, "precision": 0}))
     masactrl_mask_source: tuple = option(  # the authors' MaskAuto: the object's words in the source ...
         (), flag="--masactrl-mask", metavar=("WORDS_SRC", "WORDS_TGT"), nargs=2, arg_default=None,
         fields=("masactrl_mask_source", "masactrl_mask_target"), convert=_blend_words, column="masactrl_mask",
@@ -356,11 +357,13 @@ class EditConfig:
     pnp_features: object = option(  # the authors' pnp_f_t
         0.8, flag="--pnp-features", metavar="SPEC", parse=fraction_or_range, column="pnp_features",
         cell=cells.fraction_cell, methods=("pnp",),
-        help="Plug-and-Play: fraction (0.8) or range of steps with the source's decoder features")
+        help="Plug-and-Play: fraction (0.8) or range of steps with the source's decoder features",
+        widget=Widget("slider", "Plug-and-Play: features for this fraction of steps", {"minimum": 0, "maximum": 1, "step": 0.05}))
     pnp_attention: object = option(  # the authors' pnp_attn_t
         0.5, flag="--pnp-attention", metavar="SPEC", parse=fraction_or_range, column="pnp_attention",
         cell=cells.fraction_cell, methods=("pnp",),
-        help="Plug-and-Play: fraction (0.5) or range of steps with the source's self-attention maps (queries, keys)")
+        help="Plug-and-Play: fraction (0.5) or range of steps with the source's self-attention maps (queries, keys)",
+        widget=Widget("slider", "Plug-and-Play: maps for this fraction of steps", {"minimum": 0, "maximum": 1, "step": 0.05}))
     # a user mask (edit(..., mask=...)) "intersect"s the local blend's word mask or "replace"s it;
     # without blend words the mask alone is the blend
     mask_mode: str = option(

@@ -120,6 +120,19 @@ def _number(value, name: str, cast=float):
         raise NulltextError(f"{name} must be {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
 
 
+# MasaCtrl's and Plug-and-Play's options on the page, each named as its EditConfig field
+EDITOR_OPTIONS = {"masactrl_step": ("MasaCtrl first step", int), "masactrl_layer": ("MasaCtrl first layer", int),
+                  "pnp_features": ("Plug-and-Play features fraction", float),
+                  "pnp_attention": ("Plug-and-Play maps fraction", float)}
+
+
+def _editor_options(given: dict | None) -> dict:
+    """The editors' options from the page or an API client (None or "": the default), checked
+    as numbers here and as options by EditConfig."""
+    return {name: _number(value, EDITOR_OPTIONS[name][0], EDITOR_OPTIONS[name][1])
+            for name, value in (given or {}).items() if value is not None and value != ""}
+
+
 def file_path(value) -> str | None:
     """A Gradio file value (a path, or a dict/object with one) as a path."""
     if value is None:
@@ -281,10 +294,12 @@ class App:
 
     # --- edit
     def edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-             reweight, strength, mask, mask_mode, state, key=None, mmdit_control=None):
+             reweight, strength, mask, mask_mode, state, key=None, mmdit_control=None, editor_options=None):
+        """``editor_options``: MasaCtrl's and Plug-and-Play's (the names of ``EDITOR_OPTIONS``;
+        a missing or empty one: the default)."""
         (out, session), warned = self._run(self._edit, inversion, targets, method, mode, cross_replace, self_replace,
                                            blend_source, blend_target, reweight, strength, mask, mask_mode, state, key,
-                                           mmdit_control)
+                                           mmdit_control, editor_options)
         session.notes = _markdown_lines(warned).strip()
         return out, session
 
@@ -297,7 +312,7 @@ class App:
         return Inversion.load(path, pipe=self.pipe)
 
     def _edit(self, inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-              reweight, strength, mask, mask_mode, state, key, mmdit_control=None):
+              reweight, strength, mask, mask_mode, state, key, mmdit_control=None, editor_options=None):
         from ..editing import edit
 
         session = self.session(state, key)
@@ -310,7 +325,8 @@ class App:
                             self_replace=_number(self_replace, "self-attention replace"), blend_source=src,
                             blend_target=tgt, reweight=parse_reweight(reweight),
                             sdedit_strength=_number(strength, "SDEdit strength"),
-                            mask_mode=mask_mode or d.mask_mode, mmdit_control=mmdit_control or d.mmdit_control)
+                            mask_mode=mask_mode or d.mask_mode, mmdit_control=mmdit_control or d.mmdit_control,
+                            **_editor_options(editor_options))
         mask_path = file_path(mask)
         result = edit(self.pipe, inv, targets, config, progress=True, mask=mask_path)
         out = []

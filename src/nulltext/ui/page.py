@@ -12,7 +12,7 @@ import time
 from ..config import EditConfig, InversionConfig
 from ..errors import NulltextError
 from ..options import UNSET, option_of
-from .app import MAX_PIXELS, MAX_UPLOAD, App, Session, file_path, for_the_page, require_gradio
+from .app import EDITOR_OPTIONS, MAX_PIXELS, MAX_UPLOAD, App, Session, file_path, for_the_page, require_gradio
 
 # Small images (the demo model's 64x64) are shown enlarged with sharp pixels, and the gallery's
 # captions wrap instead of being cut.
@@ -95,6 +95,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                         widget(gr, EditConfig, name) for name in (
                             "method", "mode", "cross_replace", "self_replace", "blend_source", "blend_target",
                             "reweight", "sdedit_strength", "mask_mode", "mmdit_control"))
+                    editors = [widget(gr, EditConfig, name) for name in EDITOR_OPTIONS]
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
                 gallery = gr.Gallery(label="Source, reconstruction and edits", columns=3, elem_id="gallery")
@@ -113,10 +114,13 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                               inversion_method)
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
-                 strength, mask=None, mask_mode=e.mask_mode, mmdit_control=e.mmdit_control, state=None,
-                 request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+                 strength, mask=None, mask_mode=e.mask_mode, mmdit_control=e.mmdit_control,
+                 masactrl_step=e.masactrl_step, masactrl_layer=e.masactrl_layer, pnp_features=e.pnp_features,
+                 pnp_attention=e.pnp_attention, state=None, request: gr.Request = None,
+                 progress=gr.Progress(track_tqdm=True)):
+            options = dict(zip(EDITOR_OPTIONS, (masactrl_step, masactrl_layer, pnp_features, pnp_attention)))
             return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
-                            reweight, strength, mask, mask_mode, state, request.session_hash, mmdit_control)
+                            reweight, strength, mask, mask_mode, state, request.session_hash, mmdit_control, options)
 
         def attention(inversion, targets, word, state, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
             return app.attention(inversion, targets, word, state, request.session_hash)
@@ -137,7 +141,7 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
                          [inversion, recon, state],
                          api_name="invert", **model).then(lambda s: said(s, "summary"), state, summary, **private)
         edit_btn.click(edit, [inversion, targets, method, mode, cross, self_, blend_src, blend_tgt, reweight,
-                              strength, mask, mask_mode, mmdit, state], [gallery, state], api_name="edit",
+                              strength, mask, mask_mode, mmdit, *editors, state], [gallery, state], api_name="edit",
                        **model).then(lambda s: said(s, "notes"), state, notes, **private)
         attn_btn.click(attention, [inversion, targets, word, state], [attn, state], api_name="attention",
                        **model).then(lambda s: said(s, "notes"), state, notes, **private)
