@@ -249,7 +249,8 @@ def test_global_nti_with_no_sweeps_keeps_one_loss_per_step(tiny_pipe):
 @pytest.mark.slow
 def test_global_nti_on_the_demo_model_improves_with_its_budget_and_never_falls_below_ddim():
     """The paper's global null-text from the DDIM start: reconstruction PSNR non-decreasing over 1, 2,
-    5 and 10 sweeps (within 0.1 dB) and never below DDIM inversion's (about 100 s on a CPU)."""
+    5 and 10 sweeps (within 0.1 dB) and never below DDIM inversion's, at T = 20 (about 35 s on a
+    CPU; at T = 50, 100 s: DDIM 21.1 dB, 10 sweeps 29.4 dB)."""
     from nulltext import demo, load_pipeline
     from nulltext.demo import scenes
 
@@ -258,15 +259,15 @@ def test_global_nti_on_the_demo_model_improves_with_its_budget_and_never_falls_b
     target = preprocess(scene.image, pipe.native_size)
 
     def value(method, inner):
-        inv = invert_image(pipe, scene.image, scene.caption, InversionConfig(method=method, num_inner_steps=inner),
-                           progress=False)
+        inv = invert_image(pipe, scene.image, scene.caption,
+                           InversionConfig(method=method, num_inner_steps=inner, num_steps=20), progress=False)
         return psnr(reconstruct(pipe, inv, progress=False), target)
 
     ddim = value("ddim", 0)
     values = [value("global-nti", sweeps) for sweeps in (1, 2, 5, 10)]
     assert min(values) >= ddim, (ddim, values)
     assert all(b >= a - 0.1 for a, b in zip(values, values[1:])), (ddim, values)
-    assert values[-1] > ddim + 3, (ddim, values)  # it converges: far above its start (DDIM 21.1, 10 sweeps 29.4 dB)
+    assert values[-1] > ddim + 3, (ddim, values)  # it converges: far above its start (DDIM 20.3, 10 sweeps 29.5 dB)
 
 
 def test_info_shows_the_conditional_embedding_and_the_noise_seed(tiny_pipe, invs, tmp_path, capsys):
