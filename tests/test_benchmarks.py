@@ -46,12 +46,14 @@ def test_bench_edit_runs():
     assert "edit, 1 target(s)" in r.stdout and "CHECK FAILED" not in r.stdout
 
 
+@pytest.mark.slow
 def test_bench_fingerprint_runs_and_both_ways_match():
     r = _run("benchmarks/bench_fingerprint.py", "--model-size", "small", "--repeats", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| small | 27 M |" in r.stdout and r.stdout.rstrip().endswith("| yes |")
 
 
+@pytest.mark.slow
 def test_bench_ablation_is_fig4_under_its_older_name(tmp_path):
     r = _run("benchmarks/bench_ablation.py", "--size", "64", "--steps", "2", "--budgets", "1", "--methods", "nti",
              "--out", str(tmp_path), "-q")

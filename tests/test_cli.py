@@ -534,6 +534,7 @@ def _interrupt_when(args, marker: str, cwd, timeout: float = 120) -> tuple[int, 
     return proc.returncode, (seen + rest).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_the_interrupt_message_starts_its_own_line_after_a_progress_bar_in_a_log(tmp_path):
     """stderr a pipe: the progress bar's line ends without a newline (tqdm redraws with \\r); the
     message must not be glued to it."""

@@ -30,6 +30,7 @@ def assert_png(path) -> None:
         im.verify()
 
 
+@pytest.mark.slow
 def test_fig4_writes_every_curve_against_iterations_and_time(tmp_path):
     assert main(["fig4", *TINY, "--budgets", "1", "2", "--out", str(tmp_path)]) == 0
     header, rows = table(tmp_path / "fig4.md")

@@ -347,6 +347,7 @@ def test_unknown_words_of_a_small_vocabulary_model_are_named(tiny_pipe):
         warn_split_words(tiny_pipe, "a cat sitting next to a mirror")  # no trained vocabulary: only splits warn
 
 
+@pytest.mark.slow
 def test_a_hub_id_fails_in_seconds_when_the_network_never_answers(tmp_path):
     """Without HF_HUB_OFFLINE, on a network that swallows requests, huggingface_hub alone would
     retry for minutes; nulltext probes the hub once and loads from the local cache only."""

@@ -26,6 +26,7 @@ def _load(model, dtype="fp32", **kw):
         return load_pipeline(model, device="cpu", dtype=dtype, **kw)
 
 
+@pytest.mark.slow
 def test_fp16_gradient_underflows_without_loss_scaling_and_survives_with_it():
     """The demo model at 128 px, the last timestep (t = 1, where the guided step depends least on
     the embedding), guidance 1.5 (the null embedding's weight in the guided prediction is 1 - w =

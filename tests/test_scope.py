@@ -58,6 +58,7 @@ def test_the_demo_model_warns_about_a_photo_outside_its_world(demo_pipe):
         invert(demo_pipe, scene.image, scene.caption, FAST, progress=False)
 
 
+@pytest.mark.slow
 def test_the_command_line_says_so_too(tmp_path):
     make_photo().save(tmp_path / "photo.png")
     r = run_cli("invert", tmp_path / "photo.png", "--prompt", "a red circle on a blue background", "--model", "demo",
@@ -69,6 +70,7 @@ def test_the_command_line_says_so_too(tmp_path):
     assert "--model on the command line" in told[0]
 
 
+@pytest.mark.slow
 def test_the_tiny_model_warns_that_its_weights_are_random(tmp_path):
     with pytest.warns(NulltextWarning, match="model 'tiny' has random weights: .* cannot draw or edit"):
         pipe = load_pipeline("tiny", device="cpu")
