@@ -164,3 +164,8 @@ def test_sd3_file_round_trip_and_edits(sd3_pipe, invs, tmp_path, method):
     assert torch.equal(r.latents[:1], recon)  # the source row is the reconstruction bit for bit
     torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-4)  # the identical prompt: the reconstruction
     assert (r.latents[1:2] - recon).abs().max() > 1e-3  # the word swap changed the latent
+    for editor in ("masactrl", "pnp"):  # the editors replay the file as Prompt-to-Prompt does
+        config = EditConfig(method=editor, masactrl_step=1, masactrl_layer=0)
+        r = edit(sd3_pipe, back, [TARGET, PROMPT], config, progress=False, decode=False)
+        assert torch.equal(r.latents[:1], recon), editor
+        torch.testing.assert_close(r.latents[2:], recon, rtol=0, atol=1e-4)

@@ -126,6 +126,13 @@ class Editor(Controller):
         return self.local_blend(self.step, z_source, z_targets)
 
 
+def head_mean(probs: Tensor) -> Tensor:
+    """(rows, heads, Q, K) -> (rows, 1, Q, K) float32, a tensor of its own: what :func:`word_masks`
+    needs of a layer's maps, kept for the step without holding the layer's attention (on SD3 the
+    maps are a block of the whole joint matrix, which a view would keep alive)."""
+    return probs.detach().float().mean(1, keepdim=True)
+
+
 def word_masks(maps: Sequence[Tensor], words: Tensor, size: tuple[int, int], threshold: float) -> Tensor:
     """The object's masks of MasaCtrl's mask-guided variant (the authors' ``MaskAuto``): each
     layer's cross-attention maps ``maps`` ((rows, heads, h*w, K) each) averaged over heads, then
@@ -164,8 +171,8 @@ class ObjectMasks:
 
     def __init__(self, words: Tensor, size: tuple[int, int], threshold: float = 0.1) -> None:
         self.words, self.size, self.threshold = words, tuple(size), threshold
-        self.source: dict[str, Tensor] = {}  # this step's (1, heads, Q, K) per layer
-        self.target: dict[str, Tensor] = {}  # (n, heads, Q, K)
+        self.source: dict[str, Tensor] = {}  # this step's (1, 1, Q, K) per layer: the heads' mean
+        self.target: dict[str, Tensor] = {}  # (n, 1, Q, K)
         self.last: tuple[Tensor, Tensor] | None = None  # the last masks: source (h, w), targets (n, h, w)
 
     def uses(self, site: Site) -> bool:
@@ -226,11 +233,11 @@ class MasaCtrl(Editor):
     def on_source(self, site: Site, probs: Tensor) -> None:
         super().on_source(site, probs)
         if self._watches(site) and self.step >= self.start_step:
-            self.masks.source[site.name] = probs.detach()
+            self.masks.source[site.name] = head_mean(probs)
 
     def on_target(self, site: Site, probs: Tensor) -> Tensor:
         if self._watches(site) and self.step >= self.start_step:
-            self.masks.target[site.name] = probs.detach()
+            self.masks.target[site.name] = head_mean(probs)
         return super().on_target(site, probs)
 
     def target_keys(self, site: Site) -> Tensor | None:
