@@ -171,20 +171,23 @@ def joint_project(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | N
 
 
 def joint_probs(attn, query: Tensor, key: Tensor, bias: Tensor | None = None) -> Tensor:
-    """softmax(q k^T * scale + bias) over all keys, (B, heads, Q, K), as
-    ``Attention.get_attention_scores``; ``bias`` (B*heads, Q, K) additive, or None."""
+    """softmax(q k^T * scale) over all keys, (B, heads, Q, K), as ``Attention.get_attention_scores``;
+    with ``bias`` (B, 1, Q, K, additive, shared by the heads) the scores plus it, in the query's dtype."""
     b, h = query.shape[:2]
-    probs = attn.get_attention_scores(query.reshape(b * h, *query.shape[2:]), key.reshape(b * h, *key.shape[2:]),
-                                      bias)
+    if bias is not None:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale + bias.to(query.dtype)
+        return scores.softmax(dim=-1)
+    probs = attn.get_attention_scores(query.reshape(b * h, *query.shape[2:]), key.reshape(b * h, *key.shape[2:]))
     return probs.reshape(b, h, *probs.shape[1:])
 
 
-def joint_key_bias(allowed: Tensor, heads: int, dtype, num_text: int) -> Tensor:
-    """The additive (B*heads, N + M, N + M) bias of a joint softmax over [image | text] tokens
-    from ``allowed`` (B, N, N) over image queries and image keys (:func:`key_bias`): the image
-    queries' image keys as allowed, their text keys and the text queries' rows all allowed."""
+def joint_key_bias(allowed: Tensor, dtype, num_text: int) -> Tensor:
+    """The additive (B, 1, N + M, N + M) bias of a joint softmax over [image | text] tokens from
+    ``allowed`` (B, N, N) over image queries and image keys: 0 where allowed, the dtype's lowest
+    value where not (a softmax weight of exactly 0); the image queries' text keys and the text
+    queries' rows all allowed. One for every head (broadcast, not copied)."""
     full = F.pad(allowed, (0, num_text, 0, num_text), value=True)
-    return key_bias(full, heads, dtype)
+    return torch.zeros(full.shape, dtype=dtype, device=full.device).masked_fill(~full, torch.finfo(dtype).min)[:, None]
 
 
 def joint_finish(attn, hidden: Tensor, num_image: int, has_text: bool):
@@ -248,8 +251,7 @@ class JointP2PAttnProcessor:
             q, k, v = (x.to(q.dtype) for x in c.on_target_qkv(self.self_site, q, k, v))
             allowed = c.target_keys(self.self_site)  # (B, N, N) over the image keys, or None
             if allowed is not None:
-                dtype = torch.float32 if attn.upcast_attention else q.dtype
-                bias = joint_key_bias(allowed, attn.heads, dtype, 0 if text is None else text[1].shape[2])
+                bias = joint_key_bias(allowed, q.dtype, 0 if text is None else text[1].shape[2])
         if text is not None:
             q, k, v = (torch.cat([x, t], dim=2) for x, t in zip((q, k, v), text))
         if hooks or bias is not None:
