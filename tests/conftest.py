@@ -77,9 +77,9 @@ TINY_PROMPT, TINY_STEPS = "a cat sitting next to a mirror", 10
 
 
 @pytest.fixture(scope="session")
-def tiny_inv(tiny_pipe):
+def inv(tiny_pipe):
     """The test photo inverted on the tiny model (``TINY_STEPS`` steps, 2 Adam iterations each),
-    shared by the editing tests (read only)."""
+    shared by the editing tests (read only; a module may define its own ``inv``)."""
     import torch
 
     from nulltext import InversionConfig, invert_image
@@ -90,11 +90,11 @@ def tiny_inv(tiny_pipe):
 
 
 @pytest.fixture(scope="session")
-def tiny_recon(tiny_pipe, tiny_inv):
+def recon(tiny_pipe, inv):
     """Its reconstruction's final latent."""
     from nulltext.inversion import reconstruct_latent
 
-    return reconstruct_latent(tiny_pipe, tiny_inv, progress=False)
+    return reconstruct_latent(tiny_pipe, inv, progress=False)
 
 
 def make_photo(width: int = 96, height: int = 80, seed: int = 0) -> Image.Image:

@@ -23,16 +23,6 @@ T, PROMPT = TINY_STEPS, TINY_PROMPT
 SWAP = "a dog sitting next to a mirror"
 
 
-@pytest.fixture
-def inv(tiny_inv):
-    return tiny_inv
-
-
-@pytest.fixture
-def recon(tiny_recon):
-    return tiny_recon
-
-
 def with_prompt(inv, prompt):
     """The same z_T and N_t under another source prompt (controllers only care about tokens)."""
     return dataclasses.replace(inv, prompt=prompt)

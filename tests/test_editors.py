@@ -199,16 +199,6 @@ def test_the_options_are_checked():
 # Edits on the tiny SD 1.x model
 
 
-@pytest.fixture
-def inv(tiny_inv):
-    return tiny_inv
-
-
-@pytest.fixture
-def recon(tiny_recon):
-    return tiny_recon
-
-
 OPTIONS = {"masactrl": {"masactrl_step": 2}, "pnp": {}}
 
 
@@ -380,10 +370,8 @@ def test_pnp_on_a_joint_block_takes_the_source_image_queries_keys_and_feed_forwa
     base = attn.processor
     attn.set_processor(JointP2PAttnProcessor(c, sites[name], self_site, base))
     handle = block.ff.register_forward_hook(_feature_hook(c, ff))
-    g = torch.Generator().manual_seed(0)
-    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
-    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
-    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    g, (xs, es, xt, et) = joint_rows(attn)
+    d = attn.to_q.in_features
     temb_s, temb_t = torch.randn(2, d, generator=g), torch.randn(4, d, generator=g)
     try:
         with torch.no_grad():
@@ -427,6 +415,17 @@ def test_pnp_on_a_joint_block_takes_the_source_image_queries_keys_and_feed_forwa
     assert c.edited == {0: {ff, self_site.name}}
 
 
+def joint_rows(attn):
+    """Seeded inputs of a joint layer: the source pass's image and text tokens (2 rows: uncond,
+    cond; 6 image and 5 text tokens), the target pass's (4 rows: two targets); and the generator,
+    to draw more."""
+    g = torch.Generator().manual_seed(0)
+    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
+    rows = (torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g),
+            torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g))
+    return g, rows
+
+
 def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_image_keys_and_values(sd3_pipe):
     from nulltext.controllers import joint_self_name
     from nulltext.processors import JointP2PAttnProcessor, joint_finish, joint_project
@@ -437,10 +436,7 @@ def test_masactrl_on_a_joint_layer_gives_the_target_image_queries_the_source_ima
     self_site = sites[joint_self_name(name)]
     c = MasaCtrl([self_site.name], start_step=0)
     proc = JointP2PAttnProcessor(c, sites[name], self_site, attn.processor)
-    g = torch.Generator().manual_seed(0)
-    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
-    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
-    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    _, (xs, es, xt, et) = joint_rows(attn)
     with torch.no_grad():
         c.begin_step(0)
         c.phase = SOURCE
@@ -649,10 +645,7 @@ def test_masked_masactrl_on_a_joint_layer_attends_object_to_object_among_the_ima
             m[r, :, obj, 1] = 0.9
         return m
 
-    g = torch.Generator().manual_seed(0)
-    d, dt = attn.to_q.in_features, attn.add_q_proj.in_features
-    xs, es = torch.randn(2, 6, d, generator=g), torch.randn(2, 5, dt, generator=g)
-    xt, et = torch.randn(4, 6, d, generator=g), torch.randn(4, 5, dt, generator=g)
+    _, (xs, es, xt, et) = joint_rows(attn)
     with torch.no_grad():
         c.begin_step(0)
         c.phase = SOURCE
