@@ -66,7 +66,8 @@ def test_the_api_lists_invert_and_edit(server):
     names = [p["parameter_name"] for p in api["/edit"]["parameters"]]
     assert names == ["inversion", "targets", "method", "mode", "cross_replace", "self_replace", "blend_source",
                      "blend_target", "reweight", "strength", "mask", "mask_mode", "mmdit_control", "masactrl_step",
-                     "masactrl_layer", "pnp_features", "pnp_attention"]
+                     "masactrl_layer", "masactrl_mask_source", "masactrl_mask_target", "masactrl_mask_threshold",
+                     "pnp_features", "pnp_attention"]
 
 
 def test_only_the_photo_caption_inversion_and_targets_are_required(server):
@@ -86,7 +87,8 @@ def test_only_the_photo_caption_inversion_and_targets_are_required(server):
                         "self_replace": e.self_replace, "blend_source": "", "blend_target": "", "reweight": "",
                         "strength": e.sdedit_strength, "mask": None, "mask_mode": e.mask_mode,
                         "mmdit_control": e.mmdit_control, "masactrl_step": e.masactrl_step,
-                        "masactrl_layer": e.masactrl_layer, "pnp_features": e.pnp_features,
+                        "masactrl_layer": e.masactrl_layer, "masactrl_mask_source": "", "masactrl_mask_target": "",
+                        "masactrl_mask_threshold": e.masactrl_mask_threshold, "pnp_features": e.pnp_features,
                         "pnp_attention": e.pnp_attention}
 
 
@@ -136,7 +138,13 @@ def test_the_edit_method_is_a_choice_of_edit(server):
                        api_name="/edit")[-1]["image"]
     d = client.predict(handle_file(inv), target, method="masactrl", masactrl_step=0, masactrl_layer=0,
                        api_name="/edit")[-1]["image"]
-    assert _pixels(a) != _pixels(b) and _pixels(c) != _pixels(d)
+    masked = client.predict(handle_file(inv), target, method="masactrl", masactrl_step=0, masactrl_layer=0,
+                            masactrl_mask_source="circle", masactrl_mask_target="circle", masactrl_mask_threshold=0.3,
+                            api_name="/edit")[-1]["image"]
+    assert _pixels(a) != _pixels(b) and _pixels(c) != _pixels(d) and _pixels(masked) != _pixels(d)
+    with pytest.raises(AppError, match=r"needs words of the source and of the target prompt \('MasaCtrl mask: the "
+                                       "object's words in the caption'"):  # the page's label, not the flag
+        client.predict(handle_file(inv), target, method="masactrl", masactrl_mask_source="circle", api_name="/edit")
     with pytest.raises(AppError, match="Value -1 is less than minimum value 0"):  # the widget's bounds
         client.predict(handle_file(inv), target, method="masactrl", masactrl_step=-1, api_name="/edit")
 

@@ -348,12 +348,15 @@ class EditConfig:
         cell=cells.blend_cell, methods=("masactrl",),
         help="MasaCtrl guided by the object's masks from these source and target words' cross-attention (comma-"
              "separate several words on each side; a manifest cell: 'SRC TGT'): the target's object reads the "
-             "source's object, its background the source's background")
-    masactrl_mask_target: tuple = option(())  # ... and in the target prompts (set with --masactrl-mask)
+             "source's object, its background the source's background",
+        widget=Widget("textbox", "MasaCtrl mask: the object's words in the caption", value=""))
+    masactrl_mask_target: tuple = option(  # ... and in the target prompts (set with --masactrl-mask)
+        (), widget=Widget("textbox", "MasaCtrl mask: the object's words in the targets", value=""))
     masactrl_mask_threshold: float = option(  # the authors' thres
         0.1, flag="--masactrl-mask-threshold", metavar="X", parse=float, column="masactrl_mask_threshold",
         cell=cells.number_cell, methods=("masactrl",),
-        help="MasaCtrl with --masactrl-mask: threshold of the words' cross-attention, normalised to [0, 1]")
+        help="MasaCtrl with --masactrl-mask: threshold of the words' cross-attention, normalised to [0, 1]",
+        widget=Widget("slider", "MasaCtrl mask threshold", {"minimum": 0, "maximum": 1, "step": 0.05}))
     pnp_features: object = option(  # the authors' pnp_f_t
         0.8, flag="--pnp-features", metavar="SPEC", parse=fraction_or_range, column="pnp_features",
         cell=cells.fraction_cell, methods=("pnp",),

@@ -120,17 +120,23 @@ def _number(value, name: str, cast=float):
         raise NulltextError(f"{name} must be {'a whole number' if cast is int else 'a number'}, got {value!r}") from None
 
 
-# MasaCtrl's and Plug-and-Play's options on the page, each named as its EditConfig field
-EDITOR_OPTIONS = {"masactrl_step": ("MasaCtrl first step", int), "masactrl_layer": ("MasaCtrl first layer", int),
-                  "pnp_features": ("Plug-and-Play features fraction", float),
-                  "pnp_attention": ("Plug-and-Play maps fraction", float)}
+# MasaCtrl's and Plug-and-Play's options on the page, each named as its EditConfig field, in the
+# order of the page's widgets and of /edit's parameters, with the reader of its value
+EDITOR_OPTIONS = {
+    "masactrl_step": lambda v: _number(v, "MasaCtrl first step", int),
+    "masactrl_layer": lambda v: _number(v, "MasaCtrl first layer", int),
+    "masactrl_mask_source": _words, "masactrl_mask_target": _words,
+    "masactrl_mask_threshold": lambda v: _number(v, "MasaCtrl mask threshold"),
+    "pnp_features": lambda v: _number(v, "Plug-and-Play features fraction"),
+    "pnp_attention": lambda v: _number(v, "Plug-and-Play maps fraction"),
+}
 
 
 def _editor_options(given: dict | None) -> dict:
-    """The editors' options from the page or an API client (None or "": the default), checked
-    as numbers here and as options by EditConfig."""
-    return {name: _number(value, EDITOR_OPTIONS[name][0], EDITOR_OPTIONS[name][1])
-            for name, value in (given or {}).items() if value is not None and value != ""}
+    """The editors' options from the page or an API client (None or "": the default), read here
+    and checked as options by EditConfig."""
+    return {name: EDITOR_OPTIONS[name](value) for name, value in (given or {}).items()
+            if value is not None and value != ""}
 
 
 def file_path(value) -> str | None:

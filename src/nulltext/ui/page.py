@@ -115,10 +115,13 @@ def build_app(pipe, max_pixels: int = MAX_PIXELS):
 
         def edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target, reweight,
                  strength, mask=None, mask_mode=e.mask_mode, mmdit_control=e.mmdit_control,
-                 masactrl_step=e.masactrl_step, masactrl_layer=e.masactrl_layer, pnp_features=e.pnp_features,
-                 pnp_attention=e.pnp_attention, state=None, request: gr.Request = None,
+                 masactrl_step=e.masactrl_step, masactrl_layer=e.masactrl_layer, masactrl_mask_source="",
+                 masactrl_mask_target="", masactrl_mask_threshold=e.masactrl_mask_threshold,
+                 pnp_features=e.pnp_features, pnp_attention=e.pnp_attention, state=None, request: gr.Request = None,
                  progress=gr.Progress(track_tqdm=True)):
-            options = dict(zip(EDITOR_OPTIONS, (masactrl_step, masactrl_layer, pnp_features, pnp_attention)))
+            options = dict(zip(EDITOR_OPTIONS, (masactrl_step, masactrl_layer, masactrl_mask_source,
+                                                masactrl_mask_target, masactrl_mask_threshold, pnp_features,
+                                                pnp_attention)))
             return app.edit(inversion, targets, method, mode, cross_replace, self_replace, blend_source, blend_target,
                             reweight, strength, mask, mask_mode, state, request.session_hash, mmdit_control, options)
 
