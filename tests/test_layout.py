@@ -97,7 +97,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "library": ("nulltext.storage", "nulltext.inversion", "nulltext.editing"),
     "api": ("nulltext",),
     # many jobs from a manifest
-    "runners": ("nulltext.jobs", "nulltext.batch", "nulltext.evaluation", "nulltext.pie_bench"),
+    "runners": ("nulltext.jobs", "nulltext.protocols", "nulltext.batch", "nulltext.evaluation", "nulltext.pie_bench"),
     # what a person runs: the command line, the web UI, plots, the demo model's training
     "front-ends": ("nulltext.cli", "nulltext.__main__", "nulltext.ui", "nulltext.plots", "nulltext.demo.train*",
                    "nulltext.experiments"),

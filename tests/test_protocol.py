@@ -11,11 +11,12 @@ from conftest import make_photo
 from nulltext import alignment
 from nulltext.cli import build_parser
 from nulltext.cli.args import edit_config
-from nulltext.config import EditConfig, InversionConfig, protocol_config
+from nulltext.config import EditConfig, InversionConfig
 from nulltext.controllers import Refine, Reweight
 from nulltext.errors import NulltextError
 from nulltext.jobs import jobs_from_rows
 from nulltext.pie_bench import read_mapping_file
+from nulltext.protocols import protocol_config
 from test_cli import assert_refused, run_main
 
 PUBLISHED = dict(method="p2p", mode="refine", cross_replace=0.4, self_replace=0.6)

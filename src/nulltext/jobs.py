@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import EditConfig, InversionConfig, manifest_columns, protocol_config, protocol_sample_config
+from .config import EditConfig, InversionConfig, manifest_columns
 from .errors import NulltextError, is_out_of_memory, one_line
 from .files import atomic_write, remove_stale_temporaries, slug
+from .protocols import protocol_config, protocol_sample_config
 from .text import check_prompt
 
 # The manifest's option columns: column -> (config, field(s), parser of a cell). A cell overrides
@@ -161,7 +162,7 @@ def jobs_from_rows(rows: list[dict], inversion: InversionConfig, edit: EditConfi
     """Jobs of manifest rows, each with the command's options overridden by its own; relative paths
     are resolved against ``root``. A line that is invalid becomes a job with ``error`` set (recorded
     as failed, the rest run); so does a second line with an id already used. ``protocol`` (see
-    :data:`nulltext.config.PROTOCOLS`) sets the edit options it names before the lines' own columns,
+    :data:`nulltext.protocols.PROTOCOLS`) sets the edit options it names before the lines' own columns,
     and each sample's part (pie-bench: the target words of its blend reweighted by 2, unless the
     line sets reweight)."""
     edit = protocol_config(edit, protocol)

@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 
 from .. import __version__
-from ..config import DEFAULT_MODEL, PROTOCOL_FIELDS, PROTOCOLS, EditConfig, InversionConfig
+from ..config import DEFAULT_MODEL, EditConfig, InversionConfig
 from ..errors import NulltextError
 from ..options import UNSET, options, positive_int
+from ..protocols import PROTOCOL_FIELDS, PROTOCOLS
 
 EPILOG_MODEL = ("MODEL is a Hugging Face hub id (default CompVis/stable-diffusion-v1-4), a local diffusers "
                 "folder, 'demo' (the small model nulltext trains on procedural 64x64 scenes such as 'a red circle "
