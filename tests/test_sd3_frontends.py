@@ -49,15 +49,17 @@ def test_batch_inverts_and_edits_sd3_jobs(sd3_folders, tmp_path):
     assert edits == 1
 
 
-def test_eval_runs_two_methods_on_sd3(sd3_folders, tmp_path):
+def test_eval_runs_inversions_and_editors_on_sd3(sd3_folders, tmp_path):
     make_photo(96, 64).save(tmp_path / "img.png")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(f"id,image,prompt,target,blend\ns0,img.png,{PROMPT},{TARGET},cat dog\n")
     out = tmp_path / "out"
-    r = run_cli("eval", manifest, "--methods", "nti,npi", "-o", out, *_fast(sd3_folders["sd3.5"]), timeout=600)
+    r = run_cli("eval", manifest, "--methods", "nti,ddpm", "--edit-methods", "p2p,masactrl,pnp", "-o", out,
+                *_fast(sd3_folders["sd3.5"]), timeout=600)
     assert_ok(r)
     rows = list(load_done(str(out / "results.jsonl")).values())
-    assert len(rows) == 2 and all(row["status"] == "ok" and row["recon_psnr"] > 0 for row in rows)
+    assert len(rows) == 6 and all(row["status"] == "ok" and row["recon_psnr"] > 0 for row in rows)
+    assert {row["method"] for row in rows} == {f"{m}/{e}" for m in ("nti", "ddpm") for e in ("p2p", "masactrl", "pnp")}
 
 
 def test_the_web_ui_inverts_and_edits_with_sd3(sd3_pipe, tmp_path):
