@@ -78,7 +78,7 @@ def test_edict_affine_step_on_flow_is_the_euler_step_and_its_inverse():
     x, v = _random(2)
     sigmas = schedule.sigmas.double()
     for i, t in enumerate(schedule.timesteps):
-        coef = exact.edict_coefficients(schedule, t)
+        coef = schedule.affine_step(t)
         assert all(c.dtype == torch.float64 for c in coef)
         dt = sigmas[i + 1] - sigmas[i]
         assert (float(coef[0]), float(coef[1]), float(coef[2])) == (1.0, 0.0, float(dt))

@@ -131,11 +131,16 @@ class P2PAttnProcessor:
         return finish_attention(attn, probs, v, restore)
 
 
+def additive_bias(allowed: Tensor, dtype) -> Tensor:
+    """A boolean tensor -> an additive attention bias of the same shape: 0 where a query may attend
+    a key, the dtype's lowest value where not (a softmax weight of exactly 0)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def key_bias(allowed: Tensor, heads: int, dtype, mask: Tensor | None = None) -> Tensor:
-    """(B, Q, K) boolean -> the additive (B*heads, Q, K) bias of ``get_attention_scores``: 0 where
-    a query may attend a key, the dtype's lowest value where not (a softmax weight of exactly 0)."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    bias = bias[:, None].expand(-1, heads, -1, -1).reshape(-1, *allowed.shape[1:])
+    """(B, Q, K) boolean -> the additive (B*heads, Q, K) bias of ``get_attention_scores``
+    (:func:`additive_bias`, one copy per head), plus the layer's own ``mask``."""
+    bias = additive_bias(allowed, dtype)[:, None].expand(-1, heads, -1, -1).reshape(-1, *allowed.shape[1:])
     return bias if mask is None else bias + mask.to(dtype)
 
 
@@ -183,11 +188,10 @@ def joint_probs(attn, query: Tensor, key: Tensor, bias: Tensor | None = None) ->
 
 def joint_key_bias(allowed: Tensor, dtype, num_text: int) -> Tensor:
     """The additive (B, 1, N + M, N + M) bias of a joint softmax over [image | text] tokens from
-    ``allowed`` (B, N, N) over image queries and image keys: 0 where allowed, the dtype's lowest
-    value where not (a softmax weight of exactly 0); the image queries' text keys and the text
-    queries' rows all allowed. One for every head (broadcast, not copied)."""
-    full = F.pad(allowed, (0, num_text, 0, num_text), value=True)
-    return torch.zeros(full.shape, dtype=dtype, device=full.device).masked_fill(~full, torch.finfo(dtype).min)[:, None]
+    ``allowed`` (B, N, N) over image queries and image keys (:func:`additive_bias`); the image
+    queries' text keys and the text queries' rows all allowed. One for every head (broadcast, not
+    copied)."""
+    return additive_bias(F.pad(allowed, (0, num_text, 0, num_text), value=True), dtype)[:, None]
 
 
 def joint_finish(attn, hidden: Tensor, num_image: int, has_text: bool):

@@ -171,7 +171,7 @@ def edict_progressive(pipe, inversion, targets: list[str], controller: Controlle
         for i, t in enumerate(tqdm(schedule.timesteps, desc="EDICT", unit="step", disable=not progress, leave=False)):
             if n and tgt is None and i >= start:
                 tgt = [z.expand(n, *z.shape[1:]).clone() for z in src]
-            coef = exact.edict_coefficients(schedule, t)
+            coef = schedule.affine_step(t)
             if controller is not None:
                 controller.begin_step(i)
             for k in exact.edict_order(i):

@@ -66,13 +66,6 @@ def ddpm_noise_maps(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, schedule, 
 
 # --- EDICT --------------------------------------------------------------------------------------
 
-def edict_coefficients(schedule, t) -> tuple[Tensor, Tensor, Tensor]:
-    """The float64 coefficients ``(a, b, c)`` of the schedule's step from ``t`` as an affine map of
-    the latent (its ``affine_step``). DDIM: ``a = sqrt(abar_t / abar_prev)``, ``b = sqrt(1 - abar_t)``,
-    ``c = sqrt(1 - abar_prev)``; flow matching's Euler step: ``(1, 0, sigma_next - sigma)``."""
-    return schedule.affine_step(t)
-
-
 def edict_forward(x: Tensor, eps: Tensor, coef) -> Tensor:
     """The step written as an affine map of the latent, ``x / a - b / a eps + c eps`` (the authors'
     DDIM step; with ``(1, 0, dt)`` the Euler step ``x + dt v``)."""
@@ -111,7 +104,7 @@ def edict_sample_progressive(eps_fn, pair: Tensor, cond, uncond, guidance_scale:
     then mixes: ``x' = p x + (1 - p) y``, ``y' = (1 - p) x' + p y``."""
     x = [pair[0].double(), pair[1].double()]
     for i, t in enumerate(schedule.timesteps):
-        coef = edict_coefficients(schedule, t)
+        coef = schedule.affine_step(t)  # the step as an affine map of the latent, float64
         c = cond[i] if cond.ndim == 4 else cond
         u = uncond[i] if uncond.ndim == 4 else uncond
         for k in edict_order(i):
@@ -131,7 +124,7 @@ def edict_invert(eps_fn, z0: Tensor, cond: Tensor, uncond: Tensor, guidance_scal
     T = schedule.num_steps
     for i in reversed(range(T)):
         t = schedule.timesteps[i]
-        coef = edict_coefficients(schedule, t)
+        coef = schedule.affine_step(t)  # the step as an affine map of the latent, float64
         x[1] = (x[1] - (1 - mix) * x[0]) / mix
         x[0] = (x[0] - (1 - mix) * x[1]) / mix
         for k in reversed(edict_order(i)):
